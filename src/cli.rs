@@ -1,0 +1,292 @@
+//! The `syncq` command. `main.rs` only parses and maps errors to exit codes;
+//! each command writes to an injected writer so tests can run it in-process.
+
+use std::io::Write;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use clap::{Args, Parser, Subcommand};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgPool};
+
+use crate::{NewTask, PoolConfig, TaskQueueManager, WorkerPool};
+
+/// Where the CLI connects when `DATABASE_URL` is not set.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/syncq";
+
+/// syncq: a persistent task queue backed by PostgreSQL.
+#[derive(Debug, Parser)]
+#[command(name = "syncq", version, about, propagate_version = true)]
+pub struct Cli {
+    /// PostgreSQL URL (default: DATABASE_URL, else a local default).
+    #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create or upgrade the syncq schema (creates the database if missing).
+    Migrate,
+    /// Enqueue one task; prints its id (the existing task's for a duplicate unique key).
+    Enqueue(EnqueueArgs),
+    /// Run a worker process with the built-in kinds (noop, sleep, fail, count).
+    Worker(WorkerArgs),
+}
+
+/// `syncq enqueue`.
+#[derive(Debug, Args)]
+pub struct EnqueueArgs {
+    /// The dataset (created with default settings if new).
+    #[arg(long)]
+    pub dataset: String,
+    /// The task kind.
+    #[arg(long)]
+    pub kind: String,
+    /// The payload, as JSON.
+    #[arg(long, default_value = "{}")]
+    pub payload: String,
+    /// Lower runs first within the dataset.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub priority: i16,
+    /// Do not start before this delay has passed (e.g. 30s, 5m).
+    #[arg(long, value_parser = parse_duration, conflicts_with = "run_at")]
+    pub delay: Option<Duration>,
+    /// Do not start before this instant (RFC 3339).
+    #[arg(long, value_parser = parse_rfc3339)]
+    pub run_at: Option<DateTime<Utc>>,
+    /// Attempts allowed (at least 1).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(i32).range(1..))]
+    pub max_attempts: i32,
+    /// At most one queued or running task per dataset and unique key.
+    #[arg(long)]
+    pub unique_key: Option<String>,
+}
+
+/// `syncq worker`.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Handlers running at once.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub concurrency: u32,
+    /// Only these datasets, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub datasets: Option<Vec<String>>,
+    /// How long a task is held without a heartbeat.
+    #[arg(long, env = "SYNCQ_LEASE", default_value = "30s", value_parser = parse_duration)]
+    pub lease: Duration,
+    /// How often leases are renewed (shorter than the lease).
+    #[arg(long, env = "SYNCQ_HEARTBEAT", default_value = "10s", value_parser = parse_duration)]
+    pub heartbeat: Duration,
+    /// How often an idle worker looks for work it was not woken for.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+    /// Never LISTEN; poll only (behind a transaction-mode pooler).
+    #[arg(long)]
+    pub poll_only: bool,
+    /// How long handlers get to checkpoint on shutdown.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub grace: Duration,
+    /// How often this process looks for expired leases.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub rescue_interval: Duration,
+    /// Exit 0 once no task this worker could run is queued or running.
+    #[arg(long)]
+    pub exit_when_idle: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 500ms, 30s, 5m, 7d)"))
+}
+
+fn parse_rfc3339(s: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|d| d.with_timezone(&Utc))
+        .map_err(|e| format!("{e} (expected RFC 3339, e.g. 2026-01-31T12:00:00Z)"))
+}
+
+/// Why a command failed: usage errors exit 2, runtime errors exit 1.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The arguments are wrong.
+    #[error("{0}")]
+    Usage(String),
+    /// Something failed while running.
+    #[error("{0}")]
+    Runtime(String),
+}
+
+impl CliError {
+    /// The process exit code.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Usage(_) => 2,
+            CliError::Runtime(_) => 1,
+        }
+    }
+}
+
+impl From<crate::Error> for CliError {
+    fn from(e: crate::Error) -> Self {
+        match e {
+            crate::Error::Config { .. } | crate::Error::InvalidTask(_) => {
+                CliError::Usage(e.to_string())
+            }
+            other => CliError::Runtime(one_line(&other.to_string())),
+        }
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Runs a parsed command, writing its output to `out`.
+pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<(), CliError> {
+    let url = match cli.database_url {
+        Some(url) => url,
+        None => {
+            eprintln!("syncq: DATABASE_URL is not set; using {DEFAULT_DATABASE_URL}");
+            DEFAULT_DATABASE_URL.to_string()
+        }
+    };
+    let options = PgConnectOptions::from_str(&url).map_err(|e| {
+        CliError::Runtime(format!(
+            "invalid DATABASE_URL: {}",
+            one_line(&e.to_string())
+        ))
+    })?;
+    match cli.command {
+        Command::Migrate => {
+            let db = connect_creating(&options).await?;
+            crate::migrate(&db).await?;
+            writeln!(out, "syncq schema is up to date").map_err(io_error)?;
+            Ok(())
+        }
+        Command::Enqueue(args) => enqueue(&options, args, out).await,
+        Command::Worker(args) => worker(&options, args).await,
+    }
+}
+
+fn io_error(e: std::io::Error) -> CliError {
+    CliError::Runtime(format!("cannot write output: {e}"))
+}
+
+async fn connect(options: &PgConnectOptions, max_connections: u32) -> Result<PgPool, CliError> {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options.clone())
+        .await
+        .map_err(|e| connect_error(options, &e))
+}
+
+fn connect_error(options: &PgConnectOptions, e: &sqlx::Error) -> CliError {
+    let target = format!(
+        "{}:{}/{}",
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or("")
+    );
+    let hint = match e.as_database_error().and_then(|d| d.code()) {
+        Some(code) if code == "3D000" => " (run `syncq migrate` to create it)",
+        _ => "",
+    };
+    CliError::Runtime(format!(
+        "cannot connect to PostgreSQL at {target}: {}{hint}",
+        one_line(&e.to_string())
+    ))
+}
+
+/// Connects, creating the database first if it does not exist yet.
+async fn connect_creating(options: &PgConnectOptions) -> Result<PgPool, CliError> {
+    match connect(options, 2).await {
+        Ok(db) => Ok(db),
+        Err(first) => {
+            let Some(name) = options.get_database().map(str::to_string) else {
+                return Err(first);
+            };
+            let admin = options.clone().database("postgres");
+            let Ok(mut conn) = admin.connect().await else {
+                return Err(first);
+            };
+            let exists: bool =
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+                    .bind(&name)
+                    .fetch_one(&mut conn)
+                    .await
+                    .map_err(|e| connect_error(&admin, &e))?;
+            if exists {
+                return Err(first);
+            }
+            let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {quoted}")))
+                .execute(&mut conn)
+                .await
+                .map_err(|e| {
+                    CliError::Runtime(format!(
+                        "cannot create database {quoted}: {}",
+                        one_line(&e.to_string())
+                    ))
+                })?;
+            let _ = conn.close().await;
+            eprintln!("syncq: created database {quoted}");
+            connect(options, 2).await
+        }
+    }
+}
+
+async fn enqueue(
+    options: &PgConnectOptions,
+    args: EnqueueArgs,
+    out: &mut (dyn Write + Send),
+) -> Result<(), CliError> {
+    let payload: serde_json::Value = serde_json::from_str(&args.payload)
+        .map_err(|e| CliError::Runtime(format!("--payload is not valid JSON: {e}")))?;
+    let mut task = NewTask::new(args.dataset, args.kind)
+        .payload(payload)
+        .priority(args.priority)
+        .max_attempts(args.max_attempts);
+    if let Some(delay) = args.delay {
+        task = task.delay(delay);
+    }
+    if let Some(at) = args.run_at {
+        task = task.run_at(at);
+    }
+    if let Some(key) = args.unique_key {
+        task = task.unique_key(key);
+    }
+    task.validate()?;
+    let db = connect(options, 1).await?;
+    let id = TaskQueueManager::new(db).enqueue(task).await?;
+    writeln!(out, "{id}").map_err(io_error)?;
+    Ok(())
+}
+
+async fn worker(options: &PgConnectOptions, args: WorkerArgs) -> Result<(), CliError> {
+    let config = PoolConfig {
+        concurrency: args.concurrency as usize,
+        datasets: args.datasets,
+        lease: args.lease,
+        heartbeat: args.heartbeat,
+        poll_interval: args.poll_interval,
+        listen: !args.poll_only,
+        shutdown_grace: args.grace,
+        rescue_interval: args.rescue_interval,
+        exit_when_idle: args.exit_when_idle,
+        ..PoolConfig::default()
+    };
+    config.validate()?;
+    let connections = args.concurrency.saturating_add(4);
+    let db = connect(options, connections).await?;
+    let pool = WorkerPool::builder(db)
+        .register_builtins()
+        .config(config)
+        .build()?;
+    pool.run_with_signals().await?;
+    Ok(())
+}

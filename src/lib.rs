@@ -1,0 +1,73 @@
+//! # syncq
+//!
+//! A persistent task queue for Rust backed by PostgreSQL. Tasks are rows of
+//! `syncq.tasks`; any service can enqueue with a plain SQL `INSERT`; worker
+//! processes on any number of hosts claim them with `SELECT … FOR UPDATE SKIP
+//! LOCKED`, taking turns across datasets. Everything that matters lives in
+//! rows, so processes can crash and restart without losing work.
+//!
+//! The six parts of the design:
+//! [`SyncTask`] (one unit of work and its handle), [`SyncWorker`] (the trait
+//! you implement), [`WorkerPool`] (the worker loops of a process),
+//! [`TaskQueueManager`] (enqueue; fleet-wide round-robin hand-out),
+//! [`TaskQueue`] (one dataset's queue and settings), and the rate limiter
+//! kept in `syncq.datasets` rows.
+//!
+//! ## Quick start
+//!
+//! ```no_run
+//! use syncq::{async_trait, NewTask, SyncTask, SyncWorker, TaskQueueManager, TaskResult, WorkerPool};
+//!
+//! struct Hello;
+//!
+//! #[async_trait]
+//! impl SyncWorker for Hello {
+//!     async fn handle(&self, task: &mut SyncTask) -> TaskResult {
+//!         Ok(serde_json::json!({ "hello": task.payload() }))
+//!     }
+//! }
+//!
+//! # async fn run() -> syncq::Result<()> {
+//! let db = sqlx::PgPool::connect("postgres://postgres@127.0.0.1/syncq").await?;
+//! syncq::migrate(&db).await?;
+//! TaskQueueManager::new(db.clone())
+//!     .enqueue(NewTask::new("greetings", "hello").payload(serde_json::json!("world")))
+//!     .await?;
+//! WorkerPool::builder(db).register("hello", Hello).build()?.run_with_signals().await
+//! # }
+//! ```
+
+pub mod backoff;
+pub mod builtin;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod error;
+pub mod maintenance;
+pub mod manager;
+pub mod pool;
+pub mod queue;
+pub mod store;
+pub mod task;
+pub mod worker;
+
+pub use async_trait::async_trait;
+pub use backoff::Backoff;
+pub use config::PoolConfig;
+pub use control::{Command, Stop};
+pub use error::{Error, Result};
+pub use manager::TaskQueueManager;
+pub use pool::{Event, OutcomeKind, PoolHandle, WorkerPool, WorkerPoolBuilder};
+pub use queue::{QueueSettings, TaskQueue};
+pub use task::{NewTask, RunAt, SyncTask, TaskId, TaskStatus};
+pub use worker::{SyncWorker, TaskError, TaskResult};
+
+/// The schema's migrations (`migrations/`), embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Creates or upgrades the `syncq` schema. Safe to run concurrently and
+/// repeatedly: sqlx takes an advisory lock and applies only what is missing.
+pub async fn migrate(db: &sqlx::PgPool) -> Result<()> {
+    MIGRATOR.run(db).await?;
+    Ok(())
+}

@@ -1,0 +1,56 @@
+//! The `syncq` binary: parse, run, map errors to exit codes (usage 2,
+//! runtime 1), one line each, never a panic.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use syncq::cli::{Cli, Command};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let default_level = match cli.command {
+        Command::Worker(_) => "syncq=info",
+        _ => "syncq=warn",
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
+        )
+        .init();
+    // A handler's panic is caught and retried by the pool; log it as one line.
+    std::panic::set_hook(Box::new(|info| {
+        tracing::error!(panic = %info, "a handler panicked");
+    }));
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("syncq: error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut stdout = std::io::stdout();
+    match runtime.block_on(syncq::cli::run(cli, &mut stdout)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("syncq: error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

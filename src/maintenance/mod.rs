@@ -1,0 +1,5 @@
+//! Maintenance services that every worker process runs. Each is idempotent
+//! and safe to run in every process at once (`SKIP LOCKED`), so no leader is
+//! needed.
+
+pub mod rescuer;

@@ -1,0 +1,109 @@
+//! `TaskQueueManager`: the entry point to the queues of a database.
+//!
+//! It enqueues tasks (one, or many in one round trip) and hands out the
+//! `TaskQueue` of each dataset. Handing out work — round-robin across the
+//! datasets that have ready work, fleet-wide — is the claim statement in
+//! `store::tasks::claim`, which every `WorkerPool` calls: the turn of each
+//! dataset lives in its row, so fairness holds across processes.
+
+use sqlx::PgPool;
+
+use crate::error::Result;
+use crate::queue::TaskQueue;
+use crate::store;
+use crate::task::{NewTask, TaskId};
+
+/// How many times a batch is re-asked for ids of duplicates that committed
+/// concurrently (each try sees a newer snapshot).
+const DUPLICATE_LOOKUPS: usize = 5;
+
+/// Enqueues tasks and gives access to each dataset's `TaskQueue`.
+///
+/// ```no_run
+/// # async fn example(db: sqlx::PgPool) -> syncq::Result<()> {
+/// use syncq::{NewTask, TaskQueueManager};
+///
+/// let manager = TaskQueueManager::new(db);
+/// let id = manager
+///     .enqueue(NewTask::new("github", "fetch_page").payload(serde_json::json!({"page": 1})))
+///     .await?;
+/// let ids = manager
+///     .enqueue_many((2..=10).map(|page| {
+///         NewTask::new("github", "fetch_page").payload(serde_json::json!({ "page": page }))
+///     }))
+///     .await?;
+/// assert_eq!(ids.len(), 9);
+/// # let _ = id; Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct TaskQueueManager {
+    db: PgPool,
+}
+
+impl TaskQueueManager {
+    /// A manager on a connection pool.
+    pub fn new(db: PgPool) -> Self {
+        TaskQueueManager { db }
+    }
+
+    /// The connection pool.
+    pub fn db(&self) -> &PgPool {
+        &self.db
+    }
+
+    /// The queue of one dataset.
+    pub fn queue(&self, dataset_id: impl Into<String>) -> TaskQueue {
+        TaskQueue::new(self.db.clone(), dataset_id.into())
+    }
+
+    /// Enqueues one task and returns its id. With a `unique_key` already
+    /// queued or running in the dataset, nothing is inserted and the existing
+    /// task's id is returned.
+    pub async fn enqueue(&self, task: NewTask) -> Result<TaskId> {
+        let ids = self.enqueue_many([task]).await?;
+        ids.into_iter()
+            .next()
+            .ok_or_else(|| crate::Error::InvalidTask("the insert returned no id".into()))
+    }
+
+    /// Enqueues many tasks in one statement; ids in input order (an existing
+    /// task's id for a duplicate `unique_key`).
+    pub async fn enqueue_many(
+        &self,
+        tasks: impl IntoIterator<Item = NewTask>,
+    ) -> Result<Vec<TaskId>> {
+        let tasks: Vec<NewTask> = tasks.into_iter().collect();
+        for task in &tasks {
+            task.validate()?;
+        }
+        if tasks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut ids = store::tasks::insert_many(&self.db, &tasks).await?;
+        // A duplicate whose original committed after our snapshot has no id
+        // yet: ask again for just those (either its id, or a fresh insert if
+        // the original finished meanwhile).
+        for _ in 0..DUPLICATE_LOOKUPS {
+            let missing: Vec<usize> = (0..ids.len()).filter(|&i| ids[i].is_none()).collect();
+            if missing.is_empty() {
+                break;
+            }
+            let retry: Vec<NewTask> = missing.iter().map(|&i| tasks[i].clone()).collect();
+            let found = store::tasks::insert_many(&self.db, &retry).await?;
+            for (i, id) in missing.into_iter().zip(found) {
+                ids[i] = id;
+            }
+        }
+        ids.into_iter()
+            .zip(&tasks)
+            .map(|(id, task)| {
+                id.ok_or_else(|| {
+                    crate::Error::InvalidTask(format!(
+                        "unique_key {:?} of dataset {:?} kept changing hands; try again",
+                        task.unique_key, task.dataset_id
+                    ))
+                })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,813 @@
+//! `WorkerPool`: the worker loops of one process.
+//!
+//! One dispatcher claims tasks in batches up to the free slots, each claimed
+//! task runs its handler in its own tokio task (so a panic is caught and an
+//! overdue handler can be aborted), and three background loops keep the pool
+//! honest: the heartbeat renews leases (and hears cancels it missed), the
+//! listener wakes the dispatcher on NOTIFY, the rescuer takes back tasks whose
+//! holder went silent.
+//!
+//! Shutdown (Ctrl-C, SIGTERM, `PoolHandle::checkpoint`, or a `Fatal` error)
+//! broadcasts `Command::Checkpoint`, stops claiming, gives running handlers
+//! `shutdown_grace` to save progress and return, aborts the rest, and releases
+//! every task it still holds back to `queued` with the attempt not counted.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast};
+use tokio::task::{JoinError, JoinSet};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::config::PoolConfig;
+use crate::control::Command;
+use crate::error::{Error, Result};
+use crate::maintenance::rescuer::Rescuer;
+use crate::store;
+use crate::store::tasks::Fence;
+use crate::task::{ClaimedTask, SyncTask, TaskContext, TaskId};
+use crate::worker::{SyncWorker, TaskError, TaskResult};
+
+/// The channel an insert trigger notifies.
+pub(crate) const CHANNEL_INSERTED: &str = "syncq_task_inserted";
+/// The channel the cancel trigger notifies (payload: the task id).
+pub(crate) const CHANNEL_CANCEL: &str = "syncq_cancel";
+
+/// What a pool reports to whoever listens (tests, the demo, the bench).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A task was claimed by this pool.
+    Claimed {
+        /// The task.
+        task_id: TaskId,
+        /// Its dataset.
+        dataset_id: String,
+        /// Its kind.
+        kind: String,
+    },
+    /// A task's attempt ended here.
+    Finished {
+        /// The task.
+        task_id: TaskId,
+        /// What was decided.
+        outcome: OutcomeKind,
+        /// Whether it was written (false: fenced out, or the database failed).
+        recorded: bool,
+    },
+    /// The rescuer of this pool took back a task whose lease expired.
+    Rescued {
+        /// The task.
+        task_id: TaskId,
+    },
+}
+
+/// What an attempt's outcome did to its task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutcomeKind {
+    /// `succeeded`.
+    Succeeded,
+    /// A counted failure: back to `queued` with backoff, or `failed` if none left.
+    Retried,
+    /// `failed` at once (invalid request).
+    Failed,
+    /// Back to `queued`, not counted; dataset throttled.
+    Throttled,
+    /// `cancelled`.
+    Cancelled,
+    /// Back to `queued`, not counted, checkpoint kept (checkpoint, abort, fatal).
+    Released,
+    /// Nothing written: another worker holds the task.
+    LeaseLost,
+}
+
+/// The decision for one finished attempt: SPEC §3 in one `match`.
+#[derive(Debug)]
+enum Outcome {
+    Succeed(Value),
+    Retry(String),
+    Fail(String),
+    Throttle(String, Option<Duration>),
+    Cancel,
+    Release(Option<String>),
+    Fatal(String),
+    Abandon,
+}
+
+impl Outcome {
+    /// Maps a handler's result. `checkpointing`: the pool is shutting down,
+    /// so a retryable error is taken as the interruption it most likely is.
+    fn of(joined: std::result::Result<TaskResult, JoinError>, checkpointing: bool) -> Outcome {
+        match joined {
+            Ok(Ok(value)) => Outcome::Succeed(value),
+            Ok(Err(error)) => match error {
+                TaskError::Retryable(_) if checkpointing => Outcome::Release(None),
+                TaskError::Retryable(m) => Outcome::Retry(m),
+                TaskError::Invalid(m) => Outcome::Fail(format!("invalid: {m}")),
+                e @ TaskError::RateLimited { retry_after } => {
+                    Outcome::Throttle(e.to_string(), retry_after)
+                }
+                TaskError::Cancelled => Outcome::Cancel,
+                TaskError::Fatal(m) => Outcome::Fatal(m),
+                TaskError::Interrupted => Outcome::Release(None),
+                TaskError::LeaseLost => Outcome::Abandon,
+            },
+            Err(e) if e.is_panic() => Outcome::Retry(format!(
+                "handler panicked: {}",
+                panic_message(e.into_panic())
+            )),
+            // Aborted after the grace period.
+            Err(_) => Outcome::Release(None),
+        }
+    }
+
+    fn kind(&self) -> OutcomeKind {
+        match self {
+            Outcome::Succeed(_) => OutcomeKind::Succeeded,
+            Outcome::Retry(_) => OutcomeKind::Retried,
+            Outcome::Fail(_) => OutcomeKind::Failed,
+            Outcome::Throttle(..) => OutcomeKind::Throttled,
+            Outcome::Cancel => OutcomeKind::Cancelled,
+            Outcome::Release(_) | Outcome::Fatal(_) => OutcomeKind::Released,
+            Outcome::Abandon => OutcomeKind::LeaseLost,
+        }
+    }
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}
+
+type Handlers = HashMap<String, Arc<dyn SyncWorker>>;
+
+/// Builds a `WorkerPool`: register handlers by kind, adjust the config.
+pub struct WorkerPoolBuilder {
+    db: PgPool,
+    config: PoolConfig,
+    handlers: Handlers,
+    worker_id: Option<String>,
+}
+
+impl WorkerPoolBuilder {
+    /// Handles tasks of `kind` with `handler`. A pool claims only the kinds it
+    /// has handlers for.
+    pub fn register(mut self, kind: impl Into<String>, handler: impl SyncWorker) -> Self {
+        self.handlers.insert(kind.into(), Arc::new(handler));
+        self
+    }
+
+    /// Registers the built-in kinds `noop`, `sleep`, `fail` and `count`.
+    pub fn register_builtins(mut self) -> Self {
+        for (kind, handler) in crate::builtin::all() {
+            self.handlers.insert(kind.to_string(), handler);
+        }
+        self
+    }
+
+    /// Replaces the whole configuration.
+    pub fn config(mut self, config: PoolConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Sets `concurrency`.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.config.concurrency = n;
+        self
+    }
+
+    /// Sets the worker id (default: `host:pid:random`).
+    pub fn worker_id(mut self, id: impl Into<String>) -> Self {
+        self.worker_id = Some(id.into());
+        self
+    }
+
+    /// Validates and builds the pool.
+    pub fn build(self) -> Result<WorkerPool> {
+        self.config.validate()?;
+        if self.handlers.is_empty() {
+            return Err(Error::config(
+                "handlers",
+                "register at least one handler before building the pool",
+            ));
+        }
+        let worker_id = match self.worker_id {
+            Some(id) if id.is_empty() => {
+                return Err(Error::config("worker_id", "must not be empty"));
+            }
+            Some(id) => id,
+            None => format!(
+                "{}:{}:{:08x}",
+                host_name(),
+                std::process::id(),
+                rand::random::<u32>()
+            ),
+        };
+        let (commands, _) = broadcast::channel(1024);
+        let (events, _) = broadcast::channel(4096);
+        Ok(WorkerPool {
+            db: self.db,
+            config: self.config,
+            handlers: Arc::new(self.handlers),
+            worker_id: worker_id.into(),
+            commands,
+            events,
+            shutdown: CancellationToken::new(),
+        })
+    }
+}
+
+pub(crate) fn host_name() -> String {
+    hostname::get()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown-host".to_string())
+}
+
+/// A handle to steer a running pool from elsewhere (tests, signal handlers).
+#[derive(Clone)]
+pub struct PoolHandle {
+    shutdown: CancellationToken,
+    commands: broadcast::Sender<Command>,
+    events: broadcast::Sender<Event>,
+}
+
+impl PoolHandle {
+    /// Broadcasts **checkpoint** and stops the pool, as Ctrl-C does.
+    pub fn checkpoint(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Sends a command to the running handlers.
+    pub fn send(&self, command: Command) {
+        let _ = self.commands.send(command);
+    }
+
+    /// Subscribes to the pool's events.
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+}
+
+/// The set of worker loops in one process. See the module docs.
+///
+/// ```no_run
+/// # async fn example(db: sqlx::PgPool) -> syncq::Result<()> {
+/// use syncq::WorkerPool;
+///
+/// let pool = WorkerPool::builder(db)
+///     .register_builtins()
+///     .concurrency(8)
+///     .build()?;
+/// pool.run_with_signals().await?; // until Ctrl-C / SIGTERM
+/// # Ok(()) }
+/// ```
+pub struct WorkerPool {
+    db: PgPool,
+    config: PoolConfig,
+    handlers: Arc<Handlers>,
+    worker_id: Arc<str>,
+    commands: broadcast::Sender<Command>,
+    events: broadcast::Sender<Event>,
+    shutdown: CancellationToken,
+}
+
+/// What the pool's tasks share.
+struct Shared {
+    db: PgPool,
+    config: PoolConfig,
+    handlers: Arc<Handlers>,
+    worker_id: Arc<str>,
+    kinds: Vec<String>,
+    commands: broadcast::Sender<Command>,
+    events: broadcast::Sender<Event>,
+    shutdown: CancellationToken,
+    /// Tasks this pool holds: id → `runs` at claim (the fencing token).
+    held: Mutex<HashMap<TaskId, i32>>,
+    wake: Notify,
+    fatal: Mutex<Option<(TaskId, String)>>,
+}
+
+impl Shared {
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<TaskId, i32>> {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn emit(&self, event: Event) {
+        let _ = self.events.send(event);
+    }
+
+    fn datasets(&self) -> Option<&[String]> {
+        self.config.datasets.as_deref()
+    }
+}
+
+impl WorkerPool {
+    /// Starts building a pool on a database connection pool. The connection
+    /// pool needs room for the claim loop, the heartbeat, the listener and one
+    /// connection per concurrently saving handler.
+    pub fn builder(db: PgPool) -> WorkerPoolBuilder {
+        WorkerPoolBuilder {
+            db,
+            config: PoolConfig::default(),
+            handlers: HashMap::new(),
+            worker_id: None,
+        }
+    }
+
+    /// This process's worker id, as in `syncq.tasks.locked_by`.
+    pub fn worker_id(&self) -> &str {
+        &self.worker_id
+    }
+
+    /// A handle to checkpoint the pool, send commands, and read its events.
+    pub fn handle(&self) -> PoolHandle {
+        PoolHandle {
+            shutdown: self.shutdown.clone(),
+            commands: self.commands.clone(),
+            events: self.events.clone(),
+        }
+    }
+
+    /// Runs until Ctrl-C or SIGTERM (then checkpoints), a `Fatal` error, or
+    /// `exit_when_idle`.
+    pub async fn run_with_signals(self) -> Result<()> {
+        let handle = self.handle();
+        let signals = tokio::spawn(async move {
+            wait_for_signal().await;
+            info!("signal received: checkpointing running tasks");
+            handle.checkpoint();
+        });
+        let result = self.run().await;
+        signals.abort();
+        result
+    }
+
+    /// Runs until `PoolHandle::checkpoint`, a `Fatal` error (returned as
+    /// `Error::Fatal` after the checkpoint), or `exit_when_idle`.
+    pub async fn run(self) -> Result<()> {
+        let mut kinds: Vec<String> = self.handlers.keys().cloned().collect();
+        kinds.sort();
+        let shared = Arc::new(Shared {
+            db: self.db,
+            config: self.config,
+            handlers: self.handlers,
+            worker_id: self.worker_id,
+            kinds,
+            commands: self.commands,
+            events: self.events,
+            shutdown: self.shutdown,
+            held: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+            fatal: Mutex::new(None),
+        });
+        let span = info_span!("worker_pool", worker_id = %shared.worker_id);
+        run_pool(shared).instrument(span).await
+    }
+}
+
+async fn run_pool(shared: Arc<Shared>) -> Result<()> {
+    let concurrency = i32::try_from(shared.config.concurrency).unwrap_or(i32::MAX);
+    store::workers::register(
+        &shared.db,
+        &shared.worker_id,
+        &host_name(),
+        i32::try_from(std::process::id()).unwrap_or(0),
+        &shared.kinds,
+        shared.datasets(),
+        concurrency,
+    )
+    .await?;
+    info!(kinds = ?shared.kinds, concurrency, "worker pool started");
+
+    let background_stop = CancellationToken::new();
+    let mut background = JoinSet::new();
+    background.spawn(heartbeat_loop(shared.clone(), background_stop.clone()));
+    background.spawn(rescue_loop(shared.clone(), background_stop.clone()));
+    if shared.config.listen {
+        background.spawn(listen_loop(shared.clone(), background_stop.clone()));
+    }
+
+    let hard_stop = CancellationToken::new();
+    let mut running = JoinSet::new();
+    dispatch(&shared, &mut running, &hard_stop).await;
+
+    // Checkpoint: tell every handler, give them the grace period, then abort.
+    let _ = shared.commands.send(Command::Checkpoint);
+    shared.shutdown.cancel();
+    let held = running.len();
+    if held > 0 {
+        info!(
+            held,
+            grace = ?shared.config.shutdown_grace,
+            "checkpoint: waiting for running handlers to save progress"
+        );
+    }
+    let drained = tokio::time::timeout(shared.config.shutdown_grace, async {
+        while running.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        warn!(
+            left = running.len(),
+            "grace period over: aborting handlers and releasing their tasks"
+        );
+        hard_stop.cancel();
+        while running.join_next().await.is_some() {}
+    }
+
+    background_stop.cancel();
+    while background.join_next().await.is_some() {}
+    if let Err(e) = store::workers::deregister(&shared.db, &shared.worker_id).await {
+        warn!(error = %e, "could not remove this worker's registry row");
+    }
+    let fatal = shared
+        .fatal
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take();
+    match fatal {
+        Some((task_id, message)) => Err(Error::Fatal { task_id, message }),
+        None => {
+            info!("worker pool stopped");
+            Ok(())
+        }
+    }
+}
+
+/// The claim loop: wait for free slots, claim up to that many, start them.
+async fn dispatch(shared: &Arc<Shared>, running: &mut JoinSet<()>, hard_stop: &CancellationToken) {
+    let slots = Arc::new(Semaphore::new(shared.config.concurrency));
+    let mut db_failures: u32 = 0;
+    loop {
+        while running.try_join_next().is_some() {}
+        let first = tokio::select! {
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = shared.shutdown.cancelled() => return,
+        };
+        let mut permits = vec![first];
+        while let Ok(p) = slots.clone().try_acquire_owned() {
+            permits.push(p);
+        }
+        let claimed = store::tasks::claim(
+            &shared.db,
+            &shared.worker_id,
+            &shared.kinds,
+            shared.datasets(),
+            permits.len() as i64,
+            shared.config.lease,
+        )
+        .await;
+        let tasks = match claimed {
+            Ok(tasks) => {
+                db_failures = 0;
+                tasks
+            }
+            Err(e) => {
+                db_failures += 1;
+                let pause = retry_pause(db_failures, shared.config.poll_interval);
+                error!(error = %e, retry_in = ?pause, "claiming tasks failed");
+                drop(permits);
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => continue,
+                    _ = shared.shutdown.cancelled() => return,
+                }
+            }
+        };
+        if !tasks.is_empty() {
+            debug!(
+                claimed = tasks.len(),
+                asked = permits.len(),
+                "claimed tasks"
+            );
+            for (task, permit) in tasks.into_iter().zip(permits) {
+                shared.held().insert(task.id, task.runs);
+                shared.emit(Event::Claimed {
+                    task_id: task.id,
+                    dataset_id: task.dataset_id.clone(),
+                    kind: task.kind.clone(),
+                });
+                running.spawn(run_task(shared.clone(), task, permit, hard_stop.clone()));
+            }
+            continue;
+        }
+        drop(permits);
+
+        // Nothing claimed. Either there is nothing ready, or every ready
+        // dataset was locked by another claimer at that instant: then retry
+        // soon instead of waiting for a wake-up that may never come.
+        match store::tasks::ready_exists(&shared.db, &shared.kinds, shared.datasets()).await {
+            Ok(true) => {
+                let pause = Duration::from_millis(5 + rand::random::<u64>() % 20);
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => continue,
+                    _ = shared.shutdown.cancelled() => return,
+                }
+            }
+            Ok(false) => {}
+            Err(e) => warn!(error = %e, "checking for ready tasks failed"),
+        }
+        if shared.config.exit_when_idle && running.is_empty() {
+            match store::tasks::pending_count(&shared.db, &shared.kinds, shared.datasets()).await {
+                Ok(0) => {
+                    info!("no task left to run: stopping (exit_when_idle)");
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "counting pending tasks failed"),
+            }
+        }
+        tokio::select! {
+            _ = shared.wake.notified() => {}
+            _ = tokio::time::sleep(shared.config.poll_interval) => {}
+            _ = shared.shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Exponential pause after repeated database failures, capped.
+fn retry_pause(failures: u32, cap: Duration) -> Duration {
+    let base = Duration::from_millis(100).saturating_mul(1 << failures.min(6));
+    base.min(cap.max(Duration::from_secs(5)))
+}
+
+/// Runs one claimed task to an outcome and records it, fenced.
+async fn run_task(
+    shared: Arc<Shared>,
+    task: ClaimedTask,
+    permit: OwnedSemaphorePermit,
+    hard_stop: CancellationToken,
+) {
+    let span = info_span!(
+        "task",
+        task_id = task.id,
+        dataset = %task.dataset_id,
+        kind = %task.kind,
+        attempt = task.attempts
+    );
+    async {
+        let joined = match shared.handlers.get(&task.kind).cloned() {
+            Some(handler) => {
+                let ctx = TaskContext {
+                    db: shared.db.clone(),
+                    worker_id: shared.worker_id.clone(),
+                    commands: shared.commands.clone(),
+                    checkpoint: shared.shutdown.clone(),
+                };
+                let mut sync_task = SyncTask::new(task.clone(), ctx);
+                let mut handle = tokio::spawn(
+                    async move { handler.handle(&mut sync_task).await }.in_current_span(),
+                );
+                tokio::select! {
+                    biased;
+                    joined = &mut handle => joined,
+                    _ = hard_stop.cancelled() => {
+                        handle.abort();
+                        handle.await
+                    }
+                }
+            }
+            // Unreachable in practice: the claim only asks for registered kinds.
+            None => Ok(Err(TaskError::Invalid(format!(
+                "no handler for kind {:?}",
+                task.kind
+            )))),
+        };
+        let outcome = Outcome::of(joined, shared.shutdown.is_cancelled());
+        let kind = outcome.kind();
+        let recorded = record(&shared, &task, outcome).await;
+        shared.held().remove(&task.id);
+        drop(permit);
+        shared.emit(Event::Finished {
+            task_id: task.id,
+            outcome: kind,
+            recorded,
+        });
+    }
+    .instrument(span)
+    .await
+}
+
+/// Writes an outcome, retrying briefly if the database fails (the lease
+/// keeps the task ours meanwhile; if it never succeeds, the lease expires
+/// and the rescuer takes the task back, so nothing is lost).
+async fn record(shared: &Shared, task: &ClaimedTask, outcome: Outcome) -> bool {
+    let fence = Fence {
+        id: task.id,
+        runs: task.runs,
+        worker_id: &shared.worker_id,
+    };
+    if let Outcome::Fatal(message) = &outcome {
+        error!(error = %message, "fatal error: checkpointing and stopping the pool");
+        let mut fatal = shared.fatal.lock().unwrap_or_else(PoisonError::into_inner);
+        fatal.get_or_insert((task.id, message.clone()));
+        shared.shutdown.cancel();
+    }
+    let failed_attempts = u32::try_from(task.attempts).unwrap_or(0);
+    for attempt in 1..=5u32 {
+        let written = match &outcome {
+            Outcome::Succeed(value) => store::tasks::succeed(&shared.db, fence, value).await,
+            Outcome::Retry(m) => {
+                let delay = shared.config.backoff.delay(failed_attempts);
+                store::tasks::fail_attempt(&shared.db, fence, m, true, delay).await
+            }
+            Outcome::Fail(m) => {
+                store::tasks::fail_attempt(&shared.db, fence, m, false, Duration::ZERO).await
+            }
+            Outcome::Throttle(m, retry_after) => {
+                let wait = retry_after.unwrap_or(shared.config.default_retry_after);
+                store::tasks::rate_limited(&shared.db, fence, m, wait).await
+            }
+            Outcome::Cancel => store::tasks::cancel_running(&shared.db, fence).await,
+            Outcome::Release(error) => {
+                store::tasks::release(&shared.db, fence, error.as_deref()).await
+            }
+            Outcome::Fatal(m) => {
+                let error = format!("fatal: {m}");
+                store::tasks::release(&shared.db, fence, Some(&error)).await
+            }
+            Outcome::Abandon => {
+                info!("lease lost: another worker owns this task now");
+                return false;
+            }
+        };
+        match written {
+            Ok(true) => {
+                debug!(outcome = ?outcome.kind(), "attempt recorded");
+                return true;
+            }
+            Ok(false) => {
+                warn!(outcome = ?outcome.kind(), "outcome not recorded: this worker no longer holds the task");
+                return false;
+            }
+            Err(e) => {
+                warn!(error = %e, attempt, "recording the outcome failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+            }
+        }
+    }
+    error!("could not record the outcome; the lease will expire and the task be rescued");
+    false
+}
+
+/// Renews the leases this pool holds and its registry row; tells handlers
+/// whose lease is gone, and re-announces cancels (in case a NOTIFY was missed).
+async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(shared.config.heartbeat) => {}
+            _ = stop.cancelled() => return,
+        }
+        if let Err(e) = store::workers::heartbeat(&shared.db, &shared.worker_id).await {
+            warn!(error = %e, "worker heartbeat failed");
+        }
+        let (ids, runs): (Vec<TaskId>, Vec<i32>) =
+            shared.held().iter().map(|(id, r)| (*id, *r)).unzip();
+        if ids.is_empty() {
+            continue;
+        }
+        match store::tasks::renew_leases(
+            &shared.db,
+            &shared.worker_id,
+            &ids,
+            &runs,
+            shared.config.lease,
+        )
+        .await
+        {
+            Ok(renewed) => {
+                let still: HashMap<TaskId, bool> =
+                    renewed.iter().map(|r| (r.id, r.cancel_requested)).collect();
+                for id in ids {
+                    match still.get(&id) {
+                        Some(true) => {
+                            let _ = shared.commands.send(Command::Cancel(id));
+                        }
+                        Some(false) => {}
+                        // Finished meanwhile, or lost: only the latter is still held.
+                        None if shared.held().contains_key(&id) => {
+                            warn!(task_id = id, "lease lost");
+                            let _ = shared.commands.send(Command::LeaseLost(id));
+                        }
+                        None => {}
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "renewing leases failed"),
+        }
+    }
+}
+
+/// Takes back tasks whose holders went silent, in every process.
+async fn rescue_loop(shared: Arc<Shared>, stop: CancellationToken) {
+    let rescuer = Rescuer::new(shared.config.rescue_interval);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(rescuer.next_delay()) => {}
+            _ = stop.cancelled() => return,
+        }
+        match rescuer.run_once(&shared.db).await {
+            Ok(rescued) if !rescued.is_empty() => {
+                for task in rescued {
+                    shared.emit(Event::Rescued { task_id: task.id });
+                }
+                shared.wake.notify_one();
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "rescuing expired leases failed"),
+        }
+    }
+}
+
+/// LISTEN for inserts (wake the dispatcher) and cancels (tell the handler).
+/// Reconnects on failure; wakes the dispatcher after a reconnect in case a
+/// notification was missed meanwhile.
+async fn listen_loop(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut failures = 0u32;
+    loop {
+        let mut listener = match connect_listener(&shared.db).await {
+            Ok(l) => {
+                failures = 0;
+                l
+            }
+            Err(e) => {
+                failures += 1;
+                let pause = retry_pause(failures, Duration::from_secs(5));
+                warn!(error = %e, retry_in = ?pause, "LISTEN failed; polling meanwhile");
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => continue,
+                    _ = stop.cancelled() => return,
+                }
+            }
+        };
+        shared.wake.notify_one();
+        loop {
+            let notification = tokio::select! {
+                n = listener.try_recv() => n,
+                _ = stop.cancelled() => return,
+            };
+            match notification {
+                Ok(Some(n)) if n.channel() == CHANNEL_CANCEL => {
+                    if let Ok(id) = n.payload().parse::<TaskId>()
+                        && shared.held().contains_key(&id)
+                    {
+                        let _ = shared.commands.send(Command::Cancel(id));
+                    }
+                }
+                Ok(Some(_)) => shared.wake.notify_one(),
+                // Connection lost: reconnect (and wake, in case we missed one).
+                Ok(None) => {
+                    shared.wake.notify_one();
+                    continue;
+                }
+                Err(e) => {
+                    warn!(error = %e, "LISTEN connection failed");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn connect_listener(db: &PgPool) -> sqlx::Result<PgListener> {
+    let mut listener = PgListener::connect_with(db).await?;
+    listener
+        .listen_all([CHANNEL_INSERTED, CHANNEL_CANCEL])
+        .await?;
+    Ok(listener)
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,548 @@
+//! Statements on `syncq.tasks` (and `syncq.task_errors`, written together).
+
+use serde_json::Value;
+use sqlx::{PgExecutor, PgPool};
+use std::time::Duration;
+
+use super::secs;
+use crate::task::{ClaimedTask, NewTask, RunAt, TaskId};
+
+/// Inserts `tasks` in one statement and returns their ids in input order.
+///
+/// Ids are drawn from the identity sequence up front so each input row maps to
+/// its id. A task whose `(dataset_id, unique_key)` is already queued or running
+/// is not inserted; its id is the existing task's — the one inserted earlier in
+/// the same batch or the one already in the table. `None` remains only when the
+/// conflicting row committed after this statement's snapshot; the caller
+/// retries those.
+pub async fn insert_many(
+    db: impl PgExecutor<'_>,
+    tasks: &[NewTask],
+) -> sqlx::Result<Vec<Option<TaskId>>> {
+    let n = tasks.len();
+    let mut dataset_ids = Vec::with_capacity(n);
+    let mut kinds = Vec::with_capacity(n);
+    let mut payloads = Vec::with_capacity(n);
+    let mut priorities = Vec::with_capacity(n);
+    let mut run_ats = Vec::with_capacity(n);
+    let mut delays = Vec::with_capacity(n);
+    let mut max_attempts = Vec::with_capacity(n);
+    let mut unique_keys = Vec::with_capacity(n);
+    for t in tasks {
+        dataset_ids.push(t.dataset_id.clone());
+        kinds.push(t.kind.clone());
+        payloads.push(t.payload.clone());
+        priorities.push(t.priority);
+        let (at, delay) = match t.run_at {
+            RunAt::Now => (None, None),
+            RunAt::After(d) => (None, Some(secs(d))),
+            RunAt::At(at) => (Some(at), None),
+        };
+        run_ats.push(at);
+        delays.push(delay);
+        max_attempts.push(t.max_attempts);
+        unique_keys.push(t.unique_key.clone());
+    }
+    let rows = sqlx::query!(
+        r#"
+        WITH input AS (
+            SELECT nextval(pg_get_serial_sequence('syncq.tasks', 'id')) AS id, i.*
+            FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::int2[],
+                        $5::timestamptz[], $6::float8[], $7::int4[], $8::text[])
+                 WITH ORDINALITY AS i(dataset_id, kind, payload, priority, run_at, delay_secs,
+                                      max_attempts, unique_key, ord)
+        ),
+        inserted AS (
+            INSERT INTO syncq.tasks (id, dataset_id, kind, payload, priority, run_at, max_attempts, unique_key)
+            SELECT id, dataset_id, kind, payload, priority,
+                   coalesce(run_at, now() + make_interval(secs => coalesce(delay_secs, 0))),
+                   max_attempts, unique_key
+            FROM input
+            ORDER BY ord
+            ON CONFLICT (dataset_id, unique_key)
+                WHERE unique_key IS NOT NULL AND status IN ('queued', 'running')
+                DO NOTHING
+            RETURNING id
+        )
+        SELECT coalesce(
+                   ins.id,
+                   -- a duplicate within this batch: the first row that went in
+                   (SELECT min(i2.id) FROM input i2 JOIN inserted x ON x.id = i2.id
+                     WHERE i2.dataset_id = input.dataset_id AND i2.unique_key = input.unique_key),
+                   -- a duplicate of a task already queued or running
+                   (SELECT t.id FROM syncq.tasks t
+                     WHERE t.dataset_id = input.dataset_id AND t.unique_key = input.unique_key
+                       AND t.status IN ('queued', 'running')
+                     LIMIT 1)
+               ) AS "id?"
+        FROM input LEFT JOIN inserted ins ON ins.id = input.id
+        ORDER BY input.ord
+        "#,
+        &dataset_ids,
+        &kinds,
+        &payloads,
+        &priorities,
+        &run_ats as &[Option<chrono::DateTime<chrono::Utc>>],
+        &delays as &[Option<f64>],
+        &max_attempts,
+        &unique_keys as &[Option<String>],
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(|r| r.id).collect())
+}
+
+/// Claims up to `limit` ready tasks of the given kinds for `worker_id`,
+/// taking turns across datasets. The heart of syncq; see `docs/claim.md`.
+///
+/// One statement, one round trip:
+/// 1. `ready`: datasets that may start work (not paused, not throttled, in
+///    the worker's dataset filter) and have a ready task of a kind this worker
+///    handles, least recently served first, locked `FOR NO KEY UPDATE SKIP
+///    LOCKED` so concurrent claimers spread over different datasets and the
+///    per-dataset accounting (turns now; caps and rate budgets later) is
+///    serialised per dataset without blocking.
+/// 2. `candidates`: from each such dataset, its next tasks in `(priority,
+///    run_at, id)` order via the partial index `tasks_claim_idx`, at most a
+///    fair share each (`ceil(limit / datasets)`), locked `SKIP LOCKED`.
+/// 3. `picked`: the first `limit` of them, round-robin: every dataset's
+///    first task before any dataset's second.
+/// 4. `claimed`: mark them running with a lease, counting the attempt and
+///    bumping `runs`, the fencing token.
+/// 5. `turned`: stamp the served datasets so the others go first next time.
+pub async fn claim(
+    db: impl PgExecutor<'_>,
+    worker_id: &str,
+    kinds: &[String],
+    datasets: Option<&[String]>,
+    limit: i64,
+    lease: Duration,
+) -> sqlx::Result<Vec<ClaimedTask>> {
+    let rows = sqlx::query!(
+        r#"
+        WITH ready AS (
+            SELECT d.dataset_id, d.last_claimed_at
+            FROM syncq.datasets d
+            WHERE NOT d.paused
+              AND (d.throttled_until IS NULL OR d.throttled_until <= now())
+              AND ($3::text[] IS NULL OR d.dataset_id = ANY($3))
+              AND EXISTS (
+                  SELECT 1 FROM syncq.tasks t
+                  WHERE t.dataset_id = d.dataset_id AND t.status = 'queued'
+                    AND t.run_at <= now() AND t.kind = ANY($2) AND NOT t.cancel_requested)
+            ORDER BY d.last_claimed_at NULLS FIRST, d.dataset_id
+            LIMIT $4
+            FOR NO KEY UPDATE SKIP LOCKED
+        ),
+        turns AS (
+            SELECT dataset_id,
+                   row_number() OVER (ORDER BY last_claimed_at NULLS FIRST, dataset_id) AS turn,
+                   ceil($4::float8 / count(*) OVER ())::int8 AS share
+            FROM ready
+        ),
+        candidates AS (
+            SELECT c.id, turns.turn,
+                   row_number() OVER (PARTITION BY turns.dataset_id
+                                      ORDER BY c.priority, c.run_at, c.id) AS rank
+            FROM turns
+            CROSS JOIN LATERAL (
+                SELECT t.id, t.priority, t.run_at
+                FROM syncq.tasks t
+                WHERE t.dataset_id = turns.dataset_id AND t.status = 'queued'
+                  AND t.run_at <= now() AND t.kind = ANY($2) AND NOT t.cancel_requested
+                ORDER BY t.priority, t.run_at, t.id
+                LIMIT turns.share
+                FOR UPDATE SKIP LOCKED
+            ) c
+        ),
+        picked AS (
+            SELECT id FROM candidates ORDER BY rank, turn LIMIT $4
+        ),
+        claimed AS (
+            UPDATE syncq.tasks t
+            SET status = 'running',
+                attempts = t.attempts + 1,
+                runs = t.runs + 1,
+                locked_by = $1,
+                lease_expires_at = now() + make_interval(secs => $5),
+                started_at = now(),
+                finished_at = NULL
+            FROM picked
+            WHERE t.id = picked.id
+            RETURNING t.id, t.dataset_id, t.kind, t.payload, t.priority, t.attempts,
+                      t.max_attempts, t.runs, t.checkpoint, t.created_at, t.started_at
+        ),
+        turned AS (
+            UPDATE syncq.datasets d SET last_claimed_at = now()
+            WHERE d.dataset_id IN (SELECT dataset_id FROM claimed)
+        )
+        SELECT id AS "id!", dataset_id AS "dataset_id!", kind AS "kind!", payload AS "payload!",
+               priority AS "priority!", attempts AS "attempts!", max_attempts AS "max_attempts!",
+               runs AS "runs!", checkpoint, created_at AS "created_at!",
+               started_at AS "started_at!"
+        FROM claimed
+        ORDER BY id
+        "#,
+        worker_id,
+        kinds,
+        datasets,
+        limit,
+        secs(lease),
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| ClaimedTask {
+            id: r.id,
+            dataset_id: r.dataset_id,
+            kind: r.kind,
+            payload: r.payload,
+            priority: r.priority,
+            attempts: r.attempts,
+            max_attempts: r.max_attempts,
+            runs: r.runs,
+            checkpoint: r.checkpoint,
+            created_at: r.created_at,
+            started_at: r.started_at,
+        })
+        .collect())
+}
+
+/// Whether a task of these kinds is ready in a dataset that may start work.
+/// Asked after a claim came back empty, to tell "nothing to do" from "every
+/// ready dataset was locked by another claimer at that instant".
+pub async fn ready_exists(
+    db: impl PgExecutor<'_>,
+    kinds: &[String],
+    datasets: Option<&[String]>,
+) -> sqlx::Result<bool> {
+    let row = sqlx::query_scalar!(
+        r#"
+        SELECT EXISTS (
+            SELECT 1 FROM syncq.tasks t
+            JOIN syncq.datasets d USING (dataset_id)
+            WHERE t.status = 'queued' AND t.run_at <= now() AND t.kind = ANY($1)
+              AND NOT t.cancel_requested
+              AND NOT d.paused AND (d.throttled_until IS NULL OR d.throttled_until <= now())
+              AND ($2::text[] IS NULL OR t.dataset_id = ANY($2))
+        ) AS "exists!"
+        "#,
+        kinds,
+        datasets,
+    )
+    .fetch_one(db)
+    .await?;
+    Ok(row)
+}
+
+/// How many tasks of these kinds are queued or running: zero means a
+/// draining worker may exit.
+pub async fn pending_count(
+    db: impl PgExecutor<'_>,
+    kinds: &[String],
+    datasets: Option<&[String]>,
+) -> sqlx::Result<i64> {
+    sqlx::query_scalar!(
+        r#"
+        SELECT count(*) AS "count!" FROM syncq.tasks t
+        WHERE t.status IN ('queued', 'running') AND t.kind = ANY($1)
+          AND ($2::text[] IS NULL OR t.dataset_id = ANY($2))
+        "#,
+        kinds,
+        datasets,
+    )
+    .fetch_one(db)
+    .await
+}
+
+/// Stores a checkpoint for a task this worker holds. False: fenced out.
+pub async fn save_checkpoint(
+    db: impl PgExecutor<'_>,
+    id: TaskId,
+    runs: i32,
+    worker_id: &str,
+    checkpoint: &Value,
+) -> sqlx::Result<bool> {
+    let done = sqlx::query!(
+        r#"
+        UPDATE syncq.tasks SET checkpoint = $4
+        WHERE id = $1 AND runs = $2 AND locked_by = $3 AND status = 'running'
+        "#,
+        id,
+        runs,
+        worker_id,
+        checkpoint,
+    )
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// The holder's identity for a fenced write.
+#[derive(Debug, Clone, Copy)]
+pub struct Fence<'a> {
+    /// The task.
+    pub id: TaskId,
+    /// Its `runs` when claimed.
+    pub runs: i32,
+    /// The holding worker.
+    pub worker_id: &'a str,
+}
+
+/// `succeeded` with `result`. False: fenced out.
+pub async fn succeed(db: impl PgExecutor<'_>, f: Fence<'_>, result: &Value) -> sqlx::Result<bool> {
+    let done = sqlx::query!(
+        r#"
+        UPDATE syncq.tasks
+        SET status = 'succeeded', result = $4, finished_at = now(),
+            locked_by = NULL, lease_expires_at = NULL
+        WHERE id = $1 AND runs = $2 AND locked_by = $3 AND status = 'running'
+        "#,
+        f.id,
+        f.runs,
+        f.worker_id,
+        result,
+    )
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// A counted failed attempt: back to `queued` after `backoff`, or `failed`
+/// when no attempt is left or `retry` is false. The error is recorded in
+/// `last_error` and `syncq.task_errors`. A task whose cancel was requested
+/// meanwhile ends `cancelled`. False: fenced out.
+pub async fn fail_attempt(
+    db: impl PgExecutor<'_>,
+    f: Fence<'_>,
+    error: &str,
+    retry: bool,
+    backoff: Duration,
+) -> sqlx::Result<bool> {
+    let done = sqlx::query!(
+        r#"
+        WITH done AS (
+            UPDATE syncq.tasks t
+            SET status = CASE
+                    WHEN t.cancel_requested THEN 'cancelled'
+                    WHEN $5 AND t.attempts < t.max_attempts THEN 'queued'
+                    ELSE 'failed' END::syncq.task_status,
+                run_at = CASE WHEN $5 AND t.attempts < t.max_attempts
+                              THEN now() + make_interval(secs => $6) ELSE t.run_at END,
+                finished_at = CASE WHEN t.cancel_requested OR NOT $5 OR t.attempts >= t.max_attempts
+                                   THEN now() END,
+                last_error = $4, locked_by = NULL, lease_expires_at = NULL
+            WHERE t.id = $1 AND t.runs = $2 AND t.locked_by = $3 AND t.status = 'running'
+            RETURNING t.id, t.attempts
+        )
+        INSERT INTO syncq.task_errors (task_id, attempt, worker_id, error)
+        SELECT id, attempts, $3, $4 FROM done
+        "#,
+        f.id,
+        f.runs,
+        f.worker_id,
+        error,
+        retry,
+        secs(backoff),
+    )
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// An attempt that does not count: back to `queued` now, its checkpoint kept
+/// (checkpoints are saved as they are made). Used for checkpoint/shutdown,
+/// `Fatal` (whose message is recorded as `error`), and aborted handlers.
+/// False: fenced out.
+pub async fn release(
+    db: impl PgExecutor<'_>,
+    f: Fence<'_>,
+    error: Option<&str>,
+) -> sqlx::Result<bool> {
+    let done = sqlx::query_scalar!(
+        r#"
+        WITH released AS (
+            UPDATE syncq.tasks t
+            SET status = CASE WHEN t.cancel_requested THEN 'cancelled' ELSE 'queued' END::syncq.task_status,
+                finished_at = CASE WHEN t.cancel_requested THEN now() END,
+                attempts = greatest(t.attempts - 1, 0),
+                last_error = coalesce($4, t.last_error),
+                run_at = now(), locked_by = NULL, lease_expires_at = NULL
+            WHERE t.id = $1 AND t.runs = $2 AND t.locked_by = $3 AND t.status = 'running'
+            RETURNING t.id, t.attempts
+        ),
+        logged AS (
+            INSERT INTO syncq.task_errors (task_id, attempt, worker_id, error)
+            SELECT id, attempts + 1, $3, $4 FROM released WHERE $4 IS NOT NULL
+        )
+        SELECT count(*) AS "released!" FROM released
+        "#,
+        f.id,
+        f.runs,
+        f.worker_id,
+        error,
+    )
+    .fetch_one(db)
+    .await?;
+    Ok(done == 1)
+}
+
+/// The upstream said "rate limit exceeded": the task goes back to `queued`
+/// with its attempt not counted, and its dataset is throttled until
+/// `now() + retry_after` (keeping a later existing throttle), for every
+/// process. The error is recorded. False: fenced out.
+pub async fn rate_limited(
+    db: impl PgExecutor<'_>,
+    f: Fence<'_>,
+    error: &str,
+    retry_after: Duration,
+) -> sqlx::Result<bool> {
+    let done = sqlx::query!(
+        r#"
+        WITH released AS (
+            UPDATE syncq.tasks t
+            SET status = CASE WHEN t.cancel_requested THEN 'cancelled' ELSE 'queued' END::syncq.task_status,
+                finished_at = CASE WHEN t.cancel_requested THEN now() END,
+                attempts = greatest(t.attempts - 1, 0),
+                run_at = now(), last_error = $4, locked_by = NULL, lease_expires_at = NULL
+            WHERE t.id = $1 AND t.runs = $2 AND t.locked_by = $3 AND t.status = 'running'
+            RETURNING t.id, t.dataset_id, t.attempts
+        ),
+        throttled AS (
+            UPDATE syncq.datasets d
+            SET throttled_until = greatest(d.throttled_until, now() + make_interval(secs => $5))
+            FROM released r WHERE d.dataset_id = r.dataset_id
+        )
+        INSERT INTO syncq.task_errors (task_id, attempt, worker_id, error)
+        SELECT id, attempts + 1, $3, $4 FROM released
+        "#,
+        f.id,
+        f.runs,
+        f.worker_id,
+        error,
+        secs(retry_after),
+    )
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// `cancelled`, as the handler reported. False: fenced out.
+pub async fn cancel_running(db: impl PgExecutor<'_>, f: Fence<'_>) -> sqlx::Result<bool> {
+    let done = sqlx::query!(
+        r#"
+        UPDATE syncq.tasks
+        SET status = 'cancelled', finished_at = now(), locked_by = NULL, lease_expires_at = NULL
+        WHERE id = $1 AND runs = $2 AND locked_by = $3 AND status = 'running'
+        "#,
+        f.id,
+        f.runs,
+        f.worker_id,
+    )
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// A held task's lease, as renewed by a heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Renewed {
+    /// The task.
+    pub id: TaskId,
+    /// Whether its cancel was requested.
+    pub cancel_requested: bool,
+}
+
+/// Extends the leases of the tasks this worker holds (`ids` with their
+/// `runs`). Tasks missing from the answer are no longer held.
+pub async fn renew_leases(
+    db: &PgPool,
+    worker_id: &str,
+    ids: &[TaskId],
+    runs: &[i32],
+    lease: Duration,
+) -> sqlx::Result<Vec<Renewed>> {
+    let rows = sqlx::query!(
+        r#"
+        UPDATE syncq.tasks t
+        SET lease_expires_at = now() + make_interval(secs => $4)
+        FROM unnest($2::int8[], $3::int4[]) AS h(id, runs)
+        WHERE t.id = h.id AND t.runs = h.runs AND t.locked_by = $1 AND t.status = 'running'
+        RETURNING t.id, t.cancel_requested
+        "#,
+        worker_id,
+        ids,
+        runs,
+        secs(lease),
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| Renewed {
+            id: r.id,
+            cancel_requested: r.cancel_requested,
+        })
+        .collect())
+}
+
+/// A task taken back from a silent holder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rescued {
+    /// The task.
+    pub id: TaskId,
+    /// The worker that stopped heartbeating.
+    pub locked_by: Option<String>,
+    /// Where it went: `queued`, `failed` (no attempt left) or `cancelled`.
+    pub status: String,
+}
+
+/// Takes back up to `batch` running tasks whose lease expired: the attempt
+/// counts, so they go back to `queued`, or to `failed` when none is left
+/// (`cancelled` if a cancel was requested). Each is recorded in
+/// `syncq.task_errors`. Idempotent and safe in every process at once.
+pub async fn rescue_expired(db: impl PgExecutor<'_>, batch: i64) -> sqlx::Result<Vec<Rescued>> {
+    let rows = sqlx::query!(
+        r#"
+        WITH expired AS (
+            SELECT id, locked_by FROM syncq.tasks
+            WHERE status = 'running' AND lease_expires_at < now()
+            ORDER BY lease_expires_at
+            LIMIT $1
+            FOR UPDATE SKIP LOCKED
+        ),
+        rescued AS (
+            UPDATE syncq.tasks t
+            SET status = CASE
+                    WHEN t.cancel_requested THEN 'cancelled'
+                    WHEN t.attempts < t.max_attempts THEN 'queued'
+                    ELSE 'failed' END::syncq.task_status,
+                finished_at = CASE WHEN t.cancel_requested OR t.attempts >= t.max_attempts
+                                   THEN now() END,
+                run_at = now(),
+                last_error = 'lease expired: worker ' || e.locked_by || ' stopped heartbeating',
+                locked_by = NULL, lease_expires_at = NULL
+            FROM expired e
+            WHERE t.id = e.id
+            RETURNING t.id, e.locked_by, t.attempts, t.status::text AS status, t.last_error
+        ),
+        logged AS (
+            INSERT INTO syncq.task_errors (task_id, attempt, worker_id, error)
+            SELECT id, attempts, locked_by, last_error FROM rescued
+        )
+        SELECT id AS "id!", locked_by, status AS "status!" FROM rescued
+        "#,
+        batch,
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| Rescued {
+            id: r.id,
+            locked_by: r.locked_by,
+            status: r.status,
+        })
+        .collect())
+}
