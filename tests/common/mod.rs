@@ -1,0 +1,154 @@
+//! Shared helpers for the integration tests: fresh databases come from
+//! `#[sqlx::test]` (migrations applied); these build pools on them, wait for
+//! conditions with timeouts, and read task rows.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Row};
+use syncq::{Backoff, PoolConfig, PoolHandle, WorkerPool};
+use tokio::task::JoinHandle;
+
+/// A connection pool on the test's database with room for worker pools.
+pub async fn connect(opts: &PgConnectOptions) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(12)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_with(opts.clone())
+        .await
+        .expect("connect to the test database")
+}
+
+/// The URL of the test's database, for child processes.
+pub fn url(opts: &PgConnectOptions) -> String {
+    format!(
+        "postgres://{}@{}:{}/{}",
+        opts.get_username(),
+        opts.get_host(),
+        opts.get_port(),
+        opts.get_database().expect("test database name")
+    )
+}
+
+/// A pool configuration with short timings, so tests run fast.
+pub fn fast_config() -> PoolConfig {
+    PoolConfig {
+        concurrency: 4,
+        lease: Duration::from_secs(3),
+        heartbeat: Duration::from_millis(300),
+        poll_interval: Duration::from_millis(200),
+        rescue_interval: Duration::from_millis(200),
+        shutdown_grace: Duration::from_secs(3),
+        backoff: Backoff {
+            base: Duration::from_millis(20),
+            max: Duration::from_millis(200),
+            jitter: 0.1,
+        },
+        default_retry_after: Duration::from_millis(500),
+        ..PoolConfig::default()
+    }
+}
+
+/// Runs a pool in the background.
+pub fn spawn(pool: WorkerPool) -> (PoolHandle, JoinHandle<syncq::Result<()>>) {
+    let handle = pool.handle();
+    (handle, tokio::spawn(pool.run()))
+}
+
+/// Waits until `check` holds, polling every 20 ms, or panics after `timeout`.
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The fields of a task row the tests look at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskRow {
+    pub id: i64,
+    pub dataset_id: String,
+    pub kind: String,
+    pub payload: Value,
+    pub status: String,
+    pub priority: i16,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub runs: i32,
+    pub unique_key: Option<String>,
+    pub checkpoint: Option<Value>,
+    pub result: Option<Value>,
+    pub last_error: Option<String>,
+    pub locked_by: Option<String>,
+}
+
+pub async fn task(db: &PgPool, id: i64) -> TaskRow {
+    let r = sqlx::query(
+        "SELECT id, dataset_id, kind, payload, status::text AS status, priority, attempts,
+                max_attempts, runs, unique_key, checkpoint, result, last_error, locked_by
+         FROM syncq.tasks WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(db)
+    .await
+    .expect("task row");
+    TaskRow {
+        id: r.get("id"),
+        dataset_id: r.get("dataset_id"),
+        kind: r.get("kind"),
+        payload: r.get("payload"),
+        status: r.get("status"),
+        priority: r.get("priority"),
+        attempts: r.get("attempts"),
+        max_attempts: r.get("max_attempts"),
+        runs: r.get("runs"),
+        unique_key: r.get("unique_key"),
+        checkpoint: r.get("checkpoint"),
+        result: r.get("result"),
+        last_error: r.get("last_error"),
+        locked_by: r.get("locked_by"),
+    }
+}
+
+pub async fn status(db: &PgPool, id: i64) -> String {
+    sqlx::query_scalar("SELECT status::text FROM syncq.tasks WHERE id = $1")
+        .bind(id)
+        .fetch_one(db)
+        .await
+        .expect("task status")
+}
+
+pub async fn count(db: &PgPool, sql_where: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM syncq.tasks WHERE {sql_where}"
+    )))
+    .fetch_one(db)
+    .await
+    .expect("count")
+}
+
+/// Inserts a task by plain SQL, as another service would; returns its id.
+pub async fn insert(db: &PgPool, dataset: &str, kind: &str, payload: Value) -> i64 {
+    sqlx::query_scalar(
+        "INSERT INTO syncq.tasks (dataset_id, kind, payload) VALUES ($1, $2, $3) RETURNING id",
+    )
+    .bind(dataset)
+    .bind(kind)
+    .bind(payload)
+    .fetch_one(db)
+    .await
+    .expect("insert task")
+}
