@@ -136,6 +136,9 @@ impl From<crate::Error> for CliError {
             crate::Error::Config { .. } | crate::Error::InvalidTask(_) => {
                 CliError::Usage(e.to_string())
             }
+            crate::Error::Database(e) => {
+                CliError::Runtime(format!("database error: {}", describe(&e)))
+            }
             other => CliError::Runtime(one_line(&other.to_string())),
         }
     }
@@ -154,6 +157,11 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<(), CliError>
             DEFAULT_DATABASE_URL.to_string()
         }
     };
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(CliError::Runtime(
+            "invalid DATABASE_URL: expected postgres://user@host:port/database".into(),
+        ));
+    }
     let options = PgConnectOptions::from_str(&url).map_err(|e| {
         CliError::Runtime(format!(
             "invalid DATABASE_URL: {}",
@@ -177,6 +185,13 @@ fn io_error(e: std::io::Error) -> CliError {
 }
 
 async fn connect(options: &PgConnectOptions, max_connections: u32) -> Result<PgPool, CliError> {
+    // One direct connection first: a pool would retry until its acquire
+    // timeout and hide the real reason (refused, unknown database, …).
+    let probe = options
+        .connect()
+        .await
+        .map_err(|e| connect_error(options, &e))?;
+    let _ = probe.close().await;
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))
@@ -198,8 +213,16 @@ fn connect_error(options: &PgConnectOptions, e: &sqlx::Error) -> CliError {
     };
     CliError::Runtime(format!(
         "cannot connect to PostgreSQL at {target}: {}{hint}",
-        one_line(&e.to_string())
+        describe(e)
     ))
+}
+
+/// A sqlx error on one line; for a server error, just the server's message.
+fn describe(e: &sqlx::Error) -> String {
+    match e.as_database_error() {
+        Some(db) => one_line(db.message()),
+        None => one_line(&e.to_string()),
+    }
 }
 
 /// Connects, creating the database first if it does not exist yet.

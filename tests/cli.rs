@@ -1,0 +1,226 @@
+//! SPEC §5: the `syncq` command's exit codes and one-line errors.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+fn syncq(url: Option<&str>, args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_syncq"));
+    match url {
+        Some(url) => cmd.env("DATABASE_URL", url),
+        None => cmd.env_remove("DATABASE_URL"),
+    };
+    cmd.args(args).output().expect("run syncq")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Runtime errors: exit 1, one line, no panic text.
+fn assert_runtime_error(out: &Output, mentions: &str) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| !l.contains("DATABASE_URL is not set"))
+        .collect();
+    assert_eq!(lines.len(), 1, "expected one line, got {err:?}");
+    assert!(lines[0].starts_with("syncq: error: "), "{err}");
+    assert!(
+        lines[0].contains(mentions),
+        "{err:?} should mention {mentions:?}"
+    );
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+}
+
+const DOWN: &str = "postgres://postgres@127.0.0.1:1/syncq";
+
+#[test]
+fn every_command_against_a_down_server_exits_1_with_one_line() {
+    for args in [
+        &["migrate"][..],
+        &["enqueue", "--dataset", "d", "--kind", "noop"],
+        &["worker"],
+    ] {
+        let out = syncq(Some(DOWN), args);
+        assert_runtime_error(&out, "cannot connect to PostgreSQL at 127.0.0.1:1/syncq");
+    }
+}
+
+#[test]
+fn a_bad_url_exits_1() {
+    let out = syncq(Some("mysql://nope"), &["migrate"]);
+    assert_runtime_error(&out, "DATABASE_URL");
+}
+
+#[sqlx::test]
+async fn bad_json_exits_1_and_inserts_nothing(_: PgPoolOptions, opts: PgConnectOptions) {
+    let db = common::connect(&opts).await;
+    let out = syncq(
+        Some(&common::url(&opts)),
+        &[
+            "enqueue",
+            "--dataset",
+            "d",
+            "--kind",
+            "noop",
+            "--payload",
+            "{not json",
+        ],
+    );
+    assert_runtime_error(&out, "--payload is not valid JSON");
+    assert_eq!(common::count(&db, "true").await, 0);
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let cases: &[&[&str]] = &[
+        &[],
+        &["bogus"],
+        &["enqueue", "--kind", "noop"],
+        &[
+            "enqueue",
+            "--dataset",
+            "d",
+            "--kind",
+            "k",
+            "--max-attempts",
+            "0",
+        ],
+        &[
+            "enqueue",
+            "--dataset",
+            "d",
+            "--kind",
+            "k",
+            "--delay",
+            "soon",
+        ],
+        &[
+            "enqueue",
+            "--dataset",
+            "d",
+            "--kind",
+            "k",
+            "--run-at",
+            "yesterday",
+        ],
+        &[
+            "enqueue",
+            "--dataset",
+            "d",
+            "--kind",
+            "k",
+            "--delay",
+            "1s",
+            "--run-at",
+            "2030-01-01T00:00:00Z",
+        ],
+        &[
+            "enqueue",
+            "--dataset",
+            "d",
+            "--kind",
+            "k",
+            "--priority",
+            "99999",
+        ],
+        &["worker", "--concurrency", "0"],
+        &["worker", "--lease", "forever"],
+    ];
+    for args in cases {
+        let out = syncq(Some(DOWN), args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(!stderr(&out).contains("panicked"));
+    }
+}
+
+#[test]
+fn a_heartbeat_not_shorter_than_the_lease_is_a_usage_error_naming_it() {
+    let out = syncq(
+        Some(DOWN),
+        &["worker", "--lease", "5s", "--heartbeat", "10s"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("heartbeat"), "{}", stderr(&out));
+    let out = Command::new(env!("CARGO_BIN_EXE_syncq"))
+        .env("DATABASE_URL", DOWN)
+        .env("SYNCQ_LEASE", "1s")
+        .env("SYNCQ_HEARTBEAT", "2s")
+        .arg("worker")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "env vars are read: {}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn without_database_url_the_default_is_printed() {
+    let out = syncq(
+        None,
+        &[
+            "enqueue",
+            "--dataset",
+            "d",
+            "--kind",
+            "k",
+            "--payload",
+            "{bad",
+        ],
+    );
+    let err = stderr(&out);
+    assert!(
+        err.contains("DATABASE_URL is not set; using postgres://"),
+        "{err}"
+    );
+}
+
+#[sqlx::test]
+async fn enqueue_prints_the_id_and_the_existing_id_for_a_duplicate(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let url = common::url(&opts);
+    let args = [
+        "enqueue",
+        "--dataset",
+        "d",
+        "--kind",
+        "noop",
+        "--unique-key",
+        "k",
+        "--delay",
+        "30s",
+    ];
+    let first = syncq(Some(&url), &args);
+    let second = syncq(Some(&url), &args);
+    assert!(
+        first.status.success() && second.status.success(),
+        "{}",
+        stderr(&second)
+    );
+    assert_eq!(first.stdout, second.stdout);
+    let id: i64 = String::from_utf8_lossy(&first.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    let db = common::connect(&opts).await;
+    let delayed: bool = sqlx::query_scalar(
+        "SELECT run_at > created_at + interval '29 seconds' FROM syncq.tasks WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert!(delayed);
+}
