@@ -38,7 +38,9 @@ async fn fetch_page(collection: &str, page: u32) -> Result<Vec<String>, TaskErro
         // 4xx: retrying cannot help.
         return Err(TaskError::invalid("collection must not be empty"));
     }
-    Ok((0..10).map(|i| format!("{collection}-{page}-{i}")).collect())
+    Ok((0..10)
+        .map(|i| format!("{collection}-{page}-{i}"))
+        .collect())
 }
 
 struct CollectionSync;

@@ -71,3 +71,8 @@ pub async fn migrate(db: &sqlx::PgPool) -> Result<()> {
     MIGRATOR.run(db).await?;
     Ok(())
 }
+
+/// The README's Rust examples, compiled as doc tests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

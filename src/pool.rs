@@ -452,11 +452,12 @@ async fn dispatch(shared: &Arc<Shared>, running: &mut JoinSet<()>, hard_stop: &C
     loop {
         while running.try_join_next().is_some() {}
         let first = tokio::select! {
+            biased;
+            _ = shared.shutdown.cancelled() => return,
             permit = slots.clone().acquire_owned() => match permit {
                 Ok(p) => p,
                 Err(_) => return,
             },
-            _ = shared.shutdown.cancelled() => return,
         };
         let mut permits = vec![first];
         while let Ok(p) = slots.clone().try_acquire_owned() {
@@ -560,6 +561,9 @@ async fn run_task(
     );
     async {
         let joined = match shared.handlers.get(&task.kind).cloned() {
+            // Claimed as the pool began to stop (a claim can race the
+            // shutdown): hand it straight back, unstarted and uncounted.
+            _ if shared.shutdown.is_cancelled() => Ok(Err(TaskError::Interrupted)),
             Some(handler) => {
                 let ctx = TaskContext {
                     db: shared.db.clone(),

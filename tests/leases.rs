@@ -242,10 +242,9 @@ async fn a_pool_whose_lease_was_taken_cannot_complete_the_task(
                 outcome,
                 recorded,
             }) = events.recv().await
+                && task_id == id
             {
-                if task_id == id {
-                    return (outcome, recorded);
-                }
+                return (outcome, recorded);
             }
         }
     })

@@ -170,10 +170,10 @@ async fn fatal_releases_the_task_uncounted_and_stops_the_pool(
         "{err}"
     );
     let row = common::task(&db, id).await;
-    assert_eq!(
-        (row.status.as_str(), row.attempts, row.runs),
-        ("queued", 0, 1)
-    );
+    assert_eq!((row.status.as_str(), row.attempts), ("queued", 0));
+    // A claim already in flight when the pool began to stop may take the
+    // released task once more; it is handed back unstarted and uncounted.
+    assert!((1..=2).contains(&row.runs), "runs = {}", row.runs);
     assert_eq!(row.checkpoint, Some(json!({"runs": 1})));
     // The registry row is gone after a clean stop.
     let workers: i64 = sqlx::query_scalar("SELECT count(*) FROM syncq.workers")
