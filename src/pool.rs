@@ -507,19 +507,19 @@ async fn dispatch(shared: &Arc<Shared>, running: &mut JoinSet<()>, hard_stop: &C
         }
         drop(permits);
 
-        // Nothing claimed. Either there is nothing ready, or every ready
-        // dataset was locked by another claimer at that instant: then retry
-        // soon instead of waiting for a wake-up that may never come.
-        match store::tasks::ready_exists(&shared.db, &shared.kinds, shared.datasets()).await {
-            Ok(true) => {
-                let pause = Duration::from_millis(5 + rand::random::<u64>() % 20);
-                tokio::select! {
-                    _ = tokio::time::sleep(pause) => continue,
-                    _ = shared.shutdown.cancelled() => return,
-                }
+        // Nothing claimed. Ask how long until something may be: now (every
+        // claimable dataset was locked by another claimer at that instant:
+        // retry soon rather than wait for a wake-up that may never come), a
+        // throttle / rate budget / delayed task (sleep until then, not in a
+        // busy loop), or only new work (wait for a NOTIFY or the poll).
+        let mut wait = shared.config.poll_interval;
+        match store::tasks::next_claim_in(&shared.db, &shared.kinds, shared.datasets()).await {
+            Ok(Some(d)) if d.is_zero() => {
+                wait = Duration::from_millis(5 + rand::random::<u64>() % 20);
             }
-            Ok(false) => {}
-            Err(e) => warn!(error = %e, "checking for ready tasks failed"),
+            Ok(Some(d)) => wait = wait.min(d + Duration::from_millis(2)),
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "asking when work is next ready failed"),
         }
         if shared.config.exit_when_idle && running.is_empty() {
             match store::tasks::pending_count(&shared.db, &shared.kinds, shared.datasets()).await {
@@ -533,7 +533,7 @@ async fn dispatch(shared: &Arc<Shared>, running: &mut JoinSet<()>, hard_stop: &C
         }
         tokio::select! {
             _ = shared.wake.notified() => {}
-            _ = tokio::time::sleep(shared.config.poll_interval) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = shared.shutdown.cancelled() => return,
         }
     }
@@ -595,6 +595,8 @@ async fn run_task(
         let recorded = record(&shared, &task, outcome).await;
         shared.held().remove(&task.id);
         drop(permit);
+        // A slot of a capped dataset may have freed: let an idle dispatcher look.
+        shared.wake.notify_one();
         shared.emit(Event::Finished {
             task_id: task.id,
             outcome: kind,

@@ -1,4 +1,5 @@
-//! The rescuer: takes back running tasks whose holder stopped heartbeating.
+//! The rescuer: takes back running tasks whose holder stopped heartbeating,
+//! and prunes rate-log rows that left their window.
 //!
 //! A task whose `lease_expires_at` passed goes back to `queued` with its
 //! attempt counted (or to `failed` when none is left), so kill -9 of a worker,
@@ -54,8 +55,11 @@ impl Rescuer {
             }
             all.extend(rescued);
             if done {
-                return Ok(all);
+                break;
             }
         }
+        // The rate log only needs the starts inside each dataset's window.
+        while store::tasks::prune_rate_log(db, self.batch as i32).await? >= self.batch {}
+        Ok(all)
     }
 }

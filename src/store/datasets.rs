@@ -60,3 +60,86 @@ pub async fn set_paused(
     .await?;
     Ok(())
 }
+
+/// What to change of a dataset's limits; `None` leaves a setting alone.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LimitsChange {
+    /// `Some(None)` clears the rate limit; `Some(Some((n, window)))` sets it.
+    pub rate: Option<Option<(i32, std::time::Duration)>>,
+    /// `Some(None)` clears the concurrency cap; `Some(Some(n))` sets it.
+    pub max_concurrency: Option<Option<i32>>,
+}
+
+/// Changes a dataset's limits in one statement, creating its row if needed;
+/// returns the resulting row. Out-of-range values are refused by the
+/// table's constraints (named after the column).
+pub async fn set_limits(
+    db: impl PgExecutor<'_>,
+    dataset_id: &str,
+    change: LimitsChange,
+) -> sqlx::Result<DatasetRow> {
+    let set_rate = change.rate.is_some();
+    let rate = change.rate.flatten();
+    let set_concurrency = change.max_concurrency.is_some();
+    let r = sqlx::query!(
+        r#"
+        INSERT INTO syncq.datasets AS d (dataset_id, rate_limit, rate_window, max_concurrency)
+        VALUES ($1, $3, coalesce(make_interval(secs => $4), interval '1 second'), $6)
+        ON CONFLICT (dataset_id) DO UPDATE SET
+            rate_limit = CASE WHEN $2 THEN EXCLUDED.rate_limit ELSE d.rate_limit END,
+            rate_window = CASE WHEN $2 AND $4::float8 IS NOT NULL THEN EXCLUDED.rate_window
+                               ELSE d.rate_window END,
+            max_concurrency = CASE WHEN $5 THEN EXCLUDED.max_concurrency ELSE d.max_concurrency END
+        RETURNING dataset_id, rate_limit, extract(epoch FROM rate_window)::float8 AS "rate_window_secs!",
+                  max_concurrency, paused, throttled_until
+        "#,
+        dataset_id,
+        set_rate,
+        rate.map(|(n, _)| n),
+        rate.map(|(_, w)| super::secs(w)),
+        set_concurrency,
+        change.max_concurrency.flatten(),
+    )
+    .fetch_one(db)
+    .await?;
+    Ok(DatasetRow {
+        dataset_id: r.dataset_id,
+        rate_limit: r.rate_limit,
+        rate_window_secs: r.rate_window_secs,
+        max_concurrency: r.max_concurrency,
+        paused: r.paused,
+        throttled_until: r.throttled_until,
+    })
+}
+
+/// Live counts of a dataset, for inspection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DatasetCounts {
+    /// Queued tasks (ready or not).
+    pub queued: i64,
+    /// Running tasks, across all processes.
+    pub running: i64,
+    /// Starts inside the current rate window (rate-limited datasets only).
+    pub starts_in_window: i64,
+}
+
+/// Counts a dataset's queued and running tasks and its recent starts.
+pub async fn counts(db: impl PgExecutor<'_>, dataset_id: &str) -> sqlx::Result<DatasetCounts> {
+    let r = sqlx::query!(
+        r#"
+        SELECT
+          (SELECT count(*) FROM syncq.tasks WHERE dataset_id = $1 AND status = 'queued') AS "queued!",
+          (SELECT count(*) FROM syncq.tasks WHERE dataset_id = $1 AND status = 'running') AS "running!",
+          (SELECT count(*) FROM syncq.rate_log l JOIN syncq.datasets d USING (dataset_id)
+            WHERE l.dataset_id = $1 AND l.started_at > now() - d.rate_window) AS "starts!"
+        "#,
+        dataset_id
+    )
+    .fetch_one(db)
+    .await?;
+    Ok(DatasetCounts {
+        queued: r.queued,
+        running: r.running,
+        starts_in_window: r.starts,
+    })
+}

@@ -93,23 +93,10 @@ pub async fn insert_many(
 }
 
 /// Claims up to `limit` ready tasks of the given kinds for `worker_id`,
-/// taking turns across datasets. The heart of syncq; see `docs/claim.md`.
-///
-/// One statement, one round trip:
-/// 1. `ready`: datasets that may start work (not paused, not throttled, in
-///    the worker's dataset filter) and have a ready task of a kind this worker
-///    handles, least recently served first, locked `FOR NO KEY UPDATE SKIP
-///    LOCKED` so concurrent claimers spread over different datasets and the
-///    per-dataset accounting (turns now; caps and rate budgets later) is
-///    serialised per dataset without blocking.
-/// 2. `candidates`: from each such dataset, its next tasks in `(priority,
-///    run_at, id)` order via the partial index `tasks_claim_idx`, at most a
-///    fair share each (`ceil(limit / datasets)`), locked `SKIP LOCKED`.
-/// 3. `picked`: the first `limit` of them, round-robin: every dataset's
-///    first task before any dataset's second.
-/// 4. `claimed`: mark them running with a lease, counting the attempt and
-///    bumping `runs`, the fencing token.
-/// 5. `turned`: stamp the served datasets so the others go first next time.
+/// taking turns across datasets and honouring each dataset's pause,
+/// throttle, concurrency cap and rate limit. The heart of syncq: the SQL is
+/// `syncq.claim()` in `migrations/0002_datasets.sql`, explained in
+/// `docs/claim.md`. One round trip.
 pub async fn claim(
     db: impl PgExecutor<'_>,
     worker_id: &str,
@@ -118,70 +105,14 @@ pub async fn claim(
     limit: i64,
     lease: Duration,
 ) -> sqlx::Result<Vec<ClaimedTask>> {
+    let limit = i32::try_from(limit).unwrap_or(i32::MAX);
     let rows = sqlx::query!(
         r#"
-        WITH ready AS (
-            SELECT d.dataset_id, d.last_claimed_at
-            FROM syncq.datasets d
-            WHERE NOT d.paused
-              AND (d.throttled_until IS NULL OR d.throttled_until <= now())
-              AND ($3::text[] IS NULL OR d.dataset_id = ANY($3))
-              AND EXISTS (
-                  SELECT 1 FROM syncq.tasks t
-                  WHERE t.dataset_id = d.dataset_id AND t.status = 'queued'
-                    AND t.run_at <= now() AND t.kind = ANY($2) AND NOT t.cancel_requested)
-            ORDER BY d.last_claimed_at NULLS FIRST, d.dataset_id
-            LIMIT $4
-            FOR NO KEY UPDATE SKIP LOCKED
-        ),
-        turns AS (
-            SELECT dataset_id,
-                   row_number() OVER (ORDER BY last_claimed_at NULLS FIRST, dataset_id) AS turn,
-                   ceil($4::float8 / count(*) OVER ())::int8 AS share
-            FROM ready
-        ),
-        candidates AS (
-            SELECT c.id, turns.turn,
-                   row_number() OVER (PARTITION BY turns.dataset_id
-                                      ORDER BY c.priority, c.run_at, c.id) AS rank
-            FROM turns
-            CROSS JOIN LATERAL (
-                SELECT t.id, t.priority, t.run_at
-                FROM syncq.tasks t
-                WHERE t.dataset_id = turns.dataset_id AND t.status = 'queued'
-                  AND t.run_at <= now() AND t.kind = ANY($2) AND NOT t.cancel_requested
-                ORDER BY t.priority, t.run_at, t.id
-                LIMIT turns.share
-                FOR UPDATE SKIP LOCKED
-            ) c
-        ),
-        picked AS (
-            SELECT id FROM candidates ORDER BY rank, turn LIMIT $4
-        ),
-        claimed AS (
-            UPDATE syncq.tasks t
-            SET status = 'running',
-                attempts = t.attempts + 1,
-                runs = t.runs + 1,
-                locked_by = $1,
-                lease_expires_at = now() + make_interval(secs => $5),
-                started_at = now(),
-                finished_at = NULL
-            FROM picked
-            WHERE t.id = picked.id
-            RETURNING t.id, t.dataset_id, t.kind, t.payload, t.priority, t.attempts,
-                      t.max_attempts, t.runs, t.checkpoint, t.created_at, t.started_at
-        ),
-        turned AS (
-            UPDATE syncq.datasets d SET last_claimed_at = now()
-            WHERE d.dataset_id IN (SELECT dataset_id FROM claimed)
-        )
         SELECT id AS "id!", dataset_id AS "dataset_id!", kind AS "kind!", payload AS "payload!",
                priority AS "priority!", attempts AS "attempts!", max_attempts AS "max_attempts!",
                runs AS "runs!", checkpoint, created_at AS "created_at!",
                started_at AS "started_at!"
-        FROM claimed
-        ORDER BY id
+        FROM syncq.claim($1, $2, $3, $4, $5)
         "#,
         worker_id,
         kinds,
@@ -209,31 +140,31 @@ pub async fn claim(
         .collect())
 }
 
-/// Whether a task of these kinds is ready in a dataset that may start work.
-/// Asked after a claim came back empty, to tell "nothing to do" from "every
-/// ready dataset was locked by another claimer at that instant".
-pub async fn ready_exists(
+/// How long until a claim for these kinds may succeed: `Some(ZERO)` when a
+/// dataset is claimable now (an empty claim lost a race for its lock), the
+/// wait for the earliest throttle, rate budget or delayed task otherwise,
+/// `None` when there is nothing to wait for but new work.
+pub async fn next_claim_in(
     db: impl PgExecutor<'_>,
     kinds: &[String],
     datasets: Option<&[String]>,
-) -> sqlx::Result<bool> {
-    let row = sqlx::query_scalar!(
-        r#"
-        SELECT EXISTS (
-            SELECT 1 FROM syncq.tasks t
-            JOIN syncq.datasets d USING (dataset_id)
-            WHERE t.status = 'queued' AND t.run_at <= now() AND t.kind = ANY($1)
-              AND NOT t.cancel_requested
-              AND NOT d.paused AND (d.throttled_until IS NULL OR d.throttled_until <= now())
-              AND ($2::text[] IS NULL OR t.dataset_id = ANY($2))
-        ) AS "exists!"
-        "#,
+) -> sqlx::Result<Option<Duration>> {
+    let secs = sqlx::query_scalar!(
+        r#"SELECT syncq.next_claim_in($1, $2) AS "secs""#,
         kinds,
         datasets,
     )
     .fetch_one(db)
     .await?;
-    Ok(row)
+    Ok(secs.map(|s| Duration::from_secs_f64(s.clamp(0.0, 86_400.0))))
+}
+
+/// Deletes up to `batch` rate-log rows that can no longer count.
+pub async fn prune_rate_log(db: impl PgExecutor<'_>, batch: i32) -> sqlx::Result<i64> {
+    let n = sqlx::query_scalar!(r#"SELECT syncq.prune_rate_log($1) AS "n!""#, batch)
+        .fetch_one(db)
+        .await?;
+    Ok(n)
 }
 
 /// How many tasks of these kinds are queued or running: zero means a
