@@ -111,10 +111,12 @@ BEGIN
           AND (d.rate_limit IS NULL OR d.rate_limit > (
                 SELECT count(*) FROM syncq.rate_log l
                 WHERE l.dataset_id = d.dataset_id AND l.started_at > now() - d.rate_window))
-          AND EXISTS (
-                SELECT 1 FROM syncq.tasks t
-                WHERE t.dataset_id = d.dataset_id AND t.status = 'queued'
-                  AND t.run_at <= now() AND t.kind = ANY (p_kinds) AND NOT t.cancel_requested)
+          -- A correlated scalar subquery, not EXISTS: the planner would turn
+          -- EXISTS into a hash semi-join over every queued task.
+          AND (SELECT true FROM syncq.tasks t
+               WHERE t.dataset_id = d.dataset_id AND t.status = 'queued'
+                 AND t.run_at <= now() AND t.kind = ANY (p_kinds) AND NOT t.cancel_requested
+               LIMIT 1)
         ORDER BY d.last_claimed_at NULLS FIRST, d.dataset_id
         LIMIT p_limit
         FOR NO KEY UPDATE OF d SKIP LOCKED
@@ -182,7 +184,7 @@ BEGIN
     ),
     turned AS (
         UPDATE syncq.datasets d SET last_claimed_at = v_now
-        WHERE d.dataset_id IN (SELECT c.dataset_id FROM claimed c)
+        WHERE d.dataset_id = ANY (ARRAY(SELECT c.dataset_id FROM claimed c))
     )
     SELECT c.id, c.dataset_id, c.kind, c.payload, c.priority, c.attempts,
            c.max_attempts, c.runs, c.checkpoint, c.created_at, c.started_at
@@ -193,9 +195,9 @@ BEGIN
     SET ready_at = (SELECT min(t.run_at) FROM syncq.tasks t
                     WHERE t.dataset_id = d.dataset_id AND t.status = 'queued')
     WHERE d.dataset_id = ANY (v_turns)
-      AND NOT EXISTS (SELECT 1 FROM syncq.tasks t
-                      WHERE t.dataset_id = d.dataset_id AND t.status = 'queued'
-                        AND t.run_at <= v_now);
+      AND (SELECT true FROM syncq.tasks t
+           WHERE t.dataset_id = d.dataset_id AND t.status = 'queued' AND t.run_at <= v_now
+           LIMIT 1) IS NULL;
 END;
 $$;
 
@@ -224,9 +226,10 @@ LANGUAGE sql STABLE AS $$
       AND (d.max_concurrency IS NULL OR d.max_concurrency > (
             SELECT count(*) FROM syncq.tasks r
             WHERE r.dataset_id = d.dataset_id AND r.status = 'running'))
-      AND EXISTS (SELECT 1 FROM syncq.tasks t
-                  WHERE t.dataset_id = d.dataset_id AND t.status = 'queued'
-                    AND t.kind = ANY (p_kinds) AND NOT t.cancel_requested)
+      AND (SELECT true FROM syncq.tasks t
+           WHERE t.dataset_id = d.dataset_id AND t.status = 'queued'
+             AND t.kind = ANY (p_kinds) AND NOT t.cancel_requested
+           LIMIT 1)
 $$;
 
 -- Drops rate-log rows that can no longer count (older than their window,

@@ -10,7 +10,8 @@ use clap::{Args, Parser, Subcommand};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool};
 
-use crate::{NewTask, PoolConfig, TaskQueueManager, WorkerPool};
+use crate::store::datasets::{DatasetRow, LimitsChange};
+use crate::{NewTask, PoolConfig, RateLimit, TaskQueueManager, WorkerPool};
 
 /// Where the CLI connects when `DATABASE_URL` is not set.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/syncq";
@@ -36,6 +37,67 @@ pub enum Command {
     Enqueue(EnqueueArgs),
     /// Run a worker process with the built-in kinds (noop, sleep, fail, count).
     Worker(WorkerArgs),
+    /// Change a dataset's rate limit and/or concurrency cap (only what is named).
+    Limit(LimitArgs),
+    /// Stop new starts of a dataset in every process; running tasks finish.
+    Pause {
+        /// The dataset.
+        dataset: String,
+    },
+    /// Let a paused dataset's tasks start again.
+    Resume {
+        /// The dataset.
+        dataset: String,
+    },
+}
+
+/// `syncq limit`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["rate", "concurrency"])))]
+pub struct LimitArgs {
+    /// The dataset.
+    pub dataset: String,
+    /// Starts per window, e.g. 100/1s or 5/500ms; `none` removes the limit.
+    #[arg(long, value_parser = parse_rate)]
+    pub rate: Option<Cleared<RateLimit>>,
+    /// Running tasks at once across all processes; `none` removes the cap.
+    #[arg(long, value_parser = parse_concurrency)]
+    pub concurrency: Option<Cleared<u32>>,
+}
+
+/// A setting's new value, or `none` to clear it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cleared<T> {
+    /// Set to this.
+    Set(T),
+    /// Remove the setting.
+    None,
+}
+
+impl<T> Cleared<T> {
+    fn into_option(self) -> Option<T> {
+        match self {
+            Cleared::Set(v) => Some(v),
+            Cleared::None => None,
+        }
+    }
+}
+
+fn parse_rate(s: &str) -> Result<Cleared<RateLimit>, String> {
+    if s == "none" {
+        return Ok(Cleared::None);
+    }
+    s.parse().map(Cleared::Set)
+}
+
+fn parse_concurrency(s: &str) -> Result<Cleared<u32>, String> {
+    if s == "none" {
+        return Ok(Cleared::None);
+    }
+    match s.parse::<u32>() {
+        Ok(n) if (1..=100_000).contains(&n) => Ok(Cleared::Set(n)),
+        _ => Err(format!("{s:?} is not a number from 1 to 100000 (or none)")),
+    }
 }
 
 /// `syncq enqueue`.
@@ -177,6 +239,23 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<(), CliError>
         }
         Command::Enqueue(args) => enqueue(&options, args, out).await,
         Command::Worker(args) => worker(&options, args).await,
+        Command::Limit(args) => limit(&options, args, out).await,
+        Command::Pause { dataset } => {
+            let db = connect(&options, 1).await?;
+            TaskQueueManager::new(db)
+                .queue(dataset.as_str())
+                .pause()
+                .await?;
+            writeln!(out, "paused {dataset:?}").map_err(io_error)
+        }
+        Command::Resume { dataset } => {
+            let db = connect(&options, 1).await?;
+            TaskQueueManager::new(db)
+                .queue(dataset.as_str())
+                .resume()
+                .await?;
+            writeln!(out, "resumed {dataset:?}").map_err(io_error)
+        }
     }
 }
 
@@ -312,4 +391,48 @@ async fn worker(options: &PgConnectOptions, args: WorkerArgs) -> Result<(), CliE
         .build()?;
     pool.run_with_signals().await?;
     Ok(())
+}
+
+async fn limit(
+    options: &PgConnectOptions,
+    args: LimitArgs,
+    out: &mut (dyn Write + Send),
+) -> Result<(), CliError> {
+    let change = LimitsChange {
+        rate: args.rate.map(|r| {
+            r.into_option()
+                .map(|r| (i32::try_from(r.limit).unwrap_or(i32::MAX), r.window))
+        }),
+        max_concurrency: args.concurrency.map(|c| {
+            c.into_option()
+                .map(|n| i32::try_from(n).unwrap_or(i32::MAX))
+        }),
+    };
+    let db = connect(options, 1).await?;
+    let row = crate::store::datasets::set_limits(&db, &args.dataset, change)
+        .await
+        .map_err(|e| CliError::Runtime(format!("cannot change the limits: {}", describe(&e))))?;
+    writeln!(out, "{}", describe_limits(&row)).map_err(io_error)
+}
+
+fn describe_limits(row: &DatasetRow) -> String {
+    let rate = match row.rate_limit {
+        Some(n) => RateLimit::new(
+            u32::try_from(n).unwrap_or(0),
+            Duration::from_secs_f64(row.rate_window_secs.max(0.0)),
+        )
+        .map_or_else(
+            |_| format!("{n}/{}s", row.rate_window_secs),
+            |r| r.to_string(),
+        ),
+        None => "none".to_string(),
+    };
+    let concurrency = row
+        .max_concurrency
+        .map_or_else(|| "none".to_string(), |n| n.to_string());
+    format!(
+        "{:?}: rate {rate}, concurrency {concurrency}{}",
+        row.dataset_id,
+        if row.paused { ", paused" } else { "" }
+    )
 }

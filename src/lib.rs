@@ -10,8 +10,8 @@
 //! [`SyncTask`] (one unit of work and its handle), [`SyncWorker`] (the trait
 //! you implement), [`WorkerPool`] (the worker loops of a process),
 //! [`TaskQueueManager`] (enqueue; fleet-wide round-robin hand-out),
-//! [`TaskQueue`] (one dataset's queue and settings), and the rate limiter
-//! kept in `syncq.datasets` rows.
+//! [`TaskQueue`] (one dataset's queue and settings), and [`RateLimiter`]
+//! (a dataset's rate limit, a sliding log kept in rows).
 //!
 //! ## Quick start
 //!
@@ -47,6 +47,7 @@ pub mod maintenance;
 pub mod manager;
 pub mod pool;
 pub mod queue;
+pub mod rate_limit;
 pub mod store;
 pub mod task;
 pub mod worker;
@@ -58,7 +59,8 @@ pub use control::{Command, Stop};
 pub use error::{Error, Result};
 pub use manager::TaskQueueManager;
 pub use pool::{Event, OutcomeKind, PoolHandle, WorkerPool, WorkerPoolBuilder};
-pub use queue::{QueueSettings, TaskQueue};
+pub use queue::{QueueCounts, QueueSettings, TaskQueue};
+pub use rate_limit::{RateLimit, RateLimiter};
 pub use task::{NewTask, RunAt, SyncTask, TaskId, TaskStatus};
 pub use worker::{SyncWorker, TaskError, TaskResult};
 

@@ -4,10 +4,13 @@
 use serde_json::Value;
 use sqlx::PgPool;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::manager::TaskQueueManager;
+use crate::rate_limit::{RateLimit, RateLimiter};
 use crate::store;
+pub use crate::store::datasets::DatasetCounts as QueueCounts;
 pub use crate::store::datasets::DatasetRow as QueueSettings;
+use crate::store::datasets::LimitsChange;
 use crate::task::{NewTask, TaskId};
 
 /// One dataset's queue.
@@ -47,5 +50,45 @@ impl TaskQueue {
     /// Lets the dataset's tasks start again.
     pub async fn resume(&self) -> Result<()> {
         Ok(store::datasets::set_paused(&self.db, &self.dataset_id, false).await?)
+    }
+
+    /// The dataset's `RateLimiter`.
+    pub fn rate_limiter(&self) -> RateLimiter {
+        RateLimiter::new(self.db.clone(), self.dataset_id.clone())
+    }
+
+    /// Sets (or with `None` clears) the rate limit.
+    pub async fn set_rate_limit(&self, limit: Option<RateLimit>) -> Result<()> {
+        self.rate_limiter().set(limit).await
+    }
+
+    /// Sets (or with `None` clears) the cap on running tasks of this dataset
+    /// across all processes.
+    pub async fn set_max_concurrency(&self, max: Option<u32>) -> Result<()> {
+        let max = match max {
+            Some(0) | Some(100_001..) => {
+                return Err(Error::config(
+                    "max_concurrency",
+                    "must be between 1 and 100000",
+                ));
+            }
+            Some(n) => Some(n as i32),
+            None => None,
+        };
+        store::datasets::set_limits(
+            &self.db,
+            &self.dataset_id,
+            LimitsChange {
+                rate: None,
+                max_concurrency: Some(max),
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Its queued and running tasks and its starts in the current window.
+    pub async fn counts(&self) -> Result<QueueCounts> {
+        Ok(store::datasets::counts(&self.db, &self.dataset_id).await?)
     }
 }
