@@ -1,0 +1,427 @@
+//! SPEC §1–§2 and §6: datasets as queues — round-robin fairness, rate limits
+//! and concurrency caps that hold across several pools, fleet-wide throttles,
+//! pause, and settings changed by plain SQL while workers run.
+
+mod common;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use syncq::{NewTask, PoolConfig, PoolHandle, RateLimit, TaskQueueManager, WorkerPool};
+use tokio::task::JoinHandle;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Starts `n` pools (separate worker ids, separate connection pools).
+async fn pools(
+    opts: &PgConnectOptions,
+    n: usize,
+    config: PoolConfig,
+) -> Vec<(PoolHandle, JoinHandle<syncq::Result<()>>)> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let db = common::connect(opts).await;
+        let pool = WorkerPool::builder(db)
+            .register_builtins()
+            .config(config.clone())
+            .build()
+            .unwrap();
+        out.push(common::spawn(pool));
+    }
+    out
+}
+
+async fn stop(pools: Vec<(PoolHandle, JoinHandle<syncq::Result<()>>)>) {
+    for (handle, _) in &pools {
+        handle.checkpoint();
+    }
+    for (_, run) in pools {
+        run.await.unwrap().unwrap();
+    }
+}
+
+async fn wait_all_done(db: &PgPool) {
+    common::wait_for("every task finished", WAIT, || {
+        let db = db.clone();
+        async move { common::count(&db, "status IN ('queued', 'running')").await == 0 }
+    })
+    .await;
+}
+
+/// (dataset, started_at, finished_at) of every task, by start.
+async fn starts(db: &PgPool) -> Vec<(String, DateTime<Utc>, Option<DateTime<Utc>>)> {
+    sqlx::query_as(
+        "SELECT dataset_id, started_at, finished_at FROM syncq.tasks
+         WHERE started_at IS NOT NULL ORDER BY started_at, id",
+    )
+    .fetch_all(db)
+    .await
+    .unwrap()
+}
+
+#[sqlx::test]
+async fn a_rate_limit_holds_in_every_window_across_three_pools(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let db = common::connect(&opts).await;
+    let manager = TaskQueueManager::new(db.clone());
+    let queue = manager.queue("api \"v2\" ü");
+    queue
+        .set_rate_limit(Some(RateLimit::per_second(10).unwrap()))
+        .await
+        .unwrap();
+    manager
+        .enqueue_many((0..60).map(|_| NewTask::new("api \"v2\" ü", "noop")))
+        .await
+        .unwrap();
+    let running = pools(
+        &opts,
+        3,
+        PoolConfig {
+            concurrency: 4,
+            ..common::fast_config()
+        },
+    )
+    .await;
+    wait_all_done(&db).await;
+    stop(running).await;
+
+    let times: Vec<DateTime<Utc>> = starts(&db).await.into_iter().map(|s| s.1).collect();
+    assert_eq!(times.len(), 60);
+    for (i, t) in times.iter().enumerate() {
+        let in_window = times[i..]
+            .iter()
+            .take_while(|u| **u < *t + chrono::Duration::seconds(1))
+            .count();
+        assert!(in_window <= 10, "{in_window} starts in the second from {t}");
+    }
+    let span = times[59] - times[0];
+    assert!(
+        span >= chrono::Duration::seconds(5),
+        "all 60 started within {span}"
+    );
+    // The log holds at most one entry per start (old ones are pruned).
+    let logged: i64 = sqlx::query_scalar("SELECT count(*) FROM syncq.rate_log")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert!(logged <= 60);
+}
+
+#[sqlx::test]
+async fn max_concurrency_holds_across_three_pools(_: PgPoolOptions, opts: PgConnectOptions) {
+    let db = common::connect(&opts).await;
+    let manager = TaskQueueManager::new(db.clone());
+    manager
+        .queue("capped")
+        .set_max_concurrency(Some(2))
+        .await
+        .unwrap();
+    manager
+        .enqueue_many((0..10).map(|_| NewTask::new("capped", "sleep").payload(json!({"ms": 300}))))
+        .await
+        .unwrap();
+    let running = pools(
+        &opts,
+        3,
+        PoolConfig {
+            concurrency: 4,
+            ..common::fast_config()
+        },
+    )
+    .await;
+    wait_all_done(&db).await;
+    stop(running).await;
+
+    let spans = starts(&db).await;
+    assert_eq!(spans.len(), 10);
+    let mut most = 0;
+    for (_, start, _) in &spans {
+        let overlapping = spans
+            .iter()
+            .filter(|(_, s, f)| s <= start && f.is_some_and(|f| f > *start))
+            .count();
+        most = most.max(overlapping);
+    }
+    assert!(most <= 2, "{most} tasks ran at once");
+    assert_eq!(most, 2, "the cap is also used, not just respected");
+}
+
+#[sqlx::test]
+async fn a_small_dataset_is_not_starved_by_a_big_one(_: PgPoolOptions, opts: PgConnectOptions) {
+    let db = common::connect(&opts).await;
+    let manager = TaskQueueManager::new(db.clone());
+    manager
+        .enqueue_many((0..500).map(|_| NewTask::new("big", "sleep").payload(json!({"ms": 20}))))
+        .await
+        .unwrap();
+    let running = pools(
+        &opts,
+        2,
+        PoolConfig {
+            concurrency: 2,
+            ..common::fast_config()
+        },
+    )
+    .await;
+    common::wait_for("big is under way", WAIT, || {
+        let db = db.clone();
+        async move { common::count(&db, "status = 'succeeded'").await >= 10 }
+    })
+    .await;
+    let inserted_at: DateTime<Utc> = sqlx::query_scalar(
+        "WITH i AS (INSERT INTO syncq.tasks (dataset_id, kind, payload)
+                    SELECT 'small', 'sleep', '{\"ms\": 20}' FROM generate_series(1, 5) RETURNING created_at)
+         SELECT max(created_at) FROM i",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    common::wait_for("small is done", WAIT, || {
+        let db = db.clone();
+        async move {
+            common::count(&db, "dataset_id = 'small' AND status = 'succeeded'").await == 5
+        }
+    })
+    .await;
+    stop(running).await;
+
+    let after: Vec<String> = starts(&db)
+        .await
+        .into_iter()
+        .filter(|(_, s, _)| *s > inserted_at)
+        .map(|(d, _, _)| d)
+        .collect();
+    let last_small = after.iter().rposition(|d| d == "small").unwrap();
+    let big_before = after[..last_small].iter().filter(|d| *d == "big").count();
+    assert!(
+        big_before < 10,
+        "big started {big_before} tasks before small finished starting: {after:?}"
+    );
+}
+
+#[sqlx::test]
+async fn starts_rotate_across_datasets(_: PgPoolOptions, opts: PgConnectOptions) {
+    let db = common::connect(&opts).await;
+    let tasks = ["a", "b", "c"]
+        .into_iter()
+        .flat_map(|d| (0..30).map(move |_| NewTask::new(d, "noop")));
+    TaskQueueManager::new(db.clone())
+        .enqueue_many(tasks)
+        .await
+        .unwrap();
+    let running = pools(
+        &opts,
+        1,
+        PoolConfig {
+            concurrency: 1,
+            ..common::fast_config()
+        },
+    )
+    .await;
+    wait_all_done(&db).await;
+    stop(running).await;
+
+    let order: Vec<String> = starts(&db).await.into_iter().map(|s| s.0).collect();
+    assert_eq!(order.len(), 90);
+    let mut left = std::collections::HashMap::from([("a", 30), ("b", 30), ("c", 30)]);
+    let mut run = 0;
+    for (i, d) in order.iter().enumerate() {
+        run = if i > 0 && order[i - 1] == *d {
+            run + 1
+        } else {
+            1
+        };
+        let others_ready = left.iter().any(|(k, n)| *k != d && *n > 0);
+        if others_ready {
+            assert!(
+                run <= 2,
+                "{d} started {run} times in a row at {i}: {order:?}"
+            );
+        }
+        *left.get_mut(d.as_str()).unwrap() -= 1;
+    }
+}
+
+#[sqlx::test]
+async fn an_upstream_throttle_blocks_the_dataset_in_every_pool(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let db = common::connect(&opts).await;
+    let throttler = common::insert(
+        &db,
+        "upstream",
+        "fail",
+        json!({"error": "rate_limited", "times": 1, "retry_after_ms": 1500}),
+    )
+    .await;
+    let running = pools(&opts, 2, common::fast_config()).await;
+    common::wait_for("the dataset is throttled", WAIT, || {
+        let db = db.clone();
+        async move {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT throttled_until > now() FROM syncq.datasets WHERE dataset_id = 'upstream'",
+            )
+            .fetch_one(&db)
+            .await
+            .unwrap_or(false)
+        }
+    })
+    .await;
+    TaskQueueManager::new(db.clone())
+        .enqueue_many((0..6).map(|_| NewTask::new("upstream", "noop")))
+        .await
+        .unwrap();
+    let other = common::insert(&db, "elsewhere", "noop", json!({})).await;
+    wait_all_done(&db).await;
+    stop(running).await;
+
+    assert_eq!(common::status(&db, other).await, "succeeded");
+    assert_eq!(common::status(&db, throttler).await, "succeeded");
+    let early: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM syncq.tasks t, syncq.datasets d
+         WHERE t.dataset_id = 'upstream' AND d.dataset_id = 'upstream'
+           AND t.started_at < d.throttled_until AND t.id <> $1",
+    )
+    .bind(throttler)
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(early, 0, "tasks started while the dataset was throttled");
+}
+
+#[sqlx::test]
+async fn settings_changed_by_sql_take_effect_within_a_second(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let db = common::connect(&opts).await;
+    TaskQueueManager::new(db.clone())
+        .enqueue_many((0..400).map(|_| NewTask::new("live", "sleep").payload(json!({"ms": 50}))))
+        .await
+        .unwrap();
+    let running = pools(
+        &opts,
+        2,
+        PoolConfig {
+            concurrency: 4,
+            ..common::fast_config()
+        },
+    )
+    .await;
+    common::wait_for("work is under way", WAIT, || {
+        let db = db.clone();
+        async move { common::count(&db, "status = 'succeeded'").await >= 20 }
+    })
+    .await;
+
+    // A cap, by plain SQL: from a second later, never more than one at once.
+    let capped_at: DateTime<Utc> = sqlx::query_scalar(
+        "UPDATE syncq.datasets SET max_concurrency = 1 WHERE dataset_id = 'live' RETURNING now()",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    // Then a pause: from a second later, nothing starts.
+    let paused_at: DateTime<Utc> = sqlx::query_scalar(
+        "UPDATE syncq.datasets SET paused = true WHERE dataset_id = 'live' RETURNING now()",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop(running).await;
+
+    let spans = starts(&db).await;
+    let settle = chrono::Duration::seconds(1);
+    for (_, start, _) in spans.iter().filter(|(_, s, _)| *s > capped_at + settle) {
+        let overlapping = spans
+            .iter()
+            .filter(|(_, s, f)| s <= start && f.is_none_or(|f| f > *start))
+            .count();
+        assert!(
+            overlapping <= 1,
+            "{overlapping} running at {start} after the cap"
+        );
+    }
+    let late = spans
+        .iter()
+        .filter(|(_, s, _)| *s > paused_at + settle)
+        .count();
+    assert_eq!(late, 0, "tasks started after the pause");
+    assert!(common::count(&db, "status = 'queued'").await > 0);
+}
+
+#[sqlx::test]
+async fn absurd_settings_are_refused_naming_the_column(db: PgPool) {
+    sqlx::query("INSERT INTO syncq.datasets (dataset_id) VALUES ('d')")
+        .execute(&db)
+        .await
+        .unwrap();
+    for (set, column) in [
+        ("rate_limit = 0", "rate_limit"),
+        ("rate_limit = -5", "rate_limit"),
+        ("rate_limit = 2000000", "rate_limit"),
+        ("rate_window = interval '0'", "rate_window"),
+        ("rate_window = interval '-1 second'", "rate_window"),
+        ("rate_window = interval '2 days'", "rate_window"),
+        ("max_concurrency = 0", "max_concurrency"),
+        ("max_concurrency = 1000000", "max_concurrency"),
+        ("dataset_id = ''", "dataset_id"),
+    ] {
+        let err = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE syncq.datasets SET {set} WHERE dataset_id = 'd'"
+        )))
+        .execute(&db)
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(column), "{set}: {err}");
+    }
+    let queue = TaskQueueManager::new(db.clone()).queue("d");
+    let err = queue
+        .set_max_concurrency(Some(0))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("max_concurrency"), "{err}");
+}
+
+#[sqlx::test]
+async fn the_queue_api_reads_back_what_it_set(db: PgPool) {
+    let queue = TaskQueueManager::new(db.clone()).queue("ünï 'q'");
+    assert_eq!(queue.settings().await.unwrap(), None);
+    queue
+        .set_rate_limit(Some("5/500ms".parse().unwrap()))
+        .await
+        .unwrap();
+    queue.set_max_concurrency(Some(3)).await.unwrap();
+    queue.pause().await.unwrap();
+    let s = queue.settings().await.unwrap().unwrap();
+    assert_eq!(
+        (
+            s.rate_limit,
+            s.rate_window_secs,
+            s.max_concurrency,
+            s.paused
+        ),
+        (Some(5), 0.5, Some(3), true)
+    );
+    assert_eq!(
+        queue.rate_limiter().limit().await.unwrap(),
+        Some(RateLimit::new(5, Duration::from_millis(500)).unwrap())
+    );
+    queue.set_rate_limit(None).await.unwrap();
+    queue.resume().await.unwrap();
+    let s = queue.settings().await.unwrap().unwrap();
+    assert_eq!(
+        (s.rate_limit, s.max_concurrency, s.paused),
+        (None, Some(3), false)
+    );
+}
