@@ -47,6 +47,9 @@ fn every_command_against_a_down_server_exits_1_with_one_line() {
         &["migrate"][..],
         &["enqueue", "--dataset", "d", "--kind", "noop"],
         &["worker"],
+        &["limit", "d", "--rate", "10/1s"],
+        &["pause", "d"],
+        &["resume", "d"],
     ] {
         let out = syncq(Some(DOWN), args);
         assert_runtime_error(&out, "cannot connect to PostgreSQL at 127.0.0.1:1/syncq");
@@ -133,6 +136,14 @@ fn usage_errors_exit_2() {
         ],
         &["worker", "--concurrency", "0"],
         &["worker", "--lease", "forever"],
+        &["limit", "d"],
+        &["limit", "d", "--rate", "5/0s"],
+        &["limit", "d", "--rate", "0/1s"],
+        &["limit", "d", "--rate", "fast"],
+        &["limit", "d", "--concurrency", "0"],
+        &["limit", "d", "--concurrency", "-3"],
+        &["pause"],
+        &["resume", "a", "b"],
     ];
     for args in cases {
         let out = syncq(Some(DOWN), args);
@@ -223,4 +234,55 @@ async fn enqueue_prints_the_id_and_the_existing_id_for_a_duplicate(
     .await
     .unwrap();
     assert!(delayed);
+}
+
+#[sqlx::test]
+async fn limit_pause_and_resume_change_only_what_they_name(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let url = common::url(&opts);
+    let ok = |args: &[&str]| {
+        let out = syncq(Some(&url), args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let name = "it's a \"data set\" ü";
+    assert_eq!(
+        ok(&["limit", name, "--rate", "10/1s"]),
+        format!("{name:?}: rate 10/1s, concurrency none")
+    );
+    assert_eq!(
+        ok(&["limit", name, "--concurrency", "3"]),
+        format!("{name:?}: rate 10/1s, concurrency 3")
+    );
+    ok(&["pause", name]);
+    assert_eq!(
+        ok(&["limit", name, "--rate", "none"]),
+        format!("{name:?}: rate none, concurrency 3, paused")
+    );
+    ok(&["resume", name]);
+    let db = common::connect(&opts).await;
+    let row: (Option<i32>, Option<i32>, bool) = sqlx::query_as(
+        "SELECT rate_limit, max_concurrency, paused FROM syncq.datasets WHERE dataset_id = $1",
+    )
+    .bind(name)
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(row, (None, Some(3), false));
+    // A refused value changes nothing.
+    assert_eq!(
+        syncq(Some(&url), &["limit", name, "--rate", "5/0s"])
+            .status
+            .code(),
+        Some(2)
+    );
+    let after: Option<i32> =
+        sqlx::query_scalar("SELECT max_concurrency FROM syncq.datasets WHERE dataset_id = $1")
+            .bind(name)
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(after, Some(3));
 }
