@@ -205,7 +205,11 @@ async fn a_pool_whose_lease_was_taken_cannot_complete_the_task(
     let stuck = Stuck::default();
     let a = WorkerPool::builder(db.clone())
         .register("stuck", stuck.clone())
-        .config(common::fast_config())
+        // One slot, held by the stuck handler: A cannot re-claim the task.
+        .config(PoolConfig {
+            concurrency: 1,
+            ..common::fast_config()
+        })
         .build()
         .unwrap();
     let (handle, run) = common::spawn(a);
