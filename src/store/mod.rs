@@ -7,6 +7,8 @@
 //! another slot of the same process — matches nothing and writes nothing.
 
 pub mod datasets;
+pub mod inspect;
+pub mod ops;
 pub mod tasks;
 pub mod workers;
 

@@ -1,0 +1,111 @@
+//! Operator actions: cancel, retry, prune. Each is one statement.
+
+use sqlx::PgExecutor;
+use std::time::Duration;
+
+use super::secs;
+use crate::task::TaskId;
+
+/// Requests cancellation of a queued or running task. Returns its status
+/// afterwards (`cancelled` for a queued task — the trigger ends it at once —
+/// `running` for a running one, whose handler is told), or `None` when no
+/// queued or running task has that id.
+pub async fn cancel(db: impl PgExecutor<'_>, id: TaskId) -> sqlx::Result<Option<String>> {
+    sqlx::query_scalar!(
+        r#"
+        UPDATE syncq.tasks SET cancel_requested = true
+        WHERE id = $1 AND status IN ('queued', 'running')
+        RETURNING status::text AS "status!"
+        "#,
+        id
+    )
+    .fetch_optional(db)
+    .await
+}
+
+/// Requests cancellation of every queued or running task of a dataset;
+/// returns how many.
+pub async fn cancel_dataset(db: impl PgExecutor<'_>, dataset_id: &str) -> sqlx::Result<u64> {
+    let done = sqlx::query!(
+        r#"
+        UPDATE syncq.tasks SET cancel_requested = true
+        WHERE dataset_id = $1 AND status IN ('queued', 'running') AND NOT cancel_requested
+        "#,
+        dataset_id
+    )
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Puts a failed or cancelled task back to `queued` (see `syncq.retry()`).
+/// False: no failed or cancelled task has that id.
+pub async fn retry(db: impl PgExecutor<'_>, id: TaskId) -> sqlx::Result<bool> {
+    let n = sqlx::query_scalar!(
+        r#"SELECT count(*) AS "n!" FROM syncq.retry(ARRAY[$1::int8])"#,
+        id
+    )
+    .fetch_one(db)
+    .await?;
+    Ok(n == 1)
+}
+
+/// Retries every task of a dataset in `status` (`failed` or `cancelled`);
+/// returns how many.
+pub async fn retry_dataset(
+    db: impl PgExecutor<'_>,
+    dataset_id: &str,
+    status: &str,
+) -> sqlx::Result<u64> {
+    let n = sqlx::query_scalar!(
+        r#"
+        SELECT count(*) AS "n!" FROM syncq.retry(ARRAY(
+            SELECT id FROM syncq.tasks
+            WHERE dataset_id = $1 AND status IN ('failed', 'cancelled') AND status::text = $2))
+        "#,
+        dataset_id,
+        status
+    )
+    .fetch_one(db)
+    .await?;
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
+/// Deletes up to `batch` finished tasks (of `statuses`) that finished more
+/// than `older_than` ago, with their error history. Short statements keep
+/// locks short; call until it returns less than `batch`.
+pub async fn prune_batch(
+    db: impl PgExecutor<'_>,
+    older_than: Duration,
+    statuses: &[String],
+    batch: i64,
+) -> sqlx::Result<u64> {
+    let done = sqlx::query!(
+        r#"
+        DELETE FROM syncq.tasks
+        WHERE id IN (
+            SELECT id FROM syncq.tasks
+            WHERE status IN ('succeeded', 'failed', 'cancelled') AND status::text = ANY ($2)
+              AND finished_at < now() - make_interval(secs => $1)
+            LIMIT $3
+            FOR UPDATE SKIP LOCKED)
+        "#,
+        secs(older_than),
+        statuses,
+        batch
+    )
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Deletes registry rows of workers silent for longer than `silent_for`.
+pub async fn prune_dead_workers(db: impl PgExecutor<'_>, silent_for: Duration) -> sqlx::Result<u64> {
+    let done = sqlx::query!(
+        "DELETE FROM syncq.workers WHERE last_heartbeat_at < now() - make_interval(secs => $1)",
+        secs(silent_for)
+    )
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected())
+}
