@@ -50,3 +50,11 @@ $$;
 -- Finished tasks by finish time, for pruning.
 CREATE INDEX tasks_finished_idx ON syncq.tasks (finished_at)
     WHERE status IN ('succeeded', 'failed', 'cancelled');
+
+-- Trigger functions run as their owner, so a producer that may only INSERT
+-- tasks still gets its datasets created and its workers woken, and a worker
+-- need not own the datasets table. search_path is pinned: every name in
+-- them is schema-qualified.
+ALTER FUNCTION syncq.tasks_after_insert() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION syncq.tasks_requeued() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION syncq.tasks_cancel_requested() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;

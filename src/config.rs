@@ -38,6 +38,9 @@ pub struct PoolConfig {
     /// Stop (as after a checkpoint) once no task this pool could run is
     /// queued or running anywhere: a batch-job mode for scripts and tests.
     pub exit_when_idle: bool,
+    /// Delete finished tasks this long after they finished (in batches, by
+    /// every process's maintenance sweep). None keeps them forever.
+    pub retention: Option<Duration>,
 }
 
 impl PoolConfig {
@@ -116,6 +119,7 @@ impl Default for PoolConfig {
             backoff: Backoff::default(),
             default_retry_after: Self::DEFAULT_RETRY_AFTER,
             exit_when_idle: false,
+            retention: None,
         }
     }
 }

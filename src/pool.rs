@@ -27,6 +27,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use crate::config::PoolConfig;
 use crate::control::Command;
 use crate::error::{Error, Result};
+use crate::maintenance::pruner::Pruner;
 use crate::maintenance::rescuer::Rescuer;
 use crate::store;
 use crate::store::tasks::Fence;
@@ -717,9 +718,11 @@ async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
-/// Takes back tasks whose holders went silent, in every process.
+/// The maintenance sweep of every process: takes back tasks whose holders
+/// went silent, prunes the rate log, old finished tasks and dead workers.
 async fn rescue_loop(shared: Arc<Shared>, stop: CancellationToken) {
     let rescuer = Rescuer::new(shared.config.rescue_interval);
+    let pruner = Pruner::new(shared.config.retention);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(rescuer.next_delay()) => {}
@@ -734,6 +737,9 @@ async fn rescue_loop(shared: Arc<Shared>, stop: CancellationToken) {
             }
             Ok(_) => {}
             Err(e) => warn!(error = %e, "rescuing expired leases failed"),
+        }
+        if let Err(e) = pruner.run_once(&shared.db).await {
+            warn!(error = %e, "pruning failed");
         }
     }
 }

@@ -2,4 +2,5 @@
 //! and safe to run in every process at once (`SKIP LOCKED`), so no leader is
 //! needed.
 
+pub mod pruner;
 pub mod rescuer;

@@ -9,6 +9,7 @@
 pub mod datasets;
 pub mod inspect;
 pub mod ops;
+pub mod roles;
 pub mod tasks;
 pub mod workers;
 

@@ -100,7 +100,10 @@ pub async fn prune_batch(
 }
 
 /// Deletes registry rows of workers silent for longer than `silent_for`.
-pub async fn prune_dead_workers(db: impl PgExecutor<'_>, silent_for: Duration) -> sqlx::Result<u64> {
+pub async fn prune_dead_workers(
+    db: impl PgExecutor<'_>,
+    silent_for: Duration,
+) -> sqlx::Result<u64> {
     let done = sqlx::query!(
         "DELETE FROM syncq.workers WHERE last_heartbeat_at < now() - make_interval(secs => $1)",
         secs(silent_for)

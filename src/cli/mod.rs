@@ -10,6 +10,8 @@ use clap::{Args, Parser, Subcommand};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool};
 
+mod ops;
+
 use crate::store::datasets::{DatasetRow, LimitsChange};
 use crate::{NewTask, PoolConfig, RateLimit, TaskQueueManager, WorkerPool};
 
@@ -43,16 +45,37 @@ pub enum Command {
     Pause {
         /// The dataset.
         dataset: String,
+        /// Create the dataset if it does not exist yet.
+        #[arg(long)]
+        create: bool,
     },
     /// Let a paused dataset's tasks start again.
     Resume {
         /// The dataset.
         dataset: String,
     },
+    /// Cancel a task (a queued one never starts; a running one is told), or
+    /// every queued and running task of a dataset.
+    Cancel(ops::CancelArgs),
+    /// Put a failed or cancelled task back to queued (attempts and errors kept).
+    Retry(ops::RetryArgs),
+    /// Delete finished tasks older than a duration, in short batches.
+    Prune(ops::PruneArgs),
+    /// Create the NOLOGIN roles syncq_producer and syncq_worker and grant them.
+    Roles,
+    /// Datasets with their counts and limits, live workers, unhandled kinds.
+    Status(ops::StatusArgs),
+    /// List tasks, newest first.
+    Tasks(ops::TasksArgs),
+    /// One task with its checkpoint, result and error history.
+    Show(ops::ShowArgs),
 }
 
 /// `syncq limit`.
 #[derive(Debug, Args)]
+#[command(
+    after_help = "An unknown dataset is refused unless --create is given (to configure a dataset before its first task)."
+)]
 #[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["rate", "concurrency"])))]
 pub struct LimitArgs {
     /// The dataset.
@@ -63,6 +86,9 @@ pub struct LimitArgs {
     /// Running tasks at once across all processes; `none` removes the cap.
     #[arg(long, value_parser = parse_concurrency)]
     pub concurrency: Option<Cleared<u32>>,
+    /// Create the dataset if it does not exist yet.
+    #[arg(long)]
+    pub create: bool,
 }
 
 /// A setting's new value, or `none` to clear it.
@@ -159,9 +185,19 @@ pub struct WorkerArgs {
     /// Exit 0 once no task this worker could run is queued or running.
     #[arg(long)]
     pub exit_when_idle: bool,
+    /// Delete finished tasks this long after they finish; `none` keeps them.
+    #[arg(long, default_value = "7d", value_parser = parse_retention)]
+    pub retention: Cleared<Duration>,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+fn parse_retention(s: &str) -> Result<Cleared<Duration>, String> {
+    if s == "none" {
+        return Ok(Cleared::None);
+    }
+    parse_duration(s).map(Cleared::Set)
+}
+
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 500ms, 30s, 5m, 7d)"))
 }
 
@@ -240,8 +276,9 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<(), CliError>
         Command::Enqueue(args) => enqueue(&options, args, out).await,
         Command::Worker(args) => worker(&options, args).await,
         Command::Limit(args) => limit(&options, args, out).await,
-        Command::Pause { dataset } => {
+        Command::Pause { dataset, create } => {
             let db = connect(&options, 1).await?;
+            ops::require_dataset(&db, &dataset, create).await?;
             TaskQueueManager::new(db)
                 .queue(dataset.as_str())
                 .pause()
@@ -250,16 +287,35 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<(), CliError>
         }
         Command::Resume { dataset } => {
             let db = connect(&options, 1).await?;
+            ops::require_dataset(&db, &dataset, false).await?;
             TaskQueueManager::new(db)
                 .queue(dataset.as_str())
                 .resume()
                 .await?;
             writeln!(out, "resumed {dataset:?}").map_err(io_error)
         }
+        Command::Cancel(args) => ops::cancel(&connect(&options, 1).await?, args, out).await,
+        Command::Retry(args) => ops::retry(&connect(&options, 1).await?, args, out).await,
+        Command::Prune(args) => ops::prune(&connect(&options, 1).await?, args, out).await,
+        Command::Roles => {
+            crate::store::roles::create(&connect(&options, 1).await?)
+                .await
+                .map_err(|e| {
+                    CliError::Runtime(format!("cannot create the roles: {}", describe(&e)))
+                })?;
+            writeln!(
+                out,
+                "roles syncq_producer and syncq_worker are ready; grant them to logins"
+            )
+            .map_err(io_error)
+        }
+        Command::Status(args) => ops::status(&connect(&options, 1).await?, args, out).await,
+        Command::Tasks(args) => ops::tasks(&connect(&options, 1).await?, args, out).await,
+        Command::Show(args) => ops::show(&connect(&options, 1).await?, args, out).await,
     }
 }
 
-fn io_error(e: std::io::Error) -> CliError {
+pub(crate) fn io_error(e: std::io::Error) -> CliError {
     CliError::Runtime(format!("cannot write output: {e}"))
 }
 
@@ -297,7 +353,7 @@ fn connect_error(options: &PgConnectOptions, e: &sqlx::Error) -> CliError {
 }
 
 /// A sqlx error on one line; for a server error, just the server's message.
-fn describe(e: &sqlx::Error) -> String {
+pub(crate) fn describe(e: &sqlx::Error) -> String {
     match e.as_database_error() {
         Some(db) => one_line(db.message()),
         None => one_line(&e.to_string()),
@@ -380,6 +436,7 @@ async fn worker(options: &PgConnectOptions, args: WorkerArgs) -> Result<(), CliE
         shutdown_grace: args.grace,
         rescue_interval: args.rescue_interval,
         exit_when_idle: args.exit_when_idle,
+        retention: args.retention.into_option(),
         ..PoolConfig::default()
     };
     config.validate()?;
@@ -409,6 +466,7 @@ async fn limit(
         }),
     };
     let db = connect(options, 1).await?;
+    ops::require_dataset(&db, &args.dataset, args.create).await?;
     let row = crate::store::datasets::set_limits(&db, &args.dataset, change)
         .await
         .map_err(|e| CliError::Runtime(format!("cannot change the limits: {}", describe(&e))))?;

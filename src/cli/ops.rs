@@ -1,0 +1,449 @@
+//! Operator commands: cancel, retry, prune, status, tasks, show.
+
+use std::io::Write;
+use std::time::Duration;
+
+use clap::Args;
+use serde_json::json;
+use sqlx::PgPool;
+
+use super::{CliError, describe, io_error, parse_duration};
+use crate::maintenance::pruner::FINISHED;
+use crate::store;
+use crate::store::inspect::TaskInfo;
+use crate::task::TaskStatus;
+
+/// A worker whose heartbeat is older than this is not shown as live.
+const LIVE_WITHIN_SECS: f64 = 60.0;
+
+fn db_error(what: &str) -> impl Fn(sqlx::Error) -> CliError + '_ {
+    move |e| CliError::Runtime(format!("{what}: {}", describe(&e)))
+}
+
+/// Refuses an unknown dataset (exit 2) unless `create`.
+pub(super) async fn require_dataset(
+    db: &PgPool,
+    dataset: &str,
+    create: bool,
+) -> Result<(), CliError> {
+    if create {
+        return Ok(());
+    }
+    let known = store::datasets::get(db, dataset)
+        .await
+        .map_err(db_error("cannot read the dataset"))?;
+    match known {
+        Some(_) => Ok(()),
+        None => Err(CliError::Usage(format!(
+            "DATASET: no dataset {dataset:?} (add --create to configure it before its first task)"
+        ))),
+    }
+}
+
+/// `syncq cancel`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["id", "dataset"])))]
+pub struct CancelArgs {
+    /// The task.
+    pub id: Option<i64>,
+    /// Every queued and running task of this dataset instead.
+    #[arg(long)]
+    pub dataset: Option<String>,
+}
+
+pub(super) async fn cancel(
+    db: &PgPool,
+    args: CancelArgs,
+    out: &mut (dyn Write + Send),
+) -> Result<(), CliError> {
+    if let Some(dataset) = args.dataset {
+        require_dataset(db, &dataset, false).await?;
+        let n = store::ops::cancel_dataset(db, &dataset)
+            .await
+            .map_err(db_error("cannot cancel"))?;
+        return writeln!(out, "cancel requested for {n} task(s) of {dataset:?}").map_err(io_error);
+    }
+    let id = args.id.unwrap_or_default();
+    match store::ops::cancel(db, id)
+        .await
+        .map_err(db_error("cannot cancel"))?
+    {
+        Some(status) if status == "cancelled" => {
+            writeln!(out, "task {id} cancelled").map_err(io_error)
+        }
+        Some(_) => {
+            writeln!(out, "task {id} is running: its handler was told to cancel").map_err(io_error)
+        }
+        None => match store::inspect::task(db, id)
+            .await
+            .map_err(db_error("cannot read the task"))?
+        {
+            Some(task) => writeln!(
+                out,
+                "task {id} is already {}: nothing to cancel",
+                task.status
+            )
+            .map_err(io_error),
+            None => Err(CliError::Usage(format!("ID: no task with id {id}"))),
+        },
+    }
+}
+
+/// `syncq retry`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["id", "dataset"])))]
+pub struct RetryArgs {
+    /// The task.
+    pub id: Option<i64>,
+    /// Every task of this dataset in --status instead.
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// With --dataset: which tasks to retry.
+    #[arg(long, default_value = "failed", value_parser = ["failed", "cancelled"], requires = "dataset")]
+    pub status: String,
+}
+
+pub(super) async fn retry(
+    db: &PgPool,
+    args: RetryArgs,
+    out: &mut (dyn Write + Send),
+) -> Result<(), CliError> {
+    let unique = |e: sqlx::Error| match e.as_database_error().and_then(|d| d.code()) {
+        Some(code) if code == "23505" => CliError::Runtime(
+            "cannot retry: a queued or running task already holds the same unique_key".into(),
+        ),
+        _ => CliError::Runtime(format!("cannot retry: {}", describe(&e))),
+    };
+    if let Some(dataset) = args.dataset {
+        require_dataset(db, &dataset, false).await?;
+        let n = store::ops::retry_dataset(db, &dataset, &args.status)
+            .await
+            .map_err(unique)?;
+        return writeln!(
+            out,
+            "{n} {} task(s) of {dataset:?} queued again",
+            args.status
+        )
+        .map_err(io_error);
+    }
+    let id = args.id.unwrap_or_default();
+    if store::ops::retry(db, id).await.map_err(unique)? {
+        return writeln!(out, "task {id} queued again").map_err(io_error);
+    }
+    match store::inspect::task(db, id)
+        .await
+        .map_err(db_error("cannot read the task"))?
+    {
+        Some(task) => Err(CliError::Runtime(format!(
+            "task {id} is {}: only failed or cancelled tasks can be retried",
+            task.status
+        ))),
+        None => Err(CliError::Usage(format!("ID: no task with id {id}"))),
+    }
+}
+
+/// `syncq prune`.
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Delete tasks that finished longer ago than this (e.g. 7d, 12h).
+    #[arg(long, value_parser = parse_duration)]
+    pub older_than: Duration,
+    /// Only these finished statuses (default: succeeded, failed, cancelled).
+    #[arg(long, value_delimiter = ',', value_parser = FINISHED)]
+    pub status: Vec<String>,
+}
+
+pub(super) async fn prune(
+    db: &PgPool,
+    args: PruneArgs,
+    out: &mut (dyn Write + Send),
+) -> Result<(), CliError> {
+    let statuses: Vec<String> = if args.status.is_empty() {
+        FINISHED.iter().map(|s| s.to_string()).collect()
+    } else {
+        args.status
+    };
+    const BATCH: i64 = 1000;
+    let mut total = 0;
+    loop {
+        let n = store::ops::prune_batch(db, args.older_than, &statuses, BATCH)
+            .await
+            .map_err(db_error("cannot prune"))?;
+        total += n;
+        if n < BATCH as u64 {
+            break;
+        }
+    }
+    writeln!(out, "deleted {total} finished task(s)").map_err(io_error)
+}
+
+/// `syncq status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub(super) async fn status(
+    db: &PgPool,
+    args: StatusArgs,
+    out: &mut (dyn Write + Send),
+) -> Result<(), CliError> {
+    let failed = db_error("cannot read the status");
+    let datasets = store::inspect::dataset_stats(db).await.map_err(&failed)?;
+    let workers = store::inspect::live_workers(db, LIVE_WITHIN_SECS)
+        .await
+        .map_err(&failed)?;
+    let unhandled = store::inspect::unhandled_kinds(db, LIVE_WITHIN_SECS)
+        .await
+        .map_err(&failed)?;
+    if args.json {
+        let doc = json!({ "datasets": datasets, "workers": workers, "unhandled_kinds": unhandled });
+        return writeln!(out, "{doc:#}").map_err(io_error);
+    }
+    let rows: Vec<Vec<String>> = datasets
+        .iter()
+        .map(|d| {
+            let rate = match d.rate_limit {
+                Some(n) => format!("{n}/{}s", d.rate_window_secs),
+                None => "-".into(),
+            };
+            let state = match (d.paused, d.throttled) {
+                (true, _) => "paused".to_string(),
+                (false, true) => "throttled".to_string(),
+                _ => "active".to_string(),
+            };
+            vec![
+                d.dataset_id.clone(),
+                d.queued.to_string(),
+                d.running.to_string(),
+                d.succeeded.to_string(),
+                d.failed.to_string(),
+                d.cancelled.to_string(),
+                d.oldest_ready_age_secs
+                    .map_or("-".into(), |s| format!("{s:.1}s")),
+                rate,
+                d.max_concurrency.map_or("-".into(), |n| n.to_string()),
+                state,
+            ]
+        })
+        .collect();
+    let mut text = table(
+        &[
+            "DATASET",
+            "QUEUED",
+            "RUNNING",
+            "SUCCEEDED",
+            "FAILED",
+            "CANCELLED",
+            "OLDEST READY",
+            "RATE",
+            "MAX RUNNING",
+            "STATE",
+        ],
+        &rows,
+    );
+    let rows: Vec<Vec<String>> = workers
+        .iter()
+        .map(|w| {
+            vec![
+                w.host.clone(),
+                w.pid.to_string(),
+                format!("{}/{}", w.running, w.concurrency),
+                format!("{:.1}s ago", w.heartbeat_age_secs),
+                w.kinds.join(","),
+            ]
+        })
+        .collect();
+    text.push_str(&format!("\nlive workers: {}\n", workers.len()));
+    if !workers.is_empty() {
+        text.push_str(&table(
+            &["HOST", "PID", "RUNNING", "HEARTBEAT", "KINDS"],
+            &rows,
+        ));
+    }
+    if !unhandled.is_empty() {
+        text.push_str(&format!(
+            "\nqueued kinds no live worker handles: {}\n",
+            unhandled.join(", ")
+        ));
+    }
+    write!(out, "{text}").map_err(io_error)
+}
+
+/// `syncq tasks`.
+#[derive(Debug, Args)]
+pub struct TasksArgs {
+    /// Only this dataset.
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// Only this status.
+    #[arg(long)]
+    pub status: Option<TaskStatus>,
+    /// At most this many (newest first).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..=100_000))]
+    pub limit: i64,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub(super) async fn tasks(
+    db: &PgPool,
+    args: TasksArgs,
+    out: &mut (dyn Write + Send),
+) -> Result<(), CliError> {
+    let status = args.status.map(|s| s.as_str());
+    let tasks = store::inspect::tasks(db, args.dataset.as_deref(), status, args.limit)
+        .await
+        .map_err(db_error("cannot list tasks"))?;
+    if args.json {
+        return writeln!(out, "{:#}", json!(tasks)).map_err(io_error);
+    }
+    let rows: Vec<Vec<String>> = tasks
+        .iter()
+        .map(|t| {
+            vec![
+                t.id.to_string(),
+                t.dataset_id.clone(),
+                t.kind.clone(),
+                t.status.clone(),
+                format!("{}/{}", t.attempts, t.max_attempts),
+                t.run_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                t.last_error
+                    .as_deref()
+                    .map_or(String::new(), |e| truncate(e, 60)),
+            ]
+        })
+        .collect();
+    write!(
+        out,
+        "{}",
+        table(
+            &[
+                "ID",
+                "DATASET",
+                "KIND",
+                "STATUS",
+                "ATTEMPTS",
+                "RUN AT",
+                "LAST ERROR"
+            ],
+            &rows
+        )
+    )
+    .map_err(io_error)
+}
+
+/// `syncq show`.
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// The task.
+    pub id: i64,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub(super) async fn show(
+    db: &PgPool,
+    args: ShowArgs,
+    out: &mut (dyn Write + Send),
+) -> Result<(), CliError> {
+    let failed = db_error("cannot read the task");
+    let Some(task) = store::inspect::task(db, args.id).await.map_err(&failed)? else {
+        return Err(CliError::Usage(format!("ID: no task with id {}", args.id)));
+    };
+    let errors = store::inspect::errors(db, args.id).await.map_err(&failed)?;
+    if args.json {
+        let mut doc = json!(task);
+        doc["errors"] = json!(errors);
+        return writeln!(out, "{doc:#}").map_err(io_error);
+    }
+    let mut text = describe_task(&task);
+    text.push_str(&format!("errors ({}):\n", errors.len()));
+    for e in &errors {
+        text.push_str(&format!(
+            "  attempt {} at {} by {}: {}\n",
+            e.attempt,
+            e.at.format("%Y-%m-%d %H:%M:%S%.3f"),
+            e.worker_id.as_deref().unwrap_or("-"),
+            e.error
+        ));
+    }
+    write!(out, "{text}").map_err(io_error)
+}
+
+fn describe_task(t: &TaskInfo) -> String {
+    let time = |v: Option<chrono::DateTime<chrono::Utc>>| {
+        v.map_or("-".to_string(), |t| {
+            t.format("%Y-%m-%d %H:%M:%S%.3f").to_string()
+        })
+    };
+    let json_or_dash =
+        |v: &Option<serde_json::Value>| v.as_ref().map_or("-".to_string(), |v| v.to_string());
+    format!(
+        "task {}\n  dataset:    {}\n  kind:       {}\n  status:     {}{}\n  priority:   {}\n  attempts:   {}/{}\n  \
+         unique key: {}\n  created:    {}\n  run at:     {}\n  started:    {}\n  finished:   {}\n  \
+         locked by:  {}\n  lease till: {}\n  payload:    {}\n  checkpoint: {}\n  result:     {}\n  last error: {}\n",
+        t.id,
+        t.dataset_id,
+        t.kind,
+        t.status,
+        if t.cancel_requested {
+            " (cancel requested)"
+        } else {
+            ""
+        },
+        t.priority,
+        t.attempts,
+        t.max_attempts,
+        t.unique_key.as_deref().unwrap_or("-"),
+        time(Some(t.created_at)),
+        time(Some(t.run_at)),
+        time(t.started_at),
+        time(t.finished_at),
+        t.locked_by.as_deref().unwrap_or("-"),
+        time(t.lease_expires_at),
+        t.payload,
+        json_or_dash(&t.checkpoint),
+        json_or_dash(&t.result),
+        t.last_error.as_deref().unwrap_or("-"),
+    )
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    let one_line: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if one_line.chars().count() <= max {
+        one_line
+    } else {
+        format!("{}…", one_line.chars().take(max - 1).collect::<String>())
+    }
+}
+
+/// A plain aligned table.
+fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(cell);
+            } else {
+                s.push_str(&format!("{cell:<w$}  ", w = widths[i]));
+            }
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    let mut out = line(headers.to_vec());
+    for row in rows {
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}
