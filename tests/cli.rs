@@ -50,6 +50,13 @@ fn every_command_against_a_down_server_exits_1_with_one_line() {
         &["limit", "d", "--rate", "10/1s"],
         &["pause", "d"],
         &["resume", "d"],
+        &["cancel", "1"],
+        &["retry", "1"],
+        &["prune", "--older-than", "7d"],
+        &["roles"],
+        &["status"],
+        &["tasks"],
+        &["show", "1"],
     ] {
         let out = syncq(Some(DOWN), args);
         assert_runtime_error(&out, "cannot connect to PostgreSQL at 127.0.0.1:1/syncq");
@@ -144,6 +151,15 @@ fn usage_errors_exit_2() {
         &["limit", "d", "--concurrency", "-3"],
         &["pause"],
         &["resume", "a", "b"],
+        &["cancel"],
+        &["cancel", "x"],
+        &["retry", "1", "--dataset", "d"],
+        &["retry", "--dataset", "d", "--status", "succeeded"],
+        &["prune"],
+        &["prune", "--older-than", "7d", "--status", "queued"],
+        &["tasks", "--limit", "0"],
+        &["show"],
+        &["worker", "--retention", "forever"],
     ];
     for args in cases {
         let out = syncq(Some(DOWN), args);
@@ -249,7 +265,7 @@ async fn limit_pause_and_resume_change_only_what_they_name(
     };
     let name = "it's a \"data set\" ü";
     assert_eq!(
-        ok(&["limit", name, "--rate", "10/1s"]),
+        ok(&["limit", name, "--rate", "10/1s", "--create"]),
         format!("{name:?}: rate 10/1s, concurrency none")
     );
     assert_eq!(
