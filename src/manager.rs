@@ -11,7 +11,7 @@ use sqlx::PgPool;
 use crate::error::Result;
 use crate::queue::TaskQueue;
 use crate::store;
-use crate::task::{NewTask, TaskId};
+use crate::task::{NewTask, TaskId, TaskStatus};
 
 /// How many times a batch is re-asked for ids of duplicates that committed
 /// concurrently (each try sees a newer snapshot).
@@ -105,5 +105,37 @@ impl TaskQueueManager {
                 })
             })
             .collect()
+    }
+
+    /// Requests cancellation of a task: a queued one ends `cancelled` at once,
+    /// a running one's handler is told within a second. Returns the task's
+    /// status afterwards, or `None` if no queued or running task has this id.
+    pub async fn cancel(&self, id: TaskId) -> Result<Option<TaskStatus>> {
+        let status = store::ops::cancel(&self.db, id).await?;
+        Ok(status.and_then(|s| s.parse().ok()))
+    }
+
+    /// Puts a failed or cancelled task back to `queued`, keeping its attempts
+    /// and error history and allowing at least one more attempt. False: no
+    /// failed or cancelled task has this id.
+    pub async fn retry(&self, id: TaskId) -> Result<bool> {
+        Ok(store::ops::retry(&self.db, id).await?)
+    }
+
+    /// Deletes finished tasks that finished more than `older_than` ago, in
+    /// short batches; returns how many.
+    pub async fn prune(&self, older_than: std::time::Duration) -> Result<u64> {
+        let statuses: Vec<String> = crate::maintenance::pruner::FINISHED
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let mut total = 0;
+        loop {
+            let n = store::ops::prune_batch(&self.db, older_than, &statuses, 1000).await?;
+            total += n;
+            if n < 1000 {
+                return Ok(total);
+            }
+        }
     }
 }

@@ -91,4 +91,10 @@ impl TaskQueue {
     pub async fn counts(&self) -> Result<QueueCounts> {
         Ok(store::datasets::counts(&self.db, &self.dataset_id).await?)
     }
+
+    /// Requests cancellation of every queued and running task of this
+    /// dataset; returns how many.
+    pub async fn cancel_all(&self) -> Result<u64> {
+        Ok(store::ops::cancel_dataset(&self.db, &self.dataset_id).await?)
+    }
 }

@@ -434,3 +434,26 @@ async fn the_producer_role_may_only_insert_and_the_worker_role_may_run(
         "42501"
     );
 }
+
+#[sqlx::test]
+async fn the_library_cancels_retries_and_prunes(db: PgPool) {
+    let manager = TaskQueueManager::new(db.clone());
+    let id = manager
+        .enqueue(NewTask::new("lib", "noop").delay(Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    assert_eq!(
+        manager.cancel(id).await.unwrap(),
+        Some(syncq::TaskStatus::Cancelled)
+    );
+    assert_eq!(manager.cancel(id).await.unwrap(), None, "already finished");
+    assert!(manager.retry(id).await.unwrap());
+    assert!(!manager.retry(id).await.unwrap(), "queued, not retryable");
+    assert_eq!(manager.queue("lib").cancel_all().await.unwrap(), 1);
+    sqlx::query("UPDATE syncq.tasks SET finished_at = now() - interval '2 days'")
+        .execute(&db)
+        .await
+        .unwrap();
+    assert_eq!(manager.prune(Duration::from_secs(86_400)).await.unwrap(), 1);
+    assert_eq!(common::count(&db, "true").await, 0);
+}
