@@ -19,7 +19,7 @@ use std::time::Duration;
 use serde_json::Value;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, mpsc, oneshot};
 use tokio::task::{JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -297,7 +297,21 @@ struct Shared {
     held: Mutex<HashMap<TaskId, i32>>,
     wake: Notify,
     fatal: Mutex<Option<(TaskId, String)>>,
+    /// Successes go to the completer, which writes them in batches.
+    completions: mpsc::Sender<Completion>,
 }
+
+/// A success waiting to be written by the completer.
+struct Completion {
+    id: TaskId,
+    runs: i32,
+    result: Value,
+    /// Whether it was written (false: fenced out), or the database error.
+    reply: oneshot::Sender<std::result::Result<bool, String>>,
+}
+
+/// Most successes written by one statement.
+const COMPLETION_BATCH: usize = 500;
 
 impl Shared {
     fn held(&self) -> std::sync::MutexGuard<'_, HashMap<TaskId, i32>> {
@@ -359,6 +373,7 @@ impl WorkerPool {
     pub async fn run(self) -> Result<()> {
         let mut kinds: Vec<String> = self.handlers.keys().cloned().collect();
         kinds.sort();
+        let (completions, completion_rx) = mpsc::channel(COMPLETION_BATCH * 2);
         let shared = Arc::new(Shared {
             db: self.db,
             config: self.config,
@@ -371,13 +386,14 @@ impl WorkerPool {
             held: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             fatal: Mutex::new(None),
+            completions,
         });
         let span = info_span!("worker_pool", worker_id = %shared.worker_id);
-        run_pool(shared).instrument(span).await
+        run_pool(shared, completion_rx).instrument(span).await
     }
 }
 
-async fn run_pool(shared: Arc<Shared>) -> Result<()> {
+async fn run_pool(shared: Arc<Shared>, completion_rx: mpsc::Receiver<Completion>) -> Result<()> {
     let concurrency = i32::try_from(shared.config.concurrency).unwrap_or(i32::MAX);
     store::workers::register(
         &shared.db,
@@ -395,6 +411,11 @@ async fn run_pool(shared: Arc<Shared>) -> Result<()> {
     let mut background = JoinSet::new();
     background.spawn(heartbeat_loop(shared.clone(), background_stop.clone()));
     background.spawn(rescue_loop(shared.clone(), background_stop.clone()));
+    background.spawn(complete_loop(
+        shared.clone(),
+        completion_rx,
+        background_stop.clone(),
+    ));
     if shared.config.listen {
         background.spawn(listen_loop(shared.clone(), background_stop.clone()));
     }
@@ -626,7 +647,10 @@ async fn record(shared: &Shared, task: &ClaimedTask, outcome: Outcome) -> bool {
     let failed_attempts = u32::try_from(task.attempts).unwrap_or(0);
     for attempt in 1..=5u32 {
         let written = match &outcome {
-            Outcome::Succeed(value) => store::tasks::succeed(&shared.db, fence, value).await,
+            Outcome::Succeed(value) => match complete(shared, task, value.clone()).await {
+                Ok(written) => Ok(written),
+                Err(e) => Err(sqlx::Error::Protocol(e)),
+            },
             Outcome::Retry(m) => {
                 let delay = shared.config.backoff.delay(failed_attempts);
                 store::tasks::fail_attempt(&shared.db, fence, m, true, delay).await
@@ -668,6 +692,66 @@ async fn record(shared: &Shared, task: &ClaimedTask, outcome: Outcome) -> bool {
     }
     error!("could not record the outcome; the lease will expire and the task be rescued");
     false
+}
+
+/// Hands a success to the completer and waits until it is written.
+async fn complete(
+    shared: &Shared,
+    task: &ClaimedTask,
+    result: Value,
+) -> std::result::Result<bool, String> {
+    let (reply, written) = oneshot::channel();
+    let request = Completion {
+        id: task.id,
+        runs: task.runs,
+        result,
+        reply,
+    };
+    if shared.completions.send(request).await.is_err() {
+        return Err("the completer has stopped".into());
+    }
+    written
+        .await
+        .unwrap_or_else(|_| Err("the completer has stopped".into()))
+}
+
+/// Writes successes in batches: whatever has arrived while the previous
+/// batch was being written goes in the next statement, so a busy pool
+/// commits once per batch and an idle one writes each success at once.
+async fn complete_loop(
+    shared: Arc<Shared>,
+    mut requests: mpsc::Receiver<Completion>,
+    stop: CancellationToken,
+) {
+    loop {
+        let first = tokio::select! {
+            request = requests.recv() => match request {
+                Some(r) => r,
+                None => return,
+            },
+            _ = stop.cancelled() => return,
+        };
+        let mut batch = vec![first];
+        while batch.len() < COMPLETION_BATCH {
+            match requests.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let rows: Vec<(TaskId, i32, Value)> = batch
+            .iter_mut()
+            .map(|r| (r.id, r.runs, std::mem::take(&mut r.result)))
+            .collect();
+        let written = store::tasks::succeed_many(&shared.db, &shared.worker_id, &rows).await;
+        debug!(batch = batch.len(), "wrote successes");
+        for request in batch {
+            let reply = match &written {
+                Ok(ids) => Ok(ids.contains(&request.id)),
+                Err(e) => Err(e.to_string()),
+            };
+            let _ = request.reply.send(reply);
+        }
+    }
 }
 
 /// Renews the leases this pool holds and its registry row; tells handlers

@@ -442,3 +442,97 @@ async fn a_running_task_hears_cancel_within_a_second(_: PgPoolOptions, opts: PgC
     handle.checkpoint();
     run.await.unwrap().unwrap();
 }
+
+#[sqlx::test]
+async fn a_completion_batch_skips_only_the_task_whose_lease_was_lost(db: PgPool) {
+    for _ in 0..3 {
+        common::insert(&db, "d", "noop", json!({})).await;
+    }
+    let lease = Duration::from_secs(30);
+    let mine = tasks::claim(&db, "worker-a", &kinds(), None, 3, lease)
+        .await
+        .unwrap();
+    assert_eq!(mine.len(), 3);
+    let stolen = mine[1].id;
+    expire_lease(&db, stolen).await;
+    Rescuer::new(Duration::from_secs(1))
+        .run_once(&db)
+        .await
+        .unwrap();
+    let theirs = tasks::claim(&db, "worker-b", &kinds(), None, 1, lease)
+        .await
+        .unwrap();
+    assert_eq!(theirs[0].id, stolen);
+
+    let batch: Vec<(i64, i32, serde_json::Value)> =
+        mine.iter().map(|t| (t.id, t.runs, json!("a"))).collect();
+    let mut written = tasks::succeed_many(&db, "worker-a", &batch).await.unwrap();
+    written.sort();
+    assert_eq!(written, vec![mine[0].id, mine[2].id]);
+    let row = common::task(&db, stolen).await;
+    assert_eq!(
+        (row.status.as_str(), row.locked_by.as_deref(), row.result),
+        ("running", Some("worker-b"), None)
+    );
+    // Written again (a retry after a lost reply): nothing changes.
+    assert!(
+        tasks::succeed_many(&db, "worker-a", &batch)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[sqlx::test]
+async fn connections_killed_mid_drain_lose_nothing(_: PgPoolOptions, opts: PgConnectOptions) {
+    let admin = common::connect(&opts).await;
+    syncq::TaskQueueManager::new(admin.clone())
+        .enqueue_many((0..1500).map(|i| {
+            syncq::NewTask::new(format!("d{}", i % 3), "sleep").payload(json!({"ms": 10}))
+        }))
+        .await
+        .unwrap();
+    let worker_db = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(12)
+        .connect_with(opts.clone().application_name("syncq-chaos"))
+        .await
+        .unwrap();
+    let pool = WorkerPool::builder(worker_db)
+        .register_builtins()
+        .config(PoolConfig {
+            concurrency: 16,
+            lease: Duration::from_secs(2),
+            heartbeat: Duration::from_millis(300),
+            ..common::fast_config()
+        })
+        .build()
+        .unwrap();
+    let (handle, run) = common::spawn(pool);
+    // Kill every connection of the pool a few times while it drains.
+    let mut killed_mid_drain = 0;
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let killed: i64 = sqlx::query_scalar(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE application_name = 'syncq-chaos'",
+        )
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+        if common::count(&admin, "status <> 'succeeded'").await > 0 {
+            killed_mid_drain += killed;
+        }
+    }
+    assert!(
+        killed_mid_drain > 0,
+        "no connection was killed while work remained"
+    );
+    common::wait_for("every task succeeded", Duration::from_secs(60), || {
+        let db = admin.clone();
+        async move { common::count(&db, "status = 'succeeded'").await == 1500 }
+    })
+    .await;
+    handle.checkpoint();
+    run.await.unwrap().unwrap();
+    assert_eq!(common::count(&admin, "status <> 'succeeded'").await, 0);
+}
