@@ -19,14 +19,6 @@ use tokio::sync::Notify;
 
 const WAIT: Duration = Duration::from_secs(15);
 
-async fn wait_status(db: &PgPool, id: i64, want: &'static str) {
-    common::wait_for(&format!("task {id} is {want}"), WAIT, || {
-        let db = db.clone();
-        async move { common::status(&db, id).await == want }
-    })
-    .await;
-}
-
 async fn expire_lease(db: &PgPool, id: i64) {
     sqlx::query(
         "UPDATE syncq.tasks SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
@@ -187,7 +179,7 @@ async fn a_silent_pool_loses_its_task_to_another_pool(_: PgPoolOptions, opts: Pg
         .build()
         .unwrap();
     let (handle, b_run) = common::spawn(b);
-    wait_status(&db, id, "succeeded").await;
+    common::wait_status(&db, id, "succeeded").await;
     handle.checkpoint();
     b_run.await.unwrap().unwrap();
     let row = common::task(&db, id).await;
@@ -282,7 +274,7 @@ async fn heartbeats_keep_a_long_task(_: PgPoolOptions, opts: PgConnectOptions) {
         .build()
         .unwrap();
     let (handle, run) = common::spawn(pool);
-    wait_status(&db, id, "succeeded").await;
+    common::wait_status(&db, id, "succeeded").await;
     handle.checkpoint();
     run.await.unwrap().unwrap();
     let row = common::task(&db, id).await;
@@ -333,7 +325,7 @@ async fn checkpoint_on_shutdown_then_resume_in_another_pool(
         .build()
         .unwrap();
     let (handle, run) = common::spawn(second);
-    wait_status(&db, id, "succeeded").await;
+    common::wait_status(&db, id, "succeeded").await;
     handle.checkpoint();
     run.await.unwrap().unwrap();
     let row = common::task(&db, id).await;
@@ -412,14 +404,14 @@ async fn a_running_task_hears_cancel_within_a_second(_: PgPoolOptions, opts: PgC
         .build()
         .unwrap();
     let (handle, run) = common::spawn(pool);
-    wait_status(&db, id, "running").await;
+    common::wait_status(&db, id, "running").await;
     let asked = tokio::time::Instant::now();
     sqlx::query("UPDATE syncq.tasks SET cancel_requested = true WHERE id = $1")
         .bind(id)
         .execute(&db)
         .await
         .unwrap();
-    wait_status(&db, id, "cancelled").await;
+    common::wait_status(&db, id, "cancelled").await;
     assert!(
         asked.elapsed() < Duration::from_secs(1),
         "{:?}",

@@ -31,14 +31,6 @@ fn ok(opts: &PgConnectOptions, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-async fn wait_status(db: &PgPool, id: i64, want: &'static str) {
-    common::wait_for(&format!("task {id} is {want}"), WAIT, || {
-        let db = db.clone();
-        async move { common::status(&db, id).await == want }
-    })
-    .await;
-}
-
 fn pool(db: &PgPool, config: PoolConfig) -> WorkerPool {
     WorkerPool::builder(db.clone())
         .register_builtins()
@@ -62,11 +54,11 @@ async fn cancel_by_cli_queued_running_and_finished(_: PgPoolOptions, opts: PgCon
     let running = common::insert(&db, "d", "sleep", json!({"ms": 20000})).await;
     let done = common::insert(&db, "d", "noop", json!({})).await;
     let (handle, run) = common::spawn(pool(&db, common::fast_config()));
-    wait_status(&db, running, "running").await;
-    wait_status(&db, done, "succeeded").await;
+    common::wait_status(&db, running, "running").await;
+    common::wait_status(&db, done, "succeeded").await;
     let asked = tokio::time::Instant::now();
     assert!(ok(&opts, &["cancel", &running.to_string()]).contains("told to cancel"));
-    wait_status(&db, running, "cancelled").await;
+    common::wait_status(&db, running, "cancelled").await;
     let took = asked.elapsed();
     assert!(took < Duration::from_secs(1), "cancel took {took:?}");
 
@@ -115,13 +107,13 @@ async fn retry_keeps_attempts_and_errors_and_allows_one_more(
     .await
     .unwrap();
     let (handle, run) = common::spawn(pool(&db, common::fast_config()));
-    wait_status(&db, failing, "failed").await;
+    common::wait_status(&db, failing, "failed").await;
     assert_eq!(common::status(&db, cancelled).await, "cancelled");
 
     assert!(ok(&opts, &["retry", &failing.to_string()]).contains("queued again"));
     assert!(ok(&opts, &["retry", &cancelled.to_string()]).contains("queued again"));
-    wait_status(&db, failing, "succeeded").await;
-    wait_status(&db, cancelled, "succeeded").await;
+    common::wait_status(&db, failing, "succeeded").await;
+    common::wait_status(&db, cancelled, "succeeded").await;
     handle.checkpoint();
     run.await.unwrap().unwrap();
 
@@ -210,7 +202,7 @@ async fn a_worker_with_a_retention_prunes_as_it_goes(_: PgPoolOptions, opts: PgC
         }
     })
     .await;
-    wait_status(&db, fresh, "succeeded").await;
+    common::wait_status(&db, fresh, "succeeded").await;
     handle.checkpoint();
     run.await.unwrap().unwrap();
 }
@@ -241,7 +233,7 @@ async fn status_tasks_and_show_describe_a_populated_database(
         .await
         .unwrap();
     let (handle, run) = common::spawn(pool(&db, common::fast_config()));
-    wait_status(&db, failed, "failed").await;
+    common::wait_status(&db, failed, "failed").await;
     common::wait_for("alpha drained", WAIT, || {
         let db = db.clone();
         async move { common::count(&db, "dataset_id = 'alpha' AND status = 'succeeded'").await == 3 }

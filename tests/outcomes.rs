@@ -16,14 +16,6 @@ use syncq::{
 
 const WAIT: Duration = Duration::from_secs(15);
 
-async fn wait_status(db: &PgPool, id: i64, want: &'static str) {
-    common::wait_for(&format!("task {id} is {want}"), WAIT, || {
-        let db = db.clone();
-        async move { common::status(&db, id).await == want }
-    })
-    .await;
-}
-
 fn builtin_pool(db: &PgPool, config: PoolConfig) -> WorkerPool {
     WorkerPool::builder(db.clone())
         .register_builtins()
@@ -48,7 +40,7 @@ async fn retryable_errors_retry_with_backoff_until_success(
     let db = common::connect(&opts).await;
     let id = common::insert(&db, "d", "fail", json!({"error": "retryable", "times": 2})).await;
     let (handle, run) = common::spawn(builtin_pool(&db, common::fast_config()));
-    wait_status(&db, id, "succeeded").await;
+    common::wait_status(&db, id, "succeeded").await;
     handle.checkpoint();
     run.await.unwrap().unwrap();
     let row = common::task(&db, id).await;
@@ -69,7 +61,7 @@ async fn retryable_errors_end_failed_after_max_attempts(_: PgPoolOptions, opts: 
         .await
         .unwrap();
     let (handle, run) = common::spawn(builtin_pool(&db, common::fast_config()));
-    wait_status(&db, id, "failed").await;
+    common::wait_status(&db, id, "failed").await;
     handle.checkpoint();
     run.await.unwrap().unwrap();
     let row = common::task(&db, id).await;
@@ -85,9 +77,9 @@ async fn invalid_fails_at_once(_: PgPoolOptions, opts: PgConnectOptions) {
     let bad = common::insert(&db, "d", "sleep", json!({"ms": "ten"})).await;
     let missing = common::insert(&db, "d", "count", json!({"step_ms": 1})).await;
     let (handle, run) = common::spawn(builtin_pool(&db, common::fast_config()));
-    wait_status(&db, id, "failed").await;
-    wait_status(&db, bad, "failed").await;
-    wait_status(&db, missing, "failed").await;
+    common::wait_status(&db, id, "failed").await;
+    common::wait_status(&db, bad, "failed").await;
+    common::wait_status(&db, missing, "failed").await;
     handle.checkpoint();
     run.await.unwrap().unwrap();
     assert_eq!(common::task(&db, id).await.attempts, 1);
@@ -133,10 +125,10 @@ async fn rate_limited_is_not_counted_and_throttles_the_dataset(
     // Another task of the dataset does not start while throttled; others do.
     let same = common::insert(&db, "api", "noop", json!({})).await;
     let other = common::insert(&db, "other", "noop", json!({})).await;
-    wait_status(&db, other, "succeeded").await;
+    common::wait_status(&db, other, "succeeded").await;
     assert_eq!(common::status(&db, same).await, "queued");
-    wait_status(&db, id, "succeeded").await;
-    wait_status(&db, same, "succeeded").await;
+    common::wait_status(&db, id, "succeeded").await;
+    common::wait_status(&db, same, "succeeded").await;
     handle.checkpoint();
     run.await.unwrap().unwrap();
     let (throttle_done, started_after): (bool, bool) = sqlx::query_as(
@@ -183,7 +175,7 @@ async fn fatal_releases_the_task_uncounted_and_stops_the_pool(
     assert_eq!(workers, 0);
     // The next pool resumes it: the error is not repeated.
     let (handle, run) = common::spawn(builtin_pool(&db, common::fast_config()));
-    wait_status(&db, id, "succeeded").await;
+    common::wait_status(&db, id, "succeeded").await;
     handle.checkpoint();
     run.await.unwrap().unwrap();
     assert_eq!(common::task(&db, id).await.attempts, 1);
@@ -215,9 +207,9 @@ async fn a_panic_is_retryable_and_the_worker_lives_on(_: PgPoolOptions, opts: Pg
         .build()
         .unwrap();
     let (handle, run) = common::spawn(pool);
-    wait_status(&db, id, "succeeded").await;
+    common::wait_status(&db, id, "succeeded").await;
     let next = common::insert(&db, "d", "noop", json!({})).await;
-    wait_status(&db, next, "succeeded").await;
+    common::wait_status(&db, next, "succeeded").await;
     handle.checkpoint();
     run.await.unwrap().unwrap();
     let row = common::task(&db, id).await;
@@ -271,7 +263,7 @@ async fn within_a_dataset_priority_then_run_at_then_id(_: PgPoolOptions, opts: P
         .build()
         .unwrap();
     let (handle, run) = common::spawn(pool);
-    wait_status(&db, a, "succeeded").await;
+    common::wait_status(&db, a, "succeeded").await;
     handle.checkpoint();
     run.await.unwrap().unwrap();
     assert_eq!(*recorder.0.lock().unwrap(), vec![d, c, b, e, a]);
@@ -295,7 +287,7 @@ async fn a_delayed_task_starts_on_time_without_a_notify(_: PgPoolOptions, opts: 
         "queued",
         "started before run_at"
     );
-    wait_status(&db, id, "succeeded").await;
+    common::wait_status(&db, id, "succeeded").await;
     handle.checkpoint();
     run.await.unwrap().unwrap();
     // Started no earlier than run_at and within about a poll interval of it.
@@ -315,7 +307,7 @@ async fn a_worker_claims_only_kinds_it_has_handlers_for(_: PgPoolOptions, opts: 
     let foreign = common::insert(&db, "d", "someone_elses_kind", json!({})).await;
     let mine = common::insert(&db, "d", "noop", json!({})).await;
     let (handle, run) = common::spawn(builtin_pool(&db, common::fast_config()));
-    wait_status(&db, mine, "succeeded").await;
+    common::wait_status(&db, mine, "succeeded").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     handle.checkpoint();
     run.await.unwrap().unwrap();
@@ -333,7 +325,7 @@ async fn poll_only_mode_still_runs_tasks(_: PgPoolOptions, opts: PgConnectOption
     let (handle, run) = common::spawn(builtin_pool(&db, config));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let id = common::insert(&db, "d", "noop", json!({})).await;
-    wait_status(&db, id, "succeeded").await;
+    common::wait_status(&db, id, "succeeded").await;
     handle.checkpoint();
     run.await.unwrap().unwrap();
 }
@@ -346,11 +338,11 @@ async fn a_paused_dataset_starts_nothing_until_resumed(_: PgPoolOptions, opts: P
     let held = common::insert(&db, "slow", "noop", json!({})).await;
     let free = common::insert(&db, "fast", "noop", json!({})).await;
     let (handle, run) = common::spawn(builtin_pool(&db, common::fast_config()));
-    wait_status(&db, free, "succeeded").await;
+    common::wait_status(&db, free, "succeeded").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(common::status(&db, held).await, "queued");
     manager.queue("slow").resume().await.unwrap();
-    wait_status(&db, held, "succeeded").await;
+    common::wait_status(&db, held, "succeeded").await;
     handle.checkpoint();
     run.await.unwrap().unwrap();
 }

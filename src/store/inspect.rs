@@ -161,7 +161,8 @@ pub async fn tasks(
     status: Option<&str>,
     limit: i64,
 ) -> sqlx::Result<Vec<TaskInfo>> {
-    let rows = sqlx::query!(
+    sqlx::query_as!(
+        TaskInfo,
         r#"
         SELECT id, dataset_id, kind, status::text AS "status!", priority, attempts, max_attempts,
                run_at, created_at, started_at, finished_at, locked_by, lease_expires_at,
@@ -176,31 +177,7 @@ pub async fn tasks(
         limit
     )
     .fetch_all(db)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| TaskInfo {
-            id: r.id,
-            dataset_id: r.dataset_id,
-            kind: r.kind,
-            status: r.status,
-            priority: r.priority,
-            attempts: r.attempts,
-            max_attempts: r.max_attempts,
-            run_at: r.run_at,
-            created_at: r.created_at,
-            started_at: r.started_at,
-            finished_at: r.finished_at,
-            locked_by: r.locked_by,
-            lease_expires_at: r.lease_expires_at,
-            unique_key: r.unique_key,
-            cancel_requested: r.cancel_requested,
-            payload: r.payload,
-            checkpoint: r.checkpoint,
-            result: r.result,
-            last_error: r.last_error,
-        })
-        .collect())
+    .await
 }
 
 /// One attempt's error.
@@ -214,26 +191,19 @@ pub struct AttemptError {
 
 /// A task's error history, oldest first.
 pub async fn errors(db: impl PgExecutor<'_>, id: TaskId) -> sqlx::Result<Vec<AttemptError>> {
-    let rows = sqlx::query!(
+    sqlx::query_as!(
+        AttemptError,
         "SELECT attempt, worker_id, error, at FROM syncq.task_errors WHERE task_id = $1 ORDER BY id",
         id
     )
     .fetch_all(db)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| AttemptError {
-            attempt: r.attempt,
-            worker_id: r.worker_id,
-            error: r.error,
-            at: r.at,
-        })
-        .collect())
+    .await
 }
 
 /// One task by id.
 pub async fn task(db: impl PgExecutor<'_>, id: TaskId) -> sqlx::Result<Option<TaskInfo>> {
-    let rows = sqlx::query!(
+    sqlx::query_as!(
+        TaskInfo,
         r#"
         SELECT id, dataset_id, kind, status::text AS "status!", priority, attempts, max_attempts,
                run_at, created_at, started_at, finished_at, locked_by, lease_expires_at,
@@ -243,26 +213,5 @@ pub async fn task(db: impl PgExecutor<'_>, id: TaskId) -> sqlx::Result<Option<Ta
         id
     )
     .fetch_optional(db)
-    .await?;
-    Ok(rows.map(|r| TaskInfo {
-        id: r.id,
-        dataset_id: r.dataset_id,
-        kind: r.kind,
-        status: r.status,
-        priority: r.priority,
-        attempts: r.attempts,
-        max_attempts: r.max_attempts,
-        run_at: r.run_at,
-        created_at: r.created_at,
-        started_at: r.started_at,
-        finished_at: r.finished_at,
-        locked_by: r.locked_by,
-        lease_expires_at: r.lease_expires_at,
-        unique_key: r.unique_key,
-        cancel_requested: r.cancel_requested,
-        payload: r.payload,
-        checkpoint: r.checkpoint,
-        result: r.result,
-        last_error: r.last_error,
-    }))
+    .await
 }

@@ -106,7 +106,8 @@ pub async fn claim(
     lease: Duration,
 ) -> sqlx::Result<Vec<ClaimedTask>> {
     let limit = i32::try_from(limit).unwrap_or(i32::MAX);
-    let rows = sqlx::query!(
+    sqlx::query_as!(
+        ClaimedTask,
         r#"
         SELECT id AS "id!", dataset_id AS "dataset_id!", kind AS "kind!", payload AS "payload!",
                priority AS "priority!", attempts AS "attempts!", max_attempts AS "max_attempts!",
@@ -121,23 +122,7 @@ pub async fn claim(
         secs(lease),
     )
     .fetch_all(db)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| ClaimedTask {
-            id: r.id,
-            dataset_id: r.dataset_id,
-            kind: r.kind,
-            payload: r.payload,
-            priority: r.priority,
-            attempts: r.attempts,
-            max_attempts: r.max_attempts,
-            runs: r.runs,
-            checkpoint: r.checkpoint,
-            created_at: r.created_at,
-            started_at: r.started_at,
-        })
-        .collect())
+    .await
 }
 
 /// How long until a claim for these kinds may succeed: `Some(ZERO)` when a
@@ -414,7 +399,8 @@ pub async fn renew_leases(
     runs: &[i32],
     lease: Duration,
 ) -> sqlx::Result<Vec<Renewed>> {
-    let rows = sqlx::query!(
+    sqlx::query_as!(
+        Renewed,
         r#"
         UPDATE syncq.tasks t
         SET lease_expires_at = now() + make_interval(secs => $4)
@@ -428,14 +414,7 @@ pub async fn renew_leases(
         secs(lease),
     )
     .fetch_all(db)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| Renewed {
-            id: r.id,
-            cancel_requested: r.cancel_requested,
-        })
-        .collect())
+    .await
 }
 
 /// A task taken back from a silent holder.
@@ -454,7 +433,8 @@ pub struct Rescued {
 /// (`cancelled` if a cancel was requested). Each is recorded in
 /// `syncq.task_errors`. Idempotent and safe in every process at once.
 pub async fn rescue_expired(db: impl PgExecutor<'_>, batch: i64) -> sqlx::Result<Vec<Rescued>> {
-    let rows = sqlx::query!(
+    sqlx::query_as!(
+        Rescued,
         r#"
         WITH expired AS (
             SELECT id, locked_by FROM syncq.tasks
@@ -487,13 +467,5 @@ pub async fn rescue_expired(db: impl PgExecutor<'_>, batch: i64) -> sqlx::Result
         batch,
     )
     .fetch_all(db)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| Rescued {
-            id: r.id,
-            locked_by: r.locked_by,
-            status: r.status,
-        })
-        .collect())
+    .await
 }

@@ -76,6 +76,19 @@ where
     }
 }
 
+/// Waits until task `id` has status `want` (15 s at most).
+pub async fn wait_status(db: &PgPool, id: i64, want: &'static str) {
+    wait_for(
+        &format!("task {id} is {want}"),
+        Duration::from_secs(15),
+        || {
+            let db = db.clone();
+            async move { status(&db, id).await == want }
+        },
+    )
+    .await;
+}
+
 /// The fields of a task row the tests look at.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TaskRow {
