@@ -57,9 +57,10 @@ fn every_command_against_a_down_server_exits_1_with_one_line() {
         &["status"],
         &["tasks"],
         &["show", "1"],
+        &["bench", "--no-scale"],
     ] {
         let out = syncq(Some(DOWN), args);
-        assert_runtime_error(&out, "cannot connect to PostgreSQL at 127.0.0.1:1/syncq");
+        assert_runtime_error(&out, "cannot connect to PostgreSQL at 127.0.0.1:1/");
     }
 }
 
@@ -301,4 +302,64 @@ async fn limit_pause_and_resume_change_only_what_they_name(
             .await
             .unwrap();
     assert_eq!(after, Some(3));
+}
+
+#[test]
+fn bench_measures_in_a_scratch_database_and_drops_it() {
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| syncq::cli::DEFAULT_DATABASE_URL.to_string());
+    let out = syncq(
+        Some(&url),
+        &[
+            "bench",
+            "--tasks",
+            "300",
+            "--processes",
+            "1",
+            "--concurrency",
+            "8",
+            "--no-scale",
+            "--json",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let figures = doc["figures"].as_array().unwrap();
+    let value = |prefix: &str| {
+        figures
+            .iter()
+            .find(|f| f["name"].as_str().unwrap().starts_with(prefix))
+            .unwrap_or_else(|| panic!("no figure {prefix}: {doc:#}"))["value"]
+            .as_f64()
+            .unwrap()
+    };
+    for name in [
+        "baseline: raw single-row INSERT",
+        "enqueue: API, one task per call",
+        "enqueue: API, 1,000 tasks per call",
+        "enqueue: plain SQL",
+        "baseline: raw SKIP LOCKED",
+        "drain: noop, 1 dataset",
+        "fair drain: 1,000 datasets",
+    ] {
+        assert!(value(name) > 0.0, "{name}");
+    }
+    let p50 = value("latency: insert->start p50");
+    assert!(p50 > 0.0 && p50 < 1000.0, "p50 {p50} ms");
+    let drain = figures
+        .iter()
+        .find(|f| f["name"] == "drain: noop, 1 dataset")
+        .unwrap();
+    assert!(drain["ratio"].as_f64().unwrap() > 0.0);
+    // Its scratch database is gone.
+    let left = Command::new("psql")
+        .args([
+            &url,
+            "-qtAc",
+            "SELECT count(*) FROM pg_database WHERE datname LIKE 'syncq_bench_%'",
+        ])
+        .output();
+    if let Ok(left) = left {
+        assert_eq!(String::from_utf8_lossy(&left.stdout).trim(), "0");
+    }
 }

@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool};
 
+mod bench;
 mod ops;
 
 use crate::store::datasets::{DatasetRow, LimitsChange};
@@ -69,6 +70,9 @@ pub enum Command {
     Tasks(ops::TasksArgs),
     /// One task with its checkpoint, result and error history.
     Show(ops::ShowArgs),
+    /// Measure enqueue, drain, latency and scale in a scratch database,
+    /// each beside a raw-SQL baseline from the same run.
+    Bench(bench::BenchArgs),
 }
 
 /// `syncq limit`.
@@ -312,6 +316,7 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<(), CliError>
         Command::Status(args) => ops::status(&connect(&options, 1).await?, args, out).await,
         Command::Tasks(args) => ops::tasks(&connect(&options, 1).await?, args, out).await,
         Command::Show(args) => ops::show(&connect(&options, 1).await?, args, out).await,
+        Command::Bench(args) => bench::run(&options, args, out).await,
     }
 }
 
@@ -335,7 +340,7 @@ async fn connect(options: &PgConnectOptions, max_connections: u32) -> Result<PgP
         .map_err(|e| connect_error(options, &e))
 }
 
-fn connect_error(options: &PgConnectOptions, e: &sqlx::Error) -> CliError {
+pub(crate) fn connect_error(options: &PgConnectOptions, e: &sqlx::Error) -> CliError {
     let target = format!(
         "{}:{}/{}",
         options.get_host(),
