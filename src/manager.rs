@@ -60,6 +60,13 @@ impl TaskQueueManager {
     /// queued or running in the dataset, nothing is inserted and the existing
     /// task's id is returned.
     pub async fn enqueue(&self, task: NewTask) -> Result<TaskId> {
+        task.validate()?;
+        if task.unique_key.is_none() {
+            return store::tasks::insert_one(&self.db, &task)
+                .await?
+                .ok_or_else(|| crate::Error::InvalidTask("the insert returned no id".into()));
+        }
+        // A unique key: the batch path also finds the existing task's id.
         let ids = self.enqueue_many([task]).await?;
         ids.into_iter()
             .next()

@@ -272,4 +272,15 @@ async fn api_cli_and_sql_produce_the_same_row(_: PgPoolOptions, opts: PgConnectO
     let api_row = normalise(common::task(&db, api).await);
     assert_eq!(api_row, normalise(common::task(&db, sql).await));
     assert_eq!(api_row, normalise(common::task(&db, cli).await));
+    // Without a unique key the API takes its single-row path: same row.
+    let plain = TaskQueueManager::new(db.clone())
+        .enqueue(
+            NewTask::new("data set ü", "fetch")
+                .payload(payload.clone())
+                .priority(2)
+                .max_attempts(3),
+        )
+        .await
+        .unwrap();
+    assert_eq!(api_row, normalise(common::task(&db, plain).await));
 }

@@ -92,6 +92,37 @@ pub async fn insert_many(
     Ok(rows.into_iter().map(|r| r.id).collect())
 }
 
+/// Inserts one task: the plain single-row INSERT that `insert_many` would
+/// do for a batch of one, at about half its cost. Returns `None` when a task
+/// with the same `(dataset_id, unique_key)` is queued or running.
+pub async fn insert_one(db: impl PgExecutor<'_>, t: &NewTask) -> sqlx::Result<Option<TaskId>> {
+    let (at, delay) = match t.run_at {
+        RunAt::Now => (None, None),
+        RunAt::After(d) => (None, Some(secs(d))),
+        RunAt::At(at) => (Some(at), None),
+    };
+    sqlx::query_scalar!(
+        r#"
+        INSERT INTO syncq.tasks (dataset_id, kind, payload, priority, run_at, max_attempts, unique_key)
+        VALUES ($1, $2, $3, $4, coalesce($5, now() + make_interval(secs => coalesce($6::float8, 0))), $7, $8)
+        ON CONFLICT (dataset_id, unique_key)
+            WHERE unique_key IS NOT NULL AND status IN ('queued', 'running')
+            DO NOTHING
+        RETURNING id
+        "#,
+        t.dataset_id,
+        t.kind,
+        t.payload,
+        t.priority,
+        at,
+        delay,
+        t.max_attempts,
+        t.unique_key,
+    )
+    .fetch_optional(db)
+    .await
+}
+
 /// Claims up to `limit` ready tasks of the given kinds for `worker_id`,
 /// taking turns across datasets and honouring each dataset's pause,
 /// throttle, concurrency cap and rate limit. The heart of syncq: the SQL is
