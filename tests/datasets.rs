@@ -425,3 +425,123 @@ async fn the_queue_api_reads_back_what_it_set(db: PgPool) {
         (None, Some(3), false)
     );
 }
+
+async fn ready_at(db: &PgPool, dataset: &str) -> Option<DateTime<Utc>> {
+    sqlx::query_scalar("SELECT ready_at FROM syncq.datasets WHERE dataset_id = $1")
+        .bind(dataset)
+        .fetch_one(db)
+        .await
+        .unwrap()
+}
+
+async fn claim_ids(db: impl sqlx::PgExecutor<'_>, limit: i32) -> Vec<i64> {
+    sqlx::query_scalar("SELECT id FROM syncq.claim('w', '{noop}', NULL, $1, 30)")
+        .bind(limit)
+        .fetch_all(db)
+        .await
+        .unwrap()
+}
+
+/// A claim that takes a dataset's last ready task marks the dataset idle.
+/// An insert into it that has not committed yet must not be lost by that:
+/// the dataset stays (or becomes again) claimable once the insert commits.
+#[sqlx::test]
+async fn a_claim_marking_a_dataset_idle_does_not_lose_an_uncommitted_insert(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let db = common::connect(&opts).await;
+    let first = common::insert(&db, "race", "noop", json!({})).await;
+
+    // The insert's transaction is open while the claim runs.
+    let mut inserting = db.begin().await.unwrap();
+    let second: i64 = sqlx::query_scalar(
+        "INSERT INTO syncq.tasks (dataset_id, kind) VALUES ('race', 'noop') RETURNING id",
+    )
+    .fetch_one(&mut *inserting)
+    .await
+    .unwrap();
+    assert_eq!(claim_ids(&db, 10).await, vec![first]);
+    inserting.commit().await.unwrap();
+
+    assert!(ready_at(&db, "race").await.is_some(), "dataset left idle");
+    assert_eq!(claim_ids(&db, 10).await, vec![second]);
+}
+
+/// The other order: the claim's transaction marked the dataset idle and is
+/// still open when an insert arrives. The insert waits for it, then marks
+/// the dataset ready again.
+#[sqlx::test]
+async fn an_insert_racing_an_open_idle_marking_makes_the_dataset_ready(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let db = common::connect(&opts).await;
+    let first = common::insert(&db, "race", "noop", json!({})).await;
+
+    let mut claiming = db.begin().await.unwrap();
+    assert_eq!(claim_ids(&mut *claiming, 10).await, vec![first]);
+    let inserter = {
+        let db = db.clone();
+        tokio::spawn(async move { common::insert(&db, "race", "noop", json!({})).await })
+    };
+    common::wait_for("the insert waits on the claim's lock", WAIT, || {
+        let db = db.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&db)
+            .await
+            .unwrap()
+                == 1
+        }
+    })
+    .await;
+    claiming.commit().await.unwrap();
+    let second = inserter.await.unwrap();
+
+    assert!(ready_at(&db, "race").await.is_some(), "dataset left idle");
+    assert_eq!(claim_ids(&db, 10).await, vec![second]);
+}
+
+/// Claimers of a dataset without cap or limit do not queue on its row: an
+/// open claim transaction does not stop another claim from taking the next
+/// tasks. A capped dataset is still counted by one claimer at a time.
+#[sqlx::test]
+async fn claims_share_an_unlimited_dataset_but_take_turns_on_a_capped_one(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let db = common::connect(&opts).await;
+    for _ in 0..4 {
+        common::insert(&db, "open", "noop", json!({})).await;
+    }
+    let mut first = db.begin().await.unwrap();
+    let a = claim_ids(&mut *first, 2).await;
+    let b = claim_ids(&db, 2).await;
+    assert_eq!(a.len(), 2);
+    assert_eq!(b.len(), 2, "second claim was blocked by the first");
+    assert!(a.iter().all(|id| !b.contains(id)), "a task claimed twice");
+    first.commit().await.unwrap();
+
+    sqlx::query("INSERT INTO syncq.datasets (dataset_id, max_concurrency) VALUES ('capped', 2)")
+        .execute(&db)
+        .await
+        .unwrap();
+    for _ in 0..4 {
+        common::insert(&db, "capped", "noop", json!({})).await;
+    }
+    let mut first = db.begin().await.unwrap();
+    assert_eq!(claim_ids(&mut *first, 10).await.len(), 2);
+    // Locked by the open claim: skipped, not over-counted.
+    assert_eq!(claim_ids(&db, 10).await.len(), 0);
+    first.commit().await.unwrap();
+    // At its cap now.
+    assert_eq!(claim_ids(&db, 10).await.len(), 0);
+    assert_eq!(
+        common::count(&db, "dataset_id = 'capped' AND status = 'running'").await,
+        2
+    );
+}
