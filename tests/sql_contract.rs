@@ -284,3 +284,68 @@ async fn api_cli_and_sql_produce_the_same_row(_: PgPoolOptions, opts: PgConnectO
         .unwrap();
     assert_eq!(api_row, normalise(common::task(&db, plain).await));
 }
+
+/// The COPY path writes the same rows as the others, escapes what COPY's
+/// text format gives a meaning to, takes run_at from the database clock,
+/// wakes datasets like an INSERT, and is all or nothing.
+#[sqlx::test]
+async fn enqueue_bulk_copies_rows_exactly_and_all_or_nothing(db: PgPool) {
+    let manager = TaskQueueManager::new(db.clone());
+    let awkward = "tab\there, newline\nthere, back\\slash, \r, ü, \"quote\"";
+    let copied = manager
+        .enqueue_bulk(vec![
+            NewTask::new(awkward, "noop").payload(json!({ "text": awkward, "n": [1, 2] })),
+            NewTask::new("later", "sleep")
+                .priority(-2)
+                .max_attempts(1)
+                .delay(Duration::from_secs(3600)),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(copied, 2);
+    let (dataset, payload): (String, serde_json::Value) =
+        sqlx::query_as("SELECT dataset_id, payload FROM syncq.tasks WHERE kind = 'noop'")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(dataset, awkward);
+    assert_eq!(payload, json!({ "text": awkward, "n": [1, 2] }));
+    let (priority, max_attempts, delay_secs): (i16, i32, f64) = sqlx::query_as(
+        "SELECT priority, max_attempts, extract(epoch FROM run_at - created_at)::float8
+         FROM syncq.tasks WHERE dataset_id = 'later'",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!((priority, max_attempts), (-2, 1));
+    assert!((delay_secs - 3600.0).abs() < 0.001, "{delay_secs}");
+    // Both datasets were marked as having work, as a plain INSERT does.
+    assert_eq!(
+        common::count(&db, "true").await,
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM syncq.datasets WHERE ready_at IS NOT NULL"
+        )
+        .fetch_one(&db)
+        .await
+        .unwrap()
+    );
+
+    // A unique key is refused up front; a row the table refuses (here a
+    // NUL byte, which text columns cannot hold) rolls back the whole batch.
+    let err = manager
+        .enqueue_bulk(vec![NewTask::new("d", "noop").unique_key("k")])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("unique_key"), "{err}");
+    let err = manager
+        .enqueue_bulk(vec![
+            NewTask::new("d", "noop"),
+            NewTask::new("d", "bad\0kind"),
+        ])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(!err.is_empty());
+    assert_eq!(common::count(&db, "dataset_id = 'd'").await, 0);
+}

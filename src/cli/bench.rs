@@ -224,6 +224,46 @@ async fn measure(scratch: &PgConnectOptions, args: &BenchArgs) -> Result<Vec<Fig
         Some(("raw 1,000-row INSERT", raw_batch)),
     );
 
+    let bulk_calls = 5u32;
+    let api_bulk = rate(
+        bulk_calls * 10_000,
+        timed(async {
+            for _ in 0..bulk_calls {
+                manager
+                    .enqueue_bulk((0..10_000).map(|_| NewTask::new("bench", "noop")))
+                    .await
+                    .map_err(to_sqlx)?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(bench_error("bulk enqueue"))?,
+    );
+    let raw_copy = rate(
+        bulk_calls * 10_000,
+        timed(async {
+            let rows = "{}\n".repeat(10_000);
+            for _ in 0..bulk_calls {
+                let mut conn = db.acquire().await?;
+                let mut copy = conn
+                    .copy_in_raw("COPY bench_raw (payload) FROM STDIN")
+                    .await?;
+                copy.send(rows.as_bytes()).await?;
+                copy.finish().await?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(bench_error("baseline COPY"))?,
+    );
+    add("baseline: raw COPY, 10,000 rows", raw_copy, "rows/s", None);
+    add(
+        "enqueue: API COPY (enqueue_bulk), 10,000 per call",
+        api_bulk,
+        "tasks/s",
+        Some(("raw COPY", raw_copy)),
+    );
+
     // The practical ceiling: claim k rows with SKIP LOCKED, complete them.
     reset(&db).await?;
     sqlx::query("INSERT INTO bench_raw (payload) SELECT '{}' FROM generate_series(1, $1)")
