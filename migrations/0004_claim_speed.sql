@@ -94,11 +94,17 @@ CREATE OR REPLACE FUNCTION syncq.claim(p_worker text, p_kinds text[], p_datasets
 RETURNS TABLE (id bigint, dataset_id text, kind text, payload jsonb, priority smallint,
                attempts int, max_attempts int, runs int, checkpoint jsonb,
                created_at timestamptz, started_at timestamptz)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- Every statement here is built for index access. The datasets table is
+-- small but churns (a new row version per turn), so between vacuums the
+-- planner's statistics make a sequential scan look cheaper than it is.
+SET enable_seqscan = off
+AS $$
 #variable_conflict use_column
 DECLARE
     v_turns text[] := '{}';
     v_limited text[] := '{}';
+    v_locked text[];
     v_idle text[];
     v_row record;
     v_now timestamptz;
@@ -133,14 +139,16 @@ BEGIN
         END IF;
     END LOOP;
     IF cardinality(v_limited) > 0 THEN
-        -- Keep the limited datasets this claimer could lock, in turn order.
-        v_turns := ARRAY(
-            SELECT u.turn_id FROM unnest(v_turns) WITH ORDINALITY AS u(turn_id, n)
-            WHERE NOT (u.turn_id = ANY (v_limited))
-               OR u.turn_id IN (SELECT d.dataset_id FROM syncq.datasets d
-                                WHERE d.dataset_id = ANY (v_limited)
-                                FOR NO KEY UPDATE SKIP LOCKED)
-            ORDER BY u.n);
+        v_locked := ARRAY(SELECT d.dataset_id FROM syncq.datasets d
+                          WHERE d.dataset_id = ANY (v_limited)
+                          FOR NO KEY UPDATE SKIP LOCKED);
+        IF cardinality(v_locked) < cardinality(v_limited) THEN
+            -- Keep the limited datasets this claimer could lock, in turn order.
+            v_turns := ARRAY(
+                SELECT u.turn_id FROM unnest(v_turns) WITH ORDINALITY AS u(turn_id, n)
+                WHERE NOT (u.turn_id = ANY (v_limited)) OR u.turn_id = ANY (v_locked)
+                ORDER BY u.n);
+        END IF;
     END IF;
     IF cardinality(v_turns) = 0 THEN
         RETURN;
@@ -150,18 +158,26 @@ BEGIN
     RETURN QUERY
     WITH turns AS (
         SELECT d.dataset_id, u.turn, d.rate_limit,
+               -- CASE, not coalesce: no counting for a dataset without
+               -- that setting.
                greatest(0, least(
                    ceil(p_limit::float8 / cardinality(v_turns))::int,
-                   coalesce(d.max_concurrency - (
-                       SELECT count(*) FROM syncq.tasks r
-                       WHERE r.dataset_id = d.dataset_id AND r.status = 'running')::int, p_limit),
-                   coalesce(d.rate_limit - (
-                       SELECT count(*) FROM syncq.rate_log l
-                       WHERE l.dataset_id = d.dataset_id
-                         AND l.started_at > v_now - d.rate_window)::int, p_limit)
+                   CASE WHEN d.max_concurrency IS NULL THEN p_limit
+                        ELSE d.max_concurrency - (
+                            SELECT count(*) FROM syncq.tasks r
+                            WHERE r.dataset_id = d.dataset_id AND r.status = 'running')::int
+                   END,
+                   CASE WHEN d.rate_limit IS NULL THEN p_limit
+                        ELSE d.rate_limit - (
+                            SELECT count(*) FROM syncq.rate_log l
+                            WHERE l.dataset_id = d.dataset_id
+                              AND l.started_at > v_now - d.rate_window)::int
+                   END
                )) AS share
         FROM unnest(v_turns) WITH ORDINALITY AS u(dataset_id, turn)
-        JOIN syncq.datasets d ON d.dataset_id = u.dataset_id
+        -- LATERAL: one primary-key probe per turn, not a hash of the table.
+        CROSS JOIN LATERAL (SELECT * FROM syncq.datasets d1
+                            WHERE d1.dataset_id = u.dataset_id) d
         -- Re-read here: an unlocked dataset may have been paused or
         -- throttled since step 1.
         WHERE NOT d.paused AND (d.throttled_until IS NULL OR d.throttled_until <= v_now)
@@ -208,9 +224,10 @@ BEGIN
         -- A dataset locked by someone else is being claimed, paused or
         -- filled right now; its turn moves without us.
         UPDATE syncq.datasets d SET last_claimed_at = v_now
-        WHERE d.dataset_id IN (SELECT s.dataset_id FROM syncq.datasets s
-                               WHERE s.dataset_id IN (SELECT DISTINCT p.dataset_id FROM picked p)
-                               FOR NO KEY UPDATE SKIP LOCKED)
+        WHERE d.dataset_id = ANY (ARRAY(
+            SELECT s.dataset_id FROM syncq.datasets s
+            WHERE s.dataset_id = ANY (ARRAY(SELECT DISTINCT p.dataset_id FROM picked p))
+            FOR NO KEY UPDATE SKIP LOCKED))
     )
     SELECT c.id, c.dataset_id, c.kind, c.payload, c.priority, c.attempts,
            c.max_attempts, c.runs, c.checkpoint, c.created_at, c.started_at

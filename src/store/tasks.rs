@@ -374,7 +374,10 @@ pub async fn succeed_many(
         SET status = 'succeeded', result = c.result, finished_at = now(),
             locked_by = NULL, lease_expires_at = NULL
         FROM unnest($2::int8[], $3::int4[], $4::jsonb[]) AS c(id, runs, result)
-        WHERE t.id = c.id AND t.runs = c.runs AND t.locked_by = $1 AND t.status = 'running'
+        -- id = ANY: the rows are found by primary key (a bare join with
+        -- the unnest was planned as a hash over the whole table).
+        WHERE t.id = ANY ($2) AND t.id = c.id AND t.runs = c.runs
+          AND t.locked_by = $1 AND t.status = 'running'
         RETURNING t.id
         "#,
         worker_id,
@@ -546,7 +549,8 @@ pub async fn renew_leases(
         UPDATE syncq.tasks t
         SET lease_expires_at = now() + make_interval(secs => $4)
         FROM unnest($2::int8[], $3::int4[]) AS h(id, runs)
-        WHERE t.id = h.id AND t.runs = h.runs AND t.locked_by = $1 AND t.status = 'running'
+        WHERE t.id = ANY ($2) AND t.id = h.id AND t.runs = h.runs
+          AND t.locked_by = $1 AND t.status = 'running'
         RETURNING t.id, t.cancel_requested
         "#,
         worker_id,
