@@ -41,6 +41,11 @@ pub struct PoolConfig {
     /// Delete finished tasks this long after they finished (in batches, by
     /// every process's maintenance sweep). None keeps them forever.
     pub retention: Option<Duration>,
+    /// `VACUUM (ANALYZE)` syncq's tables from the maintenance loop once
+    /// enough of their rows are dead (one process at a time). Needed where
+    /// autovacuum is off or too slow for the queue's churn; harmless
+    /// otherwise, and a no-op for a role that does not own the tables.
+    pub vacuum: bool,
 }
 
 impl PoolConfig {
@@ -120,6 +125,7 @@ impl Default for PoolConfig {
             default_retry_after: Self::DEFAULT_RETRY_AFTER,
             exit_when_idle: false,
             retention: None,
+            vacuum: true,
         }
     }
 }

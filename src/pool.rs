@@ -29,6 +29,7 @@ use crate::control::Command;
 use crate::error::{Error, Result};
 use crate::maintenance::pruner::Pruner;
 use crate::maintenance::rescuer::Rescuer;
+use crate::maintenance::vacuumer::Vacuumer;
 use crate::store;
 use crate::store::tasks::Fence;
 use crate::task::{ClaimedTask, SyncTask, TaskContext, TaskId};
@@ -260,6 +261,16 @@ impl PoolHandle {
     }
 }
 
+/// A task this pool holds.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    /// `runs` at claim: the fencing token.
+    runs: i32,
+    /// Its outcome is being written: if the heartbeat no longer finds it
+    /// running, that is the write landing, not a lost lease.
+    finishing: bool,
+}
+
 /// The set of worker loops in one process. See the module docs.
 ///
 /// ```no_run
@@ -293,8 +304,8 @@ struct Shared {
     commands: broadcast::Sender<Command>,
     events: broadcast::Sender<Event>,
     shutdown: CancellationToken,
-    /// Tasks this pool holds: id → `runs` at claim (the fencing token).
-    held: Mutex<HashMap<TaskId, i32>>,
+    /// Tasks this pool holds.
+    held: Mutex<HashMap<TaskId, Held>>,
     wake: Notify,
     fatal: Mutex<Option<(TaskId, String)>>,
     /// Successes go to the completer, which writes them in batches.
@@ -314,7 +325,7 @@ struct Completion {
 const COMPLETION_BATCH: usize = 500;
 
 impl Shared {
-    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<TaskId, i32>> {
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<TaskId, Held>> {
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -515,7 +526,13 @@ async fn dispatch(shared: &Arc<Shared>, running: &mut JoinSet<()>, hard_stop: &C
                 "claimed tasks"
             );
             for (task, permit) in tasks.into_iter().zip(permits) {
-                shared.held().insert(task.id, task.runs);
+                shared.held().insert(
+                    task.id,
+                    Held {
+                        runs: task.runs,
+                        finishing: false,
+                    },
+                );
                 shared.emit(Event::Claimed {
                     task_id: task.id,
                     dataset_id: task.dataset_id.clone(),
@@ -646,6 +663,9 @@ async fn run_task(
         };
         let outcome = Outcome::of(joined, shared.shutdown.is_cancelled());
         let kind = outcome.kind();
+        if let Some(held) = shared.held().get_mut(&task.id) {
+            held.finishing = true;
+        }
         let recorded = record(&shared, &task, outcome).await;
         shared.held().remove(&task.id);
         drop(permit);
@@ -807,7 +827,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
             warn!(error = %e, "worker heartbeat failed");
         }
         let (ids, runs): (Vec<TaskId>, Vec<i32>) =
-            shared.held().iter().map(|(id, r)| (*id, *r)).unzip();
+            shared.held().iter().map(|(id, h)| (*id, h.runs)).unzip();
         if ids.is_empty() {
             continue;
         }
@@ -829,8 +849,10 @@ async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
                             let _ = shared.commands.send(Command::Cancel(id));
                         }
                         Some(false) => {}
-                        // Finished meanwhile, or lost: only the latter is still held.
-                        None if shared.held().contains_key(&id) => {
+                        // Finished meanwhile, or lost: only the latter is
+                        // still held and not being recorded (a success
+                        // just written is still held until its reply).
+                        None if shared.held().get(&id).is_some_and(|h| !h.finishing) => {
                             warn!(task_id = id, "lease lost");
                             let _ = shared.commands.send(Command::LeaseLost(id));
                         }
@@ -848,9 +870,20 @@ async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
 async fn rescue_loop(shared: Arc<Shared>, stop: CancellationToken) {
     let rescuer = Rescuer::new(shared.config.rescue_interval);
     let pruner = Pruner::new(shared.config.retention);
+    let vacuumer = Vacuumer::default();
+    let mut last_vacuum_check = tokio::time::Instant::now();
+    let mut behind = false;
     loop {
+        // A pruner that is behind (a fast drain finishes more tasks per
+        // interval than one sweep deletes) sweeps again soon, so the table
+        // stays bounded.
+        let delay = if behind {
+            Duration::from_millis(100)
+        } else {
+            rescuer.next_delay()
+        };
         tokio::select! {
-            _ = tokio::time::sleep(rescuer.next_delay()) => {}
+            _ = tokio::time::sleep(delay) => {}
             _ = stop.cancelled() => return,
         }
         match rescuer.run_once(&shared.db).await {
@@ -863,8 +896,18 @@ async fn rescue_loop(shared: Arc<Shared>, stop: CancellationToken) {
             Ok(_) => {}
             Err(e) => warn!(error = %e, "rescuing expired leases failed"),
         }
-        if let Err(e) = pruner.run_once(&shared.db).await {
-            warn!(error = %e, "pruning failed");
+        behind = match pruner.run_once(&shared.db).await {
+            Ok(report) => report.more,
+            Err(e) => {
+                warn!(error = %e, "pruning failed");
+                false
+            }
+        };
+        if shared.config.vacuum && last_vacuum_check.elapsed() >= Duration::from_secs(1) {
+            last_vacuum_check = tokio::time::Instant::now();
+            if let Err(e) = vacuumer.run_once(&shared.db).await {
+                warn!(error = %e, "vacuuming failed");
+            }
         }
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Executor, PgPool};
+use syncq::maintenance::vacuumer::Vacuumer;
 use syncq::{NewTask, PoolConfig, TaskQueueManager, WorkerPool};
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -448,4 +449,64 @@ async fn the_library_cancels_retries_and_prunes(db: PgPool) {
         .unwrap();
     assert_eq!(manager.prune(Duration::from_secs(86_400)).await.unwrap(), 1);
     assert_eq!(common::count(&db, "true").await, 0);
+}
+
+async fn vacuum_count(db: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT vacuum_count FROM pg_stat_user_tables WHERE relid = 'syncq.tasks'::regclass",
+    )
+    .fetch_one(db)
+    .await
+    .unwrap()
+}
+
+/// Dead rows in syncq.tasks past the threshold get vacuumed, by one
+/// process at a time: a sweep while another holds the vacuum lock does
+/// nothing.
+#[sqlx::test]
+async fn the_vacuumer_reclaims_dead_rows_one_process_at_a_time(db: PgPool) {
+    sqlx::query("INSERT INTO syncq.tasks (dataset_id, kind) SELECT 'v', 'noop' FROM generate_series(1, 5000)")
+        .execute(&db)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM syncq.tasks")
+        .execute(&db)
+        .await
+        .unwrap();
+    common::wait_for(
+        "the statistics count the dead rows",
+        Duration::from_secs(15),
+        || {
+            let db = db.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(
+                "SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'syncq.tasks'::regclass",
+            )
+            .fetch_one(&db)
+            .await
+            .unwrap()
+                >= 5000
+            }
+        },
+    )
+    .await;
+    let vacuumer = Vacuumer::default();
+    let before = vacuum_count(&db).await;
+
+    let mut other = db.acquire().await.unwrap();
+    assert!(
+        syncq::store::ops::try_vacuum_lock(&mut other)
+            .await
+            .unwrap()
+    );
+    assert!(vacuumer.run_once(&db).await.unwrap().is_empty());
+    syncq::store::ops::vacuum_unlock(&mut other).await.unwrap();
+
+    let vacuumed = vacuumer.run_once(&db).await.unwrap();
+    assert!(vacuumed.contains(&"tasks".to_string()), "{vacuumed:?}");
+    common::wait_for("the vacuum is counted", Duration::from_secs(15), || {
+        let db = db.clone();
+        async move { vacuum_count(&db).await > before }
+    })
+    .await;
 }

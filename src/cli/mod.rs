@@ -192,6 +192,9 @@ pub struct WorkerArgs {
     /// Delete finished tasks this long after they finish; `none` keeps them.
     #[arg(long, default_value = "7d", value_parser = parse_retention)]
     pub retention: Cleared<Duration>,
+    /// Never VACUUM syncq's tables from this worker (leave it to autovacuum).
+    #[arg(long)]
+    pub no_vacuum: bool,
 }
 
 fn parse_retention(s: &str) -> Result<Cleared<Duration>, String> {
@@ -442,6 +445,7 @@ async fn worker(options: &PgConnectOptions, args: WorkerArgs) -> Result<(), CliE
         rescue_interval: args.rescue_interval,
         exit_when_idle: args.exit_when_idle,
         retention: args.retention.into_option(),
+        vacuum: !args.no_vacuum,
         ..PoolConfig::default()
     };
     config.validate()?;

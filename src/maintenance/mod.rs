@@ -1,6 +1,7 @@
 //! Maintenance services that every worker process runs. Each is idempotent
-//! and safe to run in every process at once (`SKIP LOCKED`), so no leader is
-//! needed.
+//! and safe to run in every process at once (`SKIP LOCKED`, or an advisory
+//! lock for the vacuumer), so no leader is needed.
 
 pub mod pruner;
 pub mod rescuer;
+pub mod vacuumer;

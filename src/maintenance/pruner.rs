@@ -30,6 +30,9 @@ pub struct PruneReport {
     pub tasks: u64,
     /// Worker rows deleted.
     pub workers: u64,
+    /// The sweep stopped at `max_batches` with more to delete: run the
+    /// next one soon rather than after the usual interval.
+    pub more: bool,
 }
 
 impl Pruner {
@@ -53,16 +56,18 @@ impl Pruner {
         let mut report = PruneReport::default();
         if let Some(retention) = self.retention {
             let statuses: Vec<String> = FINISHED.iter().map(|s| s.to_string()).collect();
+            report.more = true;
             for _ in 0..self.max_batches {
                 let n = store::ops::prune_batch(db, retention, &statuses, self.batch).await?;
                 report.tasks += n;
                 if n < self.batch as u64 {
+                    report.more = false;
                     break;
                 }
             }
         }
         report.workers = store::ops::prune_dead_workers(db, self.dead_worker_after).await?;
-        if report != PruneReport::default() {
+        if report.tasks > 0 || report.workers > 0 {
             tracing::info!(tasks = report.tasks, workers = report.workers, "pruned");
         }
         Ok(report)

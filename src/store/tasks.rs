@@ -370,13 +370,19 @@ pub async fn succeed_many(
     let results: Vec<Value> = sorted.iter().map(|d| d.2.clone()).collect();
     sqlx::query_scalar!(
         r#"
+        WITH held AS (
+            -- Locked in id order, as renew_leases does: the two run side
+            -- by side in one pool and must not deadlock. By primary key.
+            SELECT h.id FROM syncq.tasks h
+            WHERE h.id = ANY ($2) AND h.locked_by = $1 AND h.status = 'running'
+            ORDER BY h.id
+            FOR NO KEY UPDATE
+        )
         UPDATE syncq.tasks t
         SET status = 'succeeded', result = c.result, finished_at = now(),
             locked_by = NULL, lease_expires_at = NULL
-        FROM unnest($2::int8[], $3::int4[], $4::jsonb[]) AS c(id, runs, result)
-        -- id = ANY: the rows are found by primary key (a bare join with
-        -- the unnest was planned as a hash over the whole table).
-        WHERE t.id = ANY ($2) AND t.id = c.id AND t.runs = c.runs
+        FROM held, unnest($2::int8[], $3::int4[], $4::jsonb[]) AS c(id, runs, result)
+        WHERE t.id = held.id AND c.id = held.id AND t.runs = c.runs
           AND t.locked_by = $1 AND t.status = 'running'
         RETURNING t.id
         "#,
@@ -546,10 +552,17 @@ pub async fn renew_leases(
     sqlx::query_as!(
         Renewed,
         r#"
+        WITH held AS (
+            -- Locked in id order, as succeed_many does.
+            SELECT l.id FROM syncq.tasks l
+            WHERE l.id = ANY ($2) AND l.locked_by = $1 AND l.status = 'running'
+            ORDER BY l.id
+            FOR NO KEY UPDATE
+        )
         UPDATE syncq.tasks t
         SET lease_expires_at = now() + make_interval(secs => $4)
-        FROM unnest($2::int8[], $3::int4[]) AS h(id, runs)
-        WHERE t.id = ANY ($2) AND t.id = h.id AND t.runs = h.runs
+        FROM held, unnest($2::int8[], $3::int4[]) AS h(id, runs)
+        WHERE t.id = held.id AND h.id = held.id AND t.runs = h.runs
           AND t.locked_by = $1 AND t.status = 'running'
         RETURNING t.id, t.cancel_requested
         "#,

@@ -1,0 +1,67 @@
+//! The vacuumer: `VACUUM (ANALYZE)` of syncq's tables once enough of their
+//! rows are dead, by one process at a time (an advisory lock).
+//!
+//! Every claim and completion leaves a dead row version in `syncq.tasks`,
+//! every turn one in `syncq.datasets`. Autovacuum reclaims them when it is
+//! on — but it wakes once a minute per database (`autovacuum_naptime`) and
+//! some servers run with it off, and then a busy queue's tables and
+//! indexes grow without bound and the claim slows down scanning dead
+//! entries. The pruner deletes finished tasks; this reclaims their space.
+
+use sqlx::PgPool;
+
+use crate::store;
+
+/// Vacuums a table once its dead rows pass `threshold + scale × live`.
+#[derive(Debug, Clone)]
+pub struct Vacuumer {
+    /// Dead rows always tolerated.
+    pub threshold: i64,
+    /// Dead rows tolerated per live row.
+    pub scale: f64,
+}
+
+impl Default for Vacuumer {
+    fn default() -> Self {
+        Vacuumer {
+            threshold: 2_000,
+            scale: 0.2,
+        }
+    }
+}
+
+impl Vacuumer {
+    /// One sweep: returns the tables vacuumed (none when another process
+    /// holds the vacuum lock or nothing is due).
+    pub async fn run_once(&self, db: &PgPool) -> sqlx::Result<Vec<String>> {
+        let due: Vec<String> = store::ops::churn(db)
+            .await?
+            .into_iter()
+            .filter(|(_, dead, live)| {
+                *dead as f64 > self.threshold as f64 + self.scale * *live as f64
+            })
+            .map(|(table, _, _)| table)
+            .collect();
+        if due.is_empty() {
+            return Ok(due);
+        }
+        let mut conn = db.acquire().await?;
+        if !store::ops::try_vacuum_lock(&mut conn).await? {
+            return Ok(Vec::new());
+        }
+        let mut result = Ok(());
+        for table in &due {
+            result = store::ops::vacuum(&mut conn, table).await;
+            if result.is_err() {
+                break;
+            }
+            tracing::debug!(table = %table, "vacuumed");
+        }
+        // Released even after a failed VACUUM; if this fails too, the
+        // connection is closed rather than returned with the lock held.
+        if store::ops::vacuum_unlock(&mut conn).await.is_err() {
+            conn.close_on_drop();
+        }
+        result.map(|()| due)
+    }
+}
