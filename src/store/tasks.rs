@@ -378,11 +378,14 @@ pub async fn succeed_many(
             ORDER BY h.id
             FOR NO KEY UPDATE
         )
+        -- No join for the planner to get wrong (with stale statistics it
+        -- nested-looped the unnest: 126 ms for 500 rows): rows by primary
+        -- key, each one's runs and result by its position in the arrays.
         UPDATE syncq.tasks t
-        SET status = 'succeeded', result = c.result, finished_at = now(),
-            locked_by = NULL, lease_expires_at = NULL
-        FROM held, unnest($2::int8[], $3::int4[], $4::jsonb[]) AS c(id, runs, result)
-        WHERE t.id = held.id AND c.id = held.id AND t.runs = c.runs
+        SET status = 'succeeded', result = ($4::jsonb[])[array_position($2::int8[], t.id)],
+            finished_at = now(), locked_by = NULL, lease_expires_at = NULL
+        WHERE t.id = ANY (ARRAY(SELECT held.id FROM held))
+          AND t.runs = ($3::int4[])[array_position($2::int8[], t.id)]
           AND t.locked_by = $1 AND t.status = 'running'
         RETURNING t.id
         "#,
@@ -561,8 +564,8 @@ pub async fn renew_leases(
         )
         UPDATE syncq.tasks t
         SET lease_expires_at = now() + make_interval(secs => $4)
-        FROM held, unnest($2::int8[], $3::int4[]) AS h(id, runs)
-        WHERE t.id = held.id AND h.id = held.id AND t.runs = h.runs
+        WHERE t.id = ANY (ARRAY(SELECT held.id FROM held))
+          AND t.runs = ($3::int4[])[array_position($2::int8[], t.id)]
           AND t.locked_by = $1 AND t.status = 'running'
         RETURNING t.id, t.cancel_requested
         "#,
