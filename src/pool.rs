@@ -317,8 +317,30 @@ struct Completion {
     id: TaskId,
     runs: i32,
     result: Value,
-    /// Whether it was written (false: fenced out), or the database error.
-    reply: oneshot::Sender<std::result::Result<bool, String>>,
+    /// Whether it was written (false: fenced out), or why not.
+    reply: oneshot::Sender<std::result::Result<bool, CompleteError>>,
+}
+
+/// Why a success was not written.
+#[derive(Debug, Clone)]
+enum CompleteError {
+    /// The database refused this task's result (a data error): writing it
+    /// again cannot help.
+    Refused(String),
+    /// The write failed (connection, server): worth retrying.
+    Failed(String),
+}
+
+impl CompleteError {
+    fn of(e: &sqlx::Error) -> Self {
+        match e {
+            // SQLSTATE class 22: data exception (e.g. a NUL in jsonb).
+            sqlx::Error::Database(d) if d.code().is_some_and(|c| c.starts_with("22")) => {
+                CompleteError::Refused(d.message().to_string())
+            }
+            e => CompleteError::Failed(e.to_string()),
+        }
+    }
 }
 
 /// Most successes written by one statement.
@@ -701,7 +723,16 @@ async fn record(shared: &Shared, task: &ClaimedTask, outcome: Outcome) -> bool {
         let written = match &outcome {
             Outcome::Succeed(value) => match complete(shared, task, value.clone()).await {
                 Ok(written) => Ok(written),
-                Err(e) => Err(sqlx::Error::Protocol(e)),
+                // Storing this result can never work: the attempt fails.
+                Err(CompleteError::Refused(reason)) => {
+                    let error = format!(
+                        "the handler succeeded but its result could not be stored: {reason}"
+                    );
+                    warn!(%error, "result refused by the database");
+                    store::tasks::fail_attempt(&shared.db, fence, &error, false, Duration::ZERO)
+                        .await
+                }
+                Err(CompleteError::Failed(e)) => Err(sqlx::Error::Protocol(e)),
             },
             Outcome::Retry(m) => {
                 let delay = shared.config.backoff.delay(failed_attempts);
@@ -751,7 +782,7 @@ async fn complete(
     shared: &Shared,
     task: &ClaimedTask,
     result: Value,
-) -> std::result::Result<bool, String> {
+) -> std::result::Result<bool, CompleteError> {
     let (reply, written) = oneshot::channel();
     let request = Completion {
         id: task.id,
@@ -759,12 +790,11 @@ async fn complete(
         result,
         reply,
     };
+    let stopped = || CompleteError::Failed("the completer has stopped".into());
     if shared.completions.send(request).await.is_err() {
-        return Err("the completer has stopped".into());
+        return Err(stopped());
     }
-    written
-        .await
-        .unwrap_or_else(|_| Err("the completer has stopped".into()))
+    written.await.unwrap_or_else(|_| Err(stopped()))
 }
 
 /// Writes successes in batches: whatever has arrived while the previous
@@ -805,12 +835,34 @@ async fn complete_loop(
             .collect();
         let written = store::tasks::succeed_many(&shared.db, &shared.worker_id, &rows).await;
         debug!(batch = batch.len(), "wrote successes");
-        for request in batch {
-            let reply = match &written {
-                Ok(ids) => Ok(ids.contains(&request.id)),
-                Err(e) => Err(e.to_string()),
-            };
-            let _ = request.reply.send(reply);
+        match written {
+            Ok(ids) => {
+                for request in batch {
+                    let _ = request.reply.send(Ok(ids.contains(&request.id)));
+                }
+            }
+            // One refused result fails the whole statement: write each
+            // success on its own, so only that task's write fails.
+            Err(e)
+                if batch.len() > 1
+                    && matches!(CompleteError::of(&e), CompleteError::Refused(_)) =>
+            {
+                warn!(error = %e, batch = batch.len(), "a batch of successes was refused; writing them one by one");
+                for (request, row) in batch.into_iter().zip(rows) {
+                    let one =
+                        store::tasks::succeed_many(&shared.db, &shared.worker_id, &[row]).await;
+                    let _ = request.reply.send(match one {
+                        Ok(ids) => Ok(ids.contains(&request.id)),
+                        Err(e) => Err(CompleteError::of(&e)),
+                    });
+                }
+            }
+            Err(e) => {
+                let error = CompleteError::of(&e);
+                for request in batch {
+                    let _ = request.reply.send(Err(error.clone()));
+                }
+            }
         }
     }
 }

@@ -346,3 +346,63 @@ async fn a_paused_dataset_starts_nothing_until_resumed(_: PgPoolOptions, opts: P
     handle.checkpoint();
     run.await.unwrap().unwrap();
 }
+
+/// Returns a result PostgreSQL cannot store (a NUL character in jsonb).
+struct UnstorableResult;
+
+#[async_trait]
+impl SyncWorker for UnstorableResult {
+    async fn handle(&self, _task: &mut SyncTask) -> TaskResult {
+        Ok(json!({ "text": "nul \u{0} here" }))
+    }
+}
+
+/// Successes are written in batches; one whose result the database refuses
+/// must not take its batch down with it: the others succeed once, and it
+/// fails at once with the reason, instead of being retried by lease expiry.
+#[sqlx::test]
+async fn a_result_the_database_refuses_fails_alone_in_its_batch(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let db = common::connect(&opts).await;
+    let manager = TaskQueueManager::new(db.clone());
+    let bad = manager
+        .enqueue(NewTask::new("d", "unstorable"))
+        .await
+        .unwrap();
+    manager
+        .enqueue_many((0..200).map(|_| NewTask::new("d", "noop")))
+        .await
+        .unwrap();
+    let pool = WorkerPool::builder(db.clone())
+        .register_builtins()
+        .register("unstorable", UnstorableResult)
+        .config(PoolConfig {
+            concurrency: 64,
+            ..common::fast_config()
+        })
+        .build()
+        .unwrap();
+    let (handle, run) = common::spawn(pool);
+    common::wait_for("every task finished", WAIT, || {
+        let db = db.clone();
+        async move { common::count(&db, "status IN ('queued', 'running')").await == 0 }
+    })
+    .await;
+    handle.checkpoint();
+    run.await.unwrap().unwrap();
+
+    assert_eq!(
+        common::count(
+            &db,
+            "kind = 'noop' AND status = 'succeeded' AND attempts = 1"
+        )
+        .await,
+        200
+    );
+    let row = common::task(&db, bad).await;
+    assert_eq!((row.status.as_str(), row.attempts), ("failed", 1));
+    let error = row.last_error.unwrap_or_default();
+    assert!(error.contains("result could not be stored"), "{error}");
+}
