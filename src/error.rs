@@ -33,6 +33,10 @@ pub enum Error {
     #[error("JSON error: {0}")]
     Json(#[from] serde_json::Error),
 
+    /// A private PostgreSQL cluster could not be found, started or stopped.
+    #[error("private PostgreSQL: {0}")]
+    LocalPostgres(String),
+
     /// A handler reported an unrecoverable error; the pool checkpointed its
     /// running work and stopped.
     #[error("task {task_id} reported a fatal error: {message}")]

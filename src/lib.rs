@@ -43,6 +43,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod error;
+pub mod local_postgres;
 pub mod maintenance;
 pub mod manager;
 pub mod pool;
@@ -50,6 +51,7 @@ pub mod queue;
 pub mod rate_limit;
 pub mod store;
 pub mod task;
+pub mod testing;
 pub mod worker;
 
 pub use async_trait::async_trait;

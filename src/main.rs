@@ -21,6 +21,8 @@ fn main() -> ExitCode {
     };
     let default_level = match cli.command {
         Command::Worker(_) => "syncq=info",
+        // Retries and throttles are the show; the progress display tells it.
+        Command::Demo(_) => "syncq=error",
         _ => "syncq=warn",
     };
     tracing_subscriber::fmt()

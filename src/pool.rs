@@ -90,7 +90,7 @@ pub enum OutcomeKind {
 
 /// The decision for one finished attempt: SPEC §3 in one `match`.
 #[derive(Debug)]
-enum Outcome {
+pub(crate) enum Outcome {
     Succeed(Value),
     Retry(String),
     Fail(String),
@@ -104,7 +104,10 @@ enum Outcome {
 impl Outcome {
     /// Maps a handler's result. `checkpointing`: the pool is shutting down,
     /// so a retryable error is taken as the interruption it most likely is.
-    fn of(joined: std::result::Result<TaskResult, JoinError>, checkpointing: bool) -> Outcome {
+    pub(crate) fn of(
+        joined: std::result::Result<TaskResult, JoinError>,
+        checkpointing: bool,
+    ) -> Outcome {
         match joined {
             Ok(Ok(value)) => Outcome::Succeed(value),
             Ok(Err(error)) => match error {

@@ -375,6 +375,22 @@ impl SyncTask {
         Ok(())
     }
 
+    /// Enqueues a follow-up task (the next page, a fan-out) and returns its
+    /// id. A database error is retryable, as for any `?` in a handler.
+    ///
+    /// Not in the task's transaction: if this attempt later fails and is
+    /// retried, the follow-up is enqueued again — give it a `unique_key`
+    /// to make that a no-op.
+    pub async fn enqueue(&self, task: NewTask) -> Result<TaskId, TaskError> {
+        crate::TaskQueueManager::new(self.ctx.db.clone())
+            .enqueue(task)
+            .await
+            .map_err(|e| match e {
+                crate::Error::InvalidTask(m) => TaskError::Invalid(m),
+                e => TaskError::Retryable(format!("enqueueing a follow-up failed: {e}")),
+            })
+    }
+
     /// Whether the handler has been asked to stop, without waiting.
     pub fn stop_requested(&mut self) -> Option<Stop> {
         if self.stop.is_none() && self.ctx.checkpoint.is_cancelled() {

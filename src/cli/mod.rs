@@ -11,6 +11,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool};
 
 mod bench;
+mod demo;
 mod ops;
 
 use crate::store::datasets::{DatasetRow, LimitsChange};
@@ -70,6 +71,10 @@ pub enum Command {
     Tasks(ops::TasksArgs),
     /// One task with its checkpoint, result and error history.
     Show(ops::ShowArgs),
+    /// A one-minute tour: five datasets with limits, a flaky upstream, an
+    /// upstream that throttles, a long task that checkpoints and resumes,
+    /// and invalid requests, drained by two worker pools with live progress.
+    Demo(demo::DemoArgs),
     /// Measure enqueue, drain, latency and scale in a scratch database,
     /// each beside a raw-SQL baseline from the same run.
     Bench(bench::BenchArgs),
@@ -281,6 +286,17 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<(), CliError>
             Ok(())
         }
         Command::Enqueue(args) => enqueue(&options, args, out).await,
+        Command::Demo(args) => {
+            // Held to the end: a private cluster is removed when it drops.
+            let (options, _private) =
+                demo::database(&options, &url, args.private_postgres, out).await?;
+            connect_creating(&options).await?.close().await;
+            let db = connect(&options, 40).await?;
+            crate::migrate(&db).await?;
+            let result = demo::run(db.clone(), &args, out).await;
+            db.close().await;
+            result
+        }
         Command::Worker(args) => worker(&options, args).await,
         Command::Limit(args) => limit(&options, args, out).await,
         Command::Pause { dataset, create } => {

@@ -215,3 +215,27 @@ pub async fn task(db: impl PgExecutor<'_>, id: TaskId) -> sqlx::Result<Option<Ta
     .fetch_optional(db)
     .await
 }
+
+/// `(id, payload, priority, unique_key)` of the queued tasks of `kind` in
+/// `dataset`, oldest first (for `syncq::testing`).
+pub async fn queued_of_kind(
+    db: impl PgExecutor<'_>,
+    dataset: &str,
+    kind: &str,
+) -> sqlx::Result<Vec<(TaskId, Value, i16, Option<String>)>> {
+    let rows = sqlx::query!(
+        r#"
+        SELECT id, payload, priority, unique_key FROM syncq.tasks
+        WHERE dataset_id = $1 AND kind = $2 AND status = 'queued'
+        ORDER BY id
+        "#,
+        dataset,
+        kind
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.id, r.payload, r.priority, r.unique_key))
+        .collect())
+}

@@ -7,6 +7,7 @@
 //! another slot of the same process — matches nothing and writes nothing.
 
 pub mod datasets;
+pub mod demo;
 pub mod inspect;
 pub mod ops;
 pub mod roles;

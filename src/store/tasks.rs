@@ -266,6 +266,34 @@ pub async fn claim(
     .await
 }
 
+/// Claims one queued task by id, whatever its dataset's turn, limits or
+/// `run_at`: for `syncq::testing`, which runs a handler against a chosen
+/// task. None if it is not queued.
+pub async fn claim_by_id(
+    db: impl PgExecutor<'_>,
+    id: TaskId,
+    worker_id: &str,
+    lease: Duration,
+) -> sqlx::Result<Option<ClaimedTask>> {
+    sqlx::query_as!(
+        ClaimedTask,
+        r#"
+        UPDATE syncq.tasks
+        SET status = 'running', attempts = attempts + 1, runs = runs + 1, locked_by = $2,
+            lease_expires_at = clock_timestamp() + make_interval(secs => $3),
+            started_at = clock_timestamp(), finished_at = NULL
+        WHERE id = $1 AND status = 'queued'
+        RETURNING id, dataset_id, kind, payload, priority, attempts, max_attempts, runs,
+                  checkpoint, created_at, started_at AS "started_at!"
+        "#,
+        id,
+        worker_id,
+        secs(lease),
+    )
+    .fetch_optional(db)
+    .await
+}
+
 /// How long until a claim for these kinds may succeed: `Some(ZERO)` when a
 /// dataset is claimable now (an empty claim lost a race for its lock), the
 /// wait for the earliest throttle, rate budget or delayed task otherwise,

@@ -12,6 +12,34 @@ use sqlx::{PgPool, Row};
 use syncq::{Backoff, PoolConfig, PoolHandle, WorkerPool};
 use tokio::task::JoinHandle;
 
+/// A private PostgreSQL, when the test binary had to start one.
+static PRIVATE_POSTGRES: std::sync::Mutex<Option<syncq::local_postgres::LocalPostgres>> =
+    std::sync::Mutex::new(None);
+
+/// Before any test: make `DATABASE_URL` name a server that answers, with
+/// its database created (`#[sqlx::test]` connects there to create each
+/// test's database). Where nothing answers at the local default, a private
+/// cluster is started from the installed server programs.
+#[ctor::ctor(unsafe)]
+fn prepare_database() {
+    match syncq::testing::prepare_database_url() {
+        Ok(private) => {
+            *PRIVATE_POSTGRES
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = private;
+        }
+        Err(e) => eprintln!("test set-up: {e}"),
+    }
+}
+
+/// After the tests: stop and delete a private cluster.
+#[dtor::dtor(unsafe)]
+fn remove_private_database() {
+    if let Ok(mut private) = PRIVATE_POSTGRES.lock() {
+        private.take();
+    }
+}
+
 /// A connection pool on the test's database with room for worker pools.
 pub async fn connect(opts: &PgConnectOptions) -> PgPool {
     PgPoolOptions::new()

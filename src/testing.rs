@@ -1,0 +1,289 @@
+//! Helpers for testing your `SyncWorker`s against a real database, in the
+//! spirit of River's `rivertest` and `Oban.Testing`.
+//!
+//! - [`run_task`] enqueues a task, runs your handler on it once — with the
+//!   same fenced statements a `WorkerPool` uses — and returns the row as it
+//!   ended up: status, attempts, result, checkpoint, error.
+//! - [`enqueued`] and [`assert_enqueued`] look at what your code enqueued.
+//! - [`prepare_database_url`] makes `DATABASE_URL` point at a server that
+//!   answers, starting a private one when none does (see
+//!   [`LocalPostgres`](crate::local_postgres::LocalPostgres)).
+//!
+//! ```no_run
+//! use serde_json::json;
+//! use syncq::testing::{assert_enqueued, run_task};
+//! use syncq::{NewTask, SyncTask, SyncWorker, TaskResult, async_trait};
+//!
+//! /// Fetches one page and enqueues the next.
+//! struct FetchPage;
+//!
+//! #[async_trait]
+//! impl SyncWorker for FetchPage {
+//!     async fn handle(&self, task: &mut SyncTask) -> TaskResult {
+//!         let page = task.payload()["page"].as_u64().unwrap_or(1);
+//!         if page < 3 {
+//!             task.enqueue(NewTask::new(task.dataset_id(), "fetch_page")
+//!                 .payload(json!({ "page": page + 1 }))).await?;
+//!         }
+//!         Ok(json!({ "fetched": page }))
+//!     }
+//! }
+//!
+//! #[sqlx::test(migrator = "syncq::MIGRATOR")]
+//! async fn fetching_a_page_enqueues_the_next(db: sqlx::PgPool) {
+//!     let done = run_task(&db, &FetchPage, NewTask::new("github", "fetch_page")
+//!         .payload(json!({ "page": 1 }))).await.unwrap();
+//!     assert_eq!(done.status, "succeeded");
+//!     assert_eq!(done.result, Some(json!({ "fetched": 1 })));
+//!     assert_enqueued(&db, "github", "fetch_page", json!({ "page": 2 })).await;
+//! }
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlx::PgPool;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+use crate::local_postgres::LocalPostgres;
+use crate::pool::Outcome;
+use crate::store;
+use crate::store::tasks::Fence;
+use crate::task::{NewTask, SyncTask, TaskContext, TaskId};
+use crate::worker::SyncWorker;
+use crate::{Backoff, PoolConfig};
+
+/// A task row as a test sees it after a run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TestedTask {
+    /// `id`.
+    pub id: TaskId,
+    /// `status`: `succeeded`, `failed`, `queued` (retry, throttle or
+    /// release), `cancelled`.
+    pub status: String,
+    /// Counted attempts.
+    pub attempts: i32,
+    /// `result` of a success.
+    pub result: Option<Value>,
+    /// The checkpoint the handler saved.
+    pub checkpoint: Option<Value>,
+    /// `last_error`.
+    pub last_error: Option<String>,
+}
+
+/// Enqueues `task` and runs `worker` on it once, recording the outcome as
+/// a pool would (retryable errors go back to `queued` with backoff, invalid
+/// ones to `failed`, and so on). Returns the row afterwards.
+pub async fn run_task(db: &PgPool, worker: &dyn SyncWorker, task: NewTask) -> Result<TestedTask> {
+    let id = crate::TaskQueueManager::new(db.clone())
+        .enqueue(task)
+        .await?;
+    run_enqueued(db, worker, id).await
+}
+
+/// Runs `worker` once on the queued task `id` (whatever its dataset's turn,
+/// limits or `run_at`), as [`run_task`] does.
+pub async fn run_enqueued(db: &PgPool, worker: &dyn SyncWorker, id: TaskId) -> Result<TestedTask> {
+    let worker_id: Arc<str> = Arc::from(format!("syncq-testing-{}", std::process::id()));
+    let config = PoolConfig::default();
+    let claimed = store::tasks::claim_by_id(db, id, &worker_id, config.lease)
+        .await?
+        .ok_or_else(|| Error::InvalidTask(format!("task {id} is not queued")))?;
+    let (commands, _) = broadcast::channel(16);
+    let ctx = TaskContext {
+        db: db.clone(),
+        worker_id: worker_id.clone(),
+        commands,
+        checkpoint: CancellationToken::new(),
+    };
+    let mut sync_task = SyncTask::new(claimed.clone(), ctx);
+    let result = worker.handle(&mut sync_task).await;
+    let fence = Fence {
+        id,
+        runs: claimed.runs,
+        worker_id: &worker_id,
+    };
+    let backoff: &Backoff = &config.backoff;
+    match Outcome::of(Ok(result), false) {
+        Outcome::Succeed(value) => {
+            store::tasks::succeed_many(db, &worker_id, &[(id, claimed.runs, value)]).await?;
+        }
+        Outcome::Retry(m) => {
+            let delay = backoff.delay(u32::try_from(claimed.attempts).unwrap_or(0));
+            store::tasks::fail_attempt(db, fence, &m, true, delay).await?;
+        }
+        Outcome::Fail(m) => {
+            store::tasks::fail_attempt(db, fence, &m, false, Duration::ZERO).await?;
+        }
+        Outcome::Throttle(m, after) => {
+            let wait = after.unwrap_or(config.default_retry_after);
+            store::tasks::rate_limited(db, fence, &m, wait).await?;
+        }
+        Outcome::Cancel => {
+            store::tasks::cancel_running(db, fence).await?;
+        }
+        Outcome::Release(error) => {
+            store::tasks::release(db, fence, error.as_deref()).await?;
+        }
+        Outcome::Fatal(m) => {
+            store::tasks::release(db, fence, Some(&format!("fatal: {m}"))).await?;
+        }
+        Outcome::Abandon => {}
+    }
+    tested(db, id).await
+}
+
+async fn tested(db: &PgPool, id: TaskId) -> Result<TestedTask> {
+    let row = store::inspect::task(db, id)
+        .await?
+        .ok_or_else(|| Error::InvalidTask(format!("task {id} is gone")))?;
+    Ok(TestedTask {
+        id,
+        status: row.status,
+        attempts: row.attempts,
+        result: row.result,
+        checkpoint: row.checkpoint,
+        last_error: row.last_error,
+    })
+}
+
+/// A queued task, as [`enqueued`] lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnqueuedTask {
+    /// `id`.
+    pub id: TaskId,
+    /// `payload`.
+    pub payload: Value,
+    /// `priority`.
+    pub priority: i16,
+    /// `unique_key`.
+    pub unique_key: Option<String>,
+}
+
+/// The queued tasks of `kind` in `dataset`, oldest first.
+pub async fn enqueued(db: &PgPool, dataset: &str, kind: &str) -> Result<Vec<EnqueuedTask>> {
+    Ok(store::inspect::queued_of_kind(db, dataset, kind)
+        .await?
+        .into_iter()
+        .map(|(id, payload, priority, unique_key)| EnqueuedTask {
+            id,
+            payload,
+            priority,
+            unique_key,
+        })
+        .collect())
+}
+
+/// Asserts that a task of `kind` is queued in `dataset` whose payload
+/// contains `payload` (JSON containment, as `@>`), and returns it. Panics
+/// listing what is queued otherwise.
+pub async fn assert_enqueued(
+    db: &PgPool,
+    dataset: &str,
+    kind: &str,
+    payload: Value,
+) -> EnqueuedTask {
+    let queued = match enqueued(db, dataset, kind).await {
+        Ok(q) => q,
+        Err(e) => panic!("assert_enqueued: cannot read the queue: {e}"),
+    };
+    if let Some(found) = queued.iter().find(|t| contains(&t.payload, &payload)) {
+        return found.clone();
+    }
+    let seen: Vec<String> = queued.iter().map(|t| t.payload.to_string()).collect();
+    panic!(
+        "no queued {kind:?} task in dataset {dataset:?} with a payload containing {payload}; queued: [{}]",
+        seen.join(", ")
+    );
+}
+
+/// JSON containment, as PostgreSQL's `jsonb @>`.
+fn contains(haystack: &Value, needle: &Value) -> bool {
+    match (haystack, needle) {
+        (Value::Object(h), Value::Object(n)) => n
+            .iter()
+            .all(|(k, v)| h.get(k).is_some_and(|hv| contains(hv, v))),
+        (Value::Array(h), Value::Array(n)) => n.iter().all(|v| h.iter().any(|hv| contains(hv, v))),
+        (h, n) => h == n,
+    }
+}
+
+/// Makes `DATABASE_URL` name a server that answers, with its database
+/// created: when it is unset or the local default
+/// (`postgres://postgres@127.0.0.1:5432/syncq`) and nothing answers there,
+/// starts a private cluster and points `DATABASE_URL` at it — keep the
+/// returned value alive for as long as the tests run (dropping it removes
+/// the cluster). Blocking; meant for a test binary's set-up, before its
+/// tests start (this crate's own tests call it from a `ctor`).
+pub fn prepare_database_url() -> Result<Option<LocalPostgres>> {
+    let default = crate::cli::DEFAULT_DATABASE_URL;
+    let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| default.to_string());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::LocalPostgres(format!("cannot start a runtime: {e}")))?;
+    let answers = runtime.block_on(ensure_database(&url));
+    let (private, url) = match answers {
+        Ok(()) => (None, url),
+        Err(_) if url == default => {
+            let pg = LocalPostgres::start()?;
+            let url = pg.url("syncq");
+            runtime.block_on(ensure_database(&url))?;
+            (Some(pg), url)
+        }
+        Err(e) => return Err(e),
+    };
+    drop(runtime);
+    // SAFETY-relevant: called before the tests start their threads.
+    // SAFETY: the runtime above is dropped (its threads joined); this runs
+    // before any test thread exists, so nothing reads the environment
+    // concurrently.
+    unsafe { std::env::set_var("DATABASE_URL", &url) };
+    Ok(private)
+}
+
+/// Connects to `url`'s server and creates its database if missing.
+async fn ensure_database(url: &str) -> Result<()> {
+    use sqlx::{ConnectOptions, Connection};
+    let options: sqlx::postgres::PgConnectOptions = url
+        .parse()
+        .map_err(|e| Error::LocalPostgres(format!("invalid DATABASE_URL: {e}")))?;
+    let name = options.get_database().unwrap_or("postgres").to_string();
+    let mut conn = options.clone().database("postgres").connect().await?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut conn)
+            .await?;
+    if !exists {
+        let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+        // A concurrent creator may win: that is fine.
+        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {quoted}")))
+            .execute(&mut conn)
+            .await;
+    }
+    let _ = conn.close().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::contains;
+    use serde_json::json;
+
+    #[test]
+    fn containment_is_jsonb_at_greater() {
+        let row = json!({ "page": 2, "tags": ["a", "b"], "meta": { "x": 1, "y": 2 } });
+        assert!(contains(&row, &json!({ "page": 2 })));
+        assert!(contains(
+            &row,
+            &json!({ "tags": ["b"], "meta": { "y": 2 } })
+        ));
+        assert!(!contains(&row, &json!({ "page": 3 })));
+        assert!(!contains(&row, &json!({ "tags": ["c"] })));
+        assert!(contains(&row, &json!({})));
+    }
+}
