@@ -46,6 +46,11 @@ pub struct PoolConfig {
     /// autovacuum is off or too slow for the queue's churn; harmless
     /// otherwise, and a no-op for a role that does not own the tables.
     pub vacuum: bool,
+    /// Sample queue depth, running count and oldest-ready age per dataset
+    /// from SQL this often, as metrics gauges (see [`crate::metrics`]).
+    /// None: no sampling (the default; `syncq worker --metrics-addr` sets
+    /// 5 s).
+    pub metrics_sample_interval: Option<Duration>,
 }
 
 impl PoolConfig {
@@ -126,6 +131,7 @@ impl Default for PoolConfig {
             exit_when_idle: false,
             retention: None,
             vacuum: true,
+            metrics_sample_interval: None,
         }
     }
 }

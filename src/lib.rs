@@ -46,6 +46,7 @@ pub mod error;
 pub mod local_postgres;
 pub mod maintenance;
 pub mod manager;
+pub mod metrics;
 pub mod pool;
 pub mod queue;
 pub mod rate_limit;

@@ -12,7 +12,7 @@
 //! `shutdown_grace` to save progress and return, aborts the rest, and releases
 //! every task it still holds back to `queued` with the attempt not counted.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -446,6 +446,9 @@ async fn run_pool(shared: Arc<Shared>, completion_rx: mpsc::Receiver<Completion>
     let background_stop = CancellationToken::new();
     let mut background = JoinSet::new();
     background.spawn(heartbeat_loop(shared.clone(), background_stop.clone()));
+    if let Some(every) = shared.config.metrics_sample_interval {
+        background.spawn(sample_loop(shared.clone(), every, background_stop.clone()));
+    }
     background.spawn(rescue_loop(shared.clone(), background_stop.clone()));
     background.spawn(complete_loop(
         shared.clone(),
@@ -519,6 +522,7 @@ async fn dispatch(shared: &Arc<Shared>, running: &mut JoinSet<()>, hard_stop: &C
         };
         let mut permits = vec![first];
         gather_permits(&slots, &mut permits, shared.config.concurrency).await;
+        let asked_at = std::time::Instant::now();
         let claimed = store::tasks::claim(
             &shared.db,
             &shared.worker_id,
@@ -528,6 +532,7 @@ async fn dispatch(shared: &Arc<Shared>, running: &mut JoinSet<()>, hard_stop: &C
             shared.config.lease,
         )
         .await;
+        crate::metrics::claim_round_trip(asked_at.elapsed());
         let tasks = match claimed {
             Ok(tasks) => {
                 db_failures = 0;
@@ -656,6 +661,8 @@ async fn run_task(
         attempt = task.attempts
     );
     async {
+        crate::metrics::task_started(&task);
+        let began = std::time::Instant::now();
         let joined = match shared.handlers.get(&task.kind).cloned() {
             // Claimed as the pool began to stop (a claim can race the
             // shutdown): hand it straight back, unstarted and uncounted.
@@ -688,6 +695,7 @@ async fn run_task(
         };
         let outcome = Outcome::of(joined, shared.shutdown.is_cancelled());
         let kind = outcome.kind();
+        crate::metrics::task_finished(&task, kind, began.elapsed());
         if let Some(held) = shared.held().get_mut(&task.id) {
             held.finishing = true;
         }
@@ -916,6 +924,31 @@ async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
                 }
             }
             Err(e) => warn!(error = %e, "renewing leases failed"),
+        }
+    }
+}
+
+/// Samples per-dataset queue gauges from SQL for the metrics.
+async fn sample_loop(shared: Arc<Shared>, every: Duration, stop: CancellationToken) {
+    let mut seen: HashSet<String> = HashSet::new();
+    loop {
+        match store::inspect::queue_depths(&shared.db).await {
+            Ok(rows) => {
+                let now: HashSet<String> = rows.iter().map(|r| r.0.clone()).collect();
+                for (dataset, queued, running, age) in &rows {
+                    crate::metrics::queue_sample(dataset, *queued, *running, *age);
+                }
+                // A dataset that emptied reads 0, not its last value.
+                for gone in seen.difference(&now) {
+                    crate::metrics::queue_sample(gone, 0, 0, 0.0);
+                }
+                seen = now;
+            }
+            Err(e) => warn!(error = %e, "sampling queue depths failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.cancelled() => return,
         }
     }
 }

@@ -28,8 +28,22 @@ pub struct Cli {
     #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 
+    /// Log lines on stderr as text or as JSON objects (one per line, with
+    /// the task span's fields: task_id, dataset, kind, attempt).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// The commands.
@@ -200,6 +214,9 @@ pub struct WorkerArgs {
     /// Never VACUUM syncq's tables from this worker (leave it to autovacuum).
     #[arg(long)]
     pub no_vacuum: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
+    #[arg(long)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 fn parse_retention(s: &str) -> Result<Cleared<Duration>, String> {
@@ -339,6 +356,29 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<(), CliError>
     }
 }
 
+/// Installs the Prometheus exporter, serving `/metrics` on `addr`.
+fn install_metrics(addr: std::net::SocketAddr) -> Result<(), CliError> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    let builder = PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(
+            Matcher::Full("syncq_task_duration_seconds".into()),
+            crate::metrics::TASK_DURATION_BUCKETS,
+        )
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full("syncq_claim_duration_seconds".into()),
+                crate::metrics::CLAIM_DURATION_BUCKETS,
+            )
+        })
+        .map_err(|e| CliError::Runtime(format!("metrics: {e}")))?;
+    builder
+        .install()
+        .map_err(|e| CliError::Runtime(format!("cannot serve metrics on {addr}: {e}")))?;
+    tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+    Ok(())
+}
+
 pub(crate) fn io_error(e: std::io::Error) -> CliError {
     CliError::Runtime(format!("cannot write output: {e}"))
 }
@@ -462,8 +502,12 @@ async fn worker(options: &PgConnectOptions, args: WorkerArgs) -> Result<(), CliE
         exit_when_idle: args.exit_when_idle,
         retention: args.retention.into_option(),
         vacuum: !args.no_vacuum,
+        metrics_sample_interval: args.metrics_addr.map(|_| Duration::from_secs(5)),
         ..PoolConfig::default()
     };
+    if let Some(addr) = args.metrics_addr {
+        install_metrics(addr)?;
+    }
     config.validate()?;
     let connections = args.concurrency.saturating_add(4);
     let db = connect(options, connections).await?;

@@ -239,3 +239,26 @@ pub async fn queued_of_kind(
         .map(|r| (r.id, r.payload, r.priority, r.unique_key))
         .collect())
 }
+
+/// Per dataset with queued or running tasks: `(dataset, queued, running,
+/// age in seconds of its oldest ready task)`, for the metrics sampler.
+pub async fn queue_depths(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<(String, i64, i64, f64)>> {
+    let rows = sqlx::query!(
+        r#"
+        SELECT dataset_id AS "dataset_id!",
+               count(*) FILTER (WHERE status = 'queued') AS "queued!",
+               count(*) FILTER (WHERE status = 'running') AS "running!",
+               coalesce(extract(epoch FROM now() - min(run_at) FILTER (
+                   WHERE status = 'queued' AND run_at <= now())), 0)::float8 AS "oldest_ready_age!"
+        FROM syncq.tasks
+        WHERE status IN ('queued', 'running')
+        GROUP BY dataset_id
+        "#
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.dataset_id, r.queued, r.running, r.oldest_ready_age))
+        .collect())
+}

@@ -1,0 +1,74 @@
+//! The metrics a pool records, through the [`metrics`] facade: nothing is
+//! recorded unless the application installs a recorder (`syncq worker
+//! --metrics-addr` installs a Prometheus exporter). Names and labels live
+//! here, in one place.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `syncq_tasks_started_total` | counter | dataset, kind |
+//! | `syncq_tasks_succeeded_total` | counter | dataset, kind |
+//! | `syncq_tasks_failed_total` | counter | dataset, kind |
+//! | `syncq_tasks_retried_total` | counter | dataset, kind |
+//! | `syncq_tasks_cancelled_total` | counter | dataset, kind |
+//! | `syncq_tasks_released_total` | counter | dataset, kind |
+//! | `syncq_throttles_total` | counter | dataset, kind |
+//! | `syncq_task_duration_seconds` | histogram | dataset, kind |
+//! | `syncq_claim_duration_seconds` | histogram | |
+//! | `syncq_queue_depth` | gauge (sampled from SQL) | dataset |
+//! | `syncq_running_tasks` | gauge (sampled from SQL) | dataset |
+//! | `syncq_oldest_ready_age_seconds` | gauge (sampled from SQL) | dataset |
+//!
+//! Labels carry dataset names: with many thousands of datasets, mind your
+//! metrics backend's series limits.
+
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+
+use crate::pool::OutcomeKind;
+use crate::task::ClaimedTask;
+
+/// Histogram buckets (seconds) for task durations.
+pub const TASK_DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+/// Histogram buckets (seconds) for claim round trips.
+pub const CLAIM_DURATION_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+
+pub(crate) fn task_started(task: &ClaimedTask) {
+    counter!("syncq_tasks_started_total", "dataset" => task.dataset_id.clone(), "kind" => task.kind.clone())
+        .increment(1);
+}
+
+pub(crate) fn task_finished(task: &ClaimedTask, outcome: OutcomeKind, took: Duration) {
+    let labels = [
+        ("dataset", task.dataset_id.clone()),
+        ("kind", task.kind.clone()),
+    ];
+    histogram!("syncq_task_duration_seconds", &labels).record(took.as_secs_f64());
+    let name = match outcome {
+        OutcomeKind::Succeeded => "syncq_tasks_succeeded_total",
+        // A counted failure with no attempt left ends the task failed.
+        OutcomeKind::Retried if task.attempts >= task.max_attempts => "syncq_tasks_failed_total",
+        OutcomeKind::Retried => "syncq_tasks_retried_total",
+        OutcomeKind::Failed => "syncq_tasks_failed_total",
+        OutcomeKind::Throttled => "syncq_throttles_total",
+        OutcomeKind::Cancelled => "syncq_tasks_cancelled_total",
+        OutcomeKind::Released => "syncq_tasks_released_total",
+        OutcomeKind::LeaseLost => return,
+    };
+    counter!(name, &labels).increment(1);
+}
+
+pub(crate) fn claim_round_trip(took: Duration) {
+    histogram!("syncq_claim_duration_seconds").record(took.as_secs_f64());
+}
+
+pub(crate) fn queue_sample(dataset: &str, queued: i64, running: i64, oldest_ready_age: f64) {
+    let dataset = dataset.to_string();
+    gauge!("syncq_queue_depth", "dataset" => dataset.clone()).set(queued as f64);
+    gauge!("syncq_running_tasks", "dataset" => dataset.clone()).set(running as f64);
+    gauge!("syncq_oldest_ready_age_seconds", "dataset" => dataset).set(oldest_ready_age);
+}
