@@ -428,11 +428,14 @@ fn write_summary(rows: &[Summary], out: &mut (dyn Write + Send)) -> Result<(), C
         ));
     }
     text.push_str(
-        "\nattempts: counted runs; retries: attempts after a failure; throttles: runs answered \
-         \"rate limit exceeded\" (the dataset paused in both pools, not counted as attempts); \
-         resumed: tasks that continued from a checkpoint after their host restarted; starts/s: \
-         runs / (time to the last start + one rate window), at most the limit when it held.\n\
-         Look around: `syncq status`, `syncq tasks --dataset demo-jira`, `syncq show <id>`.\n",
+        "\nattempts   counted runs\n\
+         retries    attempts after a failure (backoff in between)\n\
+         throttles  runs answered \"rate limit exceeded\": the dataset paused in both pools;\n\
+         \x20          not counted as attempts\n\
+         resumed    tasks that continued from their checkpoint after their host restarted\n\
+         starts/s   runs / (time to the last start + one rate window): at most the limit\n\
+         \x20          when the limit held\n\
+         \nLook around: `syncq status`, `syncq tasks --dataset demo-jira`, `syncq show <id>`.\n",
     );
     write!(out, "{text}").map_err(io_error)
 }
