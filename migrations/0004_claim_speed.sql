@@ -161,6 +161,11 @@ BEGIN
                -- CASE, not coalesce: no counting for a dataset without
                -- that setting.
                greatest(0, least(
+                   -- A cap or limit set since step 1 on a dataset this claim
+                   -- did not lock: skip it now; the next claim locks it.
+                   CASE WHEN (d.max_concurrency IS NOT NULL OR d.rate_limit IS NOT NULL)
+                             AND NOT (d.dataset_id = ANY (coalesce(v_locked, '{}')))
+                        THEN 0 END,
                    ceil(p_limit::float8 / cardinality(v_turns))::int,
                    CASE WHEN d.max_concurrency IS NULL THEN p_limit
                         ELSE d.max_concurrency - (
