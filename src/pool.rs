@@ -729,7 +729,6 @@ async fn record(shared: &Shared, task: &ClaimedTask, outcome: Outcome) -> bool {
         fatal.get_or_insert((task.id, message.clone()));
         shared.shutdown.cancel();
     }
-    let failed_attempts = u32::try_from(task.attempts).unwrap_or(0);
     for attempt in 1..=5u32 {
         let written = match &outcome {
             Outcome::Succeed(value) => match complete(shared, task, value.clone()).await {
@@ -745,29 +744,11 @@ async fn record(shared: &Shared, task: &ClaimedTask, outcome: Outcome) -> bool {
                 }
                 Err(CompleteError::Failed(e)) => Err(sqlx::Error::Protocol(e)),
             },
-            Outcome::Retry(m) => {
-                let delay = shared.config.backoff.delay(failed_attempts);
-                store::tasks::fail_attempt(&shared.db, fence, m, true, delay).await
-            }
-            Outcome::Fail(m) => {
-                store::tasks::fail_attempt(&shared.db, fence, m, false, Duration::ZERO).await
-            }
-            Outcome::Throttle(m, retry_after) => {
-                let wait = retry_after.unwrap_or(shared.config.default_retry_after);
-                store::tasks::rate_limited(&shared.db, fence, m, wait).await
-            }
-            Outcome::Cancel => store::tasks::cancel_running(&shared.db, fence).await,
-            Outcome::Release(error) => {
-                store::tasks::release(&shared.db, fence, error.as_deref()).await
-            }
-            Outcome::Fatal(m) => {
-                let error = format!("fatal: {m}");
-                store::tasks::release(&shared.db, fence, Some(&error)).await
-            }
             Outcome::Abandon => {
                 info!("lease lost: another worker owns this task now");
                 return false;
             }
+            other => write_outcome(&shared.db, fence, other, task.attempts, &shared.config).await,
         };
         match written {
             Ok(true) => {
@@ -786,6 +767,42 @@ async fn record(shared: &Shared, task: &ClaimedTask, outcome: Outcome) -> bool {
     }
     error!("could not record the outcome; the lease will expire and the task be rescued");
     false
+}
+
+/// Writes one outcome with its fenced statement: SPEC §3's table, for the
+/// pool (which batches successes itself) and `syncq::testing`. `attempts`
+/// is the task's counted attempts at claim, for the backoff. False: fenced
+/// out (or `Abandon`, which writes nothing).
+pub(crate) async fn write_outcome(
+    db: &PgPool,
+    fence: Fence<'_>,
+    outcome: &Outcome,
+    attempts: i32,
+    config: &PoolConfig,
+) -> sqlx::Result<bool> {
+    match outcome {
+        Outcome::Succeed(value) => {
+            let row = [(fence.id, fence.runs, value.clone())];
+            let written = store::tasks::succeed_many(db, fence.worker_id, &row).await?;
+            Ok(written.contains(&fence.id))
+        }
+        Outcome::Retry(m) => {
+            let delay = config.backoff.delay(u32::try_from(attempts).unwrap_or(0));
+            store::tasks::fail_attempt(db, fence, m, true, delay).await
+        }
+        Outcome::Fail(m) => store::tasks::fail_attempt(db, fence, m, false, Duration::ZERO).await,
+        Outcome::Throttle(m, retry_after) => {
+            let wait = retry_after.unwrap_or(config.default_retry_after);
+            store::tasks::rate_limited(db, fence, m, wait).await
+        }
+        Outcome::Cancel => store::tasks::cancel_running(db, fence).await,
+        Outcome::Release(error) => store::tasks::release(db, fence, error.as_deref()).await,
+        Outcome::Fatal(m) => {
+            let error = format!("fatal: {m}");
+            store::tasks::release(db, fence, Some(&error)).await
+        }
+        Outcome::Abandon => Ok(false),
+    }
 }
 
 /// Hands a success to the completer and waits until it is written.

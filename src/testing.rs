@@ -40,13 +40,13 @@
 //! ```
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde_json::Value;
 use sqlx::PgPool;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
+use crate::PoolConfig;
 use crate::error::{Error, Result};
 use crate::local_postgres::LocalPostgres;
 use crate::pool::Outcome;
@@ -54,7 +54,6 @@ use crate::store;
 use crate::store::tasks::Fence;
 use crate::task::{NewTask, SyncTask, TaskContext, TaskId};
 use crate::worker::SyncWorker;
-use crate::{Backoff, PoolConfig};
 
 /// A task row as a test sees it after a run.
 #[derive(Debug, Clone, PartialEq)]
@@ -106,33 +105,14 @@ pub async fn run_enqueued(db: &PgPool, worker: &dyn SyncWorker, id: TaskId) -> R
         runs: claimed.runs,
         worker_id: &worker_id,
     };
-    let backoff: &Backoff = &config.backoff;
-    match Outcome::of(Ok(result), false) {
-        Outcome::Succeed(value) => {
-            store::tasks::succeed_many(db, &worker_id, &[(id, claimed.runs, value)]).await?;
-        }
-        Outcome::Retry(m) => {
-            let delay = backoff.delay(u32::try_from(claimed.attempts).unwrap_or(0));
-            store::tasks::fail_attempt(db, fence, &m, true, delay).await?;
-        }
-        Outcome::Fail(m) => {
-            store::tasks::fail_attempt(db, fence, &m, false, Duration::ZERO).await?;
-        }
-        Outcome::Throttle(m, after) => {
-            let wait = after.unwrap_or(config.default_retry_after);
-            store::tasks::rate_limited(db, fence, &m, wait).await?;
-        }
-        Outcome::Cancel => {
-            store::tasks::cancel_running(db, fence).await?;
-        }
-        Outcome::Release(error) => {
-            store::tasks::release(db, fence, error.as_deref()).await?;
-        }
-        Outcome::Fatal(m) => {
-            store::tasks::release(db, fence, Some(&format!("fatal: {m}"))).await?;
-        }
-        Outcome::Abandon => {}
-    }
+    crate::pool::write_outcome(
+        db,
+        fence,
+        &Outcome::of(Ok(result), false),
+        claimed.attempts,
+        &config,
+    )
+    .await?;
     tested(db, id).await
 }
 
