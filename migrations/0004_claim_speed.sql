@@ -287,3 +287,45 @@ LANGUAGE sql STABLE AS $$
            ORDER BY t.priority, t.run_at, t.id
            LIMIT 1)
 $$;
+
+-- Repairs ready_at of datasets it says are ready when none of their queued
+-- tasks is. Two claimers that take a dataset's last ready tasks side by
+-- side each still see the other's (uncommitted) claims as queued in step 3,
+-- so neither marks it idle, and step 1 never picks it again to do so; if it
+-- also has delayed tasks, ready_at stays in the past and next_claim_in
+-- keeps answering "now". A worker calls this after a few such answers in a
+-- row. Same protocol as the claim's step 3. Returns the datasets repaired.
+CREATE FUNCTION syncq.refresh_ready(p_datasets text[])
+RETURNS int
+LANGUAGE plpgsql
+SET enable_seqscan = off
+AS $$
+DECLARE
+    v_stale text[];
+    v_now timestamptz := clock_timestamp();
+    v_done int;
+BEGIN
+    v_stale := ARRAY(
+        SELECT d.dataset_id FROM syncq.datasets d
+        WHERE d.ready_at IS NOT NULL AND d.ready_at <= v_now
+          AND (p_datasets IS NULL OR d.dataset_id = ANY (p_datasets))
+          AND (SELECT true FROM syncq.tasks t
+               WHERE t.dataset_id = d.dataset_id AND t.status = 'queued' AND t.run_at <= v_now
+               ORDER BY t.priority, t.run_at, t.id
+               LIMIT 1) IS NULL
+        FOR UPDATE OF d SKIP LOCKED);
+    IF cardinality(v_stale) = 0 THEN
+        RETURN 0;
+    END IF;
+    UPDATE syncq.datasets d
+    SET ready_at = (SELECT min(t.run_at) FROM syncq.tasks t
+                    WHERE t.dataset_id = d.dataset_id AND t.status = 'queued')
+    WHERE d.dataset_id = ANY (v_stale)
+      AND (SELECT true FROM syncq.tasks t
+           WHERE t.dataset_id = d.dataset_id AND t.status = 'queued' AND t.run_at <= v_now
+           ORDER BY t.priority, t.run_at, t.id
+           LIMIT 1) IS NULL;
+    GET DIAGNOSTICS v_done = ROW_COUNT;
+    RETURN v_done;
+END;
+$$;

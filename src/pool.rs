@@ -510,6 +510,7 @@ async fn run_pool(shared: Arc<Shared>, completion_rx: mpsc::Receiver<Completion>
 async fn dispatch(shared: &Arc<Shared>, running: &mut JoinSet<()>, hard_stop: &CancellationToken) {
     let slots = Arc::new(Semaphore::new(shared.config.concurrency));
     let mut db_failures: u32 = 0;
+    let mut lost_races: u32 = 0;
     loop {
         while running.try_join_next().is_some() {}
         let first = tokio::select! {
@@ -550,6 +551,7 @@ async fn dispatch(shared: &Arc<Shared>, running: &mut JoinSet<()>, hard_stop: &C
             }
         };
         if !tasks.is_empty() {
+            lost_races = 0;
             debug!(
                 claimed = tasks.len(),
                 asked = permits.len(),
@@ -583,6 +585,17 @@ async fn dispatch(shared: &Arc<Shared>, running: &mut JoinSet<()>, hard_stop: &C
         match store::tasks::next_claim_in(&shared.db, &shared.kinds, shared.datasets()).await {
             Ok(Some(d)) if d.is_zero() => {
                 wait = Duration::from_millis(5 + rand::random::<u64>() % 20);
+                // "Ready now" yet nothing claimed, again and again: a
+                // dataset's ready_at may be stale (see refresh_ready).
+                lost_races += 1;
+                if lost_races >= 3 {
+                    lost_races = 0;
+                    match store::tasks::refresh_ready(&shared.db, shared.datasets()).await {
+                        Ok(0) => {}
+                        Ok(n) => debug!(datasets = n, "repaired stale ready_at"),
+                        Err(e) => warn!(error = %e, "repairing ready_at failed"),
+                    }
+                }
             }
             Ok(Some(d)) => wait = wait.min(d + Duration::from_millis(2)),
             Ok(None) => {}
@@ -696,11 +709,20 @@ async fn run_task(
         let outcome = Outcome::of(joined, shared.shutdown.is_cancelled());
         let kind = outcome.kind();
         crate::metrics::task_finished(&task, kind, began.elapsed());
-        if let Some(held) = shared.held().get_mut(&task.id) {
+        // Only this run's entry: after a lost lease the same task may have
+        // been claimed again by this pool, with a newer `runs`.
+        if let Some(held) = shared.held().get_mut(&task.id)
+            && held.runs == task.runs
+        {
             held.finishing = true;
         }
         let recorded = record(&shared, &task, outcome).await;
-        shared.held().remove(&task.id);
+        {
+            let mut held = shared.held();
+            if held.get(&task.id).is_some_and(|h| h.runs == task.runs) {
+                held.remove(&task.id);
+            }
+        }
         drop(permit);
         // A slot of a capped dataset may have freed: let an idle dispatcher look.
         shared.wake.notify_one();
@@ -861,7 +883,15 @@ async fn complete_loop(
             .iter_mut()
             .map(|r| (r.id, r.runs, std::mem::take(&mut r.result)))
             .collect();
-        let written = store::tasks::succeed_many(&shared.db, &shared.worker_id, &rows).await;
+        // The same task twice (a run that lost its lease and this pool's
+        // newer claim of it): one statement cannot fence both, so the batch
+        // goes one by one, as a refused batch does.
+        let distinct: HashSet<TaskId> = rows.iter().map(|r| r.0).collect();
+        let written = if distinct.len() == rows.len() {
+            store::tasks::succeed_many(&shared.db, &shared.worker_id, &rows).await
+        } else {
+            Err(sqlx::Error::Protocol("a task twice in one batch".into()))
+        };
         debug!(batch = batch.len(), "wrote successes");
         match written {
             Ok(ids) => {
@@ -873,7 +903,8 @@ async fn complete_loop(
             // success on its own, so only that task's write fails.
             Err(e)
                 if batch.len() > 1
-                    && matches!(CompleteError::of(&e), CompleteError::Refused(_)) =>
+                    && (distinct.len() < rows.len()
+                        || matches!(CompleteError::of(&e), CompleteError::Refused(_))) =>
             {
                 warn!(error = %e, batch = batch.len(), "a batch of successes was refused; writing them one by one");
                 for (request, row) in batch.into_iter().zip(rows) {

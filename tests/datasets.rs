@@ -551,3 +551,54 @@ async fn claims_share_an_unlimited_dataset_but_take_turns_on_a_capped_one(
         2
     );
 }
+
+/// Two claimers taking a dataset's last ready tasks side by side can leave
+/// its ready_at in the past while only delayed tasks remain; workers would
+/// then be told "ready now" until the delayed task is due. refresh_ready
+/// (called by a worker after a few such answers) puts it back to the
+/// delayed task's run_at.
+#[sqlx::test]
+async fn a_stale_ready_at_is_repaired_instead_of_spinning(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let db = common::connect(&opts).await;
+    let later: DateTime<Utc> = sqlx::query_scalar(
+        "INSERT INTO syncq.tasks (dataset_id, kind, run_at)
+         VALUES ('stale', 'noop', now() + interval '1 hour') RETURNING run_at",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    // The state the race leaves behind.
+    sqlx::query("UPDATE syncq.datasets SET ready_at = now() - interval '1 second' WHERE dataset_id = 'stale'")
+        .execute(&db)
+        .await
+        .unwrap();
+    let next_claim_in = || async {
+        sqlx::query_scalar::<_, Option<f64>>("SELECT syncq.next_claim_in('{noop}', NULL)")
+            .fetch_one(&db)
+            .await
+            .unwrap()
+    };
+    assert_eq!(
+        next_claim_in().await,
+        Some(0.0),
+        "the stale state is not staged"
+    );
+
+    let repaired: i32 = sqlx::query_scalar("SELECT syncq.refresh_ready(NULL)")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(repaired, 1);
+    assert_eq!(ready_at(&db, "stale").await, Some(later));
+    assert!(next_claim_in().await.unwrap_or(0.0) > 3000.0);
+    // A dataset with a ready task is left alone.
+    common::insert(&db, "fresh", "noop", json!({})).await;
+    let repaired: i32 = sqlx::query_scalar("SELECT syncq.refresh_ready(NULL)")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(repaired, 0);
+}

@@ -45,8 +45,12 @@ impl Vacuumer {
         if due.is_empty() {
             return Ok(due);
         }
-        let mut conn = db.acquire().await?;
+        // Detached from the pool: if this future is dropped mid-sweep the
+        // connection closes and the session's advisory lock goes with it,
+        // instead of going back to the pool still held.
+        let mut conn = db.acquire().await?.detach();
         if !store::ops::try_vacuum_lock(&mut conn).await? {
+            let _ = sqlx::Connection::close(conn).await;
             return Ok(Vec::new());
         }
         let mut result = Ok(());
@@ -57,11 +61,8 @@ impl Vacuumer {
             }
             tracing::debug!(table = %table, "vacuumed");
         }
-        // Released even after a failed VACUUM; if this fails too, the
-        // connection is closed rather than returned with the lock held.
-        if store::ops::vacuum_unlock(&mut conn).await.is_err() {
-            conn.close_on_drop();
-        }
+        let _ = store::ops::vacuum_unlock(&mut conn).await;
+        let _ = sqlx::Connection::close(conn).await;
         result.map(|()| due)
     }
 }

@@ -658,3 +658,14 @@ pub async fn rescue_expired(db: impl PgExecutor<'_>, batch: i64) -> sqlx::Result
     .fetch_all(db)
     .await
 }
+
+/// Repairs `ready_at` of datasets marked ready that have no ready task
+/// (`syncq.refresh_ready()`, see migrations/0004); returns how many.
+pub async fn refresh_ready(
+    db: impl PgExecutor<'_>,
+    datasets: Option<&[String]>,
+) -> sqlx::Result<i32> {
+    sqlx::query_scalar!(r#"SELECT syncq.refresh_ready($1) AS "repaired!""#, datasets)
+        .fetch_one(db)
+        .await
+}
