@@ -72,6 +72,45 @@ BEGIN
 END;
 $$;
 
+-- Marks idle those of `p_candidates` left without a task ready at `p_now`:
+-- ready_at becomes the earliest queued run_at (NULL if none), so they drop
+-- out of the claim's scan. Each is locked FOR UPDATE SKIP LOCKED first (a
+-- writer of queued tasks holds KEY SHARE until it commits) and looked at
+-- again by a later statement, whose snapshot sees every insert committed
+-- before the lock. Used by the claim's step 3 and by refresh_ready().
+CREATE FUNCTION syncq.mark_idle(p_candidates text[], p_now timestamptz)
+RETURNS int
+LANGUAGE plpgsql
+SET enable_seqscan = off
+AS $$
+DECLARE
+    v_idle text[];
+    v_done int;
+BEGIN
+    v_idle := ARRAY(
+        SELECT d.dataset_id FROM syncq.datasets d
+        WHERE d.dataset_id = ANY (p_candidates)
+          AND (SELECT true FROM syncq.tasks t
+               WHERE t.dataset_id = d.dataset_id AND t.status = 'queued' AND t.run_at <= p_now
+               ORDER BY t.priority, t.run_at, t.id
+               LIMIT 1) IS NULL
+        FOR UPDATE OF d SKIP LOCKED);
+    IF cardinality(v_idle) = 0 THEN
+        RETURN 0;
+    END IF;
+    UPDATE syncq.datasets d
+    SET ready_at = (SELECT min(t.run_at) FROM syncq.tasks t
+                    WHERE t.dataset_id = d.dataset_id AND t.status = 'queued')
+    WHERE d.dataset_id = ANY (v_idle)
+      AND (SELECT true FROM syncq.tasks t
+           WHERE t.dataset_id = d.dataset_id AND t.status = 'queued' AND t.run_at <= p_now
+           ORDER BY t.priority, t.run_at, t.id
+           LIMIT 1) IS NULL;
+    GET DIAGNOSTICS v_done = ROW_COUNT;
+    RETURN v_done;
+END;
+$$;
+
 -- Hands `p_limit` ready tasks of `p_kinds` to `p_worker`, round-robin across
 -- datasets, honouring pause, throttle, max_concurrency and rate_limit.
 --
@@ -105,7 +144,6 @@ DECLARE
     v_turns text[] := '{}';
     v_limited text[] := '{}';
     v_locked text[];
-    v_idle text[];
     v_row record;
     v_now timestamptz;
 BEGIN
@@ -239,24 +277,7 @@ BEGIN
     FROM claimed c
     ORDER BY c.id;
 
-    v_idle := ARRAY(
-        SELECT d.dataset_id FROM syncq.datasets d
-        WHERE d.dataset_id = ANY (v_turns)
-          AND (SELECT true FROM syncq.tasks t
-               WHERE t.dataset_id = d.dataset_id AND t.status = 'queued' AND t.run_at <= v_now
-               ORDER BY t.priority, t.run_at, t.id
-               LIMIT 1) IS NULL
-        FOR UPDATE OF d SKIP LOCKED);
-    IF cardinality(v_idle) > 0 THEN
-        UPDATE syncq.datasets d
-        SET ready_at = (SELECT min(t.run_at) FROM syncq.tasks t
-                        WHERE t.dataset_id = d.dataset_id AND t.status = 'queued')
-        WHERE d.dataset_id = ANY (v_idle)
-          AND (SELECT true FROM syncq.tasks t
-               WHERE t.dataset_id = d.dataset_id AND t.status = 'queued' AND t.run_at <= v_now
-               ORDER BY t.priority, t.run_at, t.id
-               LIMIT 1) IS NULL;
-    END IF;
+    PERFORM syncq.mark_idle(v_turns, v_now);
 END;
 $$;
 
@@ -297,35 +318,10 @@ $$;
 -- row. Same protocol as the claim's step 3. Returns the datasets repaired.
 CREATE FUNCTION syncq.refresh_ready(p_datasets text[])
 RETURNS int
-LANGUAGE plpgsql
-SET enable_seqscan = off
+LANGUAGE sql
 AS $$
-DECLARE
-    v_stale text[];
-    v_now timestamptz := clock_timestamp();
-    v_done int;
-BEGIN
-    v_stale := ARRAY(
+    SELECT syncq.mark_idle(ARRAY(
         SELECT d.dataset_id FROM syncq.datasets d
-        WHERE d.ready_at IS NOT NULL AND d.ready_at <= v_now
-          AND (p_datasets IS NULL OR d.dataset_id = ANY (p_datasets))
-          AND (SELECT true FROM syncq.tasks t
-               WHERE t.dataset_id = d.dataset_id AND t.status = 'queued' AND t.run_at <= v_now
-               ORDER BY t.priority, t.run_at, t.id
-               LIMIT 1) IS NULL
-        FOR UPDATE OF d SKIP LOCKED);
-    IF cardinality(v_stale) = 0 THEN
-        RETURN 0;
-    END IF;
-    UPDATE syncq.datasets d
-    SET ready_at = (SELECT min(t.run_at) FROM syncq.tasks t
-                    WHERE t.dataset_id = d.dataset_id AND t.status = 'queued')
-    WHERE d.dataset_id = ANY (v_stale)
-      AND (SELECT true FROM syncq.tasks t
-           WHERE t.dataset_id = d.dataset_id AND t.status = 'queued' AND t.run_at <= v_now
-           ORDER BY t.priority, t.run_at, t.id
-           LIMIT 1) IS NULL;
-    GET DIAGNOSTICS v_done = ROW_COUNT;
-    RETURN v_done;
-END;
+        WHERE d.ready_at IS NOT NULL AND d.ready_at <= clock_timestamp()
+          AND (p_datasets IS NULL OR d.dataset_id = ANY (p_datasets))), clock_timestamp())
 $$;
