@@ -51,6 +51,72 @@ pub struct PoolConfig {
     /// None: no sampling (the default; `syncq worker --metrics-addr` sets
     /// 5 s).
     pub metrics_sample_interval: Option<Duration>,
+    /// How long this pool leaves out a dataset whose claims fail because of
+    /// its own rows (the log names it), so it cannot stop the others being
+    /// served; then the pool tries it again.
+    pub set_aside: Duration,
+}
+
+/// The range a duration setting must lie in: every flag and field has one,
+/// so no value can overflow a computation or make every claim fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurationRange {
+    /// Smallest allowed value.
+    pub min: Duration,
+    /// Largest allowed value.
+    pub max: Duration,
+}
+
+const fn range(min: Duration, max: Duration) -> DurationRange {
+    DurationRange { min, max }
+}
+
+const MS: Duration = Duration::from_millis(1);
+const SECOND: Duration = Duration::from_secs(1);
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(86_400);
+
+impl DurationRange {
+    /// Whether `value` is in the range.
+    pub fn contains(&self, value: Duration) -> bool {
+        self.min <= value && value <= self.max
+    }
+
+    /// The error for a value out of range, naming `field`.
+    pub fn check(&self, field: &'static str, value: Duration) -> Result<()> {
+        if self.contains(value) {
+            return Ok(());
+        }
+        Err(Error::config(
+            field,
+            format!("must be {}, got {}", self.describe(), show(value)),
+        ))
+    }
+
+    /// Parses a duration such as `500ms`, `30s`, `5m`, `7d` and checks the
+    /// range: what the CLI's duration flags use.
+    pub fn parse(&self, text: &str) -> std::result::Result<Duration, String> {
+        let value = humantime::parse_duration(text)
+            .map_err(|e| format!("{e} (expected e.g. 500ms, 30s, 5m, 7d)"))?;
+        if self.contains(value) {
+            Ok(value)
+        } else {
+            Err(format!("must be {}, got {text}", self.describe()))
+        }
+    }
+
+    /// "between 100ms and 1day".
+    pub fn describe(&self) -> String {
+        format!("between {} and {}", show(self.min), show(self.max))
+    }
+}
+
+fn show(d: Duration) -> String {
+    if d.is_zero() {
+        "0s".to_string()
+    } else {
+        humantime::format_duration(d).to_string()
+    }
 }
 
 impl PoolConfig {
@@ -68,6 +134,34 @@ impl PoolConfig {
     pub const DEFAULT_RESCUE_INTERVAL: Duration = Duration::from_secs(5);
     /// Default `default_retry_after`.
     pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(5);
+    /// Default `set_aside`.
+    pub const DEFAULT_SET_ASIDE: Duration = Duration::from_secs(60);
+
+    /// `lease`: long enough to be renewed, short enough that a dead
+    /// worker's tasks come back the same day.
+    pub const LEASE_RANGE: DurationRange = range(Duration::from_millis(100), DAY);
+    /// `heartbeat` (and it must be shorter than `lease`).
+    pub const HEARTBEAT_RANGE: DurationRange = range(Duration::from_millis(10), DAY);
+    /// `poll_interval`.
+    pub const POLL_INTERVAL_RANGE: DurationRange = range(MS, HOUR);
+    /// `rescue_interval`.
+    pub const RESCUE_INTERVAL_RANGE: DurationRange = range(Duration::from_millis(10), HOUR);
+    /// `shutdown_grace`.
+    pub const SHUTDOWN_GRACE_RANGE: DurationRange = range(Duration::ZERO, HOUR);
+    /// `default_retry_after` (the longest throttle, as
+    /// [`TaskError::MAX_RETRY_AFTER`](crate::TaskError::MAX_RETRY_AFTER)).
+    pub const RETRY_AFTER_RANGE: DurationRange = range(Duration::ZERO, DAY);
+    /// `backoff.base` and `backoff.max`.
+    pub const BACKOFF_RANGE: DurationRange = range(Duration::ZERO, Duration::from_secs(7 * 86_400));
+    /// `retention` (about 100 years at most).
+    pub const RETENTION_RANGE: DurationRange = range(SECOND, Duration::from_secs(36_500 * 86_400));
+    /// `syncq prune --older-than`.
+    pub const PRUNE_AGE_RANGE: DurationRange =
+        range(Duration::ZERO, Duration::from_secs(36_500 * 86_400));
+    /// `metrics_sample_interval`.
+    pub const METRICS_SAMPLE_RANGE: DurationRange = range(Duration::from_millis(100), HOUR);
+    /// `set_aside`.
+    pub const SET_ASIDE_RANGE: DurationRange = range(Duration::from_millis(10), HOUR);
 
     /// Checks every field; the error names the first one out of range.
     pub fn validate(&self) -> Result<()> {
@@ -85,16 +179,28 @@ impl PoolConfig {
                 "must name at least one dataset, none empty",
             ));
         }
-        let positive = [
-            ("lease", self.lease),
-            ("heartbeat", self.heartbeat),
-            ("poll_interval", self.poll_interval),
-            ("rescue_interval", self.rescue_interval),
-        ];
-        for (field, value) in positive {
-            if value.is_zero() {
-                return Err(Error::config(field, "must be greater than zero"));
-            }
+        Self::LEASE_RANGE.check("lease", self.lease)?;
+        Self::HEARTBEAT_RANGE.check("heartbeat", self.heartbeat)?;
+        Self::POLL_INTERVAL_RANGE.check("poll_interval", self.poll_interval)?;
+        Self::RESCUE_INTERVAL_RANGE.check("rescue_interval", self.rescue_interval)?;
+        Self::SHUTDOWN_GRACE_RANGE.check("shutdown_grace", self.shutdown_grace)?;
+        Self::RETRY_AFTER_RANGE.check("default_retry_after", self.default_retry_after)?;
+        Self::BACKOFF_RANGE.check("backoff.base", self.backoff.base)?;
+        Self::BACKOFF_RANGE.check("backoff.max", self.backoff.max)?;
+        Self::SET_ASIDE_RANGE.check("set_aside", self.set_aside)?;
+        if let Some(retention) = self.retention {
+            Self::RETENTION_RANGE.check("retention", retention)?;
+        }
+        if let Some(every) = self.metrics_sample_interval {
+            Self::METRICS_SAMPLE_RANGE.check("metrics_sample_interval", every)?;
+        }
+        if let Some(datasets) = &self.datasets
+            && datasets.iter().any(|d| d.contains('\0'))
+        {
+            return Err(Error::config(
+                "datasets",
+                "must not contain a NUL character",
+            ));
         }
         if self.heartbeat >= self.lease {
             return Err(Error::config(
@@ -132,6 +238,7 @@ impl Default for PoolConfig {
             retention: None,
             vacuum: true,
             metrics_sample_interval: None,
+            set_aside: Self::DEFAULT_SET_ASIDE,
         }
     }
 }
@@ -160,5 +267,57 @@ mod tests {
         };
         let msg = bad.validate().unwrap_err().to_string();
         assert!(msg.contains("concurrency"), "{msg}");
+    }
+
+    #[test]
+    fn huge_durations_are_refused_not_overflowed() {
+        let years = Duration::from_secs(500_000_000_000 * 31_557_600 / 1_000_000);
+        for (field, config) in [
+            (
+                "lease",
+                PoolConfig {
+                    lease: years,
+                    ..Default::default()
+                },
+            ),
+            (
+                "rescue_interval",
+                PoolConfig {
+                    rescue_interval: years,
+                    ..Default::default()
+                },
+            ),
+            (
+                "retention",
+                PoolConfig {
+                    retention: Some(years),
+                    ..Default::default()
+                },
+            ),
+            (
+                "backoff.max",
+                PoolConfig {
+                    backoff: Backoff {
+                        max: years,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+            ),
+        ] {
+            let msg = config.validate().unwrap_err().to_string();
+            assert!(msg.contains(field) && msg.contains("between"), "{msg}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parsed_durations_are_in_range_or_refused(text in "[0-9]{1,15}(ns|us|ms|s|m|h|d|w|y)") {
+            let range = PoolConfig::LEASE_RANGE;
+            match range.parse(&text) {
+                Ok(d) => proptest::prop_assert!(range.contains(d)),
+                Err(message) => proptest::prop_assert!(!message.is_empty()),
+            }
+        }
     }
 }

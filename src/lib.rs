@@ -50,6 +50,7 @@ pub mod metrics;
 pub mod pool;
 pub mod queue;
 pub mod rate_limit;
+mod set_aside;
 pub mod store;
 pub mod task;
 pub mod testing;

@@ -30,6 +30,7 @@ use crate::error::{Error, Result};
 use crate::maintenance::pruner::Pruner;
 use crate::maintenance::rescuer::Rescuer;
 use crate::maintenance::vacuumer::Vacuumer;
+use crate::set_aside::{self, ClaimArgs, SetAside};
 use crate::store;
 use crate::store::tasks::Fence;
 use crate::task::{ClaimedTask, SyncTask, TaskContext, TaskId};
@@ -207,9 +208,22 @@ impl WorkerPoolBuilder {
                 "register at least one handler before building the pool",
             ));
         }
+        if let Some(kind) = self
+            .handlers
+            .keys()
+            .find(|k| k.is_empty() || k.contains('\0'))
+        {
+            return Err(Error::config(
+                "handlers",
+                format!("kind {kind:?} must be non-empty, without NUL characters"),
+            ));
+        }
         let worker_id = match self.worker_id {
-            Some(id) if id.is_empty() => {
-                return Err(Error::config("worker_id", "must not be empty"));
+            Some(id) if id.is_empty() || id.len() > 200 || id.contains('\0') => {
+                return Err(Error::config(
+                    "worker_id",
+                    "must be 1 to 200 bytes long, without NUL characters",
+                ));
             }
             Some(id) => id,
             None => format!(
@@ -310,6 +324,9 @@ struct Shared {
     /// Tasks this pool holds.
     held: Mutex<HashMap<TaskId, Held>>,
     wake: Notify,
+    /// A cancel notification arrived for a task this pool holds: look at
+    /// the rows (the notification itself proves nothing).
+    cancel_check: Notify,
     fatal: Mutex<Option<(TaskId, String)>>,
     /// Successes go to the completer, which writes them in batches.
     completions: mpsc::Sender<Completion>,
@@ -421,6 +438,7 @@ impl WorkerPool {
             shutdown: self.shutdown,
             held: Mutex::new(HashMap::new()),
             wake: Notify::new(),
+            cancel_check: Notify::new(),
             fatal: Mutex::new(None),
             completions,
         });
@@ -457,6 +475,7 @@ async fn run_pool(shared: Arc<Shared>, completion_rx: mpsc::Receiver<Completion>
     ));
     if shared.config.listen {
         background.spawn(listen_loop(shared.clone(), background_stop.clone()));
+        background.spawn(cancel_check_loop(shared.clone(), background_stop.clone()));
     }
 
     let hard_stop = CancellationToken::new();
@@ -511,6 +530,10 @@ async fn dispatch(shared: &Arc<Shared>, running: &mut JoinSet<()>, hard_stop: &C
     let slots = Arc::new(Semaphore::new(shared.config.concurrency));
     let mut db_failures: u32 = 0;
     let mut lost_races: u32 = 0;
+    // Wake-ups in a row that found nothing to claim (see WAKE_FLOOR).
+    let mut empty_wakes: u32 = 0;
+    let mut woken = false;
+    let mut set_aside = SetAside::new(shared.config.set_aside);
     loop {
         while running.try_join_next().is_some() {}
         let first = tokio::select! {
@@ -524,13 +547,23 @@ async fn dispatch(shared: &Arc<Shared>, running: &mut JoinSet<()>, hard_stop: &C
         let mut permits = vec![first];
         gather_permits(&slots, &mut permits, shared.config.concurrency).await;
         let asked_at = std::time::Instant::now();
+        let skip = set_aside.current();
+        let claim = ClaimArgs {
+            worker_id: &shared.worker_id,
+            kinds: &shared.kinds,
+            datasets: shared.datasets(),
+            skip: &skip,
+            limit: permits.len() as i64,
+            lease: shared.config.lease,
+        };
         let claimed = store::tasks::claim(
             &shared.db,
-            &shared.worker_id,
-            &shared.kinds,
-            shared.datasets(),
-            permits.len() as i64,
-            shared.config.lease,
+            claim.worker_id,
+            claim.kinds,
+            claim.datasets,
+            claim.skip,
+            claim.limit,
+            claim.lease,
         )
         .await;
         crate::metrics::claim_round_trip(asked_at.elapsed());
@@ -538,6 +571,35 @@ async fn dispatch(shared: &Arc<Shared>, running: &mut JoinSet<()>, hard_stop: &C
             Ok(tasks) => {
                 db_failures = 0;
                 tasks
+            }
+            // One dataset's rows must not stop the others being served:
+            // find it, name it, leave it out for a while.
+            Err(e) if set_aside::may_be_one_dataset(&e) => {
+                match set_aside::find_failing(&shared.db, &claim).await {
+                    Ok(failing) if !failing.is_empty() => {
+                        for (dataset, reason) in failing {
+                            error!(
+                                dataset = %dataset,
+                                error = %reason,
+                                set_aside_for = ?shared.config.set_aside,
+                                "claiming from this dataset fails: setting it aside, serving the others"
+                            );
+                            set_aside.add(dataset);
+                        }
+                        drop(permits);
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %e, "looking for the dataset that fails claims failed"),
+                }
+                db_failures += 1;
+                let pause = retry_pause(db_failures, shared.config.poll_interval);
+                error!(error = %e, retry_in = ?pause, "claiming tasks failed");
+                drop(permits);
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => continue,
+                    _ = shared.shutdown.cancelled() => return,
+                }
             }
             Err(e) => {
                 db_failures += 1;
@@ -552,6 +614,7 @@ async fn dispatch(shared: &Arc<Shared>, running: &mut JoinSet<()>, hard_stop: &C
         };
         if !tasks.is_empty() {
             lost_races = 0;
+            empty_wakes = 0;
             debug!(
                 claimed = tasks.len(),
                 asked = permits.len(),
@@ -582,7 +645,8 @@ async fn dispatch(shared: &Arc<Shared>, running: &mut JoinSet<()>, hard_stop: &C
         // throttle / rate budget / delayed task (sleep until then, not in a
         // busy loop), or only new work (wait for a NOTIFY or the poll).
         let mut wait = shared.config.poll_interval;
-        match store::tasks::next_claim_in(&shared.db, &shared.kinds, shared.datasets()).await {
+        match store::tasks::next_claim_in(&shared.db, &shared.kinds, shared.datasets(), &skip).await
+        {
             Ok(Some(d)) if d.is_zero() => {
                 wait = Duration::from_millis(5 + rand::random::<u64>() % 20);
                 // "Ready now" yet nothing claimed, again and again: a
@@ -611,13 +675,31 @@ async fn dispatch(shared: &Arc<Shared>, running: &mut JoinSet<()>, hard_stop: &C
                 Err(e) => warn!(error = %e, "counting pending tasks failed"),
             }
         }
-        tokio::select! {
-            _ = shared.wake.notified() => {}
-            _ = tokio::time::sleep(wait) => {}
-            _ = shared.shutdown.cancelled() => return,
+        if woken {
+            empty_wakes = empty_wakes.saturating_add(1);
+        } else {
+            empty_wakes = 0;
         }
+        if empty_wakes >= 3 {
+            // Any role that can connect may NOTIFY: a flood of wake-ups
+            // with nothing behind them is answered at most every
+            // WAKE_FLOOR, not with a claim per notification.
+            tokio::select! {
+                _ = tokio::time::sleep(WAKE_FLOOR.min(wait)) => {}
+                _ = shared.shutdown.cancelled() => return,
+            }
+        }
+        woken = tokio::select! {
+            _ = shared.wake.notified() => true,
+            _ = tokio::time::sleep(wait) => false,
+            _ = shared.shutdown.cancelled() => return,
+        };
     }
 }
+
+/// Shortest pause between claims woken for nothing, once three wake-ups
+/// in a row found nothing to claim.
+const WAKE_FLOOR: Duration = Duration::from_millis(20);
 
 /// Longest a busy dispatcher waits for more free slots before claiming,
 /// and a busy completer for more successes before writing: short tasks
@@ -1076,11 +1158,13 @@ async fn listen_loop(shared: Arc<Shared>, stop: CancellationToken) {
                 _ = stop.cancelled() => return,
             };
             match notification {
+                // Anyone who can connect can NOTIFY: a hint to read the
+                // rows, never a command (SPEC §2 Privileges).
                 Ok(Some(n)) if n.channel() == CHANNEL_CANCEL => {
                     if let Ok(id) = n.payload().parse::<TaskId>()
                         && shared.held().contains_key(&id)
                     {
-                        let _ = shared.commands.send(Command::Cancel(id));
+                        shared.cancel_check.notify_one();
                     }
                 }
                 Ok(Some(_)) => shared.wake.notify_one(),
@@ -1097,6 +1181,41 @@ async fn listen_loop(shared: Arc<Shared>, stop: CancellationToken) {
         }
     }
 }
+
+/// Tells handlers whose task's row says `cancel_requested`, when a cancel
+/// notification names a task this pool holds. One query answers for every
+/// held task; a flood of notifications costs at most one query per
+/// [`CANCEL_CHECK_EVERY`]. The heartbeat reads the same column, so a missed
+/// notification delays a cancel by one heartbeat at most.
+async fn cancel_check_loop(shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shared.cancel_check.notified() => {}
+            _ = stop.cancelled() => return,
+        }
+        let (ids, runs): (Vec<TaskId>, Vec<i32>) =
+            shared.held().iter().map(|(id, h)| (*id, h.runs)).unzip();
+        if !ids.is_empty() {
+            match store::tasks::cancel_requested_of(&shared.db, &shared.worker_id, &ids, &runs)
+                .await
+            {
+                Ok(cancelled) => {
+                    for id in cancelled {
+                        let _ = shared.commands.send(Command::Cancel(id));
+                    }
+                }
+                Err(e) => warn!(error = %e, "reading cancel requests failed"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(CANCEL_CHECK_EVERY) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Shortest pause between two cancel checks.
+const CANCEL_CHECK_EVERY: Duration = Duration::from_millis(50);
 
 async fn connect_listener(db: &PgPool) -> sqlx::Result<PgListener> {
     let mut listener = PgListener::connect_with(db).await?;

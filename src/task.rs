@@ -185,7 +185,31 @@ impl NewTask {
         self
     }
 
+    /// Largest `max_attempts` (the column's constraint).
+    pub const MAX_ATTEMPTS_LIMIT: i32 = 10_000;
+
+    /// The range of a `delay` (about 100 years at most).
+    pub const DELAY_RANGE: crate::config::DurationRange = crate::config::DurationRange {
+        min: Duration::ZERO,
+        max: Duration::from_secs(36_500 * 86_400),
+    };
+
     pub(crate) fn validate(&self) -> crate::Result<()> {
+        if let RunAt::After(delay) = self.run_at
+            && !Self::DELAY_RANGE.contains(delay)
+        {
+            return Err(crate::Error::InvalidTask(format!(
+                "delay must be {}",
+                Self::DELAY_RANGE.describe()
+            )));
+        }
+        if self.max_attempts > Self::MAX_ATTEMPTS_LIMIT {
+            return Err(crate::Error::InvalidTask(format!(
+                "max_attempts must be at most {}, got {}",
+                Self::MAX_ATTEMPTS_LIMIT,
+                self.max_attempts
+            )));
+        }
         if self.dataset_id.is_empty() {
             return Err(crate::Error::InvalidTask(
                 "dataset_id must not be empty".into(),

@@ -15,6 +15,7 @@
 //! | `Interrupted` | `queued` with its checkpoint, attempt not counted |
 //! | `LeaseLost` | nothing is written: another holder owns the task |
 
+use std::borrow::Cow;
 use std::fmt;
 use std::time::Duration;
 
@@ -85,6 +86,16 @@ pub enum TaskError {
 }
 
 impl TaskError {
+    /// Longest error message stored (`last_error`, `syncq.task_errors`), in
+    /// bytes; a longer one is cut at a character boundary and ends with
+    /// `… [truncated from N bytes]`.
+    pub const MAX_MESSAGE_BYTES: usize = 16 * 1024;
+
+    /// Longest throttle a `RateLimited { retry_after }` sets: an upstream
+    /// asking for longer is taken to mean this long (an operator can still
+    /// pause the dataset).
+    pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
+
     /// A retryable error with this message.
     pub fn retryable(message: impl fmt::Display) -> Self {
         TaskError::Retryable(message.to_string())
@@ -131,5 +142,62 @@ impl fmt::Debug for TaskError {
 impl<E: std::error::Error + Send + Sync + 'static> From<E> for TaskError {
     fn from(error: E) -> Self {
         TaskError::Retryable(error.to_string())
+    }
+}
+
+/// `message` as it is stored: PostgreSQL's `text` cannot hold a NUL
+/// character, so each is written as the two characters `\0`, and the
+/// whole is at most [`TaskError::MAX_MESSAGE_BYTES`] long. Whatever a
+/// handler or a panic says, its attempt's error can be recorded.
+pub(crate) fn storable_message(message: &str) -> Cow<'_, str> {
+    let max = TaskError::MAX_MESSAGE_BYTES;
+    if message.len() <= max && !message.contains('\0') {
+        return Cow::Borrowed(message);
+    }
+    let escaped = message.replace('\0', "\\0");
+    if escaped.len() <= max {
+        return Cow::Owned(escaped);
+    }
+    let marker = format!("… [truncated from {} bytes]", escaped.len());
+    let mut cut = max.saturating_sub(marker.len());
+    while !escaped.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    Cow::Owned(format!("{}{marker}", &escaped[..cut]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_message_becomes_storable(message in ".*", pad in 0usize..20_000) {
+            let message = format!("{message}{}", "\0é".repeat(pad % 7_000));
+            let stored = storable_message(&message);
+            prop_assert!(!stored.contains('\0'));
+            prop_assert!(stored.len() <= TaskError::MAX_MESSAGE_BYTES);
+            if message.len() <= TaskError::MAX_MESSAGE_BYTES && !message.contains('\0') {
+                prop_assert_eq!(stored.as_ref(), message.as_str());
+            }
+        }
+
+        #[test]
+        fn short_messages_keep_everything_but_nul(message in "[a-z\\x00]{0,200}") {
+            let stored = storable_message(&message);
+            prop_assert_eq!(stored.as_ref(), message.replace('\0', "\\0"));
+        }
+    }
+
+    #[test]
+    fn long_messages_say_they_were_cut() {
+        let long = "x".repeat(100_000);
+        let stored = storable_message(&long);
+        assert!(
+            stored.ends_with("… [truncated from 100000 bytes]"),
+            "{stored}"
+        );
+        assert_eq!(stored.len(), TaskError::MAX_MESSAGE_BYTES);
     }
 }

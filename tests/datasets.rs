@@ -441,7 +441,7 @@ async fn ready_at(db: &PgPool, dataset: &str) -> Option<DateTime<Utc>> {
 }
 
 async fn claim_ids(db: impl sqlx::PgExecutor<'_>, limit: i32) -> Vec<i64> {
-    sqlx::query_scalar("SELECT id FROM syncq.claim('w', '{noop}', NULL, $1, 30)")
+    sqlx::query_scalar("SELECT id FROM syncq.claim('w', '{noop}', NULL, NULL, $1, 30)")
         .bind(limit)
         .fetch_all(db)
         .await
@@ -576,7 +576,7 @@ async fn a_stale_ready_at_is_repaired_instead_of_spinning(
         .await
         .unwrap();
     let next_claim_in = || async {
-        sqlx::query_scalar::<_, Option<f64>>("SELECT syncq.next_claim_in('{noop}', NULL)")
+        sqlx::query_scalar::<_, Option<f64>>("SELECT syncq.next_claim_in('{noop}', NULL, NULL)")
             .fetch_one(&db)
             .await
             .unwrap()

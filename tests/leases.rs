@@ -37,7 +37,7 @@ fn kinds() -> Vec<String> {
 async fn completion_is_fenced_against_a_holder_that_lost_its_lease(db: PgPool) {
     let id = common::insert(&db, "d", "noop", json!({})).await;
     let lease = Duration::from_secs(30);
-    let a = tasks::claim(&db, "worker-a", &kinds(), None, 1, lease)
+    let a = tasks::claim(&db, "worker-a", &kinds(), None, &[], 1, lease)
         .await
         .unwrap();
     assert_eq!(a.len(), 1);
@@ -53,7 +53,7 @@ async fn completion_is_fenced_against_a_holder_that_lost_its_lease(db: PgPool) {
         1,
         "the lost attempt counts"
     );
-    let b = tasks::claim(&db, "worker-b", &kinds(), None, 1, lease)
+    let b = tasks::claim(&db, "worker-b", &kinds(), None, &[], 1, lease)
         .await
         .unwrap();
     assert_eq!((b[0].id, b[0].runs, b[0].attempts), (id, 2, 2));
@@ -110,7 +110,7 @@ async fn an_expired_lease_fails_the_task_when_no_attempt_is_left(db: PgPool) {
     .fetch_one(&db)
     .await
     .unwrap();
-    tasks::claim(&db, "w", &kinds(), None, 1, Duration::from_secs(30))
+    tasks::claim(&db, "w", &kinds(), None, &[], 1, Duration::from_secs(30))
         .await
         .unwrap();
     expire_lease(&db, id).await;
@@ -222,6 +222,7 @@ async fn a_pool_whose_lease_was_taken_cannot_complete_the_task(
         "worker-b",
         &["stuck".to_string()],
         None,
+        &[],
         1,
         Duration::from_secs(30),
     )
@@ -441,7 +442,7 @@ async fn a_completion_batch_skips_only_the_task_whose_lease_was_lost(db: PgPool)
         common::insert(&db, "d", "noop", json!({})).await;
     }
     let lease = Duration::from_secs(30);
-    let mine = tasks::claim(&db, "worker-a", &kinds(), None, 3, lease)
+    let mine = tasks::claim(&db, "worker-a", &kinds(), None, &[], 3, lease)
         .await
         .unwrap();
     assert_eq!(mine.len(), 3);
@@ -451,7 +452,7 @@ async fn a_completion_batch_skips_only_the_task_whose_lease_was_lost(db: PgPool)
         .run_once(&db)
         .await
         .unwrap();
-    let theirs = tasks::claim(&db, "worker-b", &kinds(), None, 1, lease)
+    let theirs = tasks::claim(&db, "worker-b", &kinds(), None, &[], 1, lease)
         .await
         .unwrap();
     assert_eq!(theirs[0].id, stolen);

@@ -164,14 +164,14 @@ pub struct EnqueueArgs {
     /// Lower runs first within the dataset.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub priority: i16,
-    /// Do not start before this delay has passed (e.g. 30s, 5m).
-    #[arg(long, value_parser = parse_duration, conflicts_with = "run_at")]
+    /// Do not start before this delay has passed (e.g. 30s, 5m; at most 100 years).
+    #[arg(long, value_parser = |s: &str| NewTask::DELAY_RANGE.parse(s), conflicts_with = "run_at")]
     pub delay: Option<Duration>,
     /// Do not start before this instant (RFC 3339).
     #[arg(long, value_parser = parse_rfc3339)]
     pub run_at: Option<DateTime<Utc>>,
-    /// Attempts allowed (at least 1).
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(i32).range(1..))]
+    /// Attempts allowed (1 to 10000).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(i32).range(1..=NewTask::MAX_ATTEMPTS_LIMIT as i64))]
     pub max_attempts: i32,
     /// At most one queued or running task per dataset and unique key.
     #[arg(long)]
@@ -187,28 +187,28 @@ pub struct WorkerArgs {
     /// Only these datasets, comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub datasets: Option<Vec<String>>,
-    /// How long a task is held without a heartbeat.
-    #[arg(long, env = "SYNCQ_LEASE", default_value = "30s", value_parser = parse_duration)]
+    /// How long a task is held without a heartbeat (100ms to 1d).
+    #[arg(long, env = "SYNCQ_LEASE", default_value = "30s", value_parser = |s: &str| PoolConfig::LEASE_RANGE.parse(s))]
     pub lease: Duration,
-    /// How often leases are renewed (shorter than the lease).
-    #[arg(long, env = "SYNCQ_HEARTBEAT", default_value = "10s", value_parser = parse_duration)]
+    /// How often leases are renewed (10ms to 1d, shorter than the lease).
+    #[arg(long, env = "SYNCQ_HEARTBEAT", default_value = "10s", value_parser = |s: &str| PoolConfig::HEARTBEAT_RANGE.parse(s))]
     pub heartbeat: Duration,
-    /// How often an idle worker looks for work it was not woken for.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    /// How often an idle worker looks for work it was not woken for (1ms to 1h).
+    #[arg(long, default_value = "1s", value_parser = |s: &str| PoolConfig::POLL_INTERVAL_RANGE.parse(s))]
     pub poll_interval: Duration,
     /// Never LISTEN; poll only (behind a transaction-mode pooler).
     #[arg(long)]
     pub poll_only: bool,
-    /// How long handlers get to checkpoint on shutdown.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    /// How long handlers get to checkpoint on shutdown (0s to 1h).
+    #[arg(long, default_value = "10s", value_parser = |s: &str| PoolConfig::SHUTDOWN_GRACE_RANGE.parse(s))]
     pub grace: Duration,
-    /// How often this process looks for expired leases.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    /// How often this process looks for expired leases (10ms to 1h).
+    #[arg(long, default_value = "5s", value_parser = |s: &str| PoolConfig::RESCUE_INTERVAL_RANGE.parse(s))]
     pub rescue_interval: Duration,
     /// Exit 0 once no task this worker could run is queued or running.
     #[arg(long)]
     pub exit_when_idle: bool,
-    /// Delete finished tasks this long after they finish; `none` keeps them.
+    /// Delete finished tasks this long after they finish (1s to 100 years); `none` keeps them.
     #[arg(long, default_value = "7d", value_parser = parse_retention)]
     pub retention: Cleared<Duration>,
     /// Never VACUUM syncq's tables from this worker (leave it to autovacuum).
@@ -217,17 +217,17 @@ pub struct WorkerArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
     #[arg(long)]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// How long to leave out a dataset whose claims fail because of its own
+    /// rows, so the others keep being served (10ms to 1h).
+    #[arg(long, default_value = "60s", value_parser = |s: &str| PoolConfig::SET_ASIDE_RANGE.parse(s))]
+    pub set_aside: Duration,
 }
 
 fn parse_retention(s: &str) -> Result<Cleared<Duration>, String> {
     if s == "none" {
         return Ok(Cleared::None);
     }
-    parse_duration(s).map(Cleared::Set)
-}
-
-pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 500ms, 30s, 5m, 7d)"))
+    PoolConfig::RETENTION_RANGE.parse(s).map(Cleared::Set)
 }
 
 fn parse_rfc3339(s: &str) -> Result<DateTime<Utc>, String> {
@@ -503,6 +503,7 @@ async fn worker(options: &PgConnectOptions, args: WorkerArgs) -> Result<(), CliE
         retention: args.retention.into_option(),
         vacuum: !args.no_vacuum,
         metrics_sample_interval: args.metrics_addr.map(|_| Duration::from_secs(5)),
+        set_aside: args.set_aside,
         ..PoolConfig::default()
     };
     if let Some(addr) = args.metrics_addr {

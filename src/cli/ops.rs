@@ -7,7 +7,7 @@ use clap::Args;
 use serde_json::json;
 use sqlx::PgPool;
 
-use super::{CliError, describe, io_error, parse_duration};
+use super::{CliError, describe, io_error};
 use crate::maintenance::pruner::FINISHED;
 use crate::store;
 use crate::store::inspect::TaskInfo;
@@ -145,8 +145,8 @@ pub(super) async fn retry(
 /// `syncq prune`.
 #[derive(Debug, Args)]
 pub struct PruneArgs {
-    /// Delete tasks that finished longer ago than this (e.g. 7d, 12h).
-    #[arg(long, value_parser = parse_duration)]
+    /// Delete tasks that finished longer ago than this (e.g. 7d, 12h; 0s to 100 years).
+    #[arg(long, value_parser = |s: &str| crate::PoolConfig::PRUNE_AGE_RANGE.parse(s))]
     pub older_than: Duration,
     /// Only these finished statuses (default: succeeded, failed, cancelled).
     #[arg(long, value_delimiter = ',', value_parser = FINISHED)]

@@ -36,7 +36,9 @@ impl Rescuer {
     /// The pause before the next sweep, jittered so that processes started
     /// together do not sweep together.
     pub fn next_delay(&self) -> Duration {
-        self.interval.mul_f64(0.75 + rand::random::<f64>() * 0.5)
+        let factor = 0.75 + rand::random::<f64>() * 0.5;
+        // Checked: an interval too long to scale is used as it is.
+        Duration::try_from_secs_f64(self.interval.as_secs_f64() * factor).unwrap_or(self.interval)
     }
 
     /// One sweep: takes back every expired lease, batch by batch.

@@ -80,23 +80,17 @@ pub async fn prune_batch(
     statuses: &[String],
     batch: i64,
 ) -> sqlx::Result<u64> {
-    let done = sqlx::query!(
-        r#"
-        DELETE FROM syncq.tasks
-        WHERE id IN (
-            SELECT id FROM syncq.tasks
-            WHERE status IN ('succeeded', 'failed', 'cancelled') AND status::text = ANY ($2)
-              AND finished_at < now() - make_interval(secs => $1)
-            LIMIT $3
-            FOR UPDATE SKIP LOCKED)
-        "#,
+    // A function running as its owner (migrations/0005): the worker role
+    // prunes without holding DELETE on syncq.tasks.
+    let n = sqlx::query_scalar!(
+        r#"SELECT syncq.prune_finished($1, $2, $3) AS "n!""#,
         secs(older_than),
         statuses,
-        batch
+        i32::try_from(batch).unwrap_or(i32::MAX),
     )
-    .execute(db)
+    .fetch_one(db)
     .await?;
-    Ok(done.rows_affected())
+    Ok(u64::try_from(n).unwrap_or(0))
 }
 
 /// Deletes registry rows of workers silent for longer than `silent_for`.

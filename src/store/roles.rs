@@ -1,16 +1,31 @@
-//! The two NOLOGIN roles deployments grant to their logins (`syncq roles`).
+//! The two NOLOGIN roles deployments grant to their logins (`syncq roles`),
+//! with exactly the privileges of SPEC §2 "Privileges", column by column.
 //!
-//! - `syncq_producer` may insert tasks (plain SQL or the enqueue API) and read
-//!   the views; it cannot update or delete tasks or change datasets.
-//! - `syncq_worker` may claim, update and prune tasks, write their error
-//!   history and the rate log, keep datasets' throttle and turn columns, and
-//!   its own registry rows. Neither may run DDL.
+//! - `syncq_producer` may insert tasks through their input columns
+//!   (`dataset_id`, `kind`, `payload`, `priority`, `run_at`,
+//!   `max_attempts`, `unique_key`), set `cancel_requested`, read the
+//!   columns it needs to find its tasks (not payloads, results,
+//!   checkpoints or errors) and the views. It cannot insert a task in any
+//!   other state, choose an id, change settings or disturb a running task.
+//! - `syncq_worker` may claim (the claim functions), write what a claim
+//!   and an outcome write (status, attempts, runs, lease, times, result,
+//!   checkpoint, last_error, run_at), append to the error history and the
+//!   rate log, keep a dataset's throttle, turn and readiness columns, keep
+//!   its registry rows, prune finished tasks through
+//!   `syncq.prune_finished()`, and enqueue follow-up tasks as a producer
+//!   does. Not the operator's settings (rate limits, caps, pause), not
+//!   `DELETE` on tasks, not `cancel_requested`, `payload` or `max_attempts`.
 //!
-//! Creating roles needs CREATEROLE; run it once per database as an admin.
+//! Neither may run DDL. Functions are not executable by PUBLIC. The table
+//! in `docs/sql.md` says the same for operators; `tests/trust.rs` logs in
+//! as each role and tries every statement.
+//!
+//! Creating roles needs CREATEROLE; run it once per database as an admin,
+//! and again after an upgrade (it revokes what earlier versions granted).
 
 use sqlx::PgPool;
 
-/// Statements run in order; idempotent, safe to run again after upgrades.
+/// Statements run in order, in one transaction; idempotent.
 const ROLES: &[&str] = &[
     r#"DO $$ BEGIN
          CREATE ROLE syncq_producer NOLOGIN;
@@ -20,20 +35,47 @@ const ROLES: &[&str] = &[
          CREATE ROLE syncq_worker NOLOGIN;
        EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
        END $$"#,
+    // Start from nothing: earlier versions granted more.
+    "REVOKE ALL ON ALL TABLES IN SCHEMA syncq FROM syncq_producer, syncq_worker",
+    "REVOKE ALL ON ALL SEQUENCES IN SCHEMA syncq FROM syncq_producer, syncq_worker",
+    "REVOKE ALL ON ALL FUNCTIONS IN SCHEMA syncq FROM PUBLIC, syncq_producer, syncq_worker",
+    "REVOKE ALL ON SCHEMA syncq FROM syncq_producer, syncq_worker",
     "GRANT USAGE ON SCHEMA syncq TO syncq_producer, syncq_worker",
-    // Producers: insert, and what the enqueue API reads back for unique keys.
-    "GRANT INSERT ON syncq.tasks TO syncq_producer",
-    "GRANT SELECT (id, dataset_id, unique_key, status) ON syncq.tasks TO syncq_producer",
-    "GRANT USAGE ON SEQUENCE syncq.tasks_id_seq TO syncq_producer",
-    "GRANT SELECT ON syncq.dataset_stats, syncq.running_tasks, syncq.recent_failures TO syncq_producer",
+    // Producers.
+    "GRANT INSERT (dataset_id, kind, payload, priority, run_at, max_attempts, unique_key)
+         ON syncq.tasks TO syncq_producer",
+    "GRANT UPDATE (cancel_requested) ON syncq.tasks TO syncq_producer",
+    // To find its tasks (RETURNING id, unique keys, cancelling by a filter).
+    "GRANT SELECT (id, dataset_id, kind, status, priority, run_at, attempts, max_attempts,
+                   unique_key, cancel_requested, created_at, started_at, finished_at)
+         ON syncq.tasks TO syncq_producer",
+    "GRANT SELECT ON syncq.dataset_stats, syncq.running_tasks, syncq.recent_failures
+         TO syncq_producer",
     // Workers.
-    "GRANT SELECT, INSERT, UPDATE, DELETE ON syncq.tasks, syncq.task_errors, syncq.rate_log, syncq.workers TO syncq_worker",
-    "GRANT SELECT, INSERT, UPDATE ON syncq.datasets TO syncq_worker",
-    "GRANT USAGE ON SEQUENCE syncq.tasks_id_seq TO syncq_worker",
-    "GRANT SELECT ON syncq.dataset_stats, syncq.running_tasks, syncq.recent_failures TO syncq_worker",
+    "GRANT SELECT ON syncq.tasks, syncq.datasets, syncq.task_errors, syncq.rate_log,
+                     syncq.workers, syncq.dataset_stats, syncq.running_tasks,
+                     syncq.recent_failures
+         TO syncq_worker",
+    "GRANT INSERT (dataset_id, kind, payload, priority, run_at, max_attempts, unique_key)
+         ON syncq.tasks TO syncq_worker",
+    "GRANT UPDATE (status, attempts, runs, locked_by, lease_expires_at, started_at,
+                   finished_at, run_at, result, checkpoint, last_error)
+         ON syncq.tasks TO syncq_worker",
+    "GRANT INSERT ON syncq.task_errors TO syncq_worker",
+    "GRANT INSERT, DELETE ON syncq.rate_log TO syncq_worker",
+    "GRANT INSERT, UPDATE, DELETE ON syncq.workers TO syncq_worker",
+    "GRANT UPDATE (throttled_until, last_claimed_at, ready_at) ON syncq.datasets TO syncq_worker",
+    "GRANT EXECUTE ON FUNCTION
+         syncq.claim(text, text[], text[], text[], int, float8),
+         syncq.next_claim_in(text[], text[], text[]),
+         syncq.mark_idle(text[], timestamptz),
+         syncq.refresh_ready(text[]),
+         syncq.prune_rate_log(int),
+         syncq.prune_finished(float8, text[], int)
+         TO syncq_worker",
 ];
 
-/// Creates the roles if missing and (re)grants their privileges.
+/// Creates the roles if missing and (re)grants exactly their privileges.
 pub async fn create(db: &PgPool) -> sqlx::Result<()> {
     let mut tx = db.begin().await?;
     for statement in ROLES {

@@ -6,15 +6,19 @@ use std::time::Duration;
 
 use super::secs;
 use crate::task::{ClaimedTask, NewTask, RunAt, TaskId};
+use crate::worker::{TaskError, storable_message};
 
 /// Inserts `tasks` in one statement and returns their ids in input order.
 ///
-/// Ids are drawn from the identity sequence up front so each input row maps to
-/// its id. A task whose `(dataset_id, unique_key)` is already queued or running
-/// is not inserted; its id is the existing task's — the one inserted earlier in
-/// the same batch or the one already in the table. `None` remains only when the
-/// conflicting row committed after this statement's snapshot; the caller
-/// retries those.
+/// `id` is `GENERATED ALWAYS` (nobody may choose one), so ids are matched
+/// to input rows afterwards: rows go in sorted by input position, and the
+/// identity sequence hands out increasing values in that order, so the
+/// k-th smallest id inserted belongs to the k-th input row inserted. A task
+/// whose `(dataset_id, unique_key)` is already queued or running is not
+/// inserted; its id is the existing task's — the one inserted earlier in
+/// the same batch or the one already in the table. `None` remains only when
+/// the conflicting row committed after this statement's snapshot; the
+/// caller retries those.
 pub async fn insert_many(
     db: impl PgExecutor<'_>,
     tasks: &[NewTask],
@@ -46,26 +50,25 @@ pub async fn insert_many(
     if unique_keys.iter().all(Option::is_none) {
         // Without unique keys there is nothing to arbitrate: no ON CONFLICT,
         // whose speculative insertion per row cost most of the statement.
-        let rows = sqlx::query_scalar!(
+        let mut ids = sqlx::query_scalar!(
             r#"
             WITH input AS (
-                SELECT nextval('syncq.tasks_id_seq'::regclass) AS id, i.*
+                SELECT i.*
                 FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::int2[],
                             $5::timestamptz[], $6::float8[], $7::int4[])
                      WITH ORDINALITY AS i(dataset_id, kind, payload, priority, run_at, delay_secs,
                                           max_attempts, ord)
             ),
             inserted AS (
-                INSERT INTO syncq.tasks (id, dataset_id, kind, payload, priority, run_at, max_attempts)
-                SELECT id, dataset_id, kind, payload, priority,
+                INSERT INTO syncq.tasks (dataset_id, kind, payload, priority, run_at, max_attempts)
+                SELECT dataset_id, kind, payload, priority,
                        coalesce(run_at, now() + make_interval(secs => coalesce(delay_secs, 0))),
                        max_attempts
                 FROM input
                 ORDER BY ord
                 RETURNING id
             )
-            SELECT inserted.id AS "id?" FROM input LEFT JOIN inserted ON inserted.id = input.id
-            ORDER BY input.ord
+            SELECT id AS "id!" FROM inserted
             "#,
             &dataset_ids,
             &kinds,
@@ -77,20 +80,27 @@ pub async fn insert_many(
         )
         .fetch_all(db)
         .await?;
-        return Ok(rows);
+        if ids.len() != n {
+            return Err(sqlx::Error::Protocol(format!(
+                "inserted {} tasks of {n}",
+                ids.len()
+            )));
+        }
+        ids.sort_unstable();
+        return Ok(ids.into_iter().map(Some).collect());
     }
     let rows = sqlx::query!(
         r#"
         WITH input AS (
-            SELECT nextval('syncq.tasks_id_seq'::regclass) AS id, i.*
+            SELECT i.*
             FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::int2[],
                         $5::timestamptz[], $6::float8[], $7::int4[], $8::text[])
                  WITH ORDINALITY AS i(dataset_id, kind, payload, priority, run_at, delay_secs,
                                       max_attempts, unique_key, ord)
         ),
         inserted AS (
-            INSERT INTO syncq.tasks (id, dataset_id, kind, payload, priority, run_at, max_attempts, unique_key)
-            SELECT id, dataset_id, kind, payload, priority,
+            INSERT INTO syncq.tasks (dataset_id, kind, payload, priority, run_at, max_attempts, unique_key)
+            SELECT dataset_id, kind, payload, priority,
                    coalesce(run_at, now() + make_interval(secs => coalesce(delay_secs, 0))),
                    max_attempts, unique_key
             FROM input
@@ -98,20 +108,33 @@ pub async fn insert_many(
             ON CONFLICT (dataset_id, unique_key)
                 WHERE unique_key IS NOT NULL AND status IN ('queued', 'running')
                 DO NOTHING
-            RETURNING id
+            RETURNING id, dataset_id, unique_key
+        ),
+        -- Rows without a key all go in: the k-th of them in input order
+        -- has the k-th smallest of their ids.
+        keyless_ids AS (
+            SELECT x.id, row_number() OVER (ORDER BY x.id) AS k
+            FROM inserted x WHERE x.unique_key IS NULL
+        ),
+        keyless_rows AS (
+            SELECT i.ord, row_number() OVER (ORDER BY i.ord) AS k
+            FROM input i WHERE i.unique_key IS NULL
         )
-        SELECT coalesce(
-                   ins.id,
-                   -- a duplicate within this batch: the first row that went in
-                   (SELECT min(i2.id) FROM input i2 JOIN inserted x ON x.id = i2.id
-                     WHERE i2.dataset_id = input.dataset_id AND i2.unique_key = input.unique_key),
-                   -- a duplicate of a task already queued or running
-                   (SELECT t.id FROM syncq.tasks t
-                     WHERE t.dataset_id = input.dataset_id AND t.unique_key = input.unique_key
-                       AND t.status IN ('queued', 'running')
-                     LIMIT 1)
-               ) AS "id?"
-        FROM input LEFT JOIN inserted ins ON ins.id = input.id
+        SELECT CASE
+                   WHEN input.unique_key IS NULL THEN
+                       (SELECT ki.id FROM keyless_rows kr JOIN keyless_ids ki ON ki.k = kr.k
+                         WHERE kr.ord = input.ord)
+                   ELSE coalesce(
+                       -- inserted by this statement (the batch's first row with the key)
+                       (SELECT x.id FROM inserted x
+                         WHERE x.dataset_id = input.dataset_id AND x.unique_key = input.unique_key),
+                       -- a duplicate of a task already queued or running
+                       (SELECT t.id FROM syncq.tasks t
+                         WHERE t.dataset_id = input.dataset_id AND t.unique_key = input.unique_key
+                           AND t.status IN ('queued', 'running')
+                         LIMIT 1))
+               END AS "id?"
+        FROM input
         ORDER BY input.ord
         "#,
         &dataset_ids,
@@ -236,13 +259,15 @@ fn copy_field(buf: &mut String, value: &str) {
 /// Claims up to `limit` ready tasks of the given kinds for `worker_id`,
 /// taking turns across datasets and honouring each dataset's pause,
 /// throttle, concurrency cap and rate limit. The heart of syncq: the SQL is
-/// `syncq.claim()` in `migrations/0002_datasets.sql`, explained in
-/// `docs/claim.md`. One round trip.
+/// `syncq.claim()` in `migrations/0005_trust.sql`, explained in
+/// `docs/claim.md`. One round trip. Datasets in `skip` are left out (a
+/// worker sets aside a dataset whose claim fails, see [`crate::pool`]).
 pub async fn claim(
     db: impl PgExecutor<'_>,
     worker_id: &str,
     kinds: &[String],
     datasets: Option<&[String]>,
+    skip: &[String],
     limit: i64,
     lease: Duration,
 ) -> sqlx::Result<Vec<ClaimedTask>> {
@@ -254,11 +279,12 @@ pub async fn claim(
                priority AS "priority!", attempts AS "attempts!", max_attempts AS "max_attempts!",
                runs AS "runs!", checkpoint, created_at AS "created_at!",
                started_at AS "started_at!"
-        FROM syncq.claim($1, $2, $3, $4, $5)
+        FROM syncq.claim($1, $2, $3, $4, $5, $6)
         "#,
         worker_id,
         kinds,
         datasets,
+        skip,
         limit,
         secs(lease),
     )
@@ -279,7 +305,7 @@ pub async fn claim_by_id(
         ClaimedTask,
         r#"
         UPDATE syncq.tasks
-        SET status = 'running', attempts = attempts + 1, runs = runs + 1, locked_by = $2,
+        SET status = 'running', attempts = attempts + 1, runs = runs % 2147483647 + 1, locked_by = $2,
             lease_expires_at = clock_timestamp() + make_interval(secs => $3),
             started_at = clock_timestamp(), finished_at = NULL
         WHERE id = $1 AND status = 'queued'
@@ -302,15 +328,74 @@ pub async fn next_claim_in(
     db: impl PgExecutor<'_>,
     kinds: &[String],
     datasets: Option<&[String]>,
+    skip: &[String],
 ) -> sqlx::Result<Option<Duration>> {
     let secs = sqlx::query_scalar!(
-        r#"SELECT syncq.next_claim_in($1, $2) AS "secs""#,
+        r#"SELECT syncq.next_claim_in($1, $2, $3) AS "secs""#,
         kinds,
         datasets,
+        skip,
     )
     .fetch_one(db)
     .await?;
     Ok(secs.map(|s| Duration::from_secs_f64(s.clamp(0.0, 86_400.0))))
+}
+
+/// The datasets a claim of these kinds would look at first, in turn
+/// order (step 1 of `syncq.claim()` without the limit checks): where a
+/// worker looks for the dataset that makes its claims fail.
+pub async fn claim_candidates(
+    db: impl PgExecutor<'_>,
+    kinds: &[String],
+    datasets: Option<&[String]>,
+    skip: &[String],
+    limit: i64,
+) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar!(
+        r#"
+        SELECT d.dataset_id FROM syncq.datasets d
+        WHERE d.ready_at IS NOT NULL AND d.ready_at <= now() AND NOT d.paused
+          AND ($2::text[] IS NULL OR d.dataset_id = ANY ($2))
+          AND NOT (d.dataset_id = ANY ($3))
+          AND (SELECT true FROM syncq.tasks t
+               WHERE t.dataset_id = d.dataset_id AND t.status = 'queued'
+                 AND t.run_at <= now() AND t.kind = ANY ($1) AND NOT t.cancel_requested
+               ORDER BY t.priority, t.run_at, t.id
+               LIMIT 1)
+        ORDER BY d.last_claimed_at NULLS FIRST, d.dataset_id
+        LIMIT $4
+        "#,
+        kinds,
+        datasets,
+        skip,
+        limit,
+    )
+    .fetch_all(db)
+    .await
+}
+
+/// Of the tasks this worker holds (`ids` with their `runs`), those whose
+/// row says `cancel_requested`. A cancel notification only makes the pool
+/// ask this: the row decides, not the message.
+pub async fn cancel_requested_of(
+    db: impl PgExecutor<'_>,
+    worker_id: &str,
+    ids: &[TaskId],
+    runs: &[i32],
+) -> sqlx::Result<Vec<TaskId>> {
+    sqlx::query_scalar!(
+        r#"
+        SELECT t.id FROM syncq.tasks t
+        WHERE t.id = ANY ($2) AND t.locked_by = $1 AND t.status = 'running'
+          AND t.cancel_requested
+          AND t.runs = ($3::int4[])[array_position($2::int8[], t.id)]
+        "#,
+        worker_id,
+        ids,
+        runs,
+    )
+    .fetch_all(db)
+    .await
 }
 
 /// Deletes up to `batch` rate-log rows that can no longer count.
@@ -437,6 +522,7 @@ pub async fn fail_attempt(
     retry: bool,
     backoff: Duration,
 ) -> sqlx::Result<bool> {
+    let error = storable_message(error);
     let done = sqlx::query!(
         r#"
         WITH done AS (
@@ -459,7 +545,7 @@ pub async fn fail_attempt(
         f.id,
         f.runs,
         f.worker_id,
-        error,
+        error.as_ref(),
         retry,
         secs(backoff),
     )
@@ -477,6 +563,7 @@ pub async fn release(
     f: Fence<'_>,
     error: Option<&str>,
 ) -> sqlx::Result<bool> {
+    let error = error.map(storable_message);
     let done = sqlx::query_scalar!(
         r#"
         WITH released AS (
@@ -498,7 +585,7 @@ pub async fn release(
         f.id,
         f.runs,
         f.worker_id,
-        error,
+        error.as_deref(),
     )
     .fetch_one(db)
     .await?;
@@ -515,6 +602,8 @@ pub async fn rate_limited(
     error: &str,
     retry_after: Duration,
 ) -> sqlx::Result<bool> {
+    let error = storable_message(error);
+    let retry_after = retry_after.min(TaskError::MAX_RETRY_AFTER);
     let done = sqlx::query!(
         r#"
         WITH released AS (
@@ -537,7 +626,7 @@ pub async fn rate_limited(
         f.id,
         f.runs,
         f.worker_id,
-        error,
+        error.as_ref(),
         secs(retry_after),
     )
     .execute(db)
