@@ -977,8 +977,32 @@ async fn complete_loop(
         debug!(batch = batch.len(), "wrote successes");
         match written {
             Ok(ids) => {
+                // Not written: fenced out, or skipped because another
+                // transaction had the row locked (then it is still ours,
+                // and record() writes it again).
+                let (left, left_runs): (Vec<TaskId>, Vec<i32>) = batch
+                    .iter()
+                    .filter(|r| !ids.contains(&r.id))
+                    .map(|r| (r.id, r.runs))
+                    .unzip();
+                let locked = if left.is_empty() {
+                    Vec::new()
+                } else {
+                    store::tasks::still_held(&shared.db, &shared.worker_id, &left, &left_runs)
+                        .await
+                        .unwrap_or_else(|_| left.clone())
+                };
                 for request in batch {
-                    let _ = request.reply.send(Ok(ids.contains(&request.id)));
+                    let reply = if ids.contains(&request.id) {
+                        Ok(true)
+                    } else if locked.contains(&request.id) {
+                        Err(CompleteError::Failed(
+                            "its row is locked by another transaction".into(),
+                        ))
+                    } else {
+                        Ok(false)
+                    };
+                    let _ = request.reply.send(reply);
                 }
             }
             // One refused result fails the whole statement: write each
@@ -1036,7 +1060,36 @@ async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
             Ok(renewed) => {
                 let still: HashMap<TaskId, bool> =
                     renewed.iter().map(|r| (r.id, r.cancel_requested)).collect();
+                // Not renewed: lost, or its row was locked elsewhere just
+                // now (then it is renewed at the next beat).
+                let (missing, missing_runs): (Vec<TaskId>, Vec<i32>) = ids
+                    .iter()
+                    .zip(&runs)
+                    .filter(|(id, _)| !still.contains_key(id))
+                    .map(|(id, r)| (*id, *r))
+                    .unzip();
+                let locked = if missing.is_empty() {
+                    Vec::new()
+                } else {
+                    match store::tasks::still_held(
+                        &shared.db,
+                        &shared.worker_id,
+                        &missing,
+                        &missing_runs,
+                    )
+                    .await
+                    {
+                        Ok(held) => held,
+                        Err(e) => {
+                            warn!(error = %e, "checking leases not renewed failed");
+                            missing.clone()
+                        }
+                    }
+                };
                 for id in ids {
+                    if locked.contains(&id) {
+                        continue;
+                    }
                     match still.get(&id) {
                         Some(true) => {
                             let _ = shared.commands.send(Command::Cancel(id));

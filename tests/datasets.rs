@@ -602,3 +602,27 @@ async fn a_stale_ready_at_is_repaired_instead_of_spinning(
         .unwrap();
     assert_eq!(repaired, 0);
 }
+
+#[sqlx::test]
+async fn next_claim_in_says_nothing_to_wait_for_when_nothing_is_queued(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let db = common::connect(&opts).await;
+    let next_claim_in = || async {
+        sqlx::query_scalar::<_, Option<f64>>("SELECT syncq.next_claim_in('{noop}', NULL, NULL)")
+            .fetch_one(&db)
+            .await
+            .unwrap()
+    };
+    // An idle worker must wait for a NOTIFY or its poll, not retry at once.
+    assert_eq!(next_claim_in().await, None);
+    sqlx::query("INSERT INTO syncq.tasks (dataset_id, kind, run_at) VALUES ('d', 'noop', now() + interval '1 minute')")
+        .execute(&db)
+        .await
+        .unwrap();
+    let wait = next_claim_in().await.expect("a delayed task to wait for");
+    assert!((50.0..=60.0).contains(&wait), "{wait}");
+    common::insert(&db, "d", "noop", json!({})).await;
+    assert_eq!(next_claim_in().await, Some(0.0));
+}

@@ -476,6 +476,24 @@ async fn no_row_that_can_be_written_makes_a_claim_fail(admin: PgPool) {
     }
     let row = common::task(&admin, edge).await;
     assert_eq!((row.runs, row.attempts), (1, 5));
+
+    // Retry allows one more attempt even at the bound (SPEC §5).
+    let spent: i64 = sqlx::query_scalar(
+        "INSERT INTO syncq.tasks (dataset_id, kind, status, attempts, max_attempts, finished_at)
+         VALUES ('d', 'noop', 'failed', 10000, 10000, now()) RETURNING id",
+    )
+    .fetch_one(&admin)
+    .await
+    .unwrap();
+    assert!(
+        TaskQueueManager::new(admin.clone())
+            .retry(spent)
+            .await
+            .unwrap()
+    );
+    common::wait_status(&admin, spent, "succeeded").await;
+    let row = common::task(&admin, spent).await;
+    assert_eq!((row.attempts, row.max_attempts), (10000, 10000));
     handle.checkpoint();
     run.await.unwrap().unwrap();
 }
@@ -514,6 +532,16 @@ async fn a_dataset_whose_claims_fail_is_set_aside_and_the_others_drain(
              WHEN (NEW.dataset_id = 'a-broken' AND NEW.status = 'running')
              EXECUTE FUNCTION public.refuse();
          INSERT INTO syncq.tasks (dataset_id, kind) SELECT 'a-broken', 'noop' FROM generate_series(1, 5);
+         -- Ahead of it in turn order, datasets the claim passes over: one
+         -- at its cap, one throttled.
+         INSERT INTO syncq.datasets (dataset_id, max_concurrency, last_claimed_at)
+             VALUES ('0-capped', 1, now() - interval '1 day');
+         INSERT INTO syncq.datasets (dataset_id, throttled_until, last_claimed_at)
+             VALUES ('0-throttled', now() + interval '1 hour', now() - interval '1 day');
+         INSERT INTO syncq.tasks (dataset_id, kind, status, locked_by, lease_expires_at, attempts)
+             VALUES ('0-capped', 'noop', 'running', 'elsewhere', now() + interval '1 hour', 1);
+         INSERT INTO syncq.tasks (dataset_id, kind)
+             SELECT d, 'noop' FROM unnest(ARRAY['0-capped', '0-throttled']) d;
          INSERT INTO syncq.tasks (dataset_id, kind)
              SELECT 'good-' || (n % 4), 'noop' FROM generate_series(1, 200) n;",
     )
@@ -526,8 +554,10 @@ async fn a_dataset_whose_claims_fail_is_set_aside_and_the_others_drain(
         .env("RUST_LOG", "syncq=warn")
         .args([
             "worker",
+            // One slot: each claim asks for one task, from the first
+            // dataset in turn that it may serve.
             "--concurrency",
-            "8",
+            "1",
             "--poll-interval",
             "100ms",
             "--set-aside",
@@ -776,4 +806,61 @@ async fn duration_flags_out_of_range_are_usage_errors(_: PgPoolOptions, opts: Pg
     )
     .await;
     assert_eq!(code, 0, "a delay within range is taken");
+}
+
+/// Sleeps through several heartbeats and past its lease.
+struct Sleeps;
+
+#[async_trait]
+impl SyncWorker for Sleeps {
+    async fn handle(&self, task: &mut SyncTask) -> TaskResult {
+        match task.sleep(Duration::from_millis(4500)).await {
+            Some(stop) => Err(stop.into()),
+            None => Ok(json!("done")),
+        }
+    }
+}
+
+#[sqlx::test]
+async fn a_producer_holding_a_row_lock_delays_no_other_task(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let admin = common::connect(&opts).await;
+    let producer = login_as(&admin, &opts, "syncq_test_producer", Some("syncq_producer")).await;
+    let pool = WorkerPool::builder(admin.clone())
+        .register("sleeps", Sleeps)
+        .config(common::fast_config()) // lease 3 s, heartbeat 300 ms
+        .build()
+        .unwrap();
+    let (handle, run) = common::spawn(pool);
+    let locked = common::insert(&admin, "d", "sleeps", json!({})).await;
+    let other = common::insert(&admin, "e", "sleeps", json!({})).await;
+    common::wait_status(&admin, locked, "running").await;
+    common::wait_status(&admin, other, "running").await;
+
+    // The producer's UPDATE privilege lets it lock its task's row, and it
+    // keeps its transaction open past the lease. The worker's lease on
+    // the other task must still be renewed.
+    let mut tx = producer.begin().await.unwrap();
+    sqlx::query("UPDATE syncq.tasks SET cancel_requested = false WHERE id = $1")
+        .bind(locked)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    common::wait_status(&admin, other, "succeeded").await;
+    tx.rollback().await.unwrap();
+    let row = common::task(&admin, other).await;
+    assert_eq!((row.attempts, row.runs), (1, 1), "never taken back");
+    let errors: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM syncq.task_errors WHERE task_id = $1")
+            .bind(other)
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+    assert_eq!(errors, 0);
+    // The locked one is not lost either.
+    common::wait_status(&admin, locked, "succeeded").await;
+    handle.checkpoint();
+    run.await.unwrap().unwrap();
 }

@@ -341,9 +341,9 @@ pub async fn next_claim_in(
     Ok(secs.map(|s| Duration::from_secs_f64(s.clamp(0.0, 86_400.0))))
 }
 
-/// The datasets a claim of these kinds would look at first, in turn
-/// order (step 1 of `syncq.claim()` without the limit checks): where a
-/// worker looks for the dataset that makes its claims fail.
+/// The datasets a claim of these kinds would pick first, in turn order:
+/// step 1 of `syncq.claim()`, with the same filters (pause, throttle, cap,
+/// rate budget), so the dataset that makes claims fail is among them.
 pub async fn claim_candidates(
     db: impl PgExecutor<'_>,
     kinds: &[String],
@@ -355,8 +355,15 @@ pub async fn claim_candidates(
         r#"
         SELECT d.dataset_id FROM syncq.datasets d
         WHERE d.ready_at IS NOT NULL AND d.ready_at <= now() AND NOT d.paused
+          AND (d.throttled_until IS NULL OR d.throttled_until <= now())
           AND ($2::text[] IS NULL OR d.dataset_id = ANY ($2))
           AND NOT (d.dataset_id = ANY ($3))
+          AND (d.max_concurrency IS NULL OR d.max_concurrency > (
+                SELECT count(*) FROM syncq.tasks r
+                WHERE r.dataset_id = d.dataset_id AND r.status = 'running'))
+          AND (d.rate_limit IS NULL OR d.rate_limit > (
+                SELECT count(*) FROM syncq.rate_log l
+                WHERE l.dataset_id = d.dataset_id AND l.started_at > now() - d.rate_window))
           AND (SELECT true FROM syncq.tasks t
                WHERE t.dataset_id = d.dataset_id AND t.status = 'queued'
                  AND t.run_at <= now() AND t.kind = ANY ($1) AND NOT t.cancel_requested
@@ -484,12 +491,14 @@ pub async fn succeed_many(
     sqlx::query_scalar!(
         r#"
         WITH held AS (
-            -- Locked in id order, as renew_leases does: the two run side
-            -- by side in one pool and must not deadlock. By primary key.
+            -- SKIP LOCKED: a row someone else has locked (a producer's
+            -- cancel in an open transaction) must not stall the whole
+            -- batch; the caller tells such rows from lost ones
+            -- (still_held) and writes them again. By primary key.
             SELECT h.id FROM syncq.tasks h
             WHERE h.id = ANY ($2) AND h.locked_by = $1 AND h.status = 'running'
             ORDER BY h.id
-            FOR NO KEY UPDATE
+            FOR NO KEY UPDATE SKIP LOCKED
         )
         -- No join for the planner to get wrong (with stale statistics it
         -- nested-looped the unnest: 126 ms for 500 rows): rows by primary
@@ -661,7 +670,8 @@ pub struct Renewed {
 }
 
 /// Extends the leases of the tasks this worker holds (`ids` with their
-/// `runs`). Tasks missing from the answer are no longer held.
+/// `runs`). A task missing from the answer is no longer held, or its row
+/// was locked by another transaction at that moment: [`still_held`] tells.
 pub async fn renew_leases(
     db: &PgPool,
     worker_id: &str,
@@ -673,11 +683,12 @@ pub async fn renew_leases(
         Renewed,
         r#"
         WITH held AS (
-            -- Locked in id order, as succeed_many does.
+            -- SKIP LOCKED, as succeed_many: one row locked elsewhere must
+            -- not hold up every other lease of this worker.
             SELECT l.id FROM syncq.tasks l
             WHERE l.id = ANY ($2) AND l.locked_by = $1 AND l.status = 'running'
             ORDER BY l.id
-            FOR NO KEY UPDATE
+            FOR NO KEY UPDATE SKIP LOCKED
         )
         UPDATE syncq.tasks t
         SET lease_expires_at = now() + make_interval(secs => $4)
@@ -690,6 +701,28 @@ pub async fn renew_leases(
         ids,
         runs,
         secs(lease),
+    )
+    .fetch_all(db)
+    .await
+}
+
+/// Of `ids` (with their `runs`), those this worker still holds, read
+/// without locking: a row another transaction has locked is still read.
+pub async fn still_held(
+    db: impl PgExecutor<'_>,
+    worker_id: &str,
+    ids: &[TaskId],
+    runs: &[i32],
+) -> sqlx::Result<Vec<TaskId>> {
+    sqlx::query_scalar!(
+        r#"
+        SELECT t.id FROM syncq.tasks t
+        WHERE t.id = ANY ($2) AND t.locked_by = $1 AND t.status = 'running'
+          AND t.runs = ($3::int4[])[array_position($2::int8[], t.id)]
+        "#,
+        worker_id,
+        ids,
+        runs,
     )
     .fetch_all(db)
     .await
