@@ -10,6 +10,8 @@
 -- * The claim and next_claim_in take the datasets a worker has set aside
 --   (p_skip): a dataset whose claim fails for a reason of its own is left
 --   out for a while, so it cannot stop the others being served.
+-- * next_claim_in answers NULL when nothing is queued (idle workers wait);
+--   retry() allows one more attempt even at the attempts bound.
 -- * Pruning finished tasks is a function (syncq.prune_finished) that runs
 --   as its owner, so the worker role needs no DELETE on syncq.tasks.
 -- The roles' grants themselves are made by `syncq roles` (src/store/roles.rs).
@@ -237,31 +239,51 @@ BEGIN
 END;
 $$;
 
--- As in 0004, leaving out the datasets this worker set aside.
+-- As in 0004, leaving out the datasets this worker set aside, and NULL
+-- (nothing to wait for but new work) when no dataset qualifies: 0004's
+-- greatest(0, NULL) answered 0, "claimable now", and an idle worker claimed
+-- every 5–25 ms instead of waiting for a NOTIFY or its poll.
 CREATE FUNCTION syncq.next_claim_in(p_kinds text[], p_datasets text[], p_skip text[])
 RETURNS float8
 LANGUAGE sql STABLE AS $$
-    SELECT greatest(0, extract(epoch FROM min(greatest(
-               d.ready_at,
-               coalesce(d.throttled_until, now()),
-               CASE WHEN d.rate_limit IS NULL THEN now()
-                    ELSE coalesce((SELECT l.started_at + d.rate_window FROM syncq.rate_log l
-                                   WHERE l.dataset_id = d.dataset_id
-                                     AND l.started_at > now() - d.rate_window
-                                   ORDER BY l.started_at DESC
-                                   OFFSET d.rate_limit - 1 LIMIT 1), now())
-               END)) - now()))::float8
-    FROM syncq.datasets d
-    WHERE d.ready_at IS NOT NULL
-      AND NOT d.paused
-      AND (p_datasets IS NULL OR d.dataset_id = ANY (p_datasets))
-      AND (p_skip IS NULL OR NOT (d.dataset_id = ANY (p_skip)))
-      AND (d.max_concurrency IS NULL OR d.max_concurrency > (
-            SELECT count(*) FROM syncq.tasks r
-            WHERE r.dataset_id = d.dataset_id AND r.status = 'running'))
-      AND (SELECT true FROM syncq.tasks t
-           WHERE t.dataset_id = d.dataset_id AND t.status = 'queued'
-             AND t.kind = ANY (p_kinds) AND NOT t.cancel_requested
-           ORDER BY t.priority, t.run_at, t.id
-           LIMIT 1)
+    SELECT CASE WHEN w.wait IS NULL THEN NULL
+                ELSE greatest(0, extract(epoch FROM w.wait))::float8 END
+    FROM (
+        SELECT min(greatest(
+                   d.ready_at,
+                   coalesce(d.throttled_until, now()),
+                   CASE WHEN d.rate_limit IS NULL THEN now()
+                        ELSE coalesce((SELECT l.started_at + d.rate_window FROM syncq.rate_log l
+                                       WHERE l.dataset_id = d.dataset_id
+                                         AND l.started_at > now() - d.rate_window
+                                       ORDER BY l.started_at DESC
+                                       OFFSET d.rate_limit - 1 LIMIT 1), now())
+                   END)) - now() AS wait
+        FROM syncq.datasets d
+        WHERE d.ready_at IS NOT NULL
+          AND NOT d.paused
+          AND (p_datasets IS NULL OR d.dataset_id = ANY (p_datasets))
+          AND (p_skip IS NULL OR NOT (d.dataset_id = ANY (p_skip)))
+          AND (d.max_concurrency IS NULL OR d.max_concurrency > (
+                SELECT count(*) FROM syncq.tasks r
+                WHERE r.dataset_id = d.dataset_id AND r.status = 'running'))
+          AND (SELECT true FROM syncq.tasks t
+               WHERE t.dataset_id = d.dataset_id AND t.status = 'queued'
+                 AND t.kind = ANY (p_kinds) AND NOT t.cancel_requested
+               ORDER BY t.priority, t.run_at, t.id
+               LIMIT 1)
+    ) w
+$$;
+
+-- As in 0003; at the attempts bound (10,000) one attempt is given back
+-- instead of raising max_attempts past it, so one more is always allowed.
+CREATE OR REPLACE FUNCTION syncq.retry(p_ids bigint[]) RETURNS SETOF bigint
+LANGUAGE sql AS $$
+    UPDATE syncq.tasks
+    SET status = 'queued', run_at = now(), finished_at = NULL, cancel_requested = false,
+        -- At the bound (10,000) one attempt is given back instead.
+        attempts = least(attempts, 9999),
+        max_attempts = least(greatest(max_attempts, attempts + 1), 10000)
+    WHERE id = ANY (p_ids) AND status IN ('failed', 'cancelled')
+    RETURNING id
 $$;

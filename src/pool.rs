@@ -990,6 +990,7 @@ async fn complete_loop(
                 } else {
                     store::tasks::still_held(&shared.db, &shared.worker_id, &left, &left_runs)
                         .await
+                        .map(|held| held.into_iter().map(|t| t.id).collect())
                         .unwrap_or_else(|_| left.clone())
                 };
                 for request in batch {
@@ -1079,7 +1080,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
                     )
                     .await
                     {
-                        Ok(held) => held,
+                        Ok(held) => held.into_iter().map(|t| t.id).collect(),
                         Err(e) => {
                             warn!(error = %e, "checking leases not renewed failed");
                             missing.clone()
@@ -1249,12 +1250,10 @@ async fn cancel_check_loop(shared: Arc<Shared>, stop: CancellationToken) {
         let (ids, runs): (Vec<TaskId>, Vec<i32>) =
             shared.held().iter().map(|(id, h)| (*id, h.runs)).unzip();
         if !ids.is_empty() {
-            match store::tasks::cancel_requested_of(&shared.db, &shared.worker_id, &ids, &runs)
-                .await
-            {
-                Ok(cancelled) => {
-                    for id in cancelled {
-                        let _ = shared.commands.send(Command::Cancel(id));
+            match store::tasks::still_held(&shared.db, &shared.worker_id, &ids, &runs).await {
+                Ok(held) => {
+                    for task in held.into_iter().filter(|t| t.cancel_requested) {
+                        let _ = shared.commands.send(Command::Cancel(task.id));
                     }
                 }
                 Err(e) => warn!(error = %e, "reading cancel requests failed"),

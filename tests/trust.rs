@@ -346,13 +346,13 @@ async fn the_worker_role_runs_a_real_worker_but_cannot_change_settings(
     .await;
 }
 
-/// Takes its time, unless told to stop.
-struct Slow;
+/// Sleeps this long, unless told to stop.
+struct Sleeps(Duration);
 
 #[async_trait]
-impl SyncWorker for Slow {
+impl SyncWorker for Sleeps {
     async fn handle(&self, task: &mut SyncTask) -> TaskResult {
-        match task.sleep(Duration::from_millis(2500)).await {
+        match task.sleep(self.0).await {
             Some(stop) => Err(stop.into()),
             None => Ok(json!("slept")),
         }
@@ -367,7 +367,7 @@ async fn a_notification_is_a_hint_and_only_the_row_cancels(
     let admin = common::connect(&opts).await;
     let nobody = login_as(&admin, &opts, "syncq_test_nobody", None).await;
     let pool = WorkerPool::builder(admin.clone())
-        .register("slow", Slow)
+        .register("slow", Sleeps(Duration::from_millis(2500)))
         .config(common::fast_config())
         .build()
         .unwrap();
@@ -808,19 +808,6 @@ async fn duration_flags_out_of_range_are_usage_errors(_: PgPoolOptions, opts: Pg
     assert_eq!(code, 0, "a delay within range is taken");
 }
 
-/// Sleeps through several heartbeats and past its lease.
-struct Sleeps;
-
-#[async_trait]
-impl SyncWorker for Sleeps {
-    async fn handle(&self, task: &mut SyncTask) -> TaskResult {
-        match task.sleep(Duration::from_millis(4500)).await {
-            Some(stop) => Err(stop.into()),
-            None => Ok(json!("done")),
-        }
-    }
-}
-
 #[sqlx::test]
 async fn a_producer_holding_a_row_lock_delays_no_other_task(
     _: PgPoolOptions,
@@ -829,7 +816,8 @@ async fn a_producer_holding_a_row_lock_delays_no_other_task(
     let admin = common::connect(&opts).await;
     let producer = login_as(&admin, &opts, "syncq_test_producer", Some("syncq_producer")).await;
     let pool = WorkerPool::builder(admin.clone())
-        .register("sleeps", Sleeps)
+        // Through several heartbeats and past its lease.
+        .register("sleeps", Sleeps(Duration::from_millis(4500)))
         .config(common::fast_config()) // lease 3 s, heartbeat 300 ms
         .build()
         .unwrap();

@@ -381,30 +381,6 @@ pub async fn claim_candidates(
     .await
 }
 
-/// Of the tasks this worker holds (`ids` with their `runs`), those whose
-/// row says `cancel_requested`. A cancel notification only makes the pool
-/// ask this: the row decides, not the message.
-pub async fn cancel_requested_of(
-    db: impl PgExecutor<'_>,
-    worker_id: &str,
-    ids: &[TaskId],
-    runs: &[i32],
-) -> sqlx::Result<Vec<TaskId>> {
-    sqlx::query_scalar!(
-        r#"
-        SELECT t.id FROM syncq.tasks t
-        WHERE t.id = ANY ($2) AND t.locked_by = $1 AND t.status = 'running'
-          AND t.cancel_requested
-          AND t.runs = ($3::int4[])[array_position($2::int8[], t.id)]
-        "#,
-        worker_id,
-        ids,
-        runs,
-    )
-    .fetch_all(db)
-    .await
-}
-
 /// Deletes up to `batch` rate-log rows that can no longer count.
 pub async fn prune_rate_log(db: impl PgExecutor<'_>, batch: i32) -> sqlx::Result<i64> {
     let n = sqlx::query_scalar!(r#"SELECT syncq.prune_rate_log($1) AS "n!""#, batch)
@@ -706,17 +682,21 @@ pub async fn renew_leases(
     .await
 }
 
-/// Of `ids` (with their `runs`), those this worker still holds, read
-/// without locking: a row another transaction has locked is still read.
+/// Of `ids` (with their `runs`), those this worker still holds, with
+/// their `cancel_requested`, read without locking: a row another
+/// transaction has locked is still read. Tells a lost lease from a row
+/// locked elsewhere, and answers a cancel notification (the row decides,
+/// not the message).
 pub async fn still_held(
     db: impl PgExecutor<'_>,
     worker_id: &str,
     ids: &[TaskId],
     runs: &[i32],
-) -> sqlx::Result<Vec<TaskId>> {
-    sqlx::query_scalar!(
+) -> sqlx::Result<Vec<Renewed>> {
+    sqlx::query_as!(
+        Renewed,
         r#"
-        SELECT t.id FROM syncq.tasks t
+        SELECT t.id, t.cancel_requested FROM syncq.tasks t
         WHERE t.id = ANY ($2) AND t.locked_by = $1 AND t.status = 'running'
           AND t.runs = ($3::int4[])[array_position($2::int8[], t.id)]
         "#,
