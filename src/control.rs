@@ -14,8 +14,15 @@ pub enum Command {
     Checkpoint,
     /// The task was cancelled (`cancel_requested` set).
     Cancel(TaskId),
-    /// The pool lost this task's lease; its outcome can no longer be written.
-    LeaseLost(TaskId),
+    /// The pool lost this run's lease (`runs` at claim: a process that
+    /// claimed the task again runs a newer one); its outcome can no longer
+    /// be written.
+    LeaseLost {
+        /// The task.
+        task_id: TaskId,
+        /// The run that lost it.
+        runs: i32,
+    },
 }
 
 /// Why a handler is asked to stop, as heard through `SyncTask::stopped`.

@@ -6,7 +6,7 @@
 //! `store::tasks::claim`, which every `WorkerPool` calls: the turn of each
 //! dataset lives in its row, so fairness holds across processes.
 
-use sqlx::PgPool;
+use crate::db::Db;
 
 use crate::error::Result;
 use crate::queue::TaskQueue;
@@ -37,17 +37,18 @@ const DUPLICATE_LOOKUPS: usize = 5;
 /// ```
 #[derive(Debug, Clone)]
 pub struct TaskQueueManager {
-    db: PgPool,
+    db: Db,
 }
 
 impl TaskQueueManager {
-    /// A manager on a connection pool.
-    pub fn new(db: PgPool) -> Self {
-        TaskQueueManager { db }
+    /// A manager on a connection pool: a `PgPool`, or a [`Db`] that says
+    /// it goes through a transaction-mode pooler.
+    pub fn new(db: impl Into<Db>) -> Self {
+        TaskQueueManager { db: db.into() }
     }
 
     /// The connection pool.
-    pub fn db(&self) -> &PgPool {
+    pub fn db(&self) -> &Db {
         &self.db
     }
 
@@ -146,8 +147,8 @@ impl TaskQueueManager {
             return Ok(0);
         }
         let mut tx = self.db.begin().await?;
-        let now = store::tasks::transaction_now(&mut *tx).await?;
-        let copied = store::tasks::copy_in(&mut tx, &tasks, now).await?;
+        let now = store::tasks::transaction_now(tx.ex()).await?;
+        let copied = store::tasks::copy_in(tx.conn(), &tasks, now).await?;
         tx.commit().await?;
         Ok(copied)
     }

@@ -17,8 +17,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use serde_json::Value;
-use sqlx::PgPool;
-use sqlx::postgres::PgListener;
+use sqlx::postgres::{PgConnectOptions, PgListener};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, mpsc, oneshot};
 use tokio::task::{JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -26,7 +25,9 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::config::PoolConfig;
 use crate::control::Command;
+use crate::db::{Db, Outage, Pooler};
 use crate::error::{Error, Result};
+use crate::lease::{self, Lease};
 use crate::maintenance::pruner::Pruner;
 use crate::maintenance::rescuer::Rescuer;
 use crate::maintenance::vacuumer::Vacuumer;
@@ -159,7 +160,8 @@ type Handlers = HashMap<String, Arc<dyn SyncWorker>>;
 
 /// Builds a `WorkerPool`: register handlers by kind, adjust the config.
 pub struct WorkerPoolBuilder {
-    db: PgPool,
+    db: Db,
+    direct: Option<PgConnectOptions>,
     config: PoolConfig,
     handlers: Handlers,
     worker_id: Option<String>,
@@ -190,6 +192,17 @@ impl WorkerPoolBuilder {
     /// Sets `concurrency`.
     pub fn concurrency(mut self, n: usize) -> Self {
         self.config.concurrency = n;
+        self
+    }
+
+    /// A direct connection to PostgreSQL, past the transaction-mode pooler
+    /// the pool's `Db` goes through, for what needs a session: `LISTEN`
+    /// (instant wake-ups and cancels) and the vacuum lock. Without it, a
+    /// pool behind a transaction-mode pooler polls (`poll_interval`), hears
+    /// cancels at its heartbeat, and leaves vacuuming to autovacuum. Not
+    /// needed with direct connections.
+    pub fn direct(mut self, options: PgConnectOptions) -> Self {
+        self.direct = Some(options);
         self
     }
 
@@ -237,6 +250,7 @@ impl WorkerPoolBuilder {
         let (events, _) = broadcast::channel(4096);
         Ok(WorkerPool {
             db: self.db,
+            direct: self.direct,
             config: self.config,
             handlers: Arc::new(self.handlers),
             worker_id: worker_id.into(),
@@ -278,11 +292,19 @@ impl PoolHandle {
     }
 }
 
-/// A task this pool holds.
-#[derive(Debug, Clone, Copy)]
+/// One run of a task this pool holds: its id and `runs` at claim (the
+/// fencing token). Keyed by both, so a task this process lost and claimed
+/// again is two entries, each hearing about its own lease.
+type RunKey = (TaskId, i32);
+
+/// A run this pool holds.
+#[derive(Debug, Clone)]
 struct Held {
-    /// `runs` at claim: the fencing token.
-    runs: i32,
+    /// Its lease as last renewed.
+    lease: Lease,
+    /// No longer renewed: this pool claimed the task again (a newer run),
+    /// or the lease ran out while the database was unreachable.
+    superseded: bool,
     /// Its outcome is being written: if the heartbeat no longer finds it
     /// running, that is the write landing, not a lost lease.
     finishing: bool,
@@ -302,7 +324,8 @@ struct Held {
 /// # Ok(()) }
 /// ```
 pub struct WorkerPool {
-    db: PgPool,
+    db: Db,
+    direct: Option<PgConnectOptions>,
     config: PoolConfig,
     handlers: Arc<Handlers>,
     worker_id: Arc<str>,
@@ -313,7 +336,15 @@ pub struct WorkerPool {
 
 /// What the pool's tasks share.
 struct Shared {
-    db: PgPool,
+    db: Db,
+    /// A direct connection for session work, when `db` goes through a
+    /// transaction-mode pooler.
+    direct: Option<PgConnectOptions>,
+    /// Logs database outages once each.
+    outage: Outage,
+    /// Attempts this process finished: maintenance runs more often while
+    /// it grows.
+    finished: std::sync::atomic::AtomicU64,
     config: PoolConfig,
     handlers: Arc<Handlers>,
     worker_id: Arc<str>,
@@ -321,8 +352,8 @@ struct Shared {
     commands: broadcast::Sender<Command>,
     events: broadcast::Sender<Event>,
     shutdown: CancellationToken,
-    /// Tasks this pool holds.
-    held: Mutex<HashMap<TaskId, Held>>,
+    /// Runs this pool holds.
+    held: Mutex<HashMap<RunKey, Held>>,
     wake: Notify,
     /// A cancel notification arrived for a task this pool holds: look at
     /// the rows (the notification itself proves nothing).
@@ -347,8 +378,9 @@ enum CompleteError {
     /// The database refused this task's result (a data error): writing it
     /// again cannot help.
     Refused(String),
-    /// The write failed (connection, server): worth retrying.
-    Failed(String),
+    /// The write failed; `transient`: for want of a database (worth trying
+    /// again while the lease lasts).
+    Failed { message: String, transient: bool },
 }
 
 impl CompleteError {
@@ -358,8 +390,44 @@ impl CompleteError {
             sqlx::Error::Database(d) if d.code().is_some_and(|c| c.starts_with("22")) => {
                 CompleteError::Refused(d.message().to_string())
             }
-            e => CompleteError::Failed(e.to_string()),
+            e => CompleteError::Failed {
+                message: e.to_string(),
+                transient: crate::db::is_transient(e),
+            },
         }
+    }
+
+    /// A reason to try again soon (the completer stopped, the row was locked).
+    fn again(message: &str) -> Self {
+        CompleteError::Failed {
+            message: message.to_string(),
+            transient: true,
+        }
+    }
+}
+
+impl std::fmt::Display for CompleteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CompleteError::Refused(m) => write!(f, "result refused: {m}"),
+            CompleteError::Failed { message, .. } => f.write_str(message),
+        }
+    }
+}
+
+impl lease::Failure for CompleteError {
+    fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            CompleteError::Failed {
+                transient: true,
+                ..
+            }
+        )
+    }
+
+    fn timed_out() -> Self {
+        CompleteError::again("writing the success timed out")
     }
 }
 
@@ -367,7 +435,7 @@ impl CompleteError {
 const COMPLETION_BATCH: usize = 500;
 
 impl Shared {
-    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<TaskId, Held>> {
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<RunKey, Held>> {
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -378,15 +446,32 @@ impl Shared {
     fn datasets(&self) -> Option<&[String]> {
         self.config.datasets.as_deref()
     }
+
+    /// Whether this pool holds some run of task `id`.
+    fn holds(&self, id: TaskId) -> bool {
+        self.held().keys().any(|(held, _)| *held == id)
+    }
+
+    /// Options for a session of its own (`LISTEN`, the vacuum lock): the
+    /// direct connection if one was given, else the pool's own — unless
+    /// that goes through a transaction-mode pooler.
+    fn session_options(&self) -> Option<PgConnectOptions> {
+        match (&self.direct, self.db.pooler()) {
+            (Some(direct), _) => Some(direct.clone()),
+            (None, Pooler::None) => Some((*self.db.pool().connect_options()).clone()),
+            (None, Pooler::Transaction) => None,
+        }
+    }
 }
 
 impl WorkerPool {
     /// Starts building a pool on a database connection pool. The connection
     /// pool needs room for the claim loop, the heartbeat, the listener and one
     /// connection per concurrently saving handler.
-    pub fn builder(db: PgPool) -> WorkerPoolBuilder {
+    pub fn builder(db: impl Into<Db>) -> WorkerPoolBuilder {
         WorkerPoolBuilder {
-            db,
+            db: db.into(),
+            direct: None,
             config: PoolConfig::default(),
             handlers: HashMap::new(),
             worker_id: None,
@@ -429,6 +514,9 @@ impl WorkerPool {
         let (completions, completion_rx) = mpsc::channel(COMPLETION_BATCH * 2);
         let shared = Arc::new(Shared {
             db: self.db,
+            direct: self.direct,
+            outage: Outage::default(),
+            finished: std::sync::atomic::AtomicU64::new(0),
             config: self.config,
             handlers: self.handlers,
             worker_id: self.worker_id,
@@ -474,8 +562,20 @@ async fn run_pool(shared: Arc<Shared>, completion_rx: mpsc::Receiver<Completion>
         background_stop.clone(),
     ));
     if shared.config.listen {
-        background.spawn(listen_loop(shared.clone(), background_stop.clone()));
-        background.spawn(cancel_check_loop(shared.clone(), background_stop.clone()));
+        match shared.session_options() {
+            Some(options) => {
+                background.spawn(listen_loop(
+                    shared.clone(),
+                    options,
+                    background_stop.clone(),
+                ));
+                background.spawn(cancel_check_loop(shared.clone(), background_stop.clone()));
+            }
+            None => info!(
+                poll_interval = ?shared.config.poll_interval,
+                "behind a transaction-mode pooler with no direct connection: polling for work, hearing cancels at the heartbeat"
+            ),
+        }
     }
 
     let hard_stop = CancellationToken::new();
@@ -534,6 +634,12 @@ async fn dispatch(shared: &Arc<Shared>, running: &mut JoinSet<()>, hard_stop: &C
     let mut empty_wakes: u32 = 0;
     let mut woken = false;
     let mut set_aside = SetAside::new(shared.config.set_aside);
+    // A claim failed: its answer may have been lost after it committed.
+    let mut claim_unsure = false;
+    // The last empty claim was told nothing is due but new work: until
+    // something claims or wakes us, a timed poll is one claim, not two
+    // statements.
+    let mut nothing_due = false;
     loop {
         while running.try_join_next().is_some() {}
         let first = tokio::select! {
@@ -546,7 +652,32 @@ async fn dispatch(shared: &Arc<Shared>, running: &mut JoinSet<()>, hard_stop: &C
         };
         let mut permits = vec![first];
         gather_permits(&slots, &mut permits, shared.config.concurrency).await;
-        let asked_at = std::time::Instant::now();
+        if claim_unsure {
+            match release_orphans(shared).await {
+                Ok(released) => {
+                    claim_unsure = false;
+                    if released > 0 {
+                        warn!(
+                            released,
+                            "tasks claimed by a claim whose answer was lost went back to queued, uncounted"
+                        );
+                    }
+                }
+                Err(e) => {
+                    db_failures += 1;
+                    let pause = retry_pause(db_failures, shared.config.poll_interval);
+                    shared
+                        .outage
+                        .failed("looking for tasks of a lost claim", &e);
+                    drop(permits);
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => continue,
+                        _ = shared.shutdown.cancelled() => return,
+                    }
+                }
+            }
+        }
+        let asked_at = tokio::time::Instant::now();
         let skip = set_aside.current();
         let claim = ClaimArgs {
             worker_id: &shared.worker_id,
@@ -570,6 +701,7 @@ async fn dispatch(shared: &Arc<Shared>, running: &mut JoinSet<()>, hard_stop: &C
         let tasks = match claimed {
             Ok(tasks) => {
                 db_failures = 0;
+                shared.outage.ok();
                 tasks
             }
             // One dataset's rows must not stop the others being served:
@@ -603,8 +735,9 @@ async fn dispatch(shared: &Arc<Shared>, running: &mut JoinSet<()>, hard_stop: &C
             }
             Err(e) => {
                 db_failures += 1;
+                claim_unsure = true;
                 let pause = retry_pause(db_failures, shared.config.poll_interval);
-                error!(error = %e, retry_in = ?pause, "claiming tasks failed");
+                shared.outage.failed("claiming tasks", &e);
                 drop(permits);
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => continue,
@@ -615,16 +748,20 @@ async fn dispatch(shared: &Arc<Shared>, running: &mut JoinSet<()>, hard_stop: &C
         if !tasks.is_empty() {
             lost_races = 0;
             empty_wakes = 0;
+            nothing_due = false;
             debug!(
                 claimed = tasks.len(),
                 asked = permits.len(),
                 "claimed tasks"
             );
             for (task, permit) in tasks.into_iter().zip(permits) {
+                let lease = Lease::new(asked_at, shared.config.lease);
+                supersede_older_runs(shared, task.id);
                 shared.held().insert(
-                    task.id,
+                    (task.id, task.runs),
                     Held {
-                        runs: task.runs,
+                        lease: lease.clone(),
+                        superseded: false,
                         finishing: false,
                     },
                 );
@@ -633,7 +770,13 @@ async fn dispatch(shared: &Arc<Shared>, running: &mut JoinSet<()>, hard_stop: &C
                     dataset_id: task.dataset_id.clone(),
                     kind: task.kind.clone(),
                 });
-                running.spawn(run_task(shared.clone(), task, permit, hard_stop.clone()));
+                running.spawn(run_task(
+                    shared.clone(),
+                    task,
+                    lease,
+                    permit,
+                    hard_stop.clone(),
+                ));
             }
             continue;
         }
@@ -645,8 +788,16 @@ async fn dispatch(shared: &Arc<Shared>, running: &mut JoinSet<()>, hard_stop: &C
         // throttle / rate budget / delayed task (sleep until then, not in a
         // busy loop), or only new work (wait for a NOTIFY or the poll).
         let mut wait = shared.config.poll_interval;
-        match store::tasks::next_claim_in(&shared.db, &shared.kinds, shared.datasets(), &skip).await
-        {
+        let next = if woken || !nothing_due {
+            store::tasks::next_claim_in(&shared.db, &shared.kinds, shared.datasets(), &skip).await
+        } else {
+            // Asked after an earlier empty claim and nothing since: work
+            // that came meanwhile without a NOTIFY (polling) is found by
+            // the next poll.
+            Ok(None)
+        };
+        nothing_due = matches!(next, Ok(None));
+        match next {
             Ok(Some(d)) if d.is_zero() => {
                 wait = Duration::from_millis(5 + rand::random::<u64>() % 20);
                 // "Ready now" yet nothing claimed, again and again: a
@@ -694,6 +845,51 @@ async fn dispatch(shared: &Arc<Shared>, running: &mut JoinSet<()>, hard_stop: &C
             _ = tokio::time::sleep(wait) => false,
             _ = shared.shutdown.cancelled() => return,
         };
+    }
+}
+
+/// Hands back, uncounted, the tasks running in this worker's name that no
+/// run here holds: a claim that committed but whose answer was lost to a
+/// dropped connection, or a run given up during an outage whose release
+/// could not be written then. Only the dispatcher claims, and it calls
+/// this between claims, so every claim it heard of is in `held`.
+async fn release_orphans(shared: &Shared) -> sqlx::Result<usize> {
+    let mut released = 0;
+    for (id, runs) in store::tasks::running_as(&shared.db, &shared.worker_id).await? {
+        if shared.held().contains_key(&(id, runs)) {
+            continue;
+        }
+        let fence = Fence {
+            id,
+            runs,
+            worker_id: &shared.worker_id,
+        };
+        if store::tasks::release(&shared.db, fence, None).await? {
+            released += 1;
+        }
+    }
+    Ok(released)
+}
+
+/// A new claim of task `id` proves every older run of it here lost its
+/// lease (the task went back to `queued` first): their handlers stop, and
+/// their writes are fenced out.
+fn supersede_older_runs(shared: &Shared, id: TaskId) {
+    let mut lost = Vec::new();
+    for ((held_id, runs), h) in shared.held().iter_mut() {
+        if *held_id == id && !h.superseded {
+            h.superseded = true;
+            lost.push(*runs);
+        }
+    }
+    for runs in lost {
+        warn!(
+            task_id = id,
+            runs, "claimed again here: the older run lost its lease"
+        );
+        let _ = shared
+            .commands
+            .send(Command::LeaseLost { task_id: id, runs });
     }
 }
 
@@ -745,6 +941,7 @@ fn retry_pause(failures: u32, cap: Duration) -> Duration {
 async fn run_task(
     shared: Arc<Shared>,
     task: ClaimedTask,
+    lease: Lease,
     permit: OwnedSemaphorePermit,
     hard_stop: CancellationToken,
 ) {
@@ -768,6 +965,7 @@ async fn run_task(
                     worker_id: shared.worker_id.clone(),
                     commands: shared.commands.clone(),
                     checkpoint: shared.shutdown.clone(),
+                    lease: lease.clone(),
                 };
                 let mut sync_task = SyncTask::new(task.clone(), ctx);
                 let mut handle = tokio::spawn(
@@ -791,20 +989,15 @@ async fn run_task(
         let outcome = Outcome::of(joined, shared.shutdown.is_cancelled());
         let kind = outcome.kind();
         crate::metrics::task_finished(&task, kind, began.elapsed());
-        // Only this run's entry: after a lost lease the same task may have
-        // been claimed again by this pool, with a newer `runs`.
-        if let Some(held) = shared.held().get_mut(&task.id)
-            && held.runs == task.runs
-        {
+        let key = (task.id, task.runs);
+        if let Some(held) = shared.held().get_mut(&key) {
             held.finishing = true;
         }
-        let recorded = record(&shared, &task, outcome).await;
-        {
-            let mut held = shared.held();
-            if held.get(&task.id).is_some_and(|h| h.runs == task.runs) {
-                held.remove(&task.id);
-            }
-        }
+        let recorded = record(&shared, &task, &lease, outcome).await;
+        shared.held().remove(&key);
+        shared
+            .finished
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         drop(permit);
         // A slot of a capped dataset may have freed: let an idle dispatcher look.
         shared.wake.notify_one();
@@ -818,10 +1011,13 @@ async fn run_task(
     .await
 }
 
-/// Writes an outcome, retrying briefly if the database fails (the lease
-/// keeps the task ours meanwhile; if it never succeeds, the lease expires
-/// and the rescuer takes the task back, so nothing is lost).
-async fn record(shared: &Shared, task: &ClaimedTask, outcome: Outcome) -> bool {
+/// Writes an outcome, fenced. While the database is unreachable it keeps
+/// trying, with backoff, for as long as the lease lasts — the heartbeat
+/// goes on renewing it meanwhile, so an outage shorter than the lease
+/// costs nothing: the task ends as its handler decided. Only once the
+/// lease may have run out (another worker may own the task) is the outcome
+/// given up, and the rescuer takes the task back.
+async fn record(shared: &Shared, task: &ClaimedTask, lease: &Lease, outcome: Outcome) -> bool {
     let fence = Fence {
         id: task.id,
         runs: task.runs,
@@ -833,9 +1029,26 @@ async fn record(shared: &Shared, task: &ClaimedTask, outcome: Outcome) -> bool {
         fatal.get_or_insert((task.id, message.clone()));
         shared.shutdown.cancel();
     }
-    for attempt in 1..=5u32 {
-        let written = match &outcome {
-            Outcome::Succeed(value) => match complete(shared, task, value.clone()).await {
+    let written = match &outcome {
+        // Lost to another worker (the release is fenced out), or given
+        // up when the lease ran out in an outage: if the task is still in
+        // this worker's name, it goes back uncounted, checkpoint kept.
+        Outcome::Abandon => {
+            match store::tasks::release(&shared.db, fence, None).await {
+                Ok(true) => {
+                    info!("lease ran out unrenewed: the task went back to queued, uncounted")
+                }
+                Ok(false) => info!("lease lost: another worker owns this task now"),
+                Err(e) => {
+                    debug!(error = %e, "handing back a task whose lease ran out failed; the rescuer will")
+                }
+            }
+            return false;
+        }
+        Outcome::Succeed(value) => {
+            let completed =
+                lease::while_held(lease, || complete(shared, task, value.clone())).await;
+            match completed {
                 Ok(written) => Ok(written),
                 // Storing this result can never work: the attempt fails.
                 Err(CompleteError::Refused(reason)) => {
@@ -843,34 +1056,40 @@ async fn record(shared: &Shared, task: &ClaimedTask, outcome: Outcome) -> bool {
                         "the handler succeeded but its result could not be stored: {reason}"
                     );
                     warn!(%error, "result refused by the database");
-                    store::tasks::fail_attempt(&shared.db, fence, &error, false, Duration::ZERO)
-                        .await
+                    lease::while_held(lease, || {
+                        store::tasks::fail_attempt(&shared.db, fence, &error, false, Duration::ZERO)
+                    })
+                    .await
                 }
-                Err(CompleteError::Failed(e)) => Err(sqlx::Error::Protocol(e)),
-            },
-            Outcome::Abandon => {
-                info!("lease lost: another worker owns this task now");
-                return false;
-            }
-            other => write_outcome(&shared.db, fence, other, task.attempts, &shared.config).await,
-        };
-        match written {
-            Ok(true) => {
-                debug!(outcome = ?outcome.kind(), "attempt recorded");
-                return true;
-            }
-            Ok(false) => {
-                warn!(outcome = ?outcome.kind(), "outcome not recorded: this worker no longer holds the task");
-                return false;
-            }
-            Err(e) => {
-                warn!(error = %e, attempt, "recording the outcome failed; retrying");
-                tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                Err(e) => Err(sqlx::Error::Protocol(e.to_string())),
             }
         }
+        other => {
+            lease::while_held(lease, || {
+                write_outcome(&shared.db, fence, other, task.attempts, &shared.config)
+            })
+            .await
+        }
+    };
+    match written {
+        Ok(true) => {
+            shared.outage.ok();
+            debug!(outcome = ?outcome.kind(), "attempt recorded");
+            true
+        }
+        Ok(false) => {
+            warn!(outcome = ?outcome.kind(), "outcome not recorded: this worker no longer holds the task");
+            false
+        }
+        Err(e) => {
+            error!(
+                error = %e,
+                outcome = ?outcome.kind(),
+                "could not record the outcome before the lease ran out: giving it up; the rescuer takes the task back"
+            );
+            false
+        }
     }
-    error!("could not record the outcome; the lease will expire and the task be rescued");
-    false
 }
 
 /// Writes one outcome with its fenced statement: SPEC §3's table, for the
@@ -878,7 +1097,7 @@ async fn record(shared: &Shared, task: &ClaimedTask, outcome: Outcome) -> bool {
 /// is the task's counted attempts at claim, for the backoff. False: fenced
 /// out (or `Abandon`, which writes nothing).
 pub(crate) async fn write_outcome(
-    db: &PgPool,
+    db: &Db,
     fence: Fence<'_>,
     outcome: &Outcome,
     attempts: i32,
@@ -922,7 +1141,7 @@ async fn complete(
         result,
         reply,
     };
-    let stopped = || CompleteError::Failed("the completer has stopped".into());
+    let stopped = || CompleteError::again("the completer has stopped");
     if shared.completions.send(request).await.is_err() {
         return Err(stopped());
     }
@@ -997,8 +1216,8 @@ async fn complete_loop(
                     let reply = if ids.contains(&request.id) {
                         Ok(true)
                     } else if locked.contains(&request.id) {
-                        Err(CompleteError::Failed(
-                            "its row is locked by another transaction".into(),
+                        Err(CompleteError::again(
+                            "its row is locked by another transaction",
                         ))
                     } else {
                         Ok(false)
@@ -1034,81 +1253,132 @@ async fn complete_loop(
 }
 
 /// Renews the leases this pool holds and its registry row; tells handlers
-/// whose lease is gone, and re-announces cancels (in case a NOTIFY was missed).
+/// whose lease is gone, and re-announces cancels (in case a NOTIFY was
+/// missed). While the database is unreachable it beats more often, so the
+/// leases are renewed as soon as it is back; a run whose lease may have
+/// run out meanwhile is given up (its handler hears `LeaseLost`), since
+/// another worker may own the task by then.
 async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
+    let lease = shared.config.lease;
     loop {
+        let every = if shared.outage.is_down() {
+            shared.config.heartbeat.min(OUTAGE_HEARTBEAT)
+        } else {
+            shared.config.heartbeat
+        };
         tokio::select! {
-            _ = tokio::time::sleep(shared.config.heartbeat) => {}
+            _ = tokio::time::sleep(every) => {}
             _ = stop.cancelled() => return,
         }
-        if let Err(e) = store::workers::heartbeat(&shared.db, &shared.worker_id).await {
-            warn!(error = %e, "worker heartbeat failed");
+        let sent_at = tokio::time::Instant::now();
+        match store::workers::heartbeat(&shared.db, &shared.worker_id).await {
+            Ok(()) => shared.outage.ok(),
+            Err(e) => shared.outage.failed("the worker heartbeat", &e),
         }
-        let (ids, runs): (Vec<TaskId>, Vec<i32>) =
-            shared.held().iter().map(|(id, h)| (*id, h.runs)).unzip();
-        if ids.is_empty() {
+        // The current run of each task (an older one was superseded by a
+        // newer claim here and is not renewed).
+        let current: Vec<(RunKey, Lease)> = shared
+            .held()
+            .iter()
+            .filter(|(_, h)| !h.superseded)
+            .map(|(key, h)| (*key, h.lease.clone()))
+            .collect();
+        if current.is_empty() {
             continue;
         }
-        match store::tasks::renew_leases(
-            &shared.db,
-            &shared.worker_id,
-            &ids,
-            &runs,
-            shared.config.lease,
-        )
-        .await
-        {
-            Ok(renewed) => {
-                let still: HashMap<TaskId, bool> =
-                    renewed.iter().map(|r| (r.id, r.cancel_requested)).collect();
-                // Not renewed: lost, or its row was locked elsewhere just
-                // now (then it is renewed at the next beat).
-                let (missing, missing_runs): (Vec<TaskId>, Vec<i32>) = ids
-                    .iter()
-                    .zip(&runs)
-                    .filter(|(id, _)| !still.contains_key(id))
-                    .map(|(id, r)| (*id, *r))
-                    .unzip();
-                let locked = if missing.is_empty() {
-                    Vec::new()
-                } else {
-                    match store::tasks::still_held(
-                        &shared.db,
-                        &shared.worker_id,
-                        &missing,
-                        &missing_runs,
-                    )
-                    .await
-                    {
-                        Ok(held) => held.into_iter().map(|t| t.id).collect(),
-                        Err(e) => {
-                            warn!(error = %e, "checking leases not renewed failed");
-                            missing.clone()
-                        }
-                    }
-                };
-                for id in ids {
-                    if locked.contains(&id) {
-                        continue;
-                    }
-                    match still.get(&id) {
-                        Some(true) => {
-                            let _ = shared.commands.send(Command::Cancel(id));
-                        }
-                        Some(false) => {}
-                        // Finished meanwhile, or lost: only the latter is
-                        // still held and not being recorded (a success
-                        // just written is still held until its reply).
-                        None if shared.held().get(&id).is_some_and(|h| !h.finishing) => {
-                            warn!(task_id = id, "lease lost");
-                            let _ = shared.commands.send(Command::LeaseLost(id));
-                        }
-                        None => {}
-                    }
+        let (ids, runs): (Vec<TaskId>, Vec<i32>) = current.iter().map(|(key, _)| *key).unzip();
+        let renewed =
+            match store::tasks::renew_leases(&shared.db, &shared.worker_id, &ids, &runs, lease)
+                .await
+            {
+                Ok(renewed) => renewed,
+                Err(e) => {
+                    shared.outage.failed("renewing leases", &e);
+                    give_up_expired(&shared, &current);
+                    continue;
+                }
+            };
+        shared.outage.ok();
+        let renewed: HashMap<TaskId, bool> =
+            renewed.iter().map(|r| (r.id, r.cancel_requested)).collect();
+        // Not renewed: lost, or its row was locked elsewhere just now (then
+        // it is renewed at the next beat).
+        let missing: Vec<RunKey> = current
+            .iter()
+            .map(|(key, _)| *key)
+            .filter(|(id, _)| !renewed.contains_key(id))
+            .collect();
+        let locked: HashSet<TaskId> = if missing.is_empty() {
+            HashSet::new()
+        } else {
+            let (m_ids, m_runs): (Vec<TaskId>, Vec<i32>) = missing.iter().copied().unzip();
+            match store::tasks::still_held(&shared.db, &shared.worker_id, &m_ids, &m_runs).await {
+                Ok(held) => held.into_iter().map(|t| t.id).collect(),
+                Err(e) => {
+                    shared.outage.failed("checking leases not renewed", &e);
+                    m_ids.into_iter().collect()
                 }
             }
-            Err(e) => warn!(error = %e, "renewing leases failed"),
+        };
+        for ((id, runs), held_lease) in &current {
+            match renewed.get(id) {
+                Some(cancel) => {
+                    held_lease.renewed(sent_at, lease);
+                    if *cancel {
+                        let _ = shared.commands.send(Command::Cancel(*id));
+                    }
+                }
+                None if locked.contains(id) => {}
+                // Finished meanwhile, or lost: only the latter is still
+                // held and not being recorded (a success just written is
+                // still held until its reply).
+                None if shared
+                    .held()
+                    .get(&(*id, *runs))
+                    .is_some_and(|h| !h.finishing) =>
+                {
+                    warn!(task_id = id, runs, "lease lost");
+                    let _ = shared.commands.send(Command::LeaseLost {
+                        task_id: *id,
+                        runs: *runs,
+                    });
+                }
+                None => {}
+            }
         }
+        give_up_expired(&shared, &current);
+    }
+}
+
+/// How often the heartbeat beats while the database is unreachable.
+const OUTAGE_HEARTBEAT: Duration = Duration::from_millis(500);
+
+/// Tells the handlers of runs whose lease may have run out (the database
+/// was unreachable to renew it) to stop: another worker may own the task
+/// now. A run whose outcome is being written gives itself up (`record`).
+fn give_up_expired(shared: &Shared, current: &[(RunKey, Lease)]) {
+    for ((id, runs), lease) in current {
+        if !lease.expired() {
+            continue;
+        }
+        let mut held = shared.held();
+        let Some(h) = held.get_mut(&(*id, *runs)) else {
+            continue;
+        };
+        if h.finishing || h.superseded {
+            continue;
+        }
+        // Once: it is no longer renewed, and its handler is stopping.
+        h.superseded = true;
+        drop(held);
+        warn!(
+            task_id = id,
+            runs, "lease ran out while the database was unreachable: stopping the handler"
+        );
+        let _ = shared.commands.send(Command::LeaseLost {
+            task_id: *id,
+            runs: *runs,
+        });
     }
 }
 
@@ -1137,13 +1407,18 @@ async fn sample_loop(shared: Arc<Shared>, every: Duration, stop: CancellationTok
     }
 }
 
-/// The maintenance sweep of every process: takes back tasks whose holders
-/// went silent, prunes the rate log, old finished tasks and dead workers.
+/// The maintenance sweep of every process. Every `rescue_interval` it
+/// takes back tasks whose holders went silent. The tidying — pruning old
+/// finished tasks, the rate log and dead workers, and the vacuum check —
+/// runs when this process has finished tasks since it last tidied (or is
+/// behind), and otherwise only every [`IDLE_TIDY_EVERY`]: an idle fleet
+/// costs the database next to nothing.
 async fn rescue_loop(shared: Arc<Shared>, stop: CancellationToken) {
     let rescuer = Rescuer::new(shared.config.rescue_interval);
     let pruner = Pruner::new(shared.config.retention);
     let vacuumer = Vacuumer::default();
-    let mut last_vacuum_check = tokio::time::Instant::now();
+    let mut last_vacuum_check: Option<(tokio::time::Instant, u64)> = None;
+    let mut last_tidy: Option<(tokio::time::Instant, u64)> = None;
     let mut behind = false;
     loop {
         // A pruner that is behind (a fast drain finishes more tasks per
@@ -1166,31 +1441,45 @@ async fn rescue_loop(shared: Arc<Shared>, stop: CancellationToken) {
                 shared.wake.notify_one();
             }
             Ok(_) => {}
-            Err(e) => warn!(error = %e, "rescuing expired leases failed"),
+            Err(e) => shared.outage.failed("rescuing expired leases", &e),
         }
-        behind = match pruner.run_once(&shared.db).await {
-            Ok(report) => report.more,
-            Err(e) => {
-                warn!(error = %e, "pruning failed");
-                false
+        let finished = shared.finished.load(std::sync::atomic::Ordering::Relaxed);
+        let due = |last: Option<(tokio::time::Instant, u64)>, busy_every: Duration| match last {
+            None => true,
+            Some((at, seen)) => {
+                at.elapsed() >= IDLE_TIDY_EVERY || (seen != finished && at.elapsed() >= busy_every)
             }
         };
-        if shared.config.vacuum && last_vacuum_check.elapsed() >= Duration::from_secs(1) {
-            last_vacuum_check = tokio::time::Instant::now();
-            if let Err(e) = vacuumer.run_once(&shared.db).await {
-                warn!(error = %e, "vacuuming failed");
+        if behind || due(last_tidy, Duration::ZERO) {
+            last_tidy = Some((tokio::time::Instant::now(), finished));
+            behind = match pruner.run_once(&shared.db).await {
+                Ok(report) => report.more,
+                Err(e) => {
+                    shared.outage.failed("pruning", &e);
+                    false
+                }
+            };
+        }
+        if shared.config.vacuum && due(last_vacuum_check, Duration::from_secs(1)) {
+            last_vacuum_check = Some((tokio::time::Instant::now(), finished));
+            if let Err(e) = vacuumer.run_once(&shared.db, shared.direct.as_ref()).await {
+                shared.outage.failed("vacuuming", &e);
             }
         }
     }
 }
 
+/// How often an idle process (one that finished no task since) prunes and
+/// checks for vacuuming.
+const IDLE_TIDY_EVERY: Duration = Duration::from_secs(60);
+
 /// LISTEN for inserts (wake the dispatcher) and cancels (tell the handler).
 /// Reconnects on failure; wakes the dispatcher after a reconnect in case a
 /// notification was missed meanwhile.
-async fn listen_loop(shared: Arc<Shared>, stop: CancellationToken) {
+async fn listen_loop(shared: Arc<Shared>, options: PgConnectOptions, stop: CancellationToken) {
     let mut failures = 0u32;
     loop {
-        let mut listener = match connect_listener(&shared.db).await {
+        let mut listener = match connect_listener(&options).await {
             Ok(l) => {
                 failures = 0;
                 l
@@ -1216,7 +1505,7 @@ async fn listen_loop(shared: Arc<Shared>, stop: CancellationToken) {
                 // rows, never a command (SPEC §2 Privileges).
                 Ok(Some(n)) if n.channel() == CHANNEL_CANCEL => {
                     if let Ok(id) = n.payload().parse::<TaskId>()
-                        && shared.held().contains_key(&id)
+                        && shared.holds(id)
                     {
                         shared.cancel_check.notify_one();
                     }
@@ -1247,8 +1536,12 @@ async fn cancel_check_loop(shared: Arc<Shared>, stop: CancellationToken) {
             _ = shared.cancel_check.notified() => {}
             _ = stop.cancelled() => return,
         }
-        let (ids, runs): (Vec<TaskId>, Vec<i32>) =
-            shared.held().iter().map(|(id, h)| (*id, h.runs)).unzip();
+        let (ids, runs): (Vec<TaskId>, Vec<i32>) = shared
+            .held()
+            .iter()
+            .filter(|(_, h)| !h.superseded)
+            .map(|(key, _)| *key)
+            .unzip();
         if !ids.is_empty() {
             match store::tasks::still_held(&shared.db, &shared.worker_id, &ids, &runs).await {
                 Ok(held) => {
@@ -1269,8 +1562,19 @@ async fn cancel_check_loop(shared: Arc<Shared>, stop: CancellationToken) {
 /// Shortest pause between two cancel checks.
 const CANCEL_CHECK_EVERY: Duration = Duration::from_millis(50);
 
-async fn connect_listener(db: &PgPool) -> sqlx::Result<PgListener> {
-    let mut listener = PgListener::connect_with(db).await?;
+async fn connect_listener(options: &PgConnectOptions) -> sqlx::Result<PgListener> {
+    // A pool of one of its own, as `PgListener::connect` makes: it only
+    // serves reconnecting, and it keeps the session off the main pool
+    // (which may go through a transaction-mode pooler).
+    let session = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .max_lifetime(None)
+        .idle_timeout(None)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options.clone())
+        .await?;
+    let mut listener = PgListener::connect_with(&session).await?;
+    listener.ignore_pool_close_event(true);
     listener
         .listen_all([CHANNEL_INSERTED, CHANNEL_CANCEL])
         .await?;

@@ -1,8 +1,8 @@
 //! `TaskQueue`: one dataset's queue — its rows in `syncq.tasks` and its
 //! settings row in `syncq.datasets`.
 
+use crate::db::Db;
 use serde_json::Value;
-use sqlx::PgPool;
 
 use crate::error::{Error, Result};
 use crate::manager::TaskQueueManager;
@@ -16,12 +16,12 @@ use crate::task::{NewTask, TaskId};
 /// One dataset's queue.
 #[derive(Debug, Clone)]
 pub struct TaskQueue {
-    db: PgPool,
+    db: Db,
     dataset_id: String,
 }
 
 impl TaskQueue {
-    pub(crate) fn new(db: PgPool, dataset_id: String) -> Self {
+    pub(crate) fn new(db: Db, dataset_id: String) -> Self {
         TaskQueue { db, dataset_id }
     }
 

@@ -28,7 +28,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::PgPool;
+use crate::db::Db;
 
 use crate::error::{Error, Result};
 use crate::store;
@@ -109,15 +109,15 @@ impl FromStr for RateLimit {
 /// `syncq.rate_log`. Changes take effect at the next claim of any process.
 #[derive(Debug, Clone)]
 pub struct RateLimiter {
-    db: PgPool,
+    db: Db,
     dataset_id: String,
 }
 
 impl RateLimiter {
     /// The limiter of `dataset_id`.
-    pub fn new(db: PgPool, dataset_id: impl Into<String>) -> Self {
+    pub fn new(db: impl Into<Db>, dataset_id: impl Into<String>) -> Self {
         RateLimiter {
-            db,
+            db: db.into(),
             dataset_id: dataset_id.into(),
         }
     }

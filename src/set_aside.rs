@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use sqlx::PgPool;
+use crate::db::Db;
 use tokio::time::Instant;
 
 use crate::store;
@@ -67,7 +67,7 @@ pub(crate) fn may_be_one_dataset(e: &sqlx::Error) -> bool {
 /// Which datasets make a claim fail, with the error each gives. Empty when
 /// no single dataset does (the failure is then the caller's to report).
 pub(crate) async fn find_failing(
-    db: &PgPool,
+    db: &Db,
     claim: &ClaimArgs<'_>,
 ) -> sqlx::Result<Vec<(String, String)>> {
     let candidates = store::tasks::claim_candidates(
@@ -117,10 +117,10 @@ pub(crate) struct ClaimArgs<'a> {
 }
 
 /// A claim restricted to `group`, rolled back: whether it would fail.
-async fn dry_run(db: &PgPool, claim: &ClaimArgs<'_>, group: &[String]) -> sqlx::Result<()> {
+async fn dry_run(db: &Db, claim: &ClaimArgs<'_>, group: &[String]) -> sqlx::Result<()> {
     let mut tx = db.begin().await?;
     let result = store::tasks::claim(
-        &mut *tx,
+        tx.ex(),
         claim.worker_id,
         claim.kinds,
         Some(group),

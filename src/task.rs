@@ -14,7 +14,6 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use sqlx::PgPool;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
@@ -258,10 +257,12 @@ pub struct ClaimedTask {
 /// What a `SyncTask` needs from its pool.
 #[derive(Clone)]
 pub(crate) struct TaskContext {
-    pub db: PgPool,
+    pub db: crate::db::Db,
     pub worker_id: Arc<str>,
     pub commands: broadcast::Sender<Command>,
     pub checkpoint: CancellationToken,
+    /// This run's lease, as the pool last renewed it.
+    pub lease: crate::lease::Lease,
 }
 
 /// One claimed task, as its handler sees it.
@@ -382,13 +383,17 @@ impl SyncTask {
     ) -> Result<(), TaskError> {
         let value = serde_json::to_value(progress)
             .map_err(|e| TaskError::Invalid(format!("checkpoint is not JSON: {e}")))?;
-        let saved = store::tasks::save_checkpoint(
-            &self.ctx.db,
-            self.task.id,
-            self.task.runs,
-            &self.ctx.worker_id,
-            &value,
-        )
+        // Through a database outage shorter than the lease, the save
+        // waits for the database rather than failing the attempt.
+        let saved = crate::lease::while_held(&self.ctx.lease, || {
+            store::tasks::save_checkpoint(
+                &self.ctx.db,
+                self.task.id,
+                self.task.runs,
+                &self.ctx.worker_id,
+                &value,
+            )
+        })
         .await
         .map_err(|e| TaskError::Retryable(format!("saving the checkpoint failed: {e}")))?;
         if !saved {
@@ -476,7 +481,11 @@ impl SyncTask {
         match command {
             Command::Checkpoint => Some(Stop::Checkpoint),
             Command::Cancel(id) if id == self.task.id => Some(Stop::Cancel),
-            Command::LeaseLost(id) if id == self.task.id => Some(Stop::LeaseLost),
+            Command::LeaseLost { task_id, runs }
+                if task_id == self.task.id && runs == self.task.runs =>
+            {
+                Some(Stop::LeaseLost)
+            }
             _ => None,
         }
     }

@@ -92,8 +92,10 @@ pub async fn run_enqueued(db: &PgPool, worker: &dyn SyncWorker, id: TaskId) -> R
         .await?
         .ok_or_else(|| Error::InvalidTask(format!("task {id} is not queued")))?;
     let (commands, _) = broadcast::channel(16);
+    let db = crate::db::Db::from(db);
     let ctx = TaskContext {
         db: db.clone(),
+        lease: crate::lease::Lease::new(tokio::time::Instant::now(), config.lease),
         worker_id: worker_id.clone(),
         commands,
         checkpoint: CancellationToken::new(),
@@ -106,14 +108,14 @@ pub async fn run_enqueued(db: &PgPool, worker: &dyn SyncWorker, id: TaskId) -> R
         worker_id: &worker_id,
     };
     crate::pool::write_outcome(
-        db,
+        &db,
         fence,
         &Outcome::of(Ok(result), false),
         claimed.attempts,
         &config,
     )
     .await?;
-    tested(db, id).await
+    tested(db.pool(), id).await
 }
 
 async fn tested(db: &PgPool, id: TaskId) -> Result<TestedTask> {

@@ -44,7 +44,7 @@ async fn completion_is_fenced_against_a_holder_that_lost_its_lease(db: PgPool) {
     // A goes silent; its lease expires; the rescuer takes the task back.
     expire_lease(&db, id).await;
     let rescued = Rescuer::new(Duration::from_secs(1))
-        .run_once(&db)
+        .run_once(&syncq::Db::from(&db))
         .await
         .unwrap();
     assert_eq!(rescued.len(), 1);
@@ -115,7 +115,7 @@ async fn an_expired_lease_fails_the_task_when_no_attempt_is_left(db: PgPool) {
         .unwrap();
     expire_lease(&db, id).await;
     Rescuer::new(Duration::from_secs(1))
-        .run_once(&db)
+        .run_once(&syncq::Db::from(&db))
         .await
         .unwrap();
     let row = common::task(&db, id).await;
@@ -214,7 +214,7 @@ async fn a_pool_whose_lease_was_taken_cannot_complete_the_task(
     // away long enough for its lease to expire and another worker to claim).
     expire_lease(&db, id).await;
     Rescuer::new(Duration::from_secs(1))
-        .run_once(&db)
+        .run_once(&syncq::Db::from(&db))
         .await
         .unwrap();
     let b = tasks::claim(
@@ -449,7 +449,7 @@ async fn a_completion_batch_skips_only_the_task_whose_lease_was_lost(db: PgPool)
     let stolen = mine[1].id;
     expire_lease(&db, stolen).await;
     Rescuer::new(Duration::from_secs(1))
-        .run_once(&db)
+        .run_once(&syncq::Db::from(&db))
         .await
         .unwrap();
     let theirs = tasks::claim(&db, "worker-b", &kinds(), None, &[], 1, lease)

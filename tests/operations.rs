@@ -414,10 +414,19 @@ async fn the_vacuumer_reclaims_dead_rows_one_process_at_a_time(db: PgPool) {
             .await
             .unwrap()
     );
-    assert!(vacuumer.run_once(&db).await.unwrap().is_empty());
+    assert!(
+        vacuumer
+            .run_once(&syncq::Db::from(&db), None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     syncq::store::ops::vacuum_unlock(&mut other).await.unwrap();
 
-    let vacuumed = vacuumer.run_once(&db).await.unwrap();
+    let vacuumed = vacuumer
+        .run_once(&syncq::Db::from(&db), None)
+        .await
+        .unwrap();
     assert!(vacuumed.contains(&"tasks".to_string()), "{vacuumed:?}");
     common::wait_for("the vacuum is counted", Duration::from_secs(15), || {
         let db = db.clone();

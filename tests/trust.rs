@@ -44,7 +44,7 @@ async fn login_as(
     ];
     for attempt in 0.. {
         let mut failed = None;
-        if let Err(e) = syncq::store::roles::create(admin).await {
+        if let Err(e) = syncq::store::roles::create(&syncq::Db::from(admin)).await {
             failed = Some(e);
         }
         for sql in &statements {

@@ -106,7 +106,9 @@ pub(super) async fn run(
     args: &DemoArgs,
     out: &mut (dyn Write + Send),
 ) -> Result<(), CliError> {
-    let cleared = store::demo::clear(&db, PREFIX).await.map_err(sql)?;
+    let cleared = store::demo::clear(&db.clone().into(), PREFIX)
+        .await
+        .map_err(sql)?;
     if cleared > 0 {
         writeln!(out, "cleared {cleared} tasks of an earlier demo").map_err(io_error)?;
     }

@@ -15,7 +15,7 @@ mod demo;
 mod ops;
 
 use crate::store::datasets::{DatasetRow, LimitsChange};
-use crate::{NewTask, PoolConfig, RateLimit, TaskQueueManager, WorkerPool};
+use crate::{Db, NewTask, PoolConfig, Pooler, RateLimit, TaskQueueManager, WorkerPool};
 
 /// Where the CLI connects when `DATABASE_URL` is not set.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/syncq";
@@ -27,6 +27,12 @@ pub struct Cli {
     /// PostgreSQL URL (default: DATABASE_URL, else a local default).
     #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+
+    /// What the connections go through: `none` (PostgreSQL itself, or a
+    /// session-mode pooler) or `transaction` (PgBouncer in transaction
+    /// mode, RDS Proxy…: no prepared statements or session state kept).
+    #[arg(long, global = true, env = "SYNCQ_POOLER", default_value = "none", value_parser = Pooler::from_str)]
+    pub pooler: Pooler,
 
     /// Log lines on stderr as text or as JSON objects (one per line, with
     /// the task span's fields: task_id, dataset, kind, attempt).
@@ -196,9 +202,15 @@ pub struct WorkerArgs {
     /// How often an idle worker looks for work it was not woken for (1ms to 1h).
     #[arg(long, default_value = "1s", value_parser = |s: &str| PoolConfig::POLL_INTERVAL_RANGE.parse(s))]
     pub poll_interval: Duration,
-    /// Never LISTEN; poll only (behind a transaction-mode pooler).
+    /// Never LISTEN; poll only (wake-ups every --poll-interval, cancels
+    /// heard at the heartbeat).
     #[arg(long)]
     pub poll_only: bool,
+    /// A direct PostgreSQL URL, past the transaction-mode pooler, for what
+    /// needs a session: LISTEN (instant wake-ups and cancels) and the
+    /// vacuum lock. Without it, a worker behind a pooler polls.
+    #[arg(long, env = "SYNCQ_LISTEN_URL", hide_env_values = true)]
+    pub listen_url: Option<String>,
     /// How long handlers get to checkpoint on shutdown (0s to 1h).
     #[arg(long, default_value = "10s", value_parser = |s: &str| PoolConfig::SHUTDOWN_GRACE_RANGE.parse(s))]
     pub grace: Duration,
@@ -295,6 +307,24 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<(), CliError>
             one_line(&e.to_string())
         ))
     })?;
+    let pooler = cli.pooler;
+    if pooler == Pooler::Transaction {
+        let session = match &cli.command {
+            Command::Migrate => Some("migrate"),
+            Command::Demo(_) => Some("demo"),
+            Command::Bench(_) => Some("bench"),
+            _ => None,
+        };
+        if let Some(name) = session {
+            return Err(CliError::Usage(format!(
+                "`syncq {name}` needs a direct connection to PostgreSQL (it keeps session state): run it with --pooler none and the server's own address"
+            )));
+        }
+    }
+    let connect = |options: &PgConnectOptions, n: u32| {
+        let options = options.clone();
+        async move { connect_db(&options, pooler, n).await }
+    };
     match cli.command {
         Command::Migrate => {
             let db = connect_creating(&options).await?;
@@ -302,20 +332,20 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<(), CliError>
             writeln!(out, "syncq schema is up to date").map_err(io_error)?;
             Ok(())
         }
-        Command::Enqueue(args) => enqueue(&options, args, out).await,
+        Command::Enqueue(args) => enqueue(connect(&options, 1).await?, args, out).await,
         Command::Demo(args) => {
             // Held to the end: a private cluster is removed when it drops.
             let (options, _private) =
                 demo::database(&options, &url, args.private_postgres, out).await?;
             connect_creating(&options).await?.close().await;
-            let db = connect(&options, 40).await?;
+            let db = connect_pool(&options, 40).await?;
             crate::migrate(&db).await?;
             let result = demo::run(db.clone(), &args, out).await;
             db.close().await;
             result
         }
-        Command::Worker(args) => worker(&options, args).await,
-        Command::Limit(args) => limit(&options, args, out).await,
+        Command::Worker(args) => worker(&options, pooler, args).await,
+        Command::Limit(args) => limit(connect(&options, 1).await?, args, out).await,
         Command::Pause { dataset, create } => {
             let db = connect(&options, 1).await?;
             ops::require_dataset(&db, &dataset, create).await?;
@@ -383,7 +413,19 @@ pub(crate) fn io_error(e: std::io::Error) -> CliError {
     CliError::Runtime(format!("cannot write output: {e}"))
 }
 
-async fn connect(options: &PgConnectOptions, max_connections: u32) -> Result<PgPool, CliError> {
+/// A `Db` for the commands that work through a transaction-mode pooler.
+async fn connect_db(
+    options: &PgConnectOptions,
+    pooler: Pooler,
+    max_connections: u32,
+) -> Result<Db, CliError> {
+    Ok(Db::new(connect_pool(options, max_connections).await?).with_pooler(pooler))
+}
+
+async fn connect_pool(
+    options: &PgConnectOptions,
+    max_connections: u32,
+) -> Result<PgPool, CliError> {
     // One direct connection first: a pool would retry until its acquire
     // timeout and hide the real reason (refused, unknown database, …).
     let probe = options
@@ -426,7 +468,7 @@ pub(crate) fn describe(e: &sqlx::Error) -> String {
 
 /// Connects, creating the database first if it does not exist yet.
 async fn connect_creating(options: &PgConnectOptions) -> Result<PgPool, CliError> {
-    match connect(options, 2).await {
+    match connect_pool(options, 2).await {
         Ok(db) => Ok(db),
         Err(first) => {
             let Some(name) = options.get_database().map(str::to_string) else {
@@ -457,16 +499,12 @@ async fn connect_creating(options: &PgConnectOptions) -> Result<PgPool, CliError
                 })?;
             let _ = conn.close().await;
             eprintln!("syncq: created database {quoted}");
-            connect(options, 2).await
+            connect_pool(options, 2).await
         }
     }
 }
 
-async fn enqueue(
-    options: &PgConnectOptions,
-    args: EnqueueArgs,
-    out: &mut (dyn Write + Send),
-) -> Result<(), CliError> {
+async fn enqueue(db: Db, args: EnqueueArgs, out: &mut (dyn Write + Send)) -> Result<(), CliError> {
     let payload: serde_json::Value = serde_json::from_str(&args.payload)
         .map_err(|e| CliError::Runtime(format!("--payload is not valid JSON: {e}")))?;
     let mut task = NewTask::new(args.dataset, args.kind)
@@ -483,13 +521,16 @@ async fn enqueue(
         task = task.unique_key(key);
     }
     task.validate()?;
-    let db = connect(options, 1).await?;
     let id = TaskQueueManager::new(db).enqueue(task).await?;
     writeln!(out, "{id}").map_err(io_error)?;
     Ok(())
 }
 
-async fn worker(options: &PgConnectOptions, args: WorkerArgs) -> Result<(), CliError> {
+async fn worker(
+    options: &PgConnectOptions,
+    pooler: Pooler,
+    args: WorkerArgs,
+) -> Result<(), CliError> {
     let config = PoolConfig {
         concurrency: args.concurrency as usize,
         datasets: args.datasets,
@@ -510,21 +551,27 @@ async fn worker(options: &PgConnectOptions, args: WorkerArgs) -> Result<(), CliE
         install_metrics(addr)?;
     }
     config.validate()?;
+    let direct = match &args.listen_url {
+        Some(url) => Some(PgConnectOptions::from_str(url).map_err(|e| {
+            CliError::Usage(format!(
+                "invalid --listen-url: {}",
+                one_line(&e.to_string())
+            ))
+        })?),
+        None => None,
+    };
     let connections = args.concurrency.saturating_add(4);
-    let db = connect(options, connections).await?;
-    let pool = WorkerPool::builder(db)
-        .register_builtins()
-        .config(config)
-        .build()?;
+    let db = connect_db(options, pooler, connections).await?;
+    let mut builder = WorkerPool::builder(db).register_builtins().config(config);
+    if let Some(direct) = direct {
+        builder = builder.direct(direct);
+    }
+    let pool = builder.build()?;
     pool.run_with_signals().await?;
     Ok(())
 }
 
-async fn limit(
-    options: &PgConnectOptions,
-    args: LimitArgs,
-    out: &mut (dyn Write + Send),
-) -> Result<(), CliError> {
+async fn limit(db: Db, args: LimitArgs, out: &mut (dyn Write + Send)) -> Result<(), CliError> {
     let change = LimitsChange {
         rate: args.rate.map(|r| {
             r.into_option()
@@ -535,7 +582,6 @@ async fn limit(
                 .map(|n| i32::try_from(n).unwrap_or(i32::MAX))
         }),
     };
-    let db = connect(options, 1).await?;
     ops::require_dataset(&db, &args.dataset, args.create).await?;
     let row = crate::store::datasets::set_limits(&db, &args.dataset, change)
         .await

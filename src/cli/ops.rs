@@ -3,9 +3,9 @@
 use std::io::Write;
 use std::time::Duration;
 
+use crate::db::Db;
 use clap::Args;
 use serde_json::json;
-use sqlx::PgPool;
 
 use super::{CliError, describe, io_error};
 use crate::maintenance::pruner::FINISHED;
@@ -21,11 +21,7 @@ fn db_error(what: &str) -> impl Fn(sqlx::Error) -> CliError + '_ {
 }
 
 /// Refuses an unknown dataset (exit 2) unless `create`.
-pub(super) async fn require_dataset(
-    db: &PgPool,
-    dataset: &str,
-    create: bool,
-) -> Result<(), CliError> {
+pub(super) async fn require_dataset(db: &Db, dataset: &str, create: bool) -> Result<(), CliError> {
     if create {
         return Ok(());
     }
@@ -52,7 +48,7 @@ pub struct CancelArgs {
 }
 
 pub(super) async fn cancel(
-    db: &PgPool,
+    db: &Db,
     args: CancelArgs,
     out: &mut (dyn Write + Send),
 ) -> Result<(), CliError> {
@@ -104,7 +100,7 @@ pub struct RetryArgs {
 }
 
 pub(super) async fn retry(
-    db: &PgPool,
+    db: &Db,
     args: RetryArgs,
     out: &mut (dyn Write + Send),
 ) -> Result<(), CliError> {
@@ -154,7 +150,7 @@ pub struct PruneArgs {
 }
 
 pub(super) async fn prune(
-    db: &PgPool,
+    db: &Db,
     args: PruneArgs,
     out: &mut (dyn Write + Send),
 ) -> Result<(), CliError> {
@@ -186,7 +182,7 @@ pub struct StatusArgs {
 }
 
 pub(super) async fn status(
-    db: &PgPool,
+    db: &Db,
     args: StatusArgs,
     out: &mut (dyn Write + Send),
 ) -> Result<(), CliError> {
@@ -290,7 +286,7 @@ pub struct TasksArgs {
 }
 
 pub(super) async fn tasks(
-    db: &PgPool,
+    db: &Db,
     args: TasksArgs,
     out: &mut (dyn Write + Send),
 ) -> Result<(), CliError> {
@@ -347,7 +343,7 @@ pub struct ShowArgs {
 }
 
 pub(super) async fn show(
-    db: &PgPool,
+    db: &Db,
     args: ShowArgs,
     out: &mut (dyn Write + Send),
 ) -> Result<(), CliError> {

@@ -1,9 +1,10 @@
 //! The pruner: deletes finished tasks past their retention, in short
-//! batches, and registry rows of workers long silent.
+//! batches, starts that left the rate log's window, and registry rows of
+//! workers long silent.
 
 use std::time::Duration;
 
-use sqlx::PgPool;
+use crate::db::Db;
 
 use crate::store;
 
@@ -52,7 +53,7 @@ impl Pruner {
     }
 
     /// One sweep.
-    pub async fn run_once(&self, db: &PgPool) -> sqlx::Result<PruneReport> {
+    pub async fn run_once(&self, db: &Db) -> sqlx::Result<PruneReport> {
         let mut report = PruneReport::default();
         if let Some(retention) = self.retention {
             let statuses: Vec<String> = FINISHED.iter().map(|s| s.to_string()).collect();
@@ -66,6 +67,9 @@ impl Pruner {
                 }
             }
         }
+        // The rate log only needs the starts inside each dataset's window.
+        let batch = i32::try_from(self.batch).unwrap_or(i32::MAX);
+        while store::tasks::prune_rate_log(db, batch).await? >= self.batch {}
         report.workers = store::ops::prune_dead_workers(db, self.dead_worker_after).await?;
         if report.tasks > 0 || report.workers > 0 {
             tracing::info!(tasks = report.tasks, workers = report.workers, "pruned");

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use sqlx::PgPool;
+use crate::db::Db;
 
 use crate::store;
 use crate::store::tasks::Rescued;
@@ -42,7 +42,7 @@ impl Rescuer {
     }
 
     /// One sweep: takes back every expired lease, batch by batch.
-    pub async fn run_once(&self, db: &PgPool) -> sqlx::Result<Vec<Rescued>> {
+    pub async fn run_once(&self, db: &Db) -> sqlx::Result<Vec<Rescued>> {
         let mut all = Vec::new();
         loop {
             let rescued = store::tasks::rescue_expired(db, self.batch).await?;
@@ -60,8 +60,6 @@ impl Rescuer {
                 break;
             }
         }
-        // The rate log only needs the starts inside each dataset's window.
-        while store::tasks::prune_rate_log(db, self.batch as i32).await? >= self.batch {}
         Ok(all)
     }
 }

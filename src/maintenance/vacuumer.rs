@@ -8,7 +8,10 @@
 //! indexes grow without bound and the claim slows down scanning dead
 //! entries. The pruner deletes finished tasks; this reclaims their space.
 
-use sqlx::PgPool;
+use sqlx::ConnectOptions;
+use sqlx::postgres::PgConnectOptions;
+
+use crate::db::{Db, Pooler};
 
 use crate::store;
 
@@ -32,8 +35,18 @@ impl Default for Vacuumer {
 
 impl Vacuumer {
     /// One sweep: returns the tables vacuumed (none when another process
-    /// holds the vacuum lock or nothing is due).
-    pub async fn run_once(&self, db: &PgPool) -> sqlx::Result<Vec<String>> {
+    /// holds the vacuum lock or nothing is due). The lock and `VACUUM`
+    /// need a session: `direct` if given, else a connection of `db` — and
+    /// nothing is done when `db` goes through a transaction-mode pooler
+    /// and no direct connection was given.
+    pub async fn run_once(
+        &self,
+        db: &Db,
+        direct: Option<&PgConnectOptions>,
+    ) -> sqlx::Result<Vec<String>> {
+        if direct.is_none() && db.pooler() == Pooler::Transaction {
+            return Ok(Vec::new());
+        }
         let due: Vec<String> = store::ops::churn(db)
             .await?
             .into_iter()
@@ -48,7 +61,10 @@ impl Vacuumer {
         // Detached from the pool: if this future is dropped mid-sweep the
         // connection closes and the session's advisory lock goes with it,
         // instead of going back to the pool still held.
-        let mut conn = db.acquire().await?.detach();
+        let mut conn = match direct {
+            Some(options) => options.connect().await?,
+            None => db.pool().acquire().await?.detach(),
+        };
         if !store::ops::try_vacuum_lock(&mut conn).await? {
             let _ = sqlx::Connection::close(conn).await;
             return Ok(Vec::new());

@@ -4,24 +4,24 @@ use sqlx::PgExecutor;
 
 /// Deletes the tasks, rate log and datasets whose names start with
 /// `prefix` (what an earlier demo left). Returns the tasks deleted.
-pub async fn clear(db: &sqlx::PgPool, prefix: &str) -> sqlx::Result<u64> {
+pub async fn clear(db: &crate::db::Db, prefix: &str) -> sqlx::Result<u64> {
     let pattern = format!("{}%", like_escape(prefix));
     let mut tx = db.begin().await?;
     let tasks = sqlx::query!("DELETE FROM syncq.tasks WHERE dataset_id LIKE $1", pattern)
-        .execute(&mut *tx)
+        .execute(tx.ex())
         .await?
         .rows_affected();
     sqlx::query!(
         "DELETE FROM syncq.rate_log WHERE dataset_id LIKE $1",
         pattern
     )
-    .execute(&mut *tx)
+    .execute(tx.ex())
     .await?;
     sqlx::query!(
         "DELETE FROM syncq.datasets WHERE dataset_id LIKE $1",
         pattern
     )
-    .execute(&mut *tx)
+    .execute(tx.ex())
     .await?;
     tx.commit().await?;
     Ok(tasks)

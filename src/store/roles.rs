@@ -23,8 +23,6 @@
 //! Creating roles needs CREATEROLE; run it once per database as an admin,
 //! and again after an upgrade (it revokes what earlier versions granted).
 
-use sqlx::PgPool;
-
 /// Statements run in order, in one transaction; idempotent.
 const ROLES: &[&str] = &[
     r#"DO $$ BEGIN
@@ -76,11 +74,11 @@ const ROLES: &[&str] = &[
 ];
 
 /// Creates the roles if missing and (re)grants exactly their privileges.
-pub async fn create(db: &PgPool) -> sqlx::Result<()> {
+pub async fn create(db: &crate::db::Db) -> sqlx::Result<()> {
     let mut tx = db.begin().await?;
     for statement in ROLES {
         sqlx::raw_sql(sqlx::AssertSqlSafe(*statement))
-            .execute(&mut *tx)
+            .execute(tx.ex())
             .await?;
     }
     tx.commit().await

@@ -1,7 +1,7 @@
 //! Statements on `syncq.tasks` (and `syncq.task_errors`, written together).
 
 use serde_json::Value;
-use sqlx::{PgExecutor, PgPool};
+use sqlx::PgExecutor;
 use std::time::Duration;
 
 use super::secs;
@@ -341,6 +341,24 @@ pub async fn next_claim_in(
     Ok(secs.map(|s| Duration::from_secs_f64(s.clamp(0.0, 86_400.0))))
 }
 
+/// The running tasks held in this worker's name, with their `runs`: after
+/// a claim whose answer was lost, those no handler runs are handed back.
+pub async fn running_as(
+    db: impl PgExecutor<'_>,
+    worker_id: &str,
+) -> sqlx::Result<Vec<(TaskId, i32)>> {
+    let rows = sqlx::query!(
+        r#"
+        SELECT id, runs FROM syncq.tasks
+        WHERE status = 'running' AND locked_by = $1
+        "#,
+        worker_id,
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.id, r.runs)).collect())
+}
+
 /// The datasets a claim of these kinds would pick first, in turn order:
 /// step 1 of `syncq.claim()`, with the same filters (pause, throttle, cap,
 /// rate budget), so the dataset that makes claims fail is among them.
@@ -649,7 +667,7 @@ pub struct Renewed {
 /// `runs`). A task missing from the answer is no longer held, or its row
 /// was locked by another transaction at that moment: [`still_held`] tells.
 pub async fn renew_leases(
-    db: &PgPool,
+    db: impl PgExecutor<'_>,
     worker_id: &str,
     ids: &[TaskId],
     runs: &[i32],
