@@ -41,6 +41,13 @@ pub struct LocalPostgres {
 impl LocalPostgres {
     /// Creates and starts a cluster. Takes a few seconds (initdb).
     pub fn start() -> Result<LocalPostgres> {
+        Self::start_with(&[])
+    }
+
+    /// Creates and starts a cluster with extra server settings
+    /// (`name=value`, as `postgres -c` takes them), e.g.
+    /// `shared_preload_libraries=pg_stat_statements`.
+    pub fn start_with(settings: &[&str]) -> Result<LocalPostgres> {
         let bin =
             find_server_bin().ok_or_else(|| Error::LocalPostgres(HOW_TO_GET_POSTGRES.into()))?;
         let owner = unprivileged_owner()?;
@@ -74,12 +81,21 @@ impl LocalPostgres {
                 "--locale=C",
             ],
         )?;
-        let options = format!(
+        let mut options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
              -c full_page_writes=off -c max_connections=200",
             pg.port,
             path_str(&pg.dir)?
         );
+        for setting in settings {
+            if setting.contains(char::is_whitespace) || !setting.contains('=') {
+                return Err(Error::LocalPostgres(format!(
+                    "server setting {setting:?} must be name=value without spaces"
+                )));
+            }
+            options.push_str(" -c ");
+            options.push_str(setting);
+        }
         let log = pg.dir.join("server.log");
         pg.run(
             "pg_ctl",
@@ -108,6 +124,29 @@ impl LocalPostgres {
     /// The port the cluster listens on (127.0.0.1).
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Restarts the server the way an upgrade or a failover does to its
+    /// clients: `pg_ctl restart -m fast` terminates every session, then
+    /// starts again on the same port. Returns once it accepts connections.
+    pub fn restart(&self) -> Result<()> {
+        let data = self.dir.join("data");
+        let log = self.dir.join("server.log");
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                path_str(&data)?,
+                "-l",
+                path_str(&log)?,
+                "-m",
+                "fast",
+                "-w",
+                "-t",
+                "60",
+                "restart",
+            ],
+        )
     }
 
     /// The cluster's directory (data, socket and log), deleted on drop.

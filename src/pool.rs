@@ -937,6 +937,11 @@ fn retry_pause(failures: u32, cap: Duration) -> Duration {
     base.min(cap.max(Duration::from_secs(5)))
 }
 
+/// The log target of each attempt's start and end (debug level: one line
+/// per task is too many for a busy queue's default log; enable it with
+/// `RUST_LOG=syncq=info,syncq::attempt=debug`).
+pub const ATTEMPT_LOG: &str = "syncq::attempt";
+
 /// Runs one claimed task to an outcome and records it, fenced.
 async fn run_task(
     shared: Arc<Shared>,
@@ -950,10 +955,12 @@ async fn run_task(
         task_id = task.id,
         dataset = %task.dataset_id,
         kind = %task.kind,
-        attempt = task.attempts
+        attempt = task.attempts,
+        run = task.runs
     );
     async {
         crate::metrics::task_started(&task);
+        debug!(target: ATTEMPT_LOG, "attempt started");
         let began = std::time::Instant::now();
         let joined = match shared.handlers.get(&task.kind).cloned() {
             // Claimed as the pool began to stop (a claim can race the
@@ -998,6 +1005,13 @@ async fn run_task(
         shared
             .finished
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        debug!(
+            target: ATTEMPT_LOG,
+            outcome = ?kind,
+            recorded,
+            millis = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "attempt ended"
+        );
         drop(permit);
         // A slot of a capped dataset may have freed: let an idle dispatcher look.
         shared.wake.notify_one();
@@ -1270,8 +1284,17 @@ async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
             _ = tokio::time::sleep(every) => {}
             _ = stop.cancelled() => return,
         }
+        // No beat may wait longer than a beat for the database (a pool
+        // waiting for a connection would otherwise hold it past leases
+        // that need giving up).
+        let beat = shared.config.heartbeat;
         let sent_at = tokio::time::Instant::now();
-        match store::workers::heartbeat(&shared.db, &shared.worker_id).await {
+        match within(
+            beat,
+            store::workers::heartbeat(&shared.db, &shared.worker_id),
+        )
+        .await
+        {
             Ok(()) => shared.outage.ok(),
             Err(e) => shared.outage.failed("the worker heartbeat", &e),
         }
@@ -1287,17 +1310,19 @@ async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
             continue;
         }
         let (ids, runs): (Vec<TaskId>, Vec<i32>) = current.iter().map(|(key, _)| *key).unzip();
-        let renewed =
-            match store::tasks::renew_leases(&shared.db, &shared.worker_id, &ids, &runs, lease)
-                .await
-            {
-                Ok(renewed) => renewed,
-                Err(e) => {
-                    shared.outage.failed("renewing leases", &e);
-                    give_up_expired(&shared, &current);
-                    continue;
-                }
-            };
+        let renewed = match within(
+            beat,
+            store::tasks::renew_leases(&shared.db, &shared.worker_id, &ids, &runs, lease),
+        )
+        .await
+        {
+            Ok(renewed) => renewed,
+            Err(e) => {
+                shared.outage.failed("renewing leases", &e);
+                give_up_expired(&shared, &current);
+                continue;
+            }
+        };
         shared.outage.ok();
         let renewed: HashMap<TaskId, bool> =
             renewed.iter().map(|r| (r.id, r.cancel_requested)).collect();
@@ -1312,7 +1337,12 @@ async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
             HashSet::new()
         } else {
             let (m_ids, m_runs): (Vec<TaskId>, Vec<i32>) = missing.iter().copied().unzip();
-            match store::tasks::still_held(&shared.db, &shared.worker_id, &m_ids, &m_runs).await {
+            match within(
+                beat,
+                store::tasks::still_held(&shared.db, &shared.worker_id, &m_ids, &m_runs),
+            )
+            .await
+            {
                 Ok(held) => held.into_iter().map(|t| t.id).collect(),
                 Err(e) => {
                     shared.outage.failed("checking leases not renewed", &e);
@@ -1348,6 +1378,16 @@ async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
         }
         give_up_expired(&shared, &current);
     }
+}
+
+/// `query`, or a timeout error once `limit` has passed.
+async fn within<T>(
+    limit: Duration,
+    query: impl std::future::Future<Output = sqlx::Result<T>>,
+) -> sqlx::Result<T> {
+    tokio::time::timeout(limit, query)
+        .await
+        .unwrap_or(Err(sqlx::Error::PoolTimedOut))
 }
 
 /// How often the heartbeat beats while the database is unreachable.
@@ -1481,13 +1521,20 @@ async fn listen_loop(shared: Arc<Shared>, options: PgConnectOptions, stop: Cance
     loop {
         let mut listener = match connect_listener(&options).await {
             Ok(l) => {
+                if failures > 0 {
+                    info!("LISTEN re-established");
+                }
                 failures = 0;
                 l
             }
             Err(e) => {
                 failures += 1;
                 let pause = retry_pause(failures, Duration::from_secs(5));
-                warn!(error = %e, retry_in = ?pause, "LISTEN failed; polling meanwhile");
+                if failures == 1 {
+                    warn!(error = %e, "LISTEN failed: polling until it is back");
+                } else {
+                    debug!(error = %e, retry_in = ?pause, "LISTEN failed again");
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => continue,
                     _ = stop.cancelled() => return,
@@ -1517,7 +1564,7 @@ async fn listen_loop(shared: Arc<Shared>, options: PgConnectOptions, stop: Cance
                     continue;
                 }
                 Err(e) => {
-                    warn!(error = %e, "LISTEN connection failed");
+                    debug!(error = %e, "LISTEN connection failed: reconnecting");
                     break;
                 }
             }

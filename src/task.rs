@@ -298,6 +298,13 @@ impl SyncTask {
         }
     }
 
+    /// Which claim of the task this run is (`runs`): the fencing token its
+    /// writes carry. A run that lost its lease and a later run of the same
+    /// task differ here.
+    pub fn run(&self) -> i32 {
+        self.task.runs
+    }
+
     /// The task's id.
     pub fn id(&self) -> TaskId {
         self.task.id

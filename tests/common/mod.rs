@@ -193,3 +193,168 @@ pub async fn insert(db: &PgPool, dataset: &str, kind: &str, payload: Value) -> i
     .await
     .expect("insert task")
 }
+
+/// A real `syncq worker` process; its log goes to a file read by `log()`.
+/// Killed on drop, so a failing test leaves no process behind.
+pub struct WorkerProcess {
+    pub child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl WorkerProcess {
+    /// Starts `syncq worker` on `url` with `args` (and `env`), logging at
+    /// info.
+    pub fn start(url: &str, args: &[&str], env: &[(&str, &str)]) -> WorkerProcess {
+        let log = std::env::temp_dir().join(format!(
+            "syncq-test-worker-{}-{:08x}.log",
+            std::process::id(),
+            rand_suffix()
+        ));
+        let file = std::fs::File::create(&log).expect("create the worker's log file");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_syncq"))
+            .env("DATABASE_URL", url)
+            .env("RUST_LOG", "syncq=info")
+            .envs(env.iter().copied())
+            .arg("worker")
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start a worker process");
+        WorkerProcess { child, log }
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends a signal (`-STOP`, `-CONT`, `-KILL`, `-TERM`).
+    pub fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill {sig} {} failed", self.child.id());
+    }
+
+    /// Waits (without blocking the runtime) for the process to exit.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!(
+                    "worker did not exit within {timeout:?}; its log:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+fn rand_suffix() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish() as u32
+}
+
+/// Counts of tasks by status.
+pub async fn by_status(db: &PgPool) -> std::collections::BTreeMap<String, i64> {
+    sqlx::query_as::<_, (String, i64)>(
+        "SELECT status::text, count(*) FROM syncq.tasks GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(db)
+    .await
+    .expect("count by status")
+    .into_iter()
+    .collect()
+}
+
+/// Refuses new connections to `database` and ends its sessions, as an
+/// outage does to its clients, through `admin` (a connection to another
+/// database of the same server). Undo with `allow_connections`.
+pub async fn refuse_connections(admin: &PgPool, database: &str) {
+    let quoted = format!("\"{}\"", database.replace('"', "\"\""));
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE {quoted} WITH ALLOW_CONNECTIONS false"
+    )))
+    .execute(admin)
+    .await
+    .expect("refuse connections");
+    terminate_backends(admin, database).await;
+}
+
+/// Lets connections to `database` in again.
+pub async fn allow_connections(admin: &PgPool, database: &str) {
+    let quoted = format!("\"{}\"", database.replace('"', "\"\""));
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE {quoted} WITH ALLOW_CONNECTIONS true"
+    )))
+    .execute(admin)
+    .await
+    .expect("allow connections");
+}
+
+/// Terminates every session on `database`; returns how many.
+pub async fn terminate_backends(admin: &PgPool, database: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
+         WHERE datname = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(database)
+    .fetch_one(admin)
+    .await
+    .expect("terminate backends")
+}
+
+/// A pool on the `postgres` database of the test's server.
+pub async fn admin(opts: &PgConnectOptions) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(opts.clone().database("postgres"))
+        .await
+        .expect("connect to the postgres database")
+}
+
+/// The environment that makes a worker log each attempt's start and end.
+pub const ATTEMPT_LOG_ENV: &[(&str, &str)] = &[("RUST_LOG", "syncq=info,syncq::attempt=debug")];
+
+/// From the workers' logs: each task's handler ends, by task id, with
+/// their outcomes (`Succeeded`, `Retried`, `LeaseLost`, …).
+pub fn attempts_ended(workers: &[&WorkerProcess]) -> std::collections::BTreeMap<i64, Vec<String>> {
+    let mut ended: std::collections::BTreeMap<i64, Vec<String>> = Default::default();
+    for w in workers {
+        for line in w.log().lines().filter(|l| l.contains("attempt ended")) {
+            let field = |name: &str| {
+                line.split([' ', '{', '}', ':'])
+                    .find_map(|part| part.strip_prefix(name))
+                    .map(str::to_string)
+            };
+            let id = field("task_id=").and_then(|v| v.parse::<i64>().ok());
+            let outcome = field("outcome=");
+            if let (Some(id), Some(outcome)) = (id, outcome) {
+                ended.entry(id).or_default().push(outcome);
+            }
+        }
+    }
+    ended
+}
