@@ -310,6 +310,60 @@ struct Held {
     finishing: bool,
 }
 
+/// The runs this pool holds, with each task's newest run at hand (a claim
+/// must find an older run of the same task without scanning them all).
+#[derive(Debug, Default)]
+struct HeldRuns {
+    runs: HashMap<RunKey, Held>,
+    /// The newest run of each task held here.
+    newest: HashMap<TaskId, i32>,
+}
+
+impl HeldRuns {
+    /// Adds a newly claimed run. Returns the run of the same task it
+    /// supersedes, if one was still held and not yet given up: the new
+    /// claim proves that one lost its lease.
+    fn claimed(&mut self, (id, runs): RunKey, held: Held) -> Option<i32> {
+        self.runs.insert((id, runs), held);
+        let older = self
+            .newest
+            .insert(id, runs)
+            .filter(|older| *older != runs)?;
+        let h = self.runs.get_mut(&(id, older))?;
+        if h.superseded {
+            return None;
+        }
+        h.superseded = true;
+        Some(older)
+    }
+
+    /// The run's outcome is written (or given up): it is no longer held.
+    fn finished(&mut self, (id, runs): RunKey) {
+        self.runs.remove(&(id, runs));
+        if self.newest.get(&id) == Some(&runs) {
+            self.newest.remove(&id);
+        }
+    }
+
+    fn holds(&self, id: TaskId) -> bool {
+        self.newest.contains_key(&id)
+    }
+}
+
+impl std::ops::Deref for HeldRuns {
+    type Target = HashMap<RunKey, Held>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.runs
+    }
+}
+
+impl std::ops::DerefMut for HeldRuns {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.runs
+    }
+}
+
 /// The set of worker loops in one process. See the module docs.
 ///
 /// ```no_run
@@ -353,7 +407,7 @@ struct Shared {
     events: broadcast::Sender<Event>,
     shutdown: CancellationToken,
     /// Runs this pool holds.
-    held: Mutex<HashMap<RunKey, Held>>,
+    held: Mutex<HeldRuns>,
     wake: Notify,
     /// A cancel notification arrived for a task this pool holds: look at
     /// the rows (the notification itself proves nothing).
@@ -435,7 +489,7 @@ impl lease::Failure for CompleteError {
 const COMPLETION_BATCH: usize = 500;
 
 impl Shared {
-    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<RunKey, Held>> {
+    fn held(&self) -> std::sync::MutexGuard<'_, HeldRuns> {
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -449,7 +503,7 @@ impl Shared {
 
     /// Whether this pool holds some run of task `id`.
     fn holds(&self, id: TaskId) -> bool {
-        self.held().keys().any(|(held, _)| *held == id)
+        self.held().holds(id)
     }
 
     /// Options for a session of its own (`LISTEN`, the vacuum lock): the
@@ -524,7 +578,7 @@ impl WorkerPool {
             commands: self.commands,
             events: self.events,
             shutdown: self.shutdown,
-            held: Mutex::new(HashMap::new()),
+            held: Mutex::new(HeldRuns::default()),
             wake: Notify::new(),
             cancel_check: Notify::new(),
             fatal: Mutex::new(None),
@@ -756,8 +810,7 @@ async fn dispatch(shared: &Arc<Shared>, running: &mut JoinSet<()>, hard_stop: &C
             );
             for (task, permit) in tasks.into_iter().zip(permits) {
                 let lease = Lease::new(asked_at, shared.config.lease);
-                supersede_older_runs(shared, task.id);
-                shared.held().insert(
+                let older = shared.held().claimed(
                     (task.id, task.runs),
                     Held {
                         lease: lease.clone(),
@@ -765,6 +818,17 @@ async fn dispatch(shared: &Arc<Shared>, running: &mut JoinSet<()>, hard_stop: &C
                         finishing: false,
                     },
                 );
+                if let Some(runs) = older {
+                    // The task went back to `queued` before this claim.
+                    warn!(
+                        task_id = task.id,
+                        runs, "claimed again here: the older run lost its lease"
+                    );
+                    let _ = shared.commands.send(Command::LeaseLost {
+                        task_id: task.id,
+                        runs,
+                    });
+                }
                 shared.emit(Event::Claimed {
                     task_id: task.id,
                     dataset_id: task.dataset_id.clone(),
@@ -869,28 +933,6 @@ async fn release_orphans(shared: &Shared) -> sqlx::Result<usize> {
         }
     }
     Ok(released)
-}
-
-/// A new claim of task `id` proves every older run of it here lost its
-/// lease (the task went back to `queued` first): their handlers stop, and
-/// their writes are fenced out.
-fn supersede_older_runs(shared: &Shared, id: TaskId) {
-    let mut lost = Vec::new();
-    for ((held_id, runs), h) in shared.held().iter_mut() {
-        if *held_id == id && !h.superseded {
-            h.superseded = true;
-            lost.push(*runs);
-        }
-    }
-    for runs in lost {
-        warn!(
-            task_id = id,
-            runs, "claimed again here: the older run lost its lease"
-        );
-        let _ = shared
-            .commands
-            .send(Command::LeaseLost { task_id: id, runs });
-    }
 }
 
 /// Shortest pause between claims woken for nothing, once three wake-ups
@@ -1001,7 +1043,7 @@ async fn run_task(
             held.finishing = true;
         }
         let recorded = record(&shared, &task, &lease, outcome).await;
-        shared.held().remove(&key);
+        shared.held().finished(key);
         shared
             .finished
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

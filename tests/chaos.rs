@@ -424,7 +424,9 @@ async fn workers_survive_kills_stops_lost_sessions_and_restarts() {
             .unwrap();
     let ledger: Vec<LedgerRow> =
         sqlx::query_as(
-            "SELECT task_id, run, claimed_at, began, ended, outcome FROM chaos_ledger ORDER BY task_id, began",
+            // By run, the claim order: a run's row can be written late
+            // (its insert waited out an outage) after a later run's.
+            "SELECT task_id, run, claimed_at, began, ended, outcome FROM chaos_ledger ORDER BY task_id, run, began",
         )
         .fetch_all(&db)
         .await

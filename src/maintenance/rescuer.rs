@@ -1,5 +1,4 @@
-//! The rescuer: takes back running tasks whose holder stopped heartbeating,
-//! and prunes rate-log rows that left their window.
+//! The rescuer: takes back running tasks whose holder stopped heartbeating.
 //!
 //! A task whose `lease_expires_at` passed goes back to `queued` with its
 //! attempt counted (or to `failed` when none is left), so kill -9 of a worker,
