@@ -358,3 +358,24 @@ pub fn attempts_ended(workers: &[&WorkerProcess]) -> std::collections::BTreeMap<
     }
     ended
 }
+
+/// Runs `work` on a multi-thread runtime of its own (two worker threads)
+/// and waits for it. `#[sqlx::test]` runs a test on a current-thread
+/// runtime, where pools, polling and the test share one thread; a test
+/// that measures time runs its body here instead.
+pub async fn on_multi_thread<F>(work: F) -> F::Output
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    tokio::task::spawn_blocking(move || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a multi-thread runtime")
+            .block_on(work)
+    })
+    .await
+    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+}
