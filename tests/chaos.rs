@@ -161,9 +161,28 @@ type LedgerRow = (i64, i32, Time, Time, Option<Time>, Option<String>);
 
 struct Worker(Child);
 
+/// A copy of this test binary for the worker processes: a rebuild during a
+/// long soak replaces the file `current_exe` names.
+struct WorkerExe(std::path::PathBuf);
+
+impl WorkerExe {
+    fn copy() -> WorkerExe {
+        let path = std::env::temp_dir().join(format!("syncq-chaos-worker-{}", std::process::id()));
+        std::fs::copy(std::env::current_exe().expect("the test binary"), &path)
+            .expect("copy the test binary");
+        WorkerExe(path)
+    }
+}
+
+impl Drop for WorkerExe {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 impl Worker {
-    fn start(url: &str) -> Worker {
-        let child = Command::new(std::env::current_exe().expect("the test binary"))
+    fn start(exe: &WorkerExe, url: &str) -> Worker {
+        let child = Command::new(&exe.0)
             .args([
                 "chaos_worker_process",
                 "--exact",
@@ -327,7 +346,8 @@ async fn workers_survive_kills_stops_lost_sessions_and_restarts() {
         samples.clone(),
     );
 
-    let mut workers: Vec<Worker> = (0..WORKERS).map(|_| Worker::start(&url)).collect();
+    let exe = WorkerExe::copy();
+    let mut workers: Vec<Worker> = (0..WORKERS).map(|_| Worker::start(&exe, &url)).collect();
     let mut faults = Faults::default();
     let mut enqueued = 0;
     let mut round = 0;
@@ -352,7 +372,7 @@ async fn workers_survive_kills_stops_lost_sessions_and_restarts() {
             0..=2 => {
                 let i = rng.random_range(0..workers.len());
                 workers[i].signal("-KILL");
-                workers[i] = Worker::start(&url);
+                workers[i] = Worker::start(&exe, &url);
                 faults.killed += 1;
             }
             3..=4 => {
