@@ -2,9 +2,12 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
+use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::io::AsyncReadExt;
 
 fn syncq(url: Option<&str>, args: &[&str]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_syncq"));
@@ -304,13 +307,20 @@ async fn limit_pause_and_resume_change_only_what_they_name(
     assert_eq!(after, Some(3));
 }
 
-#[test]
-fn bench_measures_in_a_scratch_database_and_drops_it() {
-    let url = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| syncq::cli::DEFAULT_DATABASE_URL.to_string());
-    let out = syncq(
-        Some(&url),
-        &[
+/// The bench names its scratch database `syncq_bench_<its pid>` on the
+/// server of the URL it is given: this test gives it its own database's URL
+/// and looks only at that one name — it exists while the bench runs and is
+/// gone once it exits — so a bench run by anyone else at the same time
+/// changes nothing here.
+#[sqlx::test]
+async fn bench_measures_in_a_scratch_database_and_drops_it(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let db = common::connect(&opts).await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_syncq"))
+        .env("DATABASE_URL", common::url(&opts))
+        .args([
             "bench",
             "--tasks",
             "300",
@@ -320,10 +330,47 @@ fn bench_measures_in_a_scratch_database_and_drops_it() {
             "8",
             "--no-scale",
             "--json",
-        ],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run syncq bench");
+    let scratch = format!("syncq_bench_{}", child.id().expect("the bench's pid"));
+    let exists = |db: PgPool, name: String| async move {
+        sqlx::query_scalar::<_, bool>("SELECT EXISTS (SELECT FROM pg_database WHERE datname = $1)")
+            .bind(name)
+            .fetch_one(&db)
+            .await
+            .expect("look up the scratch database")
+    };
+    // Read its output while watching for its scratch database.
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let output = async {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let (a, b) = tokio::join!(stdout.read_to_end(&mut out), stderr.read_to_end(&mut err));
+        a.and(b).expect("read the bench's output");
+        let status = child.wait().await.expect("wait for the bench");
+        (status, out, err)
+    };
+    tokio::pin!(output);
+    let mut seen = false;
+    let (status, out, err) = tokio::time::timeout(BENCH_TIMEOUT, async {
+        loop {
+            tokio::select! {
+                done = &mut output => break done,
+                _ = tokio::time::sleep(Duration::from_millis(20)), if !seen => {
+                    seen = exists(db.clone(), scratch.clone()).await;
+                }
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("syncq bench did not finish within {BENCH_TIMEOUT:?}"));
+    let err = String::from_utf8_lossy(&err);
+    assert!(status.success(), "{err}");
+    let doc: serde_json::Value = serde_json::from_slice(&out).unwrap();
     let figures = doc["figures"].as_array().unwrap();
     let value = |prefix: &str| {
         figures
@@ -351,15 +398,14 @@ fn bench_measures_in_a_scratch_database_and_drops_it() {
         .find(|f| f["name"] == "drain: noop, 1 dataset")
         .unwrap();
     assert!(drain["ratio"].as_f64().unwrap() > 0.0);
-    // Its scratch database is gone.
-    let left = Command::new("psql")
-        .args([
-            &url,
-            "-qtAc",
-            "SELECT count(*) FROM pg_database WHERE datname LIKE 'syncq_bench_%'",
-        ])
-        .output();
-    if let Ok(left) = left {
-        assert_eq!(String::from_utf8_lossy(&left.stdout).trim(), "0");
-    }
+    // Its scratch database existed while it ran (so this is the right
+    // name), and is gone.
+    assert!(seen, "no database {scratch} was seen while the bench ran");
+    assert!(
+        !exists(db.clone(), scratch.clone()).await,
+        "the bench left its scratch database {scratch} behind"
+    );
 }
+
+/// The bench of 300 tasks takes seconds; this is for a hung one.
+const BENCH_TIMEOUT: Duration = Duration::from_secs(120);

@@ -132,19 +132,30 @@ async fn the_demo_runs_every_scenario_and_can_be_run_again(
 /// `--private-postgres` (what the demo does by itself when nothing answers
 /// at the default address): a throwaway cluster from the installed server
 /// programs, removed at the end.
+///
+/// The demo runs with `TMPDIR` set to a folder of this test's own, so
+/// whatever it creates there is this run's: the cluster directory it logs
+/// must be inside, must be gone at the end, and the folder must be empty.
+/// Nothing else in the system's temporary folder is looked at.
 #[test]
 fn the_demo_on_a_private_postgres_leaves_nothing_behind() {
     if syncq::local_postgres::find_server_bin().is_none() {
         eprintln!("skipped: no PostgreSQL server programs installed");
         return;
     }
-    let before = private_dirs();
+    let tmp = OwnTempDir::new();
     // An address where nothing answers: the URL must not be used.
-    let (ok, stdout, stderr) = demo(
-        "postgres://nobody@127.0.0.1:1/none",
-        &["--scale", "0.1", "--private-postgres"],
-    );
-    assert!(ok, "demo failed: {stderr}\n{stdout}");
+    let out = Command::new(env!("CARGO_BIN_EXE_syncq"))
+        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+        .env("TMPDIR", &tmp.0)
+        // The cluster's start is logged with its directory; the rest quiet.
+        .env("RUST_LOG", "syncq=error,syncq::local_postgres=info")
+        .args(["demo", "--scale", "0.1", "--private-postgres"])
+        .output()
+        .expect("run syncq demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo failed: {stderr}\n{stdout}");
     assert!(
         stdout.contains("private PostgreSQL on 127.0.0.1:"),
         "{stdout}"
@@ -153,22 +164,60 @@ fn the_demo_on_a_private_postgres_leaves_nothing_behind() {
         stdout.contains("summary (read back from the database)"),
         "{stdout}"
     );
-    assert_eq!(
-        private_dirs(),
-        before,
-        "a private cluster directory was left behind"
+    // The directory this run's cluster lived in, as the demo logged it.
+    let dir = stderr
+        .lines()
+        .filter(|l| l.contains("private PostgreSQL cluster started"))
+        .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("dir=")))
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| panic!("the demo did not log its cluster's directory: {stderr}"));
+    assert!(
+        dir.starts_with(&tmp.0),
+        "the cluster was made in {}, not under TMPDIR {}",
+        dir.display(),
+        tmp.0.display()
     );
+    assert!(
+        !dir.exists(),
+        "the private cluster directory {} was left behind",
+        dir.display()
+    );
+    let left: Vec<_> = std::fs::read_dir(&tmp.0)
+        .expect("read the test's TMPDIR")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "the demo left {left:?} in its TMPDIR");
 }
 
-fn private_dirs() -> Vec<String> {
-    let mut dirs: Vec<String> = std::fs::read_dir(std::env::temp_dir())
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with("syncq-postgres-"))
-                .collect()
-        })
-        .unwrap_or_default();
-    dirs.sort();
-    dirs
+/// A fresh folder under the temporary folder, removed on drop (also when
+/// the test fails). World-traversable: as root, the cluster runs as
+/// `postgres` or `nobody` and must reach its directory inside.
+struct OwnTempDir(std::path::PathBuf);
+
+impl OwnTempDir {
+    fn new() -> OwnTempDir {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let dir = std::env::temp_dir().join(format!(
+            "syncq-demo-test-{}-{nanos:08x}",
+            std::process::id()
+        ));
+        std::fs::create_dir(&dir).expect("create the test's TMPDIR");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+                .expect("make the test's TMPDIR traversable");
+        }
+        OwnTempDir(dir)
+    }
+}
+
+impl Drop for OwnTempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
