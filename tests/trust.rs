@@ -26,7 +26,7 @@ const WAIT: Duration = Duration::from_secs(30);
 async fn login_as(
     admin: &PgPool,
     opts: &PgConnectOptions,
-    login: &'static str,
+    login: &str,
     member_of: Option<&'static str>,
 ) -> PgPool {
     let statements = [
@@ -72,6 +72,28 @@ async fn login_as(
         .expect("log in")
 }
 
+/// This test's own login for `role` (logins are server-wide: one per test
+/// database, so tests at once do not share them, and dropped at the end).
+fn login_name(opts: &PgConnectOptions, role: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    opts.get_database().unwrap_or("").hash(&mut h);
+    format!("syncq_t{:016x}_{role}", h.finish())
+}
+
+/// Ends the login's sessions and drops it.
+async fn drop_login(admin: &PgPool, login: &str) {
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1")
+        .bind(login)
+        .execute(admin)
+        .await
+        .expect("end the login's sessions");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP ROLE IF EXISTS {login}")))
+        .execute(admin)
+        .await
+        .expect("drop the test's login");
+}
+
 /// Every table's rows, as text: to check that a refused statement changed
 /// nothing.
 async fn snapshot(admin: &PgPool) -> Vec<String> {
@@ -113,7 +135,13 @@ async fn the_producer_role_may_enqueue_and_cancel_and_nothing_more(
     opts: PgConnectOptions,
 ) {
     let admin = common::connect(&opts).await;
-    let producer = login_as(&admin, &opts, "syncq_test_producer", Some("syncq_producer")).await;
+    let producer = login_as(
+        &admin,
+        &opts,
+        &login_name(&opts, "producer"),
+        Some("syncq_producer"),
+    )
+    .await;
     // A task someone else started, for the producer to try to disturb.
     let running: i64 = sqlx::query_scalar(
         "INSERT INTO syncq.tasks (dataset_id, kind, status, locked_by, lease_expires_at, attempts)
@@ -247,6 +275,7 @@ async fn the_producer_role_may_enqueue_and_cancel_and_nothing_more(
     )
     .await;
     assert_eq!(common::status(&admin, running).await, "running");
+    drop_login(&admin, &login_name(&opts, "producer")).await;
 }
 
 #[sqlx::test]
@@ -255,7 +284,13 @@ async fn the_worker_role_runs_a_real_worker_but_cannot_change_settings(
     opts: PgConnectOptions,
 ) {
     let admin = common::connect(&opts).await;
-    let worker_db = login_as(&admin, &opts, "syncq_test_worker", Some("syncq_worker")).await;
+    let worker_db = login_as(
+        &admin,
+        &opts,
+        &login_name(&opts, "worker"),
+        Some("syncq_worker"),
+    )
+    .await;
     drop(worker_db);
     sqlx::raw_sql(
         "INSERT INTO syncq.datasets (dataset_id, rate_limit, max_concurrency) VALUES ('limited', 100, 2);
@@ -276,7 +311,7 @@ async fn the_worker_role_runs_a_real_worker_but_cannot_change_settings(
 
     // A real worker process logged in as the worker role: claims, retries,
     // throttles, checkpoints, rescues, prunes, and exits when idle.
-    let url = common::url(&opts.clone().username("syncq_test_worker"));
+    let url = common::url(&opts.clone().username(&login_name(&opts, "worker")));
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_syncq"))
         .env("DATABASE_URL", &url)
         .env("RUST_LOG", "syncq=warn")
@@ -316,7 +351,13 @@ async fn the_worker_role_runs_a_real_worker_but_cannot_change_settings(
         "the finished task a day old was pruned; the rest ran as SPEC §3 says"
     );
 
-    let worker_db = login_as(&admin, &opts, "syncq_test_worker", Some("syncq_worker")).await;
+    let worker_db = login_as(
+        &admin,
+        &opts,
+        &login_name(&opts, "worker"),
+        Some("syncq_worker"),
+    )
+    .await;
     refused(
         &admin,
         &worker_db,
@@ -344,6 +385,7 @@ async fn the_worker_role_runs_a_real_worker_but_cannot_change_settings(
         ],
     )
     .await;
+    drop_login(&admin, &login_name(&opts, "worker")).await;
 }
 
 /// Sleeps this long, unless told to stop.
@@ -365,7 +407,7 @@ async fn a_notification_is_a_hint_and_only_the_row_cancels(
     opts: PgConnectOptions,
 ) {
     let admin = common::connect(&opts).await;
-    let nobody = login_as(&admin, &opts, "syncq_test_nobody", None).await;
+    let nobody = login_as(&admin, &opts, &login_name(&opts, "nobody"), None).await;
     let pool = WorkerPool::builder(admin.clone())
         .register("slow", Sleeps(Duration::from_millis(2500)))
         .config(common::fast_config())
@@ -414,6 +456,7 @@ async fn a_notification_is_a_hint_and_only_the_row_cancels(
     assert_eq!(row.result, Some(json!("slept")));
     handle.checkpoint();
     run.await.unwrap().unwrap();
+    drop_login(&admin, &login_name(&opts, "nobody")).await;
 }
 
 #[sqlx::test]
@@ -814,7 +857,13 @@ async fn a_producer_holding_a_row_lock_delays_no_other_task(
     opts: PgConnectOptions,
 ) {
     let admin = common::connect(&opts).await;
-    let producer = login_as(&admin, &opts, "syncq_test_producer", Some("syncq_producer")).await;
+    let producer = login_as(
+        &admin,
+        &opts,
+        &login_name(&opts, "producer"),
+        Some("syncq_producer"),
+    )
+    .await;
     let pool = WorkerPool::builder(admin.clone())
         // Through several heartbeats and past its lease.
         .register("sleeps", Sleeps(Duration::from_millis(4500)))
@@ -851,4 +900,5 @@ async fn a_producer_holding_a_row_lock_delays_no_other_task(
     common::wait_status(&admin, locked, "succeeded").await;
     handle.checkpoint();
     run.await.unwrap().unwrap();
+    drop_login(&admin, &login_name(&opts, "producer")).await;
 }
