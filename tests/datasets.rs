@@ -15,17 +15,20 @@ use tokio::task::JoinHandle;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// Starts `n` pools (separate worker ids, separate connection pools).
+/// Starts `n` pools (separate worker ids, separate connection pools). Pool
+/// `i` also runs kind `canary-{i}` (a noop): a task of that kind shows that
+/// this very pool claimed after a given time.
 async fn pools(
     opts: &PgConnectOptions,
     n: usize,
     config: PoolConfig,
 ) -> Vec<(PoolHandle, JoinHandle<syncq::Result<()>>)> {
     let mut out = Vec::new();
-    for _ in 0..n {
+    for i in 0..n {
         let db = common::connect(opts).await;
         let pool = WorkerPool::builder(db)
             .register_builtins()
+            .register(format!("canary-{i}"), syncq::builtin::Noop)
             .config(config.clone())
             .build()
             .unwrap();
@@ -51,8 +54,11 @@ async fn wait_all_done(db: &PgPool) {
     .await;
 }
 
+/// (dataset, started_at, finished_at) of a task.
+type Span = (String, DateTime<Utc>, Option<DateTime<Utc>>);
+
 /// (dataset, started_at, finished_at) of every task, by start.
-async fn starts(db: &PgPool) -> Vec<(String, DateTime<Utc>, Option<DateTime<Utc>>)> {
+async fn starts(db: &PgPool) -> Vec<Span> {
     sqlx::query_as(
         "SELECT dataset_id, started_at, finished_at FROM syncq.tasks
          WHERE started_at IS NOT NULL ORDER BY started_at, id",
@@ -62,54 +68,90 @@ async fn starts(db: &PgPool) -> Vec<(String, DateTime<Utc>, Option<DateTime<Utc>
     .unwrap()
 }
 
+/// The windows are checked on the database clock (each start's
+/// `started_at` is the time its claim logged), exactly. Only the pruning
+/// check depends on speed; see there. On a multi-thread runtime, so the
+/// three pools and the test's polling do not share one thread.
 #[sqlx::test]
 async fn a_rate_limit_holds_in_every_window_across_three_pools(
     _: PgPoolOptions,
     opts: PgConnectOptions,
 ) {
-    let db = common::connect(&opts).await;
-    let manager = TaskQueueManager::new(db.clone());
-    let queue = manager.queue("api \"v2\" ü");
-    queue
-        .set_rate_limit(Some(RateLimit::per_second(10).unwrap()))
-        .await
-        .unwrap();
-    manager
-        .enqueue_many((0..60).map(|_| NewTask::new("api \"v2\" ü", "noop")))
-        .await
-        .unwrap();
-    let running = pools(
-        &opts,
-        3,
-        PoolConfig {
-            concurrency: 4,
-            ..common::fast_config()
-        },
-    )
-    .await;
-    wait_all_done(&db).await;
-    stop(running).await;
+    common::on_multi_thread(async move {
+        let dataset = "api \"v2\" ü";
+        let db = common::connect(&opts).await;
+        let manager = TaskQueueManager::new(db.clone());
+        let queue = manager.queue(dataset);
+        queue
+            .set_rate_limit(Some(RateLimit::per_second(10).unwrap()))
+            .await
+            .unwrap();
+        manager
+            .enqueue_many((0..60).map(|_| NewTask::new(dataset, "noop")))
+            .await
+            .unwrap();
+        let running = pools(
+            &opts,
+            3,
+            PoolConfig {
+                concurrency: 4,
+                ..common::fast_config()
+            },
+        )
+        .await;
+        wait_all_done(&db).await;
+        stop(running).await;
 
-    let times: Vec<DateTime<Utc>> = starts(&db).await.into_iter().map(|s| s.1).collect();
-    assert_eq!(times.len(), 60);
-    for (i, t) in times.iter().enumerate() {
-        let in_window = times[i..]
-            .iter()
-            .take_while(|u| **u < *t + chrono::Duration::seconds(1))
-            .count();
-        assert!(in_window <= 10, "{in_window} starts in the second from {t}");
-    }
-    let span = times[59] - times[0];
-    assert!(
-        span >= chrono::Duration::seconds(5),
-        "all 60 started within {span}"
-    );
-    // The log holds at most one entry per start (old ones are pruned).
-    let logged: i64 = sqlx::query_scalar("SELECT count(*) FROM syncq.rate_log")
+        let times: Vec<DateTime<Utc>> = starts(&db).await.into_iter().map(|s| s.1).collect();
+        assert_eq!(times.len(), 60);
+        for (i, t) in times.iter().enumerate() {
+            let in_window = times[i..]
+                .iter()
+                .take_while(|u| **u < *t + chrono::Duration::seconds(1))
+                .count();
+            assert!(in_window <= 10, "{in_window} starts in the second from {t}");
+        }
+        let span = times[59] - times[0];
+        assert!(
+            span >= chrono::Duration::seconds(5),
+            "all 60 started within {span}"
+        );
+        // The log holds at most one entry per start: each entry is a start
+        // of the dataset at that very instant, never more entries than
+        // starts at an instant.
+        let unmatched: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM
+                 (SELECT started_at, count(*) AS n FROM syncq.rate_log
+                  WHERE dataset_id = $1 GROUP BY 1) l
+             LEFT JOIN
+                 (SELECT started_at, count(*) AS n FROM syncq.tasks
+                  WHERE dataset_id = $1 GROUP BY 1) t USING (started_at)
+             WHERE t.n IS NULL OR l.n > t.n",
+        )
+        .bind(dataset)
         .fetch_one(&db)
         .await
         .unwrap();
-    assert!(logged <= 60);
+        assert_eq!(unmatched, 0, "rate log entries that are no start");
+        // Old ones are pruned while the pools run: each pool prunes entries
+        // older than the 1 s window at every maintenance tick (~200 ms)
+        // after finishing tasks, and tasks finished all through the last
+        // second before the last start; so nothing 2 s older than the last
+        // start is left (a margin of a whole second, five ticks of each of
+        // three pools, for a loaded machine).
+        let stale: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM syncq.rate_log WHERE started_at < $1 - interval '2 seconds'",
+        )
+        .bind(times[59])
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        assert_eq!(
+            stale, 0,
+            "rate log entries that can no longer count are kept"
+        );
+    })
+    .await;
 }
 
 #[sqlx::test]
@@ -122,14 +164,16 @@ async fn max_concurrency_holds_across_three_pools(_: PgPoolOptions, opts: PgConn
         .await
         .unwrap();
     manager
-        .enqueue_many((0..10).map(|_| NewTask::new("capped", "sleep").payload(json!({"ms": 300}))))
+        .enqueue_many((0..8).map(|_| NewTask::new("capped", "sleep").payload(json!({"ms": 200}))))
         .await
         .unwrap();
+    // One slot per pool: the cap can only be exceeded, or reached, by
+    // several pools at once.
     let running = pools(
         &opts,
         3,
         PoolConfig {
-            concurrency: 4,
+            concurrency: 1,
             ..common::fast_config()
         },
     )
@@ -138,7 +182,7 @@ async fn max_concurrency_holds_across_three_pools(_: PgPoolOptions, opts: PgConn
     stop(running).await;
 
     let spans = starts(&db).await;
-    assert_eq!(spans.len(), 10);
+    assert_eq!(spans.len(), 8);
     let mut most = 0;
     for (_, start, _) in &spans {
         let overlapping = spans
@@ -148,6 +192,7 @@ async fn max_concurrency_holds_across_three_pools(_: PgPoolOptions, opts: PgConn
         most = most.max(overlapping);
     }
     assert!(most <= 2, "{most} tasks ran at once");
+    // Two pools' tasks at once (each pool runs one at a time).
     assert_eq!(most, 2, "the cap is also used, not just respected");
 }
 
@@ -234,134 +279,222 @@ async fn starts_rotate_across_datasets(_: PgPoolOptions, opts: PgConnectOptions)
 
     let order: Vec<String> = starts(&db).await.into_iter().map(|s| s.0).collect();
     assert_eq!(order.len(), 90);
-    let mut left = std::collections::HashMap::from([("a", 30), ("b", 30), ("c", 30)]);
-    let mut run = 0;
+    // SPEC §6: the dataset with ready work served longest ago goes first
+    // (never served before any other; the library breaks ties by name).
+    // One slot claims one task at a time, so each turn is one start.
+    let mut left = std::collections::BTreeMap::from([("a", 30), ("b", 30), ("c", 30)]);
+    let mut served: std::collections::BTreeMap<&str, Option<usize>> = Default::default();
     for (i, d) in order.iter().enumerate() {
-        run = if i > 0 && order[i - 1] == *d {
-            run + 1
-        } else {
-            1
-        };
-        let others_ready = left.iter().any(|(k, n)| *k != d && *n > 0);
-        if others_ready {
-            assert!(
-                run <= 2,
-                "{d} started {run} times in a row at {i}: {order:?}"
-            );
-        }
-        *left.get_mut(d.as_str()).unwrap() -= 1;
+        let due = left
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(k, _)| *k)
+            .min_by_key(|k| (served.get(k).copied().flatten(), *k))
+            .unwrap();
+        assert_eq!(d, due, "start {i} went to {d}, not {due}: {order:?}");
+        served.insert(due, Some(i));
+        *left.get_mut(due).unwrap() -= 1;
     }
 }
 
+/// Compared on the database clock, exactly, except one bound that depends
+/// on speed: the other dataset's task, enqueued once the throttle is seen,
+/// starts some 10–100 ms later, against a throttle of 1.5 s (15× or more);
+/// on a multi-thread runtime, so the test's polling does not hold up the
+/// pools.
 #[sqlx::test]
 async fn an_upstream_throttle_blocks_the_dataset_in_every_pool(
     _: PgPoolOptions,
     opts: PgConnectOptions,
 ) {
-    let db = common::connect(&opts).await;
-    let throttler = common::insert(
-        &db,
-        "upstream",
-        "fail",
-        json!({"error": "rate_limited", "times": 1, "retry_after_ms": 1500}),
-    )
-    .await;
-    let running = pools(&opts, 2, common::fast_config()).await;
-    common::wait_for("the dataset is throttled", WAIT, || {
-        let db = db.clone();
-        async move {
-            sqlx::query_scalar::<_, bool>(
-                "SELECT throttled_until > now() FROM syncq.datasets WHERE dataset_id = 'upstream'",
-            )
-            .fetch_one(&db)
+    common::on_multi_thread(async move {
+        let db = common::connect(&opts).await;
+        let throttler = common::insert(
+            &db,
+            "upstream",
+            "fail",
+            json!({"error": "rate_limited", "times": 1, "retry_after_ms": 1500}),
+        )
+        .await;
+        let running = pools(&opts, 2, common::fast_config()).await;
+        // Set once and never cleared: true whenever this looks.
+        common::wait_for("the dataset is throttled", WAIT, || {
+            let db = db.clone();
+            async move {
+                sqlx::query_scalar::<_, bool>(
+                    "SELECT throttled_until IS NOT NULL FROM syncq.datasets WHERE dataset_id = 'upstream'",
+                )
+                .fetch_one(&db)
+                .await
+                .unwrap_or(false)
+            }
+        })
+        .await;
+        // Both pools are woken by this insert; the one that did not get
+        // the error knows of the throttle only from the row.
+        TaskQueueManager::new(db.clone())
+            .enqueue_many((0..6).map(|_| NewTask::new("upstream", "noop")))
             .await
-            .unwrap_or(false)
+            .unwrap();
+        let other = common::insert(&db, "elsewhere", "noop", json!({})).await;
+        wait_all_done(&db).await;
+        stop(running).await;
+
+        assert_eq!(common::status(&db, other).await, "succeeded");
+        assert_eq!(common::status(&db, throttler).await, "succeeded");
+        let throttled_until: DateTime<Utc> = sqlx::query_scalar(
+            "SELECT throttled_until FROM syncq.datasets WHERE dataset_id = 'upstream'",
+        )
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        // (id, dataset, created_at, started_at) of every task; the
+        // throttler's row shows its second run.
+        let tasks: Vec<(i64, String, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT id, dataset_id, created_at, started_at FROM syncq.tasks ORDER BY id",
+        )
+        .fetch_all(&db)
+        .await
+        .unwrap();
+        assert_eq!(tasks.len(), 8);
+        for (id, dataset, created, started) in &tasks {
+            if dataset == "upstream" {
+                // Nothing of the dataset started while it was throttled,
+                // in either pool — the throttler's own retry included.
+                assert!(
+                    *started >= throttled_until,
+                    "task {id} started at {started}, throttled until {throttled_until}"
+                );
+                if *id != throttler {
+                    assert!(
+                        *created < throttled_until,
+                        "premise: task {id} was enqueued while the dataset was throttled"
+                    );
+                }
+            } else {
+                assert!(
+                    *started < throttled_until,
+                    "another dataset's task started at {started}, only after the throttle"
+                );
+            }
         }
     })
     .await;
-    TaskQueueManager::new(db.clone())
-        .enqueue_many((0..6).map(|_| NewTask::new("upstream", "noop")))
-        .await
-        .unwrap();
-    let other = common::insert(&db, "elsewhere", "noop", json!({})).await;
-    wait_all_done(&db).await;
-    stop(running).await;
-
-    assert_eq!(common::status(&db, other).await, "succeeded");
-    assert_eq!(common::status(&db, throttler).await, "succeeded");
-    let early: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM syncq.tasks t, syncq.datasets d
-         WHERE t.dataset_id = 'upstream' AND d.dataset_id = 'upstream'
-           AND t.started_at < d.throttled_until AND t.id <> $1",
-    )
-    .bind(throttler)
-    .fetch_one(&db)
-    .await
-    .unwrap();
-    assert_eq!(early, 0, "tasks started while the dataset was throttled");
 }
 
+/// The most of `spans` running at once at a start in `(from, to]`
+/// (database clock: started_at to finished_at; no finished_at: running).
+fn most_at_once(spans: &[Span], from: DateTime<Utc>, to: DateTime<Utc>) -> usize {
+    spans
+        .iter()
+        .filter(|(_, s, _)| *s > from && *s <= to)
+        .map(|(_, start, _)| {
+            spans
+                .iter()
+                .filter(|(_, s, f)| s <= start && f.is_none_or(|f| f > *start))
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// No fixed sleeps: the cap is checked on the starts made from a second
+/// after it (the test waits until there are several), and the pause on
+/// whatever both pools did from a second after it, shown by a canary task
+/// each pool must claim then (a delayed task of its own kind, due a second
+/// after the pause): a claim that ran then saw the paused dataset ready.
+/// All compared on the database clock, on a multi-thread runtime.
 #[sqlx::test]
 async fn settings_changed_by_sql_take_effect_within_a_second(
     _: PgPoolOptions,
     opts: PgConnectOptions,
 ) {
-    let db = common::connect(&opts).await;
-    TaskQueueManager::new(db.clone())
-        .enqueue_many((0..400).map(|_| NewTask::new("live", "sleep").payload(json!({"ms": 50}))))
+    common::on_multi_thread(async move {
+        let db = common::connect(&opts).await;
+        TaskQueueManager::new(db.clone())
+            .enqueue_many(
+                (0..400).map(|_| NewTask::new("live", "sleep").payload(json!({"ms": 50}))),
+            )
+            .await
+            .unwrap();
+        let running = pools(
+            &opts,
+            2,
+            PoolConfig {
+                concurrency: 4,
+                ..common::fast_config()
+            },
+        )
+        .await;
+        common::wait_for("work is under way", WAIT, || {
+            let db = db.clone();
+            async move { common::count(&db, "status = 'succeeded'").await >= 20 }
+        })
+        .await;
+
+        // A cap, by plain SQL: from a second later, never more than one at
+        // once.
+        let capped_at: DateTime<Utc> = sqlx::query_scalar(
+            "UPDATE syncq.datasets SET max_concurrency = 1 WHERE dataset_id = 'live' RETURNING now()",
+        )
+        .fetch_one(&db)
         .await
         .unwrap();
-    let running = pools(
-        &opts,
-        2,
-        PoolConfig {
-            concurrency: 4,
-            ..common::fast_config()
-        },
-    )
-    .await;
-    common::wait_for("work is under way", WAIT, || {
-        let db = db.clone();
-        async move { common::count(&db, "status = 'succeeded'").await >= 20 }
+        common::wait_for("six starts a second after the cap", WAIT, || {
+            let db = db.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(
+                    "SELECT count(*) FROM syncq.tasks
+                     WHERE dataset_id = 'live' AND started_at > $1 + interval '1 second'",
+                )
+                .bind(capped_at)
+                .fetch_one(&db)
+                .await
+                .unwrap()
+                    >= 6
+            }
+        })
+        .await;
+        // Then a pause: from a second later, nothing starts.
+        let paused_at: DateTime<Utc> = sqlx::query_scalar(
+            "UPDATE syncq.datasets SET paused = true WHERE dataset_id = 'live' RETURNING now()",
+        )
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        let canaries: Vec<i64> = sqlx::query_scalar(
+            "INSERT INTO syncq.tasks (dataset_id, kind, run_at)
+             SELECT 'canary', 'canary-' || i, $1 + interval '1 second' FROM generate_series(0, 1) i
+             RETURNING id",
+        )
+        .bind(paused_at)
+        .fetch_all(&db)
+        .await
+        .unwrap();
+        for id in &canaries {
+            common::wait_status(&db, *id, "succeeded").await;
+        }
+        stop(running).await;
+
+        let settle = chrono::Duration::seconds(1);
+        let spans: Vec<_> = starts(&db)
+            .await
+            .into_iter()
+            .filter(|(d, _, _)| d == "live")
+            .collect();
+        let never = DateTime::<Utc>::MAX_UTC;
+        let before = most_at_once(&spans, DateTime::<Utc>::MIN_UTC, capped_at);
+        assert!(before >= 2, "premise: more than one ran at once before the cap ({before})");
+        let after = most_at_once(&spans, capped_at + settle, never);
+        assert_eq!(after, 1, "running at once a second after the cap");
+        let late = spans
+            .iter()
+            .filter(|(_, s, _)| *s > paused_at + settle)
+            .count();
+        assert_eq!(late, 0, "tasks started after the pause");
+        assert!(common::count(&db, "dataset_id = 'live' AND status = 'queued'").await > 0);
     })
     .await;
-
-    // A cap, by plain SQL: from a second later, never more than one at once.
-    let capped_at: DateTime<Utc> = sqlx::query_scalar(
-        "UPDATE syncq.datasets SET max_concurrency = 1 WHERE dataset_id = 'live' RETURNING now()",
-    )
-    .fetch_one(&db)
-    .await
-    .unwrap();
-    tokio::time::sleep(Duration::from_millis(1800)).await;
-    // Then a pause: from a second later, nothing starts.
-    let paused_at: DateTime<Utc> = sqlx::query_scalar(
-        "UPDATE syncq.datasets SET paused = true WHERE dataset_id = 'live' RETURNING now()",
-    )
-    .fetch_one(&db)
-    .await
-    .unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    stop(running).await;
-
-    let spans = starts(&db).await;
-    let settle = chrono::Duration::seconds(1);
-    for (_, start, _) in spans.iter().filter(|(_, s, _)| *s > capped_at + settle) {
-        let overlapping = spans
-            .iter()
-            .filter(|(_, s, f)| s <= start && f.is_none_or(|f| f > *start))
-            .count();
-        assert!(
-            overlapping <= 1,
-            "{overlapping} running at {start} after the cap"
-        );
-    }
-    let late = spans
-        .iter()
-        .filter(|(_, s, _)| *s > paused_at + settle)
-        .count();
-    assert_eq!(late, 0, "tasks started after the pause");
-    assert!(common::count(&db, "status = 'queued'").await > 0);
 }
 
 #[sqlx::test]
@@ -448,6 +581,18 @@ async fn claim_ids(db: impl sqlx::PgExecutor<'_>, limit: i32) -> Vec<i64> {
         .unwrap()
 }
 
+/// How long a step that should not wait on a lock may take before it is
+/// taken to be waiting on one: these statements take milliseconds.
+const NO_WAIT: Duration = Duration::from_secs(10);
+
+/// `step`, or a failure naming it once `NO_WAIT` has passed (instead of a
+/// test that hangs on a lock held by its own open transaction).
+async fn within<T>(what: &str, step: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(NO_WAIT, step)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: still waiting after {NO_WAIT:?} (blocked on a lock?)"))
+}
+
 /// A claim that takes a dataset's last ready task marks the dataset idle.
 /// An insert into it that has not committed yet must not be lost by that:
 /// the dataset stays (or becomes again) claimable once the insert commits.
@@ -467,11 +612,15 @@ async fn a_claim_marking_a_dataset_idle_does_not_lose_an_uncommitted_insert(
     .fetch_one(&mut *inserting)
     .await
     .unwrap();
-    assert_eq!(claim_ids(&db, 10).await, vec![first]);
-    inserting.commit().await.unwrap();
+    let claimed = within("a claim beside an open insert", claim_ids(&db, 10)).await;
+    assert_eq!(claimed, vec![first]);
+    within("the insert's commit", inserting.commit())
+        .await
+        .unwrap();
 
     assert!(ready_at(&db, "race").await.is_some(), "dataset left idle");
-    assert_eq!(claim_ids(&db, 10).await, vec![second]);
+    let claimed = within("the claim after the commit", claim_ids(&db, 10)).await;
+    assert_eq!(claimed, vec![second]);
 }
 
 /// The other order: the claim's transaction marked the dataset idle and is
@@ -486,7 +635,8 @@ async fn an_insert_racing_an_open_idle_marking_makes_the_dataset_ready(
     let first = common::insert(&db, "race", "noop", json!({})).await;
 
     let mut claiming = db.begin().await.unwrap();
-    assert_eq!(claim_ids(&mut *claiming, 10).await, vec![first]);
+    let claimed = within("the first claim", claim_ids(&mut *claiming, 10)).await;
+    assert_eq!(claimed, vec![first]);
     let inserter = {
         let db = db.clone();
         tokio::spawn(async move { common::insert(&db, "race", "noop", json!({})).await })
@@ -505,11 +655,16 @@ async fn an_insert_racing_an_open_idle_marking_makes_the_dataset_ready(
         }
     })
     .await;
-    claiming.commit().await.unwrap();
-    let second = inserter.await.unwrap();
+    within("the claim's commit", claiming.commit())
+        .await
+        .unwrap();
+    let second = within("the insert, once the claim committed", inserter)
+        .await
+        .unwrap();
 
     assert!(ready_at(&db, "race").await.is_some(), "dataset left idle");
-    assert_eq!(claim_ids(&db, 10).await, vec![second]);
+    let claimed = within("the claim after the insert", claim_ids(&db, 10)).await;
+    assert_eq!(claimed, vec![second]);
 }
 
 /// Claimers of a dataset without cap or limit do not queue on its row: an
@@ -525,12 +680,18 @@ async fn claims_share_an_unlimited_dataset_but_take_turns_on_a_capped_one(
         common::insert(&db, "open", "noop", json!({})).await;
     }
     let mut first = db.begin().await.unwrap();
-    let a = claim_ids(&mut *first, 2).await;
-    let b = claim_ids(&db, 2).await;
+    let a = within("the first claim", claim_ids(&mut *first, 2)).await;
+    let b = within(
+        "a second claim beside the open first one",
+        claim_ids(&db, 2),
+    )
+    .await;
     assert_eq!(a.len(), 2);
     assert_eq!(b.len(), 2, "second claim was blocked by the first");
     assert!(a.iter().all(|id| !b.contains(id)), "a task claimed twice");
-    first.commit().await.unwrap();
+    within("the first claim's commit", first.commit())
+        .await
+        .unwrap();
 
     sqlx::query("INSERT INTO syncq.datasets (dataset_id, max_concurrency) VALUES ('capped', 2)")
         .execute(&db)
@@ -540,12 +701,21 @@ async fn claims_share_an_unlimited_dataset_but_take_turns_on_a_capped_one(
         common::insert(&db, "capped", "noop", json!({})).await;
     }
     let mut first = db.begin().await.unwrap();
-    assert_eq!(claim_ids(&mut *first, 10).await.len(), 2);
-    // Locked by the open claim: skipped, not over-counted.
-    assert_eq!(claim_ids(&db, 10).await.len(), 0);
-    first.commit().await.unwrap();
+    let a = within("the first capped claim", claim_ids(&mut *first, 10)).await;
+    assert_eq!(a.len(), 2);
+    // Locked by the open claim: skipped (not waited for), not over-counted.
+    let b = within(
+        "a capped claim beside the open first one",
+        claim_ids(&db, 10),
+    )
+    .await;
+    assert_eq!(b.len(), 0);
+    within("the first capped claim's commit", first.commit())
+        .await
+        .unwrap();
     // At its cap now.
-    assert_eq!(claim_ids(&db, 10).await.len(), 0);
+    let c = within("the claim at the cap", claim_ids(&db, 10)).await;
+    assert_eq!(c.len(), 0);
     assert_eq!(
         common::count(&db, "dataset_id = 'capped' AND status = 'running'").await,
         2
@@ -594,6 +764,35 @@ async fn a_stale_ready_at_is_repaired_instead_of_spinning(
     assert_eq!(repaired, 1);
     assert_eq!(ready_at(&db, "stale").await, Some(later));
     assert!(next_claim_in().await.unwrap_or(0.0) > 3000.0);
+
+    // A running pool that meets the stale state repairs it itself, after
+    // a few claims told "ready now" find nothing, and so stops retrying.
+    sqlx::query("UPDATE syncq.datasets SET ready_at = now() - interval '1 second' WHERE dataset_id = 'stale'")
+        .execute(&db)
+        .await
+        .unwrap();
+    let pool = WorkerPool::builder(db.clone())
+        .register_builtins()
+        .config(common::fast_config())
+        .build()
+        .unwrap();
+    let (handle, run) = common::spawn(pool);
+    common::wait_for("the pool repaired ready_at", WAIT, || {
+        let db = db.clone();
+        async move { ready_at(&db, "stale").await == Some(later) }
+    })
+    .await;
+    handle.checkpoint();
+    run.await.unwrap().unwrap();
+    // The delayed task itself was left alone.
+    assert_eq!(
+        common::count(
+            &db,
+            "dataset_id = 'stale' AND status = 'queued' AND runs = 0"
+        )
+        .await,
+        1
+    );
     // A dataset with a ready task is left alone.
     common::insert(&db, "fresh", "noop", json!({})).await;
     let repaired: i32 = sqlx::query_scalar("SELECT syncq.refresh_ready(NULL)")

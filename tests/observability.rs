@@ -5,11 +5,11 @@
 
 mod common;
 
-use std::io::Read;
-use std::process::{Command, Stdio};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use syncq::{NewTask, TaskQueueManager};
 
@@ -38,53 +38,64 @@ fn value(page: &str, series: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Seconds since the oldest ready task of `dataset` became ready, now
+/// (database clock): what the oldest-ready-age gauge samples.
+async fn oldest_ready_age(db: &PgPool, dataset: &str) -> f64 {
+    sqlx::query_scalar(
+        "SELECT extract(epoch FROM now() - min(run_at))::float8 FROM syncq.tasks
+         WHERE dataset_id = $1 AND status = 'queued' AND run_at <= now()",
+    )
+    .bind(dataset)
+    .fetch_one(db)
+    .await
+    .unwrap()
+}
+
 #[sqlx::test]
 async fn metrics_are_served_and_move_and_logs_are_json(_: PgPoolOptions, opts: PgConnectOptions) {
     let db = common::connect(&opts).await;
     let manager = TaskQueueManager::new(db.clone());
-    manager
+    let mut shop = manager
         .enqueue_many((0..3).map(|_| NewTask::new("shop", "noop")))
         .await
         .unwrap();
-    manager
-        .enqueue(NewTask::new("shop", "fail").payload(json!({ "error": "retryable", "times": 1 })))
-        .await
-        .unwrap();
-    manager
-        .enqueue(NewTask::new("shop", "fail").payload(json!({ "error": "invalid" })))
-        .await
-        .unwrap();
-    manager
-        .enqueue(
-            NewTask::new("shop", "fail")
-                .payload(json!({ "error": "rate_limited", "times": 1, "retry_after_ms": 200 })),
-        )
-        .await
-        .unwrap();
-    // Queued in a paused dataset: a queue depth that stays.
+    for payload in [
+        json!({ "error": "retryable", "times": 1 }),
+        json!({ "error": "invalid" }),
+        json!({ "error": "rate_limited", "times": 1, "retry_after_ms": 200 }),
+    ] {
+        shop.push(
+            manager
+                .enqueue(NewTask::new("shop", "fail").payload(payload))
+                .await
+                .unwrap(),
+        );
+    }
+    // Queued in a paused dataset: a queue depth that stays, and ready for
+    // an hour, so its oldest-ready age is about an hour, not about zero.
     manager.queue("held").pause().await.unwrap();
+    let an_hour_ago = chrono::Utc::now() - chrono::Duration::hours(1);
     manager
-        .enqueue_many((0..4).map(|_| NewTask::new("held", "noop")))
+        .enqueue_many((0..4).map(|_| NewTask::new("held", "noop").run_at(an_hour_ago)))
         .await
         .unwrap();
 
+    // The age before the worker starts: its samples are taken later.
+    let age_before = oldest_ready_age(&db, "held").await;
     let port = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_syncq"))
-        .env("DATABASE_URL", common::url(&opts))
-        .env("RUST_LOG", "syncq=debug")
-        .args([
+    let metrics_addr = format!("127.0.0.1:{port}");
+    let mut worker = common::WorkerProcess::start(
+        &common::url(&opts),
+        &[
             "--log-format",
             "json",
-            "worker",
             "--poll-interval",
             "200ms",
             "--metrics-addr",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start a worker");
+            &metrics_addr,
+        ],
+        &[("RUST_LOG", "syncq=debug")],
+    );
 
     let page = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     common::wait_for("the shop tasks are counted", WAIT, || {
@@ -112,6 +123,8 @@ async fn metrics_are_served_and_move_and_logs_are_json(_: PgPoolOptions, opts: P
         }
     })
     .await;
+    // The age after the scrape: no sample can be older than this.
+    let age_after = oldest_ready_age(&db, "held").await;
     let page = page.lock().unwrap().clone();
     let at =
         |series: &str| value(&page, series).unwrap_or_else(|| panic!("{series} missing:\n{page}"));
@@ -135,15 +148,27 @@ async fn metrics_are_served_and_move_and_logs_are_json(_: PgPoolOptions, opts: P
         at(r#"syncq_tasks_succeeded_total{dataset="shop",kind="fail"}"#),
         2.0
     );
-    assert!(at(r#"syncq_task_duration_seconds_count{dataset="shop",kind="noop"}"#) >= 3.0);
+    // One duration per noop attempt: three tasks, one attempt each.
+    assert_eq!(
+        at(r#"syncq_task_duration_seconds_count{dataset="shop",kind="noop"}"#),
+        3.0
+    );
     assert!(at("syncq_claim_duration_seconds_count") >= 1.0);
-    assert!(at(r#"syncq_oldest_ready_age_seconds{dataset="held"}"#) >= 0.0);
+    // Sampled by the worker between its start and the scrape: the held
+    // tasks' age then, about an hour (1 ms of slack for rounding).
+    let age = at(r#"syncq_oldest_ready_age_seconds{dataset="held"}"#);
+    assert!(
+        (age_before - 0.001..=age_after + 0.001).contains(&age),
+        "oldest ready age {age} s, not between {age_before} and {age_after}"
+    );
 
     // More work: the counters move.
-    manager
-        .enqueue_many((0..5).map(|_| NewTask::new("shop", "noop")))
-        .await
-        .unwrap();
+    shop.extend(
+        manager
+            .enqueue_many((0..5).map(|_| NewTask::new("shop", "noop")))
+            .await
+            .unwrap(),
+    );
     common::wait_for("the counter moves", WAIT, || async move {
         scrape(port).await.and_then(|p| {
             value(
@@ -154,29 +179,33 @@ async fn metrics_are_served_and_move_and_logs_are_json(_: PgPoolOptions, opts: P
     })
     .await;
 
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    let lines: Vec<Value> = stderr
+    worker.signal("-TERM");
+    let status = worker.wait_exit(WAIT).await;
+    let log = worker.log();
+    assert!(status.success(), "the worker exited with {status}:\n{log}");
+    let lines: Vec<Value> = log
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
         .collect();
-    let recorded = lines
+    // Every line logged inside a task's span carries the span's fields.
+    let task_lines: Vec<&Value> = lines
         .iter()
-        .find(|l| l["fields"]["message"] == "attempt recorded")
-        .unwrap_or_else(|| panic!("no 'attempt recorded' line in:\n{stderr}"));
-    for field in ["task_id", "dataset", "kind", "attempt"] {
-        assert!(
-            !recorded["span"][field].is_null(),
-            "{field} missing: {recorded}"
-        );
+        .filter(|l| l["span"]["name"] == "task")
+        .collect();
+    for line in &task_lines {
+        for field in ["task_id", "dataset", "kind", "attempt"] {
+            assert!(!line["span"][field].is_null(), "{field} missing: {line}");
+        }
     }
+    // Among them, each shop task's recorded outcome.
+    let recorded: BTreeSet<i64> = task_lines
+        .iter()
+        .filter(|l| l["fields"]["message"] == "attempt recorded")
+        .filter_map(|l| l["span"]["task_id"].as_i64())
+        .collect();
+    let shop: BTreeSet<i64> = shop.into_iter().collect();
+    assert_eq!(
+        recorded, shop,
+        "'attempt recorded' lines, by task, in:\n{log}"
+    );
 }
