@@ -1561,7 +1561,13 @@ const IDLE_TIDY_EVERY: Duration = Duration::from_secs(60);
 async fn listen_loop(shared: Arc<Shared>, options: PgConnectOptions, stop: CancellationToken) {
     let mut failures = 0u32;
     loop {
-        let mut listener = match connect_listener(&options).await {
+        // Raced against the stop: connecting during an outage can take
+        // the whole acquire timeout.
+        let connected = tokio::select! {
+            connected = connect_listener(&options) => connected,
+            _ = stop.cancelled() => return,
+        };
+        let mut listener = match connected {
             Ok(l) => {
                 if failures > 0 {
                     info!("LISTEN re-established");
