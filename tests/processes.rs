@@ -1,11 +1,12 @@
 //! Real `syncq worker` processes: sharing a queue, SIGTERM checkpoints,
-//! kill -9 rescue.
+//! kill -9 rescue, a Fatal error's exit.
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
+use common::WorkerProcess;
 use serde_json::json;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -13,47 +14,62 @@ use syncq::{NewTask, TaskQueueManager};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn worker(opts: &PgConnectOptions, extra: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_syncq"))
-        .env("DATABASE_URL", common::url(opts))
-        .env("RUST_LOG", "syncq=warn")
-        .env("SYNCQ_LEASE", "2s")
-        .env("SYNCQ_HEARTBEAT", "300ms")
-        .args([
-            "worker",
-            "--poll-interval",
-            "200ms",
-            "--rescue-interval",
-            "300ms",
-        ])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start a worker process")
+/// The application name of the test's own connections, so that the
+/// workers' sessions can be told apart in `pg_stat_activity`.
+const OBSERVER: &str = "syncq-processes-test";
+
+/// The test's connections to its database, named `OBSERVER`.
+async fn observer(opts: &PgConnectOptions) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_with(opts.clone().application_name(OBSERVER))
+        .await
+        .expect("connect to the test database")
 }
 
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .expect("kill")
-        .success();
-    assert!(ok, "kill {sig} failed");
+/// A `syncq worker` with short timings, logging each attempt's start and
+/// end (inside the `task` span, an info span: hence info, not warn).
+fn worker(opts: &PgConnectOptions, extra: &[&str]) -> WorkerProcess {
+    let mut args = vec!["--poll-interval", "200ms", "--rescue-interval", "300ms"];
+    args.extend_from_slice(extra);
+    WorkerProcess::start(
+        &common::url(opts),
+        &args,
+        &[
+            common::ATTEMPT_LOG_ENV[0],
+            ("SYNCQ_LEASE", "2s"),
+            ("SYNCQ_HEARTBEAT", "300ms"),
+        ],
+    )
 }
 
-fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("worker process did not exit within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// Sends `sig` to a worker without blocking the runtime.
+async fn signal(w: &WorkerProcess, sig: &str) {
+    let pid = w.child.id().to_string();
+    let status = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::process::Command::new("kill")
+            .args([sig, &pid])
+            .status(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("kill {sig} {pid} did not return"))
+    .expect("run kill");
+    assert!(status.success(), "kill {sig} {pid} failed");
+}
+
+/// The task ids whose attempts a worker logged as started.
+fn started_tasks(w: &WorkerProcess) -> Vec<i64> {
+    w.log()
+        .lines()
+        .filter(|l| l.contains("syncq::attempt: attempt started"))
+        .filter_map(|l| {
+            l.split([' ', '{', '}'])
+                .find_map(|part| part.strip_prefix("task_id="))
+                .and_then(|v| v.parse().ok())
+        })
+        .collect()
 }
 
 async fn checkpoint_count(db: &PgPool, id: i64) -> u64 {
@@ -64,22 +80,76 @@ async fn checkpoint_count(db: &PgPool, id: i64) -> u64 {
         .unwrap_or(0)
 }
 
+/// Waits until no session of the test's database is left but the test's
+/// own: a killed worker's statements have all ended (one sent just before
+/// kill -9 still commits), so its rows are final.
+async fn wait_sessions_gone(db: &PgPool) {
+    common::wait_for("the killed worker's sessions ended", WAIT, || {
+        let db = db.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND backend_type = 'client backend'
+                   AND application_name IS DISTINCT FROM $1",
+            )
+            .bind(OBSERVER)
+            .fetch_one(&db)
+            .await
+            .unwrap()
+                == 0
+        }
+    })
+    .await;
+}
+
+/// Two processes drain 2,000 tasks of 7 datasets: each task ran once,
+/// and both processes ran a fair part of them. The datasets are paused
+/// until both processes are up, so that neither can drain the queue
+/// before the other has connected.
 #[sqlx::test]
 async fn two_processes_drain_2000_tasks_each_exactly_once(
     _: PgPoolOptions,
     opts: PgConnectOptions,
 ) {
     let db = common::connect(&opts).await;
+    sqlx::query(
+        "INSERT INTO syncq.datasets (dataset_id, paused)
+         SELECT 'ds' || i, true FROM generate_series(0, 6) i",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
     let tasks =
         (0..2000).map(|i| NewTask::new(format!("ds{}", i % 7), "noop").payload(json!({ "i": i })));
-    TaskQueueManager::new(db.clone())
+    let ids = TaskQueueManager::new(db.clone())
         .enqueue_many(tasks)
         .await
         .unwrap();
     let mut a = worker(&opts, &["--concurrency", "8", "--exit-when-idle"]);
     let mut b = worker(&opts, &["--concurrency", "8", "--exit-when-idle"]);
-    assert!(wait_exit(&mut a, WAIT).success());
-    assert!(wait_exit(&mut b, WAIT).success());
+    common::wait_for("both processes are up", WAIT, || {
+        let db = db.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM syncq.workers")
+                .fetch_one(&db)
+                .await
+                .unwrap()
+                == 2
+        }
+    })
+    .await;
+    // Resume every dataset, then wake both at once (a notification is only
+    // a hint to look at the rows: this one saves them their poll).
+    sqlx::query("UPDATE syncq.datasets SET paused = false")
+        .execute(&db)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_notify('syncq_task_inserted', '')")
+        .execute(&db)
+        .await
+        .unwrap();
+    assert!(a.wait_exit(WAIT).await.success(), "{}", a.log());
+    assert!(b.wait_exit(WAIT).await.success(), "{}", b.log());
     assert_eq!(
         common::count(&db, "status = 'succeeded' AND attempts = 1 AND runs = 1").await,
         2000
@@ -94,6 +164,29 @@ async fn two_processes_drain_2000_tasks_each_exactly_once(
         .await
         .unwrap();
     assert_eq!(workers, 0, "workers deregister on exit");
+
+    // Both did work, and between them started each task exactly once.
+    // Woken together, they split the work about evenly (900–1,100 each
+    // when measured); a tenth each leaves room for a loaded machine that
+    // starts one process's claims late.
+    let (by_a, by_b) = (started_tasks(&a), started_tasks(&b));
+    assert!(
+        by_a.len() >= 200 && by_b.len() >= 200,
+        "one process did nearly everything: {} and {} starts",
+        by_a.len(),
+        by_b.len()
+    );
+    let mut all: Vec<i64> = by_a.iter().chain(&by_b).copied().collect();
+    all.sort_unstable();
+    let mut expected = ids.clone();
+    expected.sort_unstable();
+    assert_eq!(
+        all, expected,
+        "each task started exactly once, in one process"
+    );
+    let (set_a, set_b): (BTreeSet<i64>, BTreeSet<i64>) =
+        (by_a.into_iter().collect(), by_b.into_iter().collect());
+    assert!(set_a.is_disjoint(&set_b));
 }
 
 #[sqlx::test]
@@ -109,15 +202,15 @@ async fn sigterm_checkpoints_and_exits_0_and_the_next_process_resumes(
         async move { checkpoint_count(&db, id).await >= 5 }
     })
     .await;
-    signal(&first, "-TERM");
-    let status = wait_exit(&mut first, Duration::from_secs(15));
-    assert_eq!(status.code(), Some(0));
+    signal(&first, "-TERM").await;
+    let status = first.wait_exit(Duration::from_secs(15)).await;
+    assert_eq!(status.code(), Some(0), "{}", first.log());
     let row = common::task(&db, id).await;
     assert_eq!((row.status.as_str(), row.attempts), ("queued", 0));
     let saved = checkpoint_count(&db, id).await;
 
     let mut second = worker(&opts, &["--exit-when-idle"]);
-    assert!(wait_exit(&mut second, WAIT).success());
+    assert!(second.wait_exit(WAIT).await.success(), "{}", second.log());
     let row = common::task(&db, id).await;
     assert_eq!(row.status, "succeeded");
     assert_eq!(
@@ -126,12 +219,16 @@ async fn sigterm_checkpoints_and_exits_0_and_the_next_process_resumes(
     );
 }
 
+/// kill -9 mid-task: the rescuer process resumes from exactly the last
+/// checkpoint the killed one saved (read once the killed process's
+/// sessions are gone, so no write of it can still land), and the killed
+/// attempt counts.
 #[sqlx::test]
 async fn kill_9_loses_only_work_since_the_last_checkpoint(
     _: PgPoolOptions,
     opts: PgConnectOptions,
 ) {
-    let db = common::connect(&opts).await;
+    let db = observer(&opts).await;
     let id = common::insert(&db, "d", "count", json!({"to": 40, "step_ms": 50})).await;
     let mut victim = worker(&opts, &[]);
     common::wait_for("progress is saved", WAIT, || {
@@ -139,8 +236,9 @@ async fn kill_9_loses_only_work_since_the_last_checkpoint(
         async move { checkpoint_count(&db, id).await >= 5 }
     })
     .await;
-    signal(&victim, "-KILL");
-    let _ = wait_exit(&mut victim, Duration::from_secs(5));
+    signal(&victim, "-KILL").await;
+    let _ = victim.wait_exit(Duration::from_secs(5)).await;
+    wait_sessions_gone(&db).await;
     assert_eq!(
         common::status(&db, id).await,
         "running",
@@ -149,11 +247,14 @@ async fn kill_9_loses_only_work_since_the_last_checkpoint(
     let saved = checkpoint_count(&db, id).await;
 
     let mut rescuer = worker(&opts, &["--exit-when-idle"]);
-    assert!(wait_exit(&mut rescuer, WAIT).success());
+    assert!(rescuer.wait_exit(WAIT).await.success(), "{}", rescuer.log());
     let row = common::task(&db, id).await;
     assert_eq!(row.status, "succeeded");
-    let resumed = row.result.unwrap()["resumed_from"].as_u64().unwrap();
-    assert!(resumed >= saved, "resumed from {resumed}, saved {saved}");
+    assert_eq!(
+        row.result,
+        Some(json!({"counted": 40, "resumed_from": saved})),
+        "resumed from exactly the last checkpoint"
+    );
     assert_eq!(row.attempts, 2, "the killed attempt counts");
 }
 
@@ -162,10 +263,9 @@ async fn a_fatal_error_stops_the_process_with_exit_1(_: PgPoolOptions, opts: PgC
     let db = common::connect(&opts).await;
     let id = common::insert(&db, "d", "fail", json!({"error": "fatal", "times": 1})).await;
     let mut w = worker(&opts, &[]);
-    let status = wait_exit(&mut w, WAIT);
+    let status = w.wait_exit(WAIT).await;
     assert_eq!(status.code(), Some(1));
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(w.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let stderr = w.log();
     let last = stderr.lines().last().unwrap_or_default();
     assert!(
         last.starts_with("syncq: error: task") && last.contains("fatal"),
