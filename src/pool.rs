@@ -806,6 +806,7 @@ async fn dispatch(shared: &Arc<Shared>, running: &mut JoinSet<()>, hard_stop: &C
             debug!(
                 claimed = tasks.len(),
                 asked = permits.len(),
+                micros = u64::try_from(asked_at.elapsed().as_micros()).unwrap_or(u64::MAX),
                 "claimed tasks"
             );
             for (task, permit) in tasks.into_iter().zip(permits) {

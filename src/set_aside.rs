@@ -70,6 +70,10 @@ pub(crate) async fn find_failing(
     db: &Db,
     claim: &ClaimArgs<'_>,
 ) -> sqlx::Result<Vec<(String, String)>> {
+    // The claims that failed also rolled back their step 0: absorb the
+    // readiness producers appended on its own, so every dataset with work
+    // has its row and can be a candidate.
+    store::tasks::absorb_signals(db).await?;
     let candidates = store::tasks::claim_candidates(
         db,
         claim.kinds,

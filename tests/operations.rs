@@ -418,16 +418,17 @@ async fn unknown_ids_and_datasets_are_usage_errors_that_change_nothing(
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(names), "{args:?}: {err}");
     }
-    let datasets: i64 = sqlx::query_scalar("SELECT count(*) FROM syncq.datasets")
+    let datasets: i64 = sqlx::query_scalar("SELECT count(*) FROM syncq.dataset_stats")
         .fetch_one(&db)
         .await
         .unwrap();
     assert_eq!(datasets, 1);
-    let row: (Option<i32>, bool) =
-        sqlx::query_as("SELECT rate_limit, paused FROM syncq.datasets WHERE dataset_id = 'known'")
-            .fetch_one(&db)
-            .await
-            .unwrap();
+    let row: (Option<i32>, bool) = sqlx::query_as(
+        "SELECT rate_limit, paused FROM syncq.dataset_stats WHERE dataset_id = 'known'",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
     assert_eq!(row, (None, false));
     assert_eq!(common::count(&db, "status = 'queued'").await, 1);
 }

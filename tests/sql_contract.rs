@@ -27,14 +27,12 @@ async fn a_plain_sql_insert_with_defaults_is_processed(_: PgPoolOptions, opts: P
         ),
         ("queued", 0, 0, 5)
     );
-    // The unknown dataset was created with default settings.
-    let (rate_limit, window, paused): (Option<i32>, f64, bool) = sqlx::query_as(
-        "SELECT rate_limit, extract(epoch FROM rate_window)::float8, paused FROM syncq.datasets WHERE dataset_id = 'github'",
-    )
-    .fetch_one(&db)
-    .await
-    .unwrap();
-    assert_eq!((rate_limit, window, paused), (None, 1.0, false));
+    // The insert touched no dataset row (producers only append, SPEC §2).
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM syncq.datasets")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0);
 
     let pool = WorkerPool::builder(db.clone())
         .register_builtins()
@@ -55,6 +53,14 @@ async fn a_plain_sql_insert_with_defaults_is_processed(_: PgPoolOptions, opts: P
     run.await.unwrap().unwrap();
     let row = common::task(&db, id).await;
     assert_eq!((row.attempts, row.runs, row.locked_by), (1, 1, None));
+    // Its first claim made the unknown dataset's row, with default settings.
+    let (rate_limit, window, paused): (Option<i32>, f64, bool) = sqlx::query_as(
+        "SELECT rate_limit, extract(epoch FROM rate_window)::float8, paused FROM syncq.datasets WHERE dataset_id = 'github'",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!((rate_limit, window, paused), (None, 1.0, false));
 }
 
 #[sqlx::test]
@@ -349,7 +355,12 @@ async fn enqueue_bulk_copies_rows_exactly_and_all_or_nothing(db: PgPool) {
     .unwrap();
     assert_eq!((priority, max_attempts), (-2, 1));
     assert!((delay_secs - 3600.0).abs() < 0.001, "{delay_secs}");
-    // Both datasets were marked as having work, as a plain INSERT does.
+    // Both datasets were marked as having work, as a plain INSERT does
+    // (once absorbed, as every claim does first).
+    sqlx::query("SELECT syncq.absorb_signals()")
+        .execute(&db)
+        .await
+        .unwrap();
     assert_eq!(
         common::count(&db, "true").await,
         sqlx::query_scalar::<_, i64>(

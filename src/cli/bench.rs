@@ -382,7 +382,7 @@ fn rate(n: u32, took: Duration) -> f64 {
 
 async fn reset(db: &PgPool) -> Result<(), CliError> {
     db.execute(
-        "TRUNCATE syncq.tasks, syncq.task_errors, syncq.rate_log, bench_raw;
+        "TRUNCATE syncq.tasks, syncq.task_errors, syncq.rate_log, syncq.ready_signals, bench_raw;
          DELETE FROM syncq.datasets; DELETE FROM syncq.workers;",
     )
     .await

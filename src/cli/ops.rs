@@ -25,15 +25,15 @@ pub(super) async fn require_dataset(db: &Db, dataset: &str, create: bool) -> Res
     if create {
         return Ok(());
     }
-    let known = store::datasets::get(db, dataset)
+    let known = store::datasets::known(db, dataset)
         .await
         .map_err(db_error("cannot read the dataset"))?;
-    match known {
-        Some(_) => Ok(()),
-        None => Err(CliError::Usage(format!(
-            "DATASET: no dataset {dataset:?} (add --create to configure it before its first task)"
-        ))),
+    if known {
+        return Ok(());
     }
+    Err(CliError::Usage(format!(
+        "DATASET: no dataset {dataset:?} (add --create to configure it before its first task)"
+    )))
 }
 
 /// `syncq cancel`.

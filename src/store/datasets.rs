@@ -42,6 +42,18 @@ pub async fn get(db: impl PgExecutor<'_>, dataset_id: &str) -> sqlx::Result<Opti
     }))
 }
 
+/// Whether the dataset is known: it has a settings row, or tasks (whose
+/// row is made at their first claim).
+pub async fn known(db: impl PgExecutor<'_>, dataset_id: &str) -> sqlx::Result<bool> {
+    sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM syncq.datasets WHERE dataset_id = $1)
+               OR EXISTS (SELECT 1 FROM syncq.tasks WHERE dataset_id = $1) AS "known!""#,
+        dataset_id
+    )
+    .fetch_one(db)
+    .await
+}
+
 /// Pauses or resumes a dataset, creating its row if needed.
 pub async fn set_paused(
     db: impl PgExecutor<'_>,

@@ -114,7 +114,7 @@ pub async fn churn(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<(String, i64, i6
         r#"
         SELECT relname AS "table!", n_dead_tup AS "dead!", n_live_tup AS "live!"
         FROM pg_stat_user_tables
-        WHERE schemaname = 'syncq' AND relname IN ('tasks', 'datasets', 'rate_log')
+        WHERE schemaname = 'syncq' AND relname IN ('tasks', 'datasets', 'rate_log', 'ready_signals')
         "#
     )
     .fetch_all(db)
@@ -149,6 +149,9 @@ pub async fn vacuum(conn: &mut sqlx::PgConnection, table: &str) -> sqlx::Result<
         "tasks" => "VACUUM (ANALYZE) syncq.tasks",
         "datasets" => "VACUUM (ANALYZE) syncq.datasets",
         "rate_log" => "VACUUM (ANALYZE) syncq.rate_log",
+        // Every signal is deleted soon after it is written: the claim reads
+        // the whole table, so its dead rows must not pile up.
+        "ready_signals" => "VACUUM (ANALYZE) syncq.ready_signals",
         _ => return Ok(()),
     };
     sqlx::raw_sql(statement).execute(conn).await?;

@@ -61,10 +61,12 @@ const ROLES: &[&str] = &[
          ON syncq.tasks TO syncq_worker",
     "GRANT INSERT ON syncq.task_errors TO syncq_worker",
     "GRANT INSERT, DELETE ON syncq.rate_log TO syncq_worker",
+    "GRANT SELECT ON syncq.ready_signals TO syncq_worker",
     "GRANT INSERT, UPDATE, DELETE ON syncq.workers TO syncq_worker",
     "GRANT UPDATE (throttled_until, last_claimed_at, ready_at) ON syncq.datasets TO syncq_worker",
     "GRANT EXECUTE ON FUNCTION
          syncq.claim(text, text[], text[], text[], int, float8),
+         syncq.absorb_signals(),
          syncq.next_claim_in(text[], text[], text[]),
          syncq.mark_idle(text[], timestamptz),
          syncq.refresh_ready(text[]),

@@ -341,6 +341,15 @@ pub async fn next_claim_in(
     Ok(secs.map(|s| Duration::from_secs_f64(s.clamp(0.0, 86_400.0))))
 }
 
+/// Moves the readiness producers appended into the dataset rows (the
+/// claim's step 0, `syncq.absorb_signals()`), in a statement of its own.
+/// Returns the signals absorbed.
+pub async fn absorb_signals(db: impl PgExecutor<'_>) -> sqlx::Result<i32> {
+    sqlx::query_scalar!(r#"SELECT syncq.absorb_signals() AS "absorbed!""#)
+        .fetch_one(db)
+        .await
+}
+
 /// The running tasks held in this worker's name, with their `runs`: after
 /// a claim whose answer was lost, those no handler runs are handed back.
 pub async fn running_as(
