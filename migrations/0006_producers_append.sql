@@ -106,7 +106,34 @@ END;
 $$;
 REVOKE ALL ON FUNCTION syncq.absorb_signals() FROM PUBLIC;
 
--- As in 0005, with step 0: absorb the readiness producers appended.
+-- SPEC §2: a dataset's share of starts when datasets compete (§6).
+ALTER TABLE syncq.datasets
+    ADD COLUMN weight int NOT NULL DEFAULT 1
+        CONSTRAINT datasets_weight_between_1_and_1000 CHECK (weight BETWEEN 1 AND 1000),
+    -- When it was last served (wall clock): among datasets at the same
+    -- place in the round, the one served longest ago goes first.
+    ADD COLUMN served_at timestamptz
+        CONSTRAINT datasets_served_at_finite CHECK (isfinite(served_at));
+UPDATE syncq.datasets SET served_at = last_claimed_at;
+
+-- The claim's scan, in the new turn order.
+DROP INDEX syncq.datasets_turn_idx;
+CREATE INDEX datasets_turn_idx
+    ON syncq.datasets (last_claimed_at NULLS FIRST, served_at NULLS FIRST, dataset_id)
+    WHERE ready_at IS NOT NULL;
+
+-- As in 0005, with step 0 (absorb the readiness producers appended) and
+-- weighted rounds (SPEC §6). A round is one pass over the ready datasets
+-- in turn order; `last_claimed_at` is now each dataset's place in it, a
+-- virtual time: serving n tasks moves it n × 1 ms / weight past the
+-- round's start (the earliest place of any ready dataset, so a dataset
+-- back from idle starts at the round, not ahead with an old place, nor
+-- behind by its idle time); at equal places the one served longest ago
+-- (served_at) goes first. Within one claim each dataset's
+-- share is ceil(limit × weight / the weights of the claim's turn), its
+-- tasks picked weight at a time. Over claims a dataset of weight w is
+-- served w times as often as one of weight 1, as long as both are ready
+-- and below their limits; the quantum is one claim's worth per weight.
 CREATE OR REPLACE FUNCTION syncq.claim(p_worker text, p_kinds text[], p_datasets text[], p_skip text[],
                             p_limit int, p_lease_secs float8)
 RETURNS TABLE (id bigint, dataset_id text, kind text, payload jsonb, priority smallint,
@@ -154,7 +181,7 @@ BEGIN
                  AND t.run_at <= now() AND t.kind = ANY (p_kinds) AND NOT t.cancel_requested
                ORDER BY t.priority, t.run_at, t.id
                LIMIT 1)
-        ORDER BY d.last_claimed_at NULLS FIRST, d.dataset_id
+        ORDER BY d.last_claimed_at NULLS FIRST, d.served_at NULLS FIRST, d.dataset_id
         LIMIT p_limit
     LOOP
         v_turns := v_turns || v_row.dataset_id;
@@ -181,7 +208,7 @@ BEGIN
     v_now := clock_timestamp();
     RETURN QUERY
     WITH turns AS (
-        SELECT d.dataset_id, u.turn, d.rate_limit,
+        SELECT d.dataset_id, u.turn, d.rate_limit, d.weight, d.last_claimed_at,
                -- CASE, not coalesce: no counting for a dataset without
                -- that setting.
                greatest(0, least(
@@ -190,7 +217,7 @@ BEGIN
                    CASE WHEN (d.max_concurrency IS NOT NULL OR d.rate_limit IS NOT NULL)
                              AND NOT (d.dataset_id = ANY (coalesce(v_locked, '{}')))
                         THEN 0 END,
-                   ceil(p_limit::float8 / cardinality(v_turns))::int,
+                   ceil(p_limit::float8 * d.weight / sum(d.weight) OVER ())::int,
                    CASE WHEN d.max_concurrency IS NULL THEN p_limit
                         ELSE d.max_concurrency - (
                             SELECT count(*) FROM syncq.tasks r
@@ -212,7 +239,7 @@ BEGIN
         WHERE NOT d.paused AND (d.throttled_until IS NULL OR d.throttled_until <= v_now)
     ),
     candidates AS (
-        SELECT c.id, turns.dataset_id, turns.turn,
+        SELECT c.id, turns.dataset_id, turns.turn, turns.weight,
                row_number() OVER (PARTITION BY turns.dataset_id
                                   ORDER BY c.priority, c.run_at, c.id) AS rank
         FROM turns
@@ -227,7 +254,9 @@ BEGIN
         ) c
     ),
     picked AS (
-        SELECT c.id, c.dataset_id FROM candidates c ORDER BY c.rank, c.turn LIMIT p_limit
+        -- Weight at a time: a dataset of weight 2 gives two tasks per pass.
+        SELECT c.id, c.dataset_id FROM candidates c
+        ORDER BY (c.rank - 1) / c.weight, c.turn LIMIT p_limit
     ),
     claimed AS (
         UPDATE syncq.tasks t
@@ -253,8 +282,21 @@ BEGIN
     turned AS (
         -- A dataset locked by someone else is being claimed, paused or
         -- filled right now; its turn moves without us.
-        UPDATE syncq.datasets d SET last_claimed_at = v_now
-        WHERE d.dataset_id = ANY (ARRAY(
+        UPDATE syncq.datasets d
+        SET last_claimed_at = greatest(coalesce(d.last_claimed_at, b.base), b.base)
+                              + make_interval(secs => n.picked * 0.001 / d.weight),
+            served_at = v_now
+        -- The round's start: the earliest place of a ready dataset (one
+        -- index probe); the epoch on a database that never served any.
+        FROM (SELECT coalesce(
+                  (SELECT r.last_claimed_at FROM syncq.datasets r
+                   WHERE r.ready_at IS NOT NULL AND r.last_claimed_at IS NOT NULL
+                   ORDER BY r.last_claimed_at NULLS FIRST, r.served_at NULLS FIRST, r.dataset_id
+                   LIMIT 1),
+                  timestamptz 'epoch') AS base) b,
+             (SELECT p.dataset_id, count(*) AS picked FROM picked p GROUP BY p.dataset_id) n
+        WHERE d.dataset_id = n.dataset_id
+          AND d.dataset_id = ANY (ARRAY(
             SELECT s.dataset_id FROM syncq.datasets s
             WHERE s.dataset_id = ANY (ARRAY(SELECT DISTINCT p.dataset_id FROM picked p))
             FOR NO KEY UPDATE SKIP LOCKED))
@@ -310,7 +352,7 @@ AS $$
 $$;
 
 -- As in 0003, with datasets that have tasks but no row yet (their row is
--- made at their first claim): default settings.
+-- made at their first claim): default settings; and the weight.
 CREATE OR REPLACE VIEW syncq.dataset_stats AS
 SELECT k.dataset_id,
        count(t.id) FILTER (WHERE t.status = 'queued')    AS queued,
@@ -321,7 +363,8 @@ SELECT k.dataset_id,
        now() - min(t.run_at) FILTER (WHERE t.status = 'queued' AND t.run_at <= now())
                                                           AS oldest_ready_age,
        d.rate_limit, coalesce(d.rate_window, interval '1 second') AS rate_window,
-       d.max_concurrency, coalesce(d.paused, false) AS paused, d.throttled_until
+       d.max_concurrency, coalesce(d.paused, false) AS paused, d.throttled_until,
+       coalesce(d.weight, 1) AS weight
 FROM (SELECT s.dataset_id FROM syncq.datasets s
       UNION SELECT DISTINCT q.dataset_id FROM syncq.tasks q) k
 LEFT JOIN syncq.datasets d ON d.dataset_id = k.dataset_id

@@ -62,6 +62,24 @@ impl TaskQueue {
         self.rate_limiter().set(limit).await
     }
 
+    /// Sets the dataset's weight (1–1000, default 1): its share of starts
+    /// when datasets compete, fleet-wide (SPEC §6).
+    pub async fn set_weight(&self, weight: u32) -> Result<()> {
+        if !(1..=1000).contains(&weight) {
+            return Err(Error::config("weight", "must be between 1 and 1000"));
+        }
+        store::datasets::set_limits(
+            &self.db,
+            &self.dataset_id,
+            LimitsChange {
+                weight: Some(weight as i32),
+                ..LimitsChange::default()
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Sets (or with `None` clears) the cap on running tasks of this dataset
     /// across all processes.
     pub async fn set_max_concurrency(&self, max: Option<u32>) -> Result<()> {
@@ -79,8 +97,8 @@ impl TaskQueue {
             &self.db,
             &self.dataset_id,
             LimitsChange {
-                rate: None,
                 max_concurrency: Some(max),
+                ..LimitsChange::default()
             },
         )
         .await?;

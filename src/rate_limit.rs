@@ -142,7 +142,7 @@ impl RateLimiter {
             &self.dataset_id,
             LimitsChange {
                 rate: Some(rate),
-                max_concurrency: None,
+                ..LimitsChange::default()
             },
         )
         .await?;

@@ -270,16 +270,16 @@ async fn limit_pause_and_resume_change_only_what_they_name(
     let name = "it's a \"data set\" ü";
     assert_eq!(
         ok(&["limit", name, "--rate", "10/1s", "--create"]),
-        format!("{name:?}: rate 10/1s, concurrency none")
+        format!("{name:?}: rate 10/1s, concurrency none, weight 1")
     );
     assert_eq!(
         ok(&["limit", name, "--concurrency", "3"]),
-        format!("{name:?}: rate 10/1s, concurrency 3")
+        format!("{name:?}: rate 10/1s, concurrency 3, weight 1")
     );
     ok(&["pause", name]);
     assert_eq!(
         ok(&["limit", name, "--rate", "none"]),
-        format!("{name:?}: rate none, concurrency 3, paused")
+        format!("{name:?}: rate none, concurrency 3, weight 1, paused")
     );
     ok(&["resume", name]);
     let db = common::connect(&opts).await;

@@ -560,7 +560,6 @@ async fn dataset_stats_gives_each_column_per_dataset(db: PgPool) {
 /// SPEC §2: `syncq.datasets` has a `weight` setting (int, default 1,
 /// 1–1000) and `dataset_stats` shows every setting under its column name.
 #[sqlx::test]
-#[ignore = "engine bug: SPEC §2/§6 `weight` does not exist — no column in syncq.datasets or syncq.dataset_stats, no weighted fairness"]
 async fn dataset_stats_shows_the_weight_setting(db: PgPool) {
     sqlx::raw_sql(
         "INSERT INTO syncq.datasets (dataset_id, weight) VALUES ('heavy', 7);

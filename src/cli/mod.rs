@@ -105,7 +105,7 @@ pub enum Command {
 #[command(
     after_help = "An unknown dataset is refused unless --create is given (to configure a dataset before its first task)."
 )]
-#[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["rate", "concurrency"])))]
+#[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["rate", "concurrency", "weight"])))]
 pub struct LimitArgs {
     /// The dataset.
     pub dataset: String,
@@ -115,6 +115,10 @@ pub struct LimitArgs {
     /// Running tasks at once across all processes; `none` removes the cap.
     #[arg(long, value_parser = parse_concurrency)]
     pub concurrency: Option<Cleared<u32>>,
+    /// Its share of starts when datasets compete, fleet-wide (1 to 1000;
+    /// default 1): weights 1, 2, 4 split starts 1:2:4.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub weight: Option<u32>,
     /// Create the dataset if it does not exist yet.
     #[arg(long)]
     pub create: bool,
@@ -581,6 +585,7 @@ async fn limit(db: Db, args: LimitArgs, out: &mut (dyn Write + Send)) -> Result<
             c.into_option()
                 .map(|n| i32::try_from(n).unwrap_or(i32::MAX))
         }),
+        weight: args.weight.map(|w| i32::try_from(w).unwrap_or(1000)),
     };
     ops::require_dataset(&db, &args.dataset, args.create).await?;
     let row = crate::store::datasets::set_limits(&db, &args.dataset, change)
@@ -605,8 +610,9 @@ fn describe_limits(row: &DatasetRow) -> String {
         .max_concurrency
         .map_or_else(|| "none".to_string(), |n| n.to_string());
     format!(
-        "{:?}: rate {rate}, concurrency {concurrency}{}",
+        "{:?}: rate {rate}, concurrency {concurrency}, weight {}{}",
         row.dataset_id,
+        row.weight,
         if row.paused { ", paused" } else { "" }
     )
 }

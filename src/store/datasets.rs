@@ -18,6 +18,8 @@ pub struct DatasetRow {
     pub paused: bool,
     /// No new starts before this instant.
     pub throttled_until: Option<DateTime<Utc>>,
+    /// Its share of starts when datasets compete (1–1000).
+    pub weight: i32,
 }
 
 /// Reads one dataset's row.
@@ -25,7 +27,7 @@ pub async fn get(db: impl PgExecutor<'_>, dataset_id: &str) -> sqlx::Result<Opti
     let row = sqlx::query!(
         r#"
         SELECT dataset_id, rate_limit, extract(epoch FROM rate_window)::float8 AS "rate_window_secs!",
-               max_concurrency, paused, throttled_until
+               max_concurrency, paused, throttled_until, weight
         FROM syncq.datasets WHERE dataset_id = $1
         "#,
         dataset_id
@@ -39,6 +41,7 @@ pub async fn get(db: impl PgExecutor<'_>, dataset_id: &str) -> sqlx::Result<Opti
         max_concurrency: r.max_concurrency,
         paused: r.paused,
         throttled_until: r.throttled_until,
+        weight: r.weight,
     }))
 }
 
@@ -80,6 +83,8 @@ pub struct LimitsChange {
     pub rate: Option<Option<(i32, std::time::Duration)>>,
     /// `Some(None)` clears the concurrency cap; `Some(Some(n))` sets it.
     pub max_concurrency: Option<Option<i32>>,
+    /// `Some(n)` sets the weight.
+    pub weight: Option<i32>,
 }
 
 /// Changes a dataset's limits in one statement, creating its row if needed;
@@ -95,15 +100,17 @@ pub async fn set_limits(
     let set_concurrency = change.max_concurrency.is_some();
     let r = sqlx::query!(
         r#"
-        INSERT INTO syncq.datasets AS d (dataset_id, rate_limit, rate_window, max_concurrency)
-        VALUES ($1, $3, coalesce(make_interval(secs => $4), interval '1 second'), $6)
+        INSERT INTO syncq.datasets AS d (dataset_id, rate_limit, rate_window, max_concurrency, weight)
+        VALUES ($1, $3, coalesce(make_interval(secs => $4), interval '1 second'), $6,
+                coalesce($7, 1))
         ON CONFLICT (dataset_id) DO UPDATE SET
             rate_limit = CASE WHEN $2 THEN EXCLUDED.rate_limit ELSE d.rate_limit END,
             rate_window = CASE WHEN $2 AND $4::float8 IS NOT NULL THEN EXCLUDED.rate_window
                                ELSE d.rate_window END,
-            max_concurrency = CASE WHEN $5 THEN EXCLUDED.max_concurrency ELSE d.max_concurrency END
+            max_concurrency = CASE WHEN $5 THEN EXCLUDED.max_concurrency ELSE d.max_concurrency END,
+            weight = coalesce($7, d.weight)
         RETURNING dataset_id, rate_limit, extract(epoch FROM rate_window)::float8 AS "rate_window_secs!",
-                  max_concurrency, paused, throttled_until
+                  max_concurrency, paused, throttled_until, weight
         "#,
         dataset_id,
         set_rate,
@@ -111,6 +118,7 @@ pub async fn set_limits(
         rate.map(|(_, w)| super::secs(w)),
         set_concurrency,
         change.max_concurrency.flatten(),
+        change.weight,
     )
     .fetch_one(db)
     .await?;
@@ -121,6 +129,7 @@ pub async fn set_limits(
         max_concurrency: r.max_concurrency,
         paused: r.paused,
         throttled_until: r.throttled_until,
+        weight: r.weight,
     })
 }
 

@@ -63,7 +63,7 @@ const ROLES: &[&str] = &[
     "GRANT INSERT, DELETE ON syncq.rate_log TO syncq_worker",
     "GRANT SELECT ON syncq.ready_signals TO syncq_worker",
     "GRANT INSERT, UPDATE, DELETE ON syncq.workers TO syncq_worker",
-    "GRANT UPDATE (throttled_until, last_claimed_at, ready_at) ON syncq.datasets TO syncq_worker",
+    "GRANT UPDATE (throttled_until, last_claimed_at, served_at, ready_at) ON syncq.datasets TO syncq_worker",
     "GRANT EXECUTE ON FUNCTION
          syncq.claim(text, text[], text[], text[], int, float8),
          syncq.absorb_signals(),

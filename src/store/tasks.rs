@@ -396,7 +396,7 @@ pub async fn claim_candidates(
                  AND t.run_at <= now() AND t.kind = ANY ($1) AND NOT t.cancel_requested
                ORDER BY t.priority, t.run_at, t.id
                LIMIT 1)
-        ORDER BY d.last_claimed_at NULLS FIRST, d.dataset_id
+        ORDER BY d.last_claimed_at NULLS FIRST, d.served_at NULLS FIRST, d.dataset_id
         LIMIT $4
         "#,
         kinds,

@@ -1,0 +1,63 @@
+//! SPEC §6, weighted rounds: while datasets stay ready and below their
+//! limits, their starts split in proportion to their weights — across
+//! real worker processes, counted from rows.
+
+mod common;
+
+use std::time::Duration;
+
+use common::WorkerProcess;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+/// Three backlogged datasets of weights 1, 2 and 4, drained by two worker
+/// processes for a while: their starts split 1:2:4, each within 10 %.
+#[sqlx::test]
+async fn starts_split_in_proportion_to_weights_across_two_processes(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    common::on_multi_thread(async move {
+        let db = common::connect(&opts).await;
+        sqlx::raw_sql(
+            "INSERT INTO syncq.datasets (dataset_id, weight) VALUES ('w1', 1), ('w2', 2), ('w4', 4);
+             INSERT INTO syncq.tasks (dataset_id, kind, payload)
+             SELECT d, 'sleep', '{\"ms\": 20}' FROM unnest(ARRAY['w1', 'w2', 'w4']) d,
+                    generate_series(1, 3000);",
+        )
+        .execute(&db)
+        .await
+        .unwrap();
+        let url = common::url(&opts);
+        let args = ["--concurrency", "8", "--poll-interval", "200ms"];
+        let a = WorkerProcess::start(&url, &args, &[]);
+        let b = WorkerProcess::start(&url, &args, &[]);
+        // Long enough for hundreds of starts; every dataset keeps a backlog
+        // (3,000 tasks each, 16 slots of 20 ms: at most ~800 starts/s).
+        common::wait_for("1,400 starts", Duration::from_secs(60), || async {
+            common::count(&db, "started_at IS NOT NULL").await >= 1400
+        })
+        .await;
+        drop((a, b));
+        let starts: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT dataset_id, count(*) FROM syncq.tasks WHERE started_at IS NOT NULL
+             GROUP BY 1 ORDER BY 1",
+        )
+        .fetch_all(&db)
+        .await
+        .unwrap();
+        let total: i64 = starts.iter().map(|(_, n)| n).sum();
+        for ((dataset, n), weight) in starts.iter().zip([1.0, 2.0, 4.0]) {
+            let expected = total as f64 * weight / 7.0;
+            let off = (*n as f64 - expected).abs() / expected;
+            assert!(
+                off <= 0.10,
+                "{dataset}: {n} of {total} starts, expected {expected:.0} (off by {:.1} %): {starts:?}",
+                off * 100.0
+            );
+        }
+        let backlog = common::count(&db, "status = 'queued'").await;
+        assert!(backlog > 3 * 3000 - 1400 - 200, "a dataset ran dry: {starts:?}");
+        eprintln!("weights 1:2:4 over {total} starts: {starts:?}");
+    })
+    .await;
+}
