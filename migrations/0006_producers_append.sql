@@ -156,11 +156,14 @@ DECLARE
     v_locked text[];
     v_row record;
     v_now timestamptz;
+    -- The round's start: the earliest place among the turn's datasets.
+    v_base timestamptz;
 BEGIN
     -- Step 0: readiness that producers appended since the last claim.
     PERFORM syncq.absorb_signals();
     FOR v_row IN
-        SELECT d.dataset_id, (d.max_concurrency IS NOT NULL OR d.rate_limit IS NOT NULL) AS limited
+        SELECT d.dataset_id, (d.max_concurrency IS NOT NULL OR d.rate_limit IS NOT NULL) AS limited,
+               d.last_claimed_at
         FROM syncq.datasets d
         WHERE d.ready_at IS NOT NULL AND d.ready_at <= now()
           AND NOT d.paused
@@ -185,6 +188,9 @@ BEGIN
         LIMIT p_limit
     LOOP
         v_turns := v_turns || v_row.dataset_id;
+        IF v_base IS NULL THEN
+            v_base := v_row.last_claimed_at;
+        END IF;
         IF v_row.limited THEN
             v_limited := v_limited || v_row.dataset_id;
         END IF;
@@ -286,9 +292,11 @@ BEGIN
         SET last_claimed_at = greatest(coalesce(d.last_claimed_at, b.base), b.base)
                               + make_interval(secs => n.picked * 0.001 / d.weight),
             served_at = v_now
-        -- The round's start: the earliest place of a ready dataset (one
-        -- index probe); the epoch on a database that never served any.
+        -- The round's start: the earliest place in this turn; if the turn
+        -- holds only new datasets, the earliest place of a ready dataset
+        -- (one index probe); the epoch on a database that never served any.
         FROM (SELECT coalesce(
+                  v_base,
                   (SELECT r.last_claimed_at FROM syncq.datasets r
                    WHERE r.ready_at IS NOT NULL AND r.last_claimed_at IS NOT NULL
                    ORDER BY r.last_claimed_at NULLS FIRST, r.served_at NULLS FIRST, r.dataset_id
