@@ -61,3 +61,89 @@ async fn starts_split_in_proportion_to_weights_across_two_processes(
     })
     .await;
 }
+
+/// A dataset with one task among 1,000 backlogged ones starts within one
+/// round — also one that was served before and sat idle (its old place in
+/// the round is earlier than everyone's, and must not cost it its turn
+/// nor give it a burst).
+#[sqlx::test]
+async fn one_task_among_a_thousand_backlogged_datasets_starts_within_one_round(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    common::on_multi_thread(async move {
+        let db = common::connect(&opts).await;
+        // Served once long ago, idle since.
+        sqlx::raw_sql(
+            "INSERT INTO syncq.tasks (dataset_id, kind) VALUES ('lonely', 'noop');",
+        )
+        .execute(&db)
+        .await
+        .unwrap();
+        let url = common::url(&opts);
+        let args = ["--concurrency", "8", "--poll-interval", "200ms"];
+        let a = WorkerProcess::start(&url, &args, &[]);
+        let b = WorkerProcess::start(&url, &args, &[]);
+        common::wait_for("lonely's first task ran", Duration::from_secs(30), || async {
+            common::count(&db, "dataset_id = 'lonely' AND status = 'succeeded'").await == 1
+        })
+        .await;
+        sqlx::raw_sql(
+            "INSERT INTO syncq.tasks (dataset_id, kind, payload)
+             SELECT 'busy-' || (i % 1000), 'sleep', '{\"ms\": 10}' FROM generate_series(1, 20000) i;",
+        )
+        .execute(&db)
+        .await
+        .unwrap();
+        // Every backlogged dataset has been served at least once: a round
+        // is under way.
+        common::wait_for("a round under way", Duration::from_secs(60), || async {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(DISTINCT dataset_id) FROM syncq.tasks
+                 WHERE dataset_id LIKE 'busy-%' AND started_at IS NOT NULL",
+            )
+            .fetch_one(&db)
+            .await
+            .unwrap()
+                == 1000
+        })
+        .await;
+        sqlx::query("INSERT INTO syncq.tasks (dataset_id, kind) VALUES ('lonely', 'noop')")
+            .execute(&db)
+            .await
+            .unwrap();
+        let visible: chrono::DateTime<chrono::Utc> =
+            sqlx::query_scalar("SELECT clock_timestamp()")
+                .fetch_one(&db)
+                .await
+                .unwrap();
+        common::wait_for("lonely's second task ran", Duration::from_secs(30), || async {
+            common::count(&db, "dataset_id = 'lonely' AND status = 'succeeded'").await == 2
+        })
+        .await;
+        let started: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(
+            "SELECT max(started_at) FROM syncq.tasks WHERE dataset_id = 'lonely'",
+        )
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        let busy_before: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM syncq.tasks
+             WHERE dataset_id LIKE 'busy-%' AND started_at > $1 AND started_at < $2",
+        )
+        .bind(visible)
+        .bind(started)
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        drop((a, b));
+        // One round is one start per ready dataset (1,000); its place is the
+        // earliest, so in fact it goes in the next claim of either process.
+        assert!(
+            busy_before <= 1000,
+            "{busy_before} backlogged starts went before it"
+        );
+        eprintln!("lonely started after {busy_before} backlogged starts");
+    })
+    .await;
+}
