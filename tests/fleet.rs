@@ -56,16 +56,6 @@ where
     .await;
 }
 
-/// The test's connections to its database, named `OBSERVER`.
-async fn observer(opts: &PgConnectOptions) -> PgPool {
-    PgPoolOptions::new()
-        .max_connections(6)
-        .acquire_timeout(Duration::from_secs(30))
-        .connect_with(opts.clone().application_name(OBSERVER))
-        .await
-        .expect("connect to the test database")
-}
-
 /// A `syncq worker` logging each attempt's start and end.
 fn worker(opts: &PgConnectOptions, args: &[&str]) -> WorkerProcess {
     WorkerProcess::start(&common::url(opts), args, common::ATTEMPT_LOG_ENV)
@@ -88,22 +78,6 @@ async fn syncq(opts: &PgConnectOptions, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Sends `sig` (`-STOP`, `-CONT`, `-KILL`, `-TERM`) to a worker without
-/// blocking the runtime.
-async fn signal(w: &WorkerProcess, sig: &str) {
-    let pid = w.child.id().to_string();
-    let status = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio::process::Command::new("kill")
-            .args([sig, &pid])
-            .status(),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("kill {sig} {pid} did not return"))
-    .expect("run kill");
-    assert!(status.success(), "kill {sig} {pid} failed");
 }
 
 /// The audit: one row per start of an attempt (every claim moves `runs`
@@ -331,7 +305,7 @@ async fn a_rate_limit_holds_in_every_window_across_three_worker_processes(
 }
 
 async fn rate_limit_across_processes(opts: PgConnectOptions) {
-    let db = observer(&opts).await;
+    let db = common::observer(&opts, OBSERVER, 6).await;
     install_audit(&db).await;
     let said = syncq(&opts, &["limit", "rated", "--rate", "10/1s", "--create"]).await;
     assert!(said.contains("rate 10/1s"), "{said}");
@@ -410,7 +384,7 @@ async fn every_attempt_counts_toward_the_rate_limit_across_three_worker_processe
 }
 
 async fn every_attempt_counts(opts: PgConnectOptions) {
-    let db = observer(&opts).await;
+    let db = common::observer(&opts, OBSERVER, 6).await;
     install_audit(&db).await;
     sqlx::query("INSERT INTO syncq.datasets (dataset_id, rate_limit) VALUES ('flaky', 10)")
         .execute(&db)
@@ -497,7 +471,7 @@ async fn a_concurrency_cap_is_reached_and_never_exceeded_across_three_worker_pro
 }
 
 async fn cap_across_processes(opts: PgConnectOptions) {
-    let db = observer(&opts).await;
+    let db = common::observer(&opts, OBSERVER, 6).await;
     install_audit(&db).await;
     let said = syncq(
         &opts,
@@ -592,7 +566,7 @@ async fn twenty_small_datasets_start_within_one_round_of_a_big_backlog_across_th
 }
 
 async fn fairness_across_processes(opts: PgConnectOptions) {
-    let db = observer(&opts).await;
+    let db = common::observer(&opts, OBSERVER, 6).await;
     install_audit(&db).await;
     // "a-big" sorts first: a turn order that fell back to names would
     // favour it.
@@ -679,7 +653,7 @@ async fn an_upstream_throttle_holds_back_every_process_until_it_ends(
 }
 
 async fn throttle_across_processes(opts: PgConnectOptions) {
-    let db = observer(&opts).await;
+    let db = common::observer(&opts, OBSERVER, 6).await;
     install_audit(&db).await;
     // Lower priority value runs first: the throttle comes at the start,
     // with the rest of the dataset still queued.
@@ -859,7 +833,7 @@ async fn a_worker_stopped_past_its_lease_cannot_overwrite_the_rescuers_hold(
 }
 
 async fn stopped_past_lease(opts: PgConnectOptions) {
-    let db = observer(&opts).await;
+    let db = common::observer(&opts, OBSERVER, 6).await;
     install_audit(&db).await;
     let a = worker(
         &opts,
@@ -883,7 +857,7 @@ async fn stopped_past_lease(opts: PgConnectOptions) {
         async move { ran && common::status(&db, id).await == "running" }
     })
     .await;
-    signal(&a, "-STOP").await;
+    a.signal("-STOP").await;
     let a_id = common::task(&db, id).await.locked_by.expect("A holds it");
 
     let b = worker(
@@ -907,7 +881,7 @@ async fn stopped_past_lease(opts: PgConnectOptions) {
         async move { ran && common::task(&db, id).await.runs == 2 }
     })
     .await;
-    signal(&b, "-STOP").await;
+    b.signal("-STOP").await;
     let b_row = common::task(&db, id).await;
     let b_id = b_row.locked_by.clone().expect("B holds it");
     assert_ne!(a_id, b_id);
@@ -922,7 +896,7 @@ async fn stopped_past_lease(opts: PgConnectOptions) {
     })
     .await;
     let before = held(&db, id).await;
-    signal(&a, "-CONT").await;
+    a.signal("-CONT").await;
     common::wait_for("A's attempt ended", WAIT, || {
         let ended = ended_here(&a, id, 1).is_some();
         async move { ended }
@@ -940,7 +914,7 @@ async fn stopped_past_lease(opts: PgConnectOptions) {
         "A's late write changed the row"
     );
 
-    signal(&b, "-CONT").await;
+    b.signal("-CONT").await;
     common::wait_status(&db, id, "succeeded").await;
     let row = common::task(&db, id).await;
     assert_eq!((row.attempts, row.runs), (2, 2));
@@ -972,37 +946,6 @@ async fn stopped_past_lease(opts: PgConnectOptions) {
     assert_eq!(audited, vec![(1, a_id), (2, b_id)]);
 }
 
-/// The `counted` value of a `count` task's checkpoint (0 without one).
-async fn counted(db: &PgPool, id: i64) -> u64 {
-    common::task(db, id)
-        .await
-        .checkpoint
-        .and_then(|c| c["counted"].as_u64())
-        .unwrap_or(0)
-}
-
-/// Waits until no session of the test's database is left but the test's
-/// own: a killed worker's statements have all ended (a statement sent
-/// just before kill -9 still commits), so its rows are final.
-async fn wait_sessions_gone(db: &PgPool) {
-    common::wait_for("the killed worker's sessions ended", WAIT, || {
-        let db = db.clone();
-        async move {
-            sqlx::query_scalar::<_, i64>(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND backend_type = 'client backend'
-                   AND application_name IS DISTINCT FROM $1",
-            )
-            .bind(OBSERVER)
-            .fetch_one(&db)
-            .await
-            .unwrap()
-                == 0
-        }
-    })
-    .await;
-}
-
 /// A `count` task (to 60, 50 ms a step) goes through three processes:
 /// A is killed with SIGKILL mid-way; once its lease (1 s) expires, B
 /// rescues the task (the attempt counts) and resumes from exactly A's
@@ -1019,7 +962,7 @@ async fn kill_9_then_sigterm_each_next_process_resumes_from_exactly_the_saved_ch
 }
 
 async fn rescue_and_resume(opts: PgConnectOptions) {
-    let db = observer(&opts).await;
+    let db = common::observer(&opts, OBSERVER, 6).await;
     install_audit(&db).await;
     let id = common::insert(&db, "d", "count", json!({"to": 60, "step_ms": 50})).await;
     let mut a = worker(
@@ -1035,13 +978,13 @@ async fn rescue_and_resume(opts: PgConnectOptions) {
     );
     common::wait_for("A made progress", WAIT, || {
         let db = db.clone();
-        async move { counted(&db, id).await >= 5 }
+        async move { common::counted(&db, id).await >= 5 }
     })
     .await;
-    signal(&a, "-KILL").await;
+    a.signal("-KILL").await;
     a.wait_exit(WAIT).await;
-    wait_sessions_gone(&db).await;
-    let saved_a = counted(&db, id).await;
+    common::wait_sessions_gone(&db, OBSERVER).await;
+    let saved_a = common::counted(&db, id).await;
     let row = common::task(&db, id).await;
     assert_eq!(
         (row.status.as_str(), row.runs),
@@ -1066,14 +1009,14 @@ async fn rescue_and_resume(opts: PgConnectOptions) {
     common::wait_for("B rescued the task and made progress", WAIT, || {
         let db = db.clone();
         async move {
-            common::task(&db, id).await.runs == 2 && counted(&db, id).await >= saved_a + 5
+            common::task(&db, id).await.runs == 2 && common::counted(&db, id).await >= saved_a + 5
         }
     })
     .await;
-    signal(&b, "-TERM").await;
+    b.signal("-TERM").await;
     let status = b.wait_exit(WAIT).await;
     assert_eq!(status.code(), Some(0), "{}", b.log());
-    let saved_b = counted(&db, id).await;
+    let saved_b = common::counted(&db, id).await;
     let row = common::task(&db, id).await;
     assert_eq!(
         (row.status.as_str(), row.attempts, row.locked_by),
@@ -1152,7 +1095,7 @@ async fn a_fatal_error_checkpoints_the_other_handlers_of_its_process_only(
 const FATAL_STOP_WITHIN: Duration = Duration::from_secs(10);
 
 async fn fatal_checkpoints_its_process(opts: PgConnectOptions) {
-    let db = observer(&opts).await;
+    let db = common::observer(&opts, OBSERVER, 6).await;
     let mut a = worker(
         &opts,
         &[
@@ -1190,7 +1133,7 @@ async fn fatal_checkpoints_its_process(opts: PgConnectOptions) {
             .chain([&count])
             .all(|id| started_here(&a, *id, 1))
             && started_here(&b, other, 1);
-        async move { ran && counted(&db, count).await >= 1 }
+        async move { ran && common::counted(&db, count).await >= 1 }
     })
     .await;
 
@@ -1219,7 +1162,7 @@ async fn fatal_checkpoints_its_process(opts: PgConnectOptions) {
     }
     let row = common::task(&db, count).await;
     assert_eq!((row.status.as_str(), row.attempts), ("queued", 0));
-    assert!(counted(&db, count).await >= 1);
+    assert!(common::counted(&db, count).await >= 1);
     let row = common::task(&db, fatal).await;
     assert_eq!((row.status.as_str(), row.attempts), ("queued", 0));
     assert!(

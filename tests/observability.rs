@@ -179,7 +179,7 @@ async fn metrics_are_served_and_move_and_logs_are_json(_: PgPoolOptions, opts: P
     })
     .await;
 
-    worker.signal("-TERM");
+    worker.signal("-TERM").await;
     let status = worker.wait_exit(WAIT).await;
     let log = worker.log();
     assert!(status.success(), "the worker exited with {status}:\n{log}");

@@ -1060,7 +1060,7 @@ async fn migrate_on_a_live_database_breaks_nothing(_: PgPoolOptions, opts: PgCon
         .unwrap();
     assert_eq!(errors, 0);
     for w in &mut workers {
-        w.signal("-TERM");
+        w.signal("-TERM").await;
     }
     for w in &mut workers {
         let status = w.wait_exit(WAIT).await;

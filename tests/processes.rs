@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use common::WorkerProcess;
 use serde_json::json;
-use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use syncq::{NewTask, TaskQueueManager};
 
@@ -17,16 +16,6 @@ const WAIT: Duration = Duration::from_secs(60);
 /// The application name of the test's own connections, so that the
 /// workers' sessions can be told apart in `pg_stat_activity`.
 const OBSERVER: &str = "syncq-processes-test";
-
-/// The test's connections to its database, named `OBSERVER`.
-async fn observer(opts: &PgConnectOptions) -> PgPool {
-    PgPoolOptions::new()
-        .max_connections(4)
-        .acquire_timeout(Duration::from_secs(30))
-        .connect_with(opts.clone().application_name(OBSERVER))
-        .await
-        .expect("connect to the test database")
-}
 
 /// A `syncq worker` with short timings, logging each attempt's start and
 /// end (inside the `task` span, an info span: hence info, not warn).
@@ -44,21 +33,6 @@ fn worker(opts: &PgConnectOptions, extra: &[&str]) -> WorkerProcess {
     )
 }
 
-/// Sends `sig` to a worker without blocking the runtime.
-async fn signal(w: &WorkerProcess, sig: &str) {
-    let pid = w.child.id().to_string();
-    let status = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio::process::Command::new("kill")
-            .args([sig, &pid])
-            .status(),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("kill {sig} {pid} did not return"))
-    .expect("run kill");
-    assert!(status.success(), "kill {sig} {pid} failed");
-}
-
 /// The task ids whose attempts a worker logged as started.
 fn started_tasks(w: &WorkerProcess) -> Vec<i64> {
     w.log()
@@ -70,36 +44,6 @@ fn started_tasks(w: &WorkerProcess) -> Vec<i64> {
                 .and_then(|v| v.parse().ok())
         })
         .collect()
-}
-
-async fn checkpoint_count(db: &PgPool, id: i64) -> u64 {
-    common::task(db, id)
-        .await
-        .checkpoint
-        .and_then(|c| c["counted"].as_u64())
-        .unwrap_or(0)
-}
-
-/// Waits until no session of the test's database is left but the test's
-/// own: a killed worker's statements have all ended (one sent just before
-/// kill -9 still commits), so its rows are final.
-async fn wait_sessions_gone(db: &PgPool) {
-    common::wait_for("the killed worker's sessions ended", WAIT, || {
-        let db = db.clone();
-        async move {
-            sqlx::query_scalar::<_, i64>(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND backend_type = 'client backend'
-                   AND application_name IS DISTINCT FROM $1",
-            )
-            .bind(OBSERVER)
-            .fetch_one(&db)
-            .await
-            .unwrap()
-                == 0
-        }
-    })
-    .await;
 }
 
 /// Two processes drain 2,000 tasks of 7 datasets: each task ran once,
@@ -199,15 +143,15 @@ async fn sigterm_checkpoints_and_exits_0_and_the_next_process_resumes(
     let mut first = worker(&opts, &[]);
     common::wait_for("progress is saved", WAIT, || {
         let db = db.clone();
-        async move { checkpoint_count(&db, id).await >= 5 }
+        async move { common::counted(&db, id).await >= 5 }
     })
     .await;
-    signal(&first, "-TERM").await;
+    first.signal("-TERM").await;
     let status = first.wait_exit(Duration::from_secs(15)).await;
     assert_eq!(status.code(), Some(0), "{}", first.log());
     let row = common::task(&db, id).await;
     assert_eq!((row.status.as_str(), row.attempts), ("queued", 0));
-    let saved = checkpoint_count(&db, id).await;
+    let saved = common::counted(&db, id).await;
 
     let mut second = worker(&opts, &["--exit-when-idle"]);
     assert!(second.wait_exit(WAIT).await.success(), "{}", second.log());
@@ -228,23 +172,23 @@ async fn kill_9_loses_only_work_since_the_last_checkpoint(
     _: PgPoolOptions,
     opts: PgConnectOptions,
 ) {
-    let db = observer(&opts).await;
+    let db = common::observer(&opts, OBSERVER, 4).await;
     let id = common::insert(&db, "d", "count", json!({"to": 40, "step_ms": 50})).await;
     let mut victim = worker(&opts, &[]);
     common::wait_for("progress is saved", WAIT, || {
         let db = db.clone();
-        async move { checkpoint_count(&db, id).await >= 5 }
+        async move { common::counted(&db, id).await >= 5 }
     })
     .await;
-    signal(&victim, "-KILL").await;
+    victim.signal("-KILL").await;
     let _ = victim.wait_exit(Duration::from_secs(5)).await;
-    wait_sessions_gone(&db).await;
+    common::wait_sessions_gone(&db, OBSERVER).await;
     assert_eq!(
         common::status(&db, id).await,
         "running",
         "nobody released it"
     );
-    let saved = checkpoint_count(&db, id).await;
+    let saved = common::counted(&db, id).await;
 
     let mut rescuer = worker(&opts, &["--exit-when-idle"]);
     assert!(rescuer.wait_exit(WAIT).await.success(), "{}", rescuer.log());

@@ -229,14 +229,20 @@ impl WorkerProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Sends a signal (`-STOP`, `-CONT`, `-KILL`, `-TERM`).
-    pub fn signal(&self, sig: &str) {
-        let ok = std::process::Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(ok, "kill {sig} {} failed", self.child.id());
+    /// Sends a signal (`-STOP`, `-CONT`, `-KILL`, `-TERM`) without
+    /// blocking the runtime.
+    pub async fn signal(&self, sig: &str) {
+        let pid = self.child.id().to_string();
+        let status = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::process::Command::new("kill")
+                .args([sig, &pid])
+                .status(),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("kill {sig} {pid} did not return"))
+        .expect("run kill");
+        assert!(status.success(), "kill {sig} {pid} failed");
     }
 
     /// Waits (without blocking the runtime) for the process to exit.
@@ -378,4 +384,51 @@ where
     })
     .await
     .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+}
+
+/// The test's own connections to its database, under the application name
+/// `observer`, so that the workers' sessions can be told apart in
+/// `pg_stat_activity`.
+pub async fn observer(opts: &PgConnectOptions, observer: &str, connections: u32) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(connections)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_with(opts.clone().application_name(observer))
+        .await
+        .expect("connect to the test database")
+}
+
+/// Waits until no session of the test's database is left but the test's
+/// own (named `observer`): a killed worker's statements have all ended (a
+/// statement sent just before kill -9 still commits), so its rows are final.
+pub async fn wait_sessions_gone(db: &PgPool, observer: &'static str) {
+    wait_for(
+        "the killed worker's sessions ended",
+        Duration::from_secs(60),
+        || {
+            let db = db.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(
+                    "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND backend_type = 'client backend'
+                   AND application_name IS DISTINCT FROM $1",
+                )
+                .bind(observer)
+                .fetch_one(&db)
+                .await
+                .unwrap()
+                    == 0
+            }
+        },
+    )
+    .await;
+}
+
+/// The `counted` value of a `count` task's checkpoint (0 without one).
+pub async fn counted(db: &PgPool, id: i64) -> u64 {
+    task(db, id)
+        .await
+        .checkpoint
+        .and_then(|c| c["counted"].as_u64())
+        .unwrap_or(0)
 }
