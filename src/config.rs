@@ -55,6 +55,14 @@ pub struct PoolConfig {
     /// its own rows (the log names it), so it cannot stop the others being
     /// served; then the pool tries it again.
     pub set_aside: Duration,
+    /// The most tasks this pool leases ahead of its free slots (its local
+    /// queue), started in claim order as slots free. Leased ahead, they
+    /// count against caps and rate limits like running ones. How many it
+    /// actually takes follows its own pace: about
+    /// [`PREFETCH_HORIZON`](Self::PREFETCH_HORIZON) of its recent
+    /// completions, so short tasks drain in few, large claims while a pool
+    /// of slow tasks keeps nothing waiting. 0: claim only for free slots.
+    pub prefetch: usize,
 }
 
 /// The range a duration setting must lie in: every flag and field has one,
@@ -136,6 +144,11 @@ impl PoolConfig {
     pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(5);
     /// Default `set_aside`.
     pub const DEFAULT_SET_ASIDE: Duration = Duration::from_secs(60);
+    /// Default `prefetch`.
+    pub const DEFAULT_PREFETCH: usize = 500;
+    /// How long, at its recent pace, a pool's prefetched tasks may take to
+    /// reach a slot: the local queue holds about this much work.
+    pub const PREFETCH_HORIZON: Duration = Duration::from_millis(50);
 
     /// `lease`: long enough to be renewed, short enough that a dead
     /// worker's tasks come back the same day.
@@ -169,6 +182,12 @@ impl PoolConfig {
             return Err(Error::config(
                 "concurrency",
                 format!("must be between 1 and 10000, got {}", self.concurrency),
+            ));
+        }
+        if self.prefetch > 10_000 {
+            return Err(Error::config(
+                "prefetch",
+                format!("must be between 0 and 10000, got {}", self.prefetch),
             ));
         }
         if let Some(datasets) = &self.datasets
@@ -239,6 +258,7 @@ impl Default for PoolConfig {
             vacuum: true,
             metrics_sample_interval: None,
             set_aside: Self::DEFAULT_SET_ASIDE,
+            prefetch: Self::DEFAULT_PREFETCH,
         }
     }
 }

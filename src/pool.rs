@@ -16,11 +16,14 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgListener};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, mpsc, oneshot};
-use tokio::task::{JoinError, JoinSet};
+use tokio::task::{JoinError, JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::config::PoolConfig;
@@ -409,6 +412,11 @@ struct Shared {
     /// Runs this pool holds.
     held: Mutex<HeldRuns>,
     wake: Notify,
+    /// A handler returned: its slot is free for the local queue's next
+    /// task, so a dispatcher whose local queue was full may claim again.
+    /// (Not `wake`: an idle dispatcher woken for this finds nothing new,
+    /// and wake-ups that find nothing are rationed.)
+    slot_freed: Notify,
     /// A cancel notification arrived for a task this pool holds: look at
     /// the rows (the notification itself proves nothing).
     cancel_check: Notify,
@@ -580,6 +588,7 @@ impl WorkerPool {
             shutdown: self.shutdown,
             held: Mutex::new(HeldRuns::default()),
             wake: Notify::new(),
+            slot_freed: Notify::new(),
             cancel_check: Notify::new(),
             fatal: Mutex::new(None),
             completions,
@@ -633,8 +642,9 @@ async fn run_pool(shared: Arc<Shared>, completion_rx: mpsc::Receiver<Completion>
     }
 
     let hard_stop = CancellationToken::new();
-    let mut running = JoinSet::new();
-    dispatch(&shared, &mut running, &hard_stop).await;
+    let running = TaskTracker::new();
+    dispatch(&shared, &running, &hard_stop).await;
+    running.close();
 
     // Checkpoint: tell every handler, give them the grace period, then abort.
     let _ = shared.commands.send(Command::Checkpoint);
@@ -647,17 +657,14 @@ async fn run_pool(shared: Arc<Shared>, completion_rx: mpsc::Receiver<Completion>
             "checkpoint: waiting for running handlers to save progress"
         );
     }
-    let drained = tokio::time::timeout(shared.config.shutdown_grace, async {
-        while running.join_next().await.is_some() {}
-    })
-    .await;
+    let drained = tokio::time::timeout(shared.config.shutdown_grace, running.wait()).await;
     if drained.is_err() {
         warn!(
             left = running.len(),
             "grace period over: aborting handlers and releasing their tasks"
         );
         hard_stop.cancel();
-        while running.join_next().await.is_some() {}
+        running.wait().await;
     }
 
     background_stop.cancel();
@@ -679,9 +686,157 @@ async fn run_pool(shared: Arc<Shared>, completion_rx: mpsc::Receiver<Completion>
     }
 }
 
-/// The claim loop: wait for free slots, claim up to that many, start them.
-async fn dispatch(shared: &Arc<Shared>, running: &mut JoinSet<()>, hard_stop: &CancellationToken) {
-    let slots = Arc::new(Semaphore::new(shared.config.concurrency));
+/// The claim loop: wait for room, claim up to that many, hand each task to
+/// a run that starts it as soon as a slot is free.
+///
+/// Room is the free slots plus a local queue (`prefetch`): tasks leased
+/// ahead, waiting here for a slot in claim order (the slots semaphore is
+/// first come, first served). They are leased like running ones — renewed
+/// by the heartbeat, counted against caps and rate limits, handed back
+/// uncounted if the pool stops before they start — so the local queue
+/// only changes how many claims a drain takes, not what a claim means.
+/// Its size follows the pool's pace ([`Pace`]): short tasks drain in a few
+/// large claims; slow ones keep almost nothing waiting.
+async fn dispatch(shared: &Arc<Shared>, running: &TaskTracker, hard_stop: &CancellationToken) {
+    let concurrency = shared.config.concurrency;
+    let prefetch = shared.config.prefetch;
+    // Handlers running.
+    let slots = Arc::new(Semaphore::new(concurrency));
+    // Tasks held here, running or waiting for a slot.
+    let room = Arc::new(Semaphore::new(concurrency + prefetch));
+    // Claims sent and not yet answered.
+    let mut in_flight: FuturesUnordered<JoinHandle<Claimed>> = FuturesUnordered::new();
+    // The local queue: claimed tasks, in claim order, to the starter.
+    let (queue, queued) = mpsc::unbounded_channel();
+    let starter = tokio::spawn(start_loop(
+        shared.clone(),
+        slots.clone(),
+        queued,
+        running.clone(),
+        hard_stop.clone(),
+    ));
+    let local = Local {
+        shared,
+        queue: &queue,
+        room: &room,
+        slots: &slots,
+    };
+    claim_loop(&local, &mut in_flight).await;
+    // Stopping. Claims still in flight commit all the same: their tasks go
+    // through the local queue, which hands them back unstarted and
+    // uncounted, as the ones that were waiting there.
+    let mut unsure = false;
+    while let Some(answer) = in_flight.next().await {
+        match answer {
+            Ok(Claimed {
+                asked_at,
+                permits,
+                result: Ok(tasks),
+                ..
+            }) => local.take(tasks, permits, asked_at),
+            _ => unsure = true,
+        }
+    }
+    if unsure && let Err(e) = release_orphans(shared).await {
+        warn!(error = %e, "looking for tasks of a claim lost while stopping failed; the rescuer will take them back");
+    }
+    drop(queue);
+    if let Err(e) = starter.await {
+        error!(error = %e, "the local queue's starter ended abnormally");
+    }
+}
+
+/// What the claim loop hands its claims to.
+struct Local<'a> {
+    shared: &'a Arc<Shared>,
+    queue: &'a mpsc::UnboundedSender<Waiting>,
+    room: &'a Arc<Semaphore>,
+    slots: &'a Arc<Semaphore>,
+}
+
+/// A claimed task in the local queue, waiting for a slot.
+struct Waiting {
+    task: ClaimedTask,
+    lease: Lease,
+    room: OwnedSemaphorePermit,
+}
+
+impl Local<'_> {
+    /// Registers claimed tasks as held and queues them, in claim order.
+    fn take(
+        &self,
+        tasks: Vec<ClaimedTask>,
+        permits: Vec<OwnedSemaphorePermit>,
+        asked_at: tokio::time::Instant,
+    ) {
+        let shared = self.shared;
+        for (task, room) in tasks.into_iter().zip(permits) {
+            let lease = Lease::new(asked_at, shared.config.lease);
+            let older = shared.held().claimed(
+                (task.id, task.runs),
+                Held {
+                    lease: lease.clone(),
+                    superseded: false,
+                    finishing: false,
+                },
+            );
+            if let Some(runs) = older {
+                // The task went back to `queued` before this claim.
+                warn!(
+                    task_id = task.id,
+                    runs, "claimed again here: the older run lost its lease"
+                );
+                let _ = shared.commands.send(Command::LeaseLost {
+                    task_id: task.id,
+                    runs,
+                });
+            }
+            shared.emit(Event::Claimed {
+                task_id: task.id,
+                dataset_id: task.dataset_id.clone(),
+                kind: task.kind.clone(),
+            });
+            // The starter outlives the claim loop: a send cannot fail.
+            let _ = self.queue.send(Waiting { task, lease, room });
+        }
+    }
+
+    /// Nothing held here: no task running, waiting or being recorded.
+    fn is_empty(&self) -> bool {
+        self.room.available_permits()
+            == self.shared.config.concurrency + self.shared.config.prefetch
+    }
+}
+
+/// Starts the local queue's tasks in claim order, each as a slot frees
+/// (the slots semaphore is first come, first served, and this is its one
+/// waiter). Once the pool stops, starts nothing more: the rest go to runs
+/// that hand them back unstarted and uncounted.
+async fn start_loop(
+    shared: Arc<Shared>,
+    slots: Arc<Semaphore>,
+    mut queued: mpsc::UnboundedReceiver<Waiting>,
+    running: TaskTracker,
+    hard_stop: CancellationToken,
+) {
+    while let Some(waiting) = queued.recv().await {
+        let slot = tokio::select! {
+            biased;
+            slot = slots.clone().acquire_owned() => slot.ok(),
+            _ = shared.shutdown.cancelled() => None,
+        };
+        running.spawn(run_task(shared.clone(), waiting, slot, hard_stop.clone()));
+    }
+}
+
+/// The claim loop: wait for room, claim up to that much, queue the tasks.
+async fn claim_loop(local: &Local<'_>, in_flight: &mut FuturesUnordered<JoinHandle<Claimed>>) {
+    let shared = local.shared;
+    let room = local.room;
+    let slots = local.slots;
+    let concurrency = shared.config.concurrency;
+    let prefetch = shared.config.prefetch;
+    let mut pace = Pace::new();
     let mut db_failures: u32 = 0;
     let mut lost_races: u32 = 0;
     // Wake-ups in a row that found nothing to claim (see WAKE_FLOOR).
@@ -694,45 +849,99 @@ async fn dispatch(shared: &Arc<Shared>, running: &mut JoinSet<()>, hard_stop: &C
     // something claims or wakes us, a timed poll is one claim, not two
     // statements.
     let mut nothing_due = false;
+    // Claims in flight: two at most, the second only while claims come
+    // back full (a busy pool's next claim overlaps the previous one's
+    // round trip and commit).
+    let mut busy_claims = false;
     loop {
-        while running.try_join_next().is_some() {}
-        let first = tokio::select! {
+        // A second claim only while claims come back full and when it is
+        // worth a claim (a claim's fixed cost is most of a small one's).
+        let may_claim = (in_flight.is_empty()
+            || (in_flight.len() < 2
+                && busy_claims
+                && room.available_permits() >= (concurrency + pace.last()).div_ceil(4)))
+            // Orphans are looked for with no claim in flight (see release_orphans).
+            && (!claim_unsure || in_flight.is_empty());
+        let answer = tokio::select! {
             biased;
             _ = shared.shutdown.cancelled() => return,
-            permit = slots.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
-        let mut permits = vec![first];
-        gather_permits(&slots, &mut permits, shared.config.concurrency).await;
-        if claim_unsure {
-            match release_orphans(shared).await {
-                Ok(released) => {
-                    claim_unsure = false;
-                    if released > 0 {
-                        warn!(
-                            released,
-                            "tasks claimed by a claim whose answer was lost went back to queued, uncounted"
-                        );
-                    }
-                }
-                Err(e) => {
-                    db_failures += 1;
-                    let pause = retry_pause(db_failures, shared.config.poll_interval);
-                    shared
-                        .outage
-                        .failed("looking for tasks of a lost claim", &e);
+            answer = in_flight.next(), if !in_flight.is_empty() => answer,
+            permit = room.clone().acquire_owned(), if may_claim => {
+                let Ok(first) = permit else { return };
+                let mut permits = vec![first];
+                // Ahead of its slots by no more than its pace warrants.
+                let ahead = pace.allowance(&shared.finished, prefetch);
+                gather_permits(room, &mut permits, concurrency + ahead).await;
+                // Held here beyond the running handlers (waiting for a slot,
+                // or asked for by a claim in flight).
+                let held_here = concurrency + prefetch - room.available_permits() - permits.len();
+                let busy = concurrency - slots.available_permits();
+                let waiting = held_here.saturating_sub(busy);
+                let wanted = (slots.available_permits() + ahead).saturating_sub(waiting);
+                if wanted == 0 {
+                    // Every slot busy and the local queue full enough: wait
+                    // for a run to end (each one wakes the dispatcher), or
+                    // for the claim in flight.
                     drop(permits);
-                    tokio::select! {
-                        _ = tokio::time::sleep(pause) => continue,
-                        _ = shared.shutdown.cancelled() => return,
+                    if in_flight.is_empty() {
+                        tokio::select! {
+                            _ = shared.slot_freed.notified() => {}
+                            _ = shared.wake.notified() => {}
+                            _ = tokio::time::sleep(COALESCE * 5) => {}
+                            _ = shared.shutdown.cancelled() => return,
+                        }
+                    }
+                    continue;
+                }
+                permits.truncate(wanted);
+                if claim_unsure {
+                    match release_orphans(shared).await {
+                        Ok(released) => {
+                            claim_unsure = false;
+                            if released > 0 {
+                                warn!(
+                                    released,
+                                    "tasks claimed by a claim whose answer was lost went back to queued, uncounted"
+                                );
+                            }
+                        }
+                        Err(e) => {
+                            db_failures += 1;
+                            let pause = retry_pause(db_failures, shared.config.poll_interval);
+                            shared
+                                .outage
+                                .failed("looking for tasks of a lost claim", &e);
+                            drop(permits);
+                            tokio::select! {
+                                _ = tokio::time::sleep(pause) => continue,
+                                _ = shared.shutdown.cancelled() => return,
+                            }
+                        }
                     }
                 }
+                // Its own task: the round trip goes on while the dispatcher
+                // starts the next claim or handles the previous answer.
+                let skip = set_aside.current();
+                in_flight.push(tokio::spawn(send_claim(shared.clone(), skip, permits)));
+                continue;
             }
-        }
-        let asked_at = tokio::time::Instant::now();
-        let skip = set_aside.current();
+        };
+        let Some(answer) = answer else { continue };
+        let Claimed {
+            asked_at,
+            skip,
+            permits,
+            result: claimed,
+        } = match answer {
+            Ok(answer) => answer,
+            Err(e) => {
+                // The claim's task panicked or was cancelled: whatever it
+                // may have claimed is found as orphans.
+                error!(error = %e, "a claim's task ended without an answer");
+                claim_unsure = true;
+                continue;
+            }
+        };
         let claim = ClaimArgs {
             worker_id: &shared.worker_id,
             kinds: &shared.kinds,
@@ -741,17 +950,6 @@ async fn dispatch(shared: &Arc<Shared>, running: &mut JoinSet<()>, hard_stop: &C
             limit: permits.len() as i64,
             lease: shared.config.lease,
         };
-        let claimed = store::tasks::claim(
-            &shared.db,
-            claim.worker_id,
-            claim.kinds,
-            claim.datasets,
-            claim.skip,
-            claim.limit,
-            claim.lease,
-        )
-        .await;
-        crate::metrics::claim_round_trip(asked_at.elapsed());
         let tasks = match claimed {
             Ok(tasks) => {
                 db_failures = 0;
@@ -799,6 +997,7 @@ async fn dispatch(shared: &Arc<Shared>, running: &mut JoinSet<()>, hard_stop: &C
                 }
             }
         };
+        busy_claims = tasks.len() == permits.len() && tasks.len() > 1;
         if !tasks.is_empty() {
             lost_races = 0;
             empty_wakes = 0;
@@ -809,43 +1008,14 @@ async fn dispatch(shared: &Arc<Shared>, running: &mut JoinSet<()>, hard_stop: &C
                 micros = u64::try_from(asked_at.elapsed().as_micros()).unwrap_or(u64::MAX),
                 "claimed tasks"
             );
-            for (task, permit) in tasks.into_iter().zip(permits) {
-                let lease = Lease::new(asked_at, shared.config.lease);
-                let older = shared.held().claimed(
-                    (task.id, task.runs),
-                    Held {
-                        lease: lease.clone(),
-                        superseded: false,
-                        finishing: false,
-                    },
-                );
-                if let Some(runs) = older {
-                    // The task went back to `queued` before this claim.
-                    warn!(
-                        task_id = task.id,
-                        runs, "claimed again here: the older run lost its lease"
-                    );
-                    let _ = shared.commands.send(Command::LeaseLost {
-                        task_id: task.id,
-                        runs,
-                    });
-                }
-                shared.emit(Event::Claimed {
-                    task_id: task.id,
-                    dataset_id: task.dataset_id.clone(),
-                    kind: task.kind.clone(),
-                });
-                running.spawn(run_task(
-                    shared.clone(),
-                    task,
-                    lease,
-                    permit,
-                    hard_stop.clone(),
-                ));
-            }
+            local.take(tasks, permits, asked_at);
             continue;
         }
         drop(permits);
+        if !in_flight.is_empty() {
+            // Another claim is on its way: its answer decides what next.
+            continue;
+        }
 
         // Nothing claimed. Ask how long until something may be: now (every
         // claimable dataset was locked by another claimer at that instant:
@@ -881,7 +1051,7 @@ async fn dispatch(shared: &Arc<Shared>, running: &mut JoinSet<()>, hard_stop: &C
             Ok(None) => {}
             Err(e) => warn!(error = %e, "asking when work is next ready failed"),
         }
-        if shared.config.exit_when_idle && running.is_empty() {
+        if shared.config.exit_when_idle && local.is_empty() {
             match store::tasks::pending_count(&shared.db, &shared.kinds, shared.datasets()).await {
                 Ok(0) => {
                     info!("no task left to run: stopping (exit_when_idle)");
@@ -910,6 +1080,40 @@ async fn dispatch(shared: &Arc<Shared>, running: &mut JoinSet<()>, hard_stop: &C
             _ = tokio::time::sleep(wait) => false,
             _ = shared.shutdown.cancelled() => return,
         };
+    }
+}
+
+/// A claim's answer, with what it was asked with.
+struct Claimed {
+    asked_at: tokio::time::Instant,
+    skip: Vec<String>,
+    permits: Vec<OwnedSemaphorePermit>,
+    result: sqlx::Result<Vec<ClaimedTask>>,
+}
+
+/// Sends one claim for as many tasks as `permits` hold room for.
+async fn send_claim(
+    shared: Arc<Shared>,
+    skip: Vec<String>,
+    permits: Vec<OwnedSemaphorePermit>,
+) -> Claimed {
+    let asked_at = tokio::time::Instant::now();
+    let result = store::tasks::claim(
+        &shared.db,
+        &shared.worker_id,
+        &shared.kinds,
+        shared.datasets(),
+        &skip,
+        permits.len() as i64,
+        shared.config.lease,
+    )
+    .await;
+    crate::metrics::claim_round_trip(asked_at.elapsed());
+    Claimed {
+        asked_at,
+        skip,
+        permits,
+        result,
     }
 }
 
@@ -946,31 +1150,83 @@ const WAKE_FLOOR: Duration = Duration::from_millis(20);
 /// of 1 does.
 const COALESCE: Duration = Duration::from_millis(1);
 
-/// Adds every free slot to `permits`. While other tasks are running, waits
-/// up to [`COALESCE`] for half the slots to be free, so a busy pool claims
-/// in batches instead of one task per freed slot. An idle pool (every slot
-/// free) claims at once.
+/// Adds free room, up to `most`, to `permits`. While other tasks are
+/// held, waits up to [`COALESCE`] for half of `most` to be free, so a busy
+/// pool claims in batches instead of one task per freed slot. An idle pool
+/// (all room free) claims at once.
 async fn gather_permits(
-    slots: &Arc<Semaphore>,
+    room: &Arc<Semaphore>,
     permits: &mut Vec<OwnedSemaphorePermit>,
-    concurrency: usize,
+    most: usize,
 ) {
-    let target = concurrency.div_ceil(2);
+    let target = most.div_ceil(2);
     let deadline = tokio::time::Instant::now() + COALESCE;
     loop {
-        while let Ok(p) = slots.clone().try_acquire_owned() {
-            permits.push(p);
+        while permits.len() < most {
+            match room.clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
         }
-        if permits.len() >= target || permits.len() >= concurrency {
+        if permits.len() >= target {
             return;
         }
         tokio::select! {
-            permit = slots.clone().acquire_owned() => match permit {
+            permit = room.clone().acquire_owned() => match permit {
                 Ok(p) => permits.push(p),
                 Err(_) => return,
             },
             _ = tokio::time::sleep_until(deadline) => return,
         }
+    }
+}
+
+/// A pool's recent pace: attempts finished per second, over windows of
+/// [`Pace::WINDOW`]. It sizes the local queue: about
+/// [`PoolConfig::PREFETCH_HORIZON`] of work, so a prefetched task waits
+/// for a slot about that long at most, whatever the tasks' length.
+struct Pace {
+    since: std::time::Instant,
+    at: u64,
+    /// Finished per second in the last whole window.
+    rate: f64,
+    last: usize,
+}
+
+impl Pace {
+    const WINDOW: Duration = Duration::from_millis(100);
+
+    fn new() -> Self {
+        Pace {
+            since: std::time::Instant::now(),
+            at: 0,
+            rate: 0.0,
+            last: 0,
+        }
+    }
+
+    /// The last allowance given.
+    fn last(&self) -> usize {
+        self.last
+    }
+
+    /// How many tasks to lease ahead of the free slots now, at most `most`.
+    fn allowance(&mut self, finished: &std::sync::atomic::AtomicU64, most: usize) -> usize {
+        if most == 0 {
+            return 0;
+        }
+        let now = finished.load(std::sync::atomic::Ordering::Relaxed);
+        let elapsed = self.since.elapsed();
+        let done = now.saturating_sub(self.at) as f64;
+        let current = done / elapsed.max(Self::WINDOW).as_secs_f64();
+        if elapsed >= Self::WINDOW {
+            self.rate = done / elapsed.as_secs_f64();
+            self.since = std::time::Instant::now();
+            self.at = now;
+        }
+        let ahead = self.rate.max(current) * PoolConfig::PREFETCH_HORIZON.as_secs_f64();
+        self.last = (ahead.ceil() as usize).min(most);
+        self.last
     }
 }
 
@@ -985,14 +1241,16 @@ fn retry_pause(failures: u32, cap: Duration) -> Duration {
 /// `RUST_LOG=syncq=info,syncq::attempt=debug`).
 pub const ATTEMPT_LOG: &str = "syncq::attempt";
 
-/// Runs one claimed task to an outcome and records it, fenced.
+/// Runs one claimed task in its slot to an outcome and records it,
+/// fenced. Without a slot (the pool stopped while it waited) it hands the
+/// task back, unstarted and uncounted.
 async fn run_task(
     shared: Arc<Shared>,
-    task: ClaimedTask,
-    lease: Lease,
-    permit: OwnedSemaphorePermit,
+    waiting: Waiting,
+    slot: Option<OwnedSemaphorePermit>,
     hard_stop: CancellationToken,
 ) {
+    let Waiting { task, lease, room } = waiting;
     let span = info_span!(
         "task",
         task_id = task.id,
@@ -1002,13 +1260,24 @@ async fn run_task(
         run = task.runs
     );
     async {
+        let key = (task.id, task.runs);
+        // Lost while it waited (the heartbeat could not renew it in an
+        // outage, or this pool claimed it again): never started here.
+        let lost = shared
+            .held()
+            .get(&key)
+            .is_none_or(|held| held.superseded || held.lease.expired());
         crate::metrics::task_started(&task);
         debug!(target: ATTEMPT_LOG, "attempt started");
         let began = std::time::Instant::now();
         let joined = match shared.handlers.get(&task.kind).cloned() {
+            _ if lost => Ok(Err(TaskError::LeaseLost)),
             // Claimed as the pool began to stop (a claim can race the
-            // shutdown): hand it straight back, unstarted and uncounted.
-            _ if shared.shutdown.is_cancelled() => Ok(Err(TaskError::Interrupted)),
+            // shutdown), or still waiting for a slot then: hand it
+            // straight back, unstarted and uncounted.
+            _ if shared.shutdown.is_cancelled() || slot.is_none() => {
+                Ok(Err(TaskError::Interrupted))
+            }
             Some(handler) => {
                 let ctx = TaskContext {
                     db: shared.db.clone(),
@@ -1039,10 +1308,14 @@ async fn run_task(
         let outcome = Outcome::of(joined, shared.shutdown.is_cancelled());
         let kind = outcome.kind();
         crate::metrics::task_finished(&task, kind, began.elapsed());
-        let key = (task.id, task.runs);
         if let Some(held) = shared.held().get_mut(&key) {
             held.finishing = true;
         }
+        // The handler is done: its slot is free for the next task while
+        // the outcome is written (in a batch, for successes). The task
+        // keeps its room, and its row stays `running`, until then.
+        drop(slot);
+        shared.slot_freed.notify_one();
         let recorded = record(&shared, &task, &lease, outcome).await;
         shared.held().finished(key);
         shared
@@ -1055,7 +1328,7 @@ async fn run_task(
             millis = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX),
             "attempt ended"
         );
-        drop(permit);
+        drop(room);
         // A slot of a capped dataset may have freed: let an idle dispatcher look.
         shared.wake.notify_one();
         shared.emit(Event::Finished {

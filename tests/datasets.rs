@@ -270,6 +270,9 @@ async fn starts_rotate_across_datasets(_: PgPoolOptions, opts: PgConnectOptions)
         1,
         PoolConfig {
             concurrency: 1,
+            // One task per claim, so that each turn is one start (with a
+            // local queue a claim takes several, a quantum per dataset).
+            prefetch: 0,
             ..common::fast_config()
         },
     )

@@ -550,6 +550,149 @@ async fn cap_across_processes(opts: PgConnectOptions) {
     assert_eq!(audited.len(), 20, "each task started once: {audited:?}");
 }
 
+/// Limits set on busy datasets hold from the moment they are set. Two
+/// worker processes (16 slots each, prefetch on) drain two unlimited
+/// datasets; once both are busy, an operator caps one at 3 running tasks
+/// and limits the other to 50 starts per second, each in a transaction
+/// that, before committing, lists the tasks started so far. Every start
+/// after that (a task not on the list) respects the new setting: no start
+/// of the capped dataset found 3 or more of its tasks running (its rows'
+/// `started_at`..`finished_at`), no second held more than 50 new starts
+/// of the other — and both limits were reached. A claim that read a
+/// dataset as unlimited before the setting committed would show up here
+/// as a start not on the list, past the cap or the rate.
+#[sqlx::test]
+async fn a_cap_and_a_rate_limit_set_on_busy_datasets_hold_from_that_moment(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    fleet_test(limits_set_on_busy_datasets(opts)).await;
+}
+
+/// Sets `set` on `dataset` in a transaction; returns the tasks of the
+/// dataset started before the setting committed.
+async fn set_limit_listing_starts(db: &PgPool, dataset: &str, set: &'static str) -> Vec<i64> {
+    let mut tx = db.begin().await.unwrap();
+    let changed = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE syncq.datasets SET {set} WHERE dataset_id = $1"
+    )))
+    .bind(dataset)
+    .execute(&mut *tx)
+    .await
+    .unwrap()
+    .rows_affected();
+    assert_eq!(changed, 1, "the busy dataset {dataset} has its row");
+    let started: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM syncq.tasks WHERE dataset_id = $1 AND started_at IS NOT NULL",
+    )
+    .bind(dataset)
+    .fetch_all(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    started
+}
+
+async fn limits_set_on_busy_datasets(opts: PgConnectOptions) {
+    let db = common::observer(&opts, OBSERVER, 6).await;
+    sqlx::query(
+        "INSERT INTO syncq.tasks (dataset_id, kind, payload)
+         SELECT 'to-cap', 'sleep', '{\"ms\": 60}'::jsonb FROM generate_series(1, 200)
+         UNION ALL
+         SELECT 'to-rate', 'sleep', '{\"ms\": 30}' FROM generate_series(1, 300)",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    let args = [
+        "--concurrency",
+        "16",
+        "--poll-interval",
+        "20ms",
+        "--exit-when-idle",
+    ];
+    let mut workers: Vec<WorkerProcess> = (0..2).map(|_| worker(&opts, &args)).collect();
+    // Busy: several of the capped dataset's tasks running at once.
+    common::wait_for("the datasets busy", WAIT, || {
+        let db = db.clone();
+        async move {
+            count_where(
+                &db,
+                "SELECT count(*) FROM syncq.tasks WHERE dataset_id = $1 AND status = 'running'",
+                "to-cap",
+            )
+            .await
+                >= 6
+        }
+    })
+    .await;
+    let before_cap = set_limit_listing_starts(&db, "to-cap", "max_concurrency = 3").await;
+    let before_rate = set_limit_listing_starts(
+        &db,
+        "to-rate",
+        "rate_limit = 50, rate_window = interval '1 second'",
+    )
+    .await;
+    assert!(
+        before_rate.len() < 250,
+        "the rate-limited dataset was nearly drained before its limit: {}",
+        before_rate.len()
+    );
+    wait_all_exit_0(&mut workers).await;
+    assert_eq!(
+        count_where(
+            &db,
+            "SELECT count(*) FROM syncq.tasks WHERE dataset_id LIKE $1 AND status = 'succeeded'",
+            "to-%",
+        )
+        .await,
+        500,
+        "every task succeeded"
+    );
+
+    // The cap: each later start, with the tasks running at that instant
+    // (itself included), by the rows' own clock.
+    let crowded: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT s.id, (SELECT count(*) FROM syncq.tasks r
+                       WHERE r.dataset_id = 'to-cap' AND r.started_at <= s.started_at
+                         AND r.finished_at > s.started_at)
+         FROM syncq.tasks s
+         WHERE s.dataset_id = 'to-cap' AND NOT (s.id = ANY ($1))",
+    )
+    .bind(&before_cap)
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    assert!(
+        crowded.len() >= 100,
+        "only {} starts after the cap",
+        crowded.len()
+    );
+    let over: Vec<&(i64, i64)> = crowded.iter().filter(|(_, n)| *n > 3).collect();
+    assert!(over.is_empty(), "starts past the cap of 3: {over:?}");
+    assert!(
+        crowded.iter().any(|(_, n)| *n == 3),
+        "the cap was never reached after it was set"
+    );
+
+    // The rate: the later starts, in every one-second window.
+    let times: Vec<DateTime<Utc>> = sqlx::query_scalar(
+        "SELECT started_at FROM syncq.tasks
+         WHERE dataset_id = 'to-rate' AND NOT (id = ANY ($1)) ORDER BY started_at",
+    )
+    .bind(&before_rate)
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    assert!(
+        times.len() >= 50,
+        "only {} starts after the rate limit",
+        times.len()
+    );
+    let reached = assert_at_most_per_window(&times, 50, TimeDelta::seconds(1), "to-rate");
+    assert!(reached, "no second held 50 starts after the limit was set");
+}
+
 /// Three worker processes (one slot each) drain a dataset of 3,000 `noop`
 /// tasks; 20 datasets of one task each are then inserted at once. Each of
 /// them starts within one round: between the moment their insert was
@@ -577,7 +720,19 @@ async fn fairness_across_processes(opts: PgConnectOptions) {
     .execute(&db)
     .await
     .unwrap();
-    let args = ["--concurrency", "1", "--poll-interval", "100ms"];
+    // One task per claim (no local queue), so that a turn is one start and
+    // the bound below counts claims. With a local queue a claim takes up
+    // to its room, and the claims in flight at the insert's commit are
+    // that much bigger (the lonely-dataset test in tests/weights.rs runs
+    // with the defaults).
+    let args = [
+        "--concurrency",
+        "1",
+        "--prefetch",
+        "0",
+        "--poll-interval",
+        "100ms",
+    ];
     let _workers: Vec<WorkerProcess> = (0..3).map(|_| worker(&opts, &args)).collect();
     common::wait_for("three processes draining the big dataset", WAIT, || {
         let db = db.clone();

@@ -653,3 +653,88 @@ async fn a_result_the_database_refuses_fails_alone_in_its_batch(
     let error = row.last_error.unwrap_or_default();
     assert!(error.contains("result could not be stored"), "{error}");
 }
+
+/// The local queue (SPEC §4 "nothing is lost", §6 caps count `running`
+/// rows): one slot, 30 `sleep` tasks of 100 ms. The pool leases one task
+/// ahead of its slot once it knows its pace — two `running` rows, one
+/// handler — never more than its room, and in order. At a checkpoint the
+/// task waiting for the slot goes back to `queued` unstarted and uncounted
+/// (its claim moved `runs` on; `attempts` is back where it was), as does
+/// the interrupted one; no task is left `running`.
+#[sqlx::test]
+async fn a_task_leased_ahead_waits_its_turn_and_goes_back_uncounted_at_a_checkpoint(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    common::on_multi_thread(async move {
+        let db = common::connect(&opts).await;
+        sqlx::query(
+            r#"INSERT INTO syncq.tasks (dataset_id, kind, payload)
+               SELECT 'd', 'sleep', '{"ms": 100}' FROM generate_series(1, 30)"#,
+        )
+        .execute(&db)
+        .await
+        .unwrap();
+        let pool = WorkerPool::builder(db.clone())
+            .register_builtins()
+            .config(PoolConfig {
+                concurrency: 1,
+                ..common::fast_config()
+            })
+            .build()
+            .unwrap();
+        let (handle, run) = common::spawn(pool);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let mut ahead_seen = false;
+        while !ahead_seen {
+            let running = common::count(&db, "status = 'running'").await;
+            assert!(
+                running <= 2,
+                "{running} running with one slot and one ahead"
+            );
+            ahead_seen = running == 2;
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the pool never leased a task ahead of its slot"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        handle.checkpoint();
+        run.await.unwrap().unwrap();
+
+        assert_eq!(common::count(&db, "status = 'running'").await, 0);
+        let (done, handed_back, counted_wrongly): (i64, i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE status = 'succeeded'),
+                    count(*) FILTER (WHERE status = 'queued' AND runs >= 1),
+                    count(*) FILTER (WHERE status = 'queued' AND attempts <> 0
+                                        OR status = 'succeeded' AND attempts <> 1)
+             FROM syncq.tasks",
+        )
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        assert!(done >= 1, "nothing ran before the checkpoint");
+        assert!(
+            (1..=2).contains(&handed_back),
+            "{handed_back} tasks went back after being leased"
+        );
+        assert_eq!(
+            counted_wrongly, 0,
+            "an attempt counted for a task never finished"
+        );
+        // Started in claim order: the successes are the lowest ids.
+        let out_of_order: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM syncq.tasks s WHERE s.status = 'succeeded'
+               AND EXISTS (SELECT 1 FROM syncq.tasks q
+                           WHERE q.status = 'queued' AND q.runs = 0 AND q.id < s.id)",
+        )
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        assert_eq!(
+            out_of_order, 0,
+            "a later task ran before an earlier one was claimed"
+        );
+    })
+    .await;
+}

@@ -237,6 +237,11 @@ pub struct WorkerArgs {
     /// rows, so the others keep being served (10ms to 1h).
     #[arg(long, default_value = "60s", value_parser = |s: &str| PoolConfig::SET_ASIDE_RANGE.parse(s))]
     pub set_aside: Duration,
+    /// Tasks leased ahead of free slots, at most (0 to 10000; 0: none). The
+    /// worker takes about 50 ms of its own recent pace, so slow tasks are
+    /// never left waiting here.
+    #[arg(long, default_value_t = PoolConfig::DEFAULT_PREFETCH as u32, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub prefetch: u32,
 }
 
 fn parse_retention(s: &str) -> Result<Cleared<Duration>, String> {
@@ -549,6 +554,7 @@ async fn worker(
         vacuum: !args.no_vacuum,
         metrics_sample_interval: args.metrics_addr.map(|_| Duration::from_secs(5)),
         set_aside: args.set_aside,
+        prefetch: args.prefetch as usize,
         ..PoolConfig::default()
     };
     if let Some(addr) = args.metrics_addr {

@@ -71,7 +71,10 @@ const ROLES: &[&str] = &[
          syncq.mark_idle(text[], timestamptz),
          syncq.refresh_ready(text[]),
          syncq.prune_rate_log(int),
-         syncq.prune_finished(float8, text[], int)
+         syncq.prune_finished(float8, text[], int),
+         syncq.succeed_many(text, bigint[], int[], jsonb[]),
+         syncq.limit_lock_key(),
+         syncq.limit_bucket(text)
          TO syncq_worker",
 ];
 

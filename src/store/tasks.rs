@@ -491,29 +491,11 @@ pub async fn succeed_many(
     let ids: Vec<TaskId> = sorted.iter().map(|d| d.0).collect();
     let runs: Vec<i32> = sorted.iter().map(|d| d.1).collect();
     let results: Vec<Value> = sorted.iter().map(|d| d.2.clone()).collect();
+    // A row locked elsewhere (an operator's cancel in an open transaction)
+    // is waited for at most 100 ms, then left out: the caller tells such
+    // rows from lost ones (still_held) and writes them again.
     sqlx::query_scalar!(
-        r#"
-        WITH held AS (
-            -- SKIP LOCKED: a row someone else has locked (a producer's
-            -- cancel in an open transaction) must not stall the whole
-            -- batch; the caller tells such rows from lost ones
-            -- (still_held) and writes them again. By primary key.
-            SELECT h.id FROM syncq.tasks h
-            WHERE h.id = ANY ($2) AND h.locked_by = $1 AND h.status = 'running'
-            ORDER BY h.id
-            FOR NO KEY UPDATE SKIP LOCKED
-        )
-        -- No join for the planner to get wrong (with stale statistics it
-        -- nested-looped the unnest: 126 ms for 500 rows): rows by primary
-        -- key, each one's runs and result by its position in the arrays.
-        UPDATE syncq.tasks t
-        SET status = 'succeeded', result = ($4::jsonb[])[array_position($2::int8[], t.id)],
-            finished_at = now(), locked_by = NULL, lease_expires_at = NULL
-        WHERE t.id = ANY (ARRAY(SELECT held.id FROM held))
-          AND t.runs = ($3::int4[])[array_position($2::int8[], t.id)]
-          AND t.locked_by = $1 AND t.status = 'running'
-        RETURNING t.id
-        "#,
+        r#"SELECT id AS "id!" FROM syncq.succeed_many($1, $2, $3, $4) AS s(id)"#,
         worker_id,
         &ids,
         &runs,
