@@ -1,5 +1,5 @@
--- syncq schema, version 7: a faster completion and claim, and limits exact
--- from the moment they are set.
+-- syncq schema, version 7: a faster completion and claim, limits exact
+-- from the moment they are set, and worker liveness by heartbeat interval.
 --
 -- * A quantum of 4 tasks per weight per pass (was 1): see the claim.
 -- * The claim and the completion keep their plans for the connection's
@@ -22,6 +22,19 @@
 --   claims that may have read the dataset unlimited, and claims that start
 --   meanwhile leave that bucket's unlimited datasets for their next claim.
 --   Every start committed after the setting counts against it.
+
+-- A worker's heartbeat interval: it is live while its last beat is less
+-- than two intervals (and a second) old (syncq.workers_live), so a killed
+-- worker stops showing as live after ~21 s by default, not 60.
+ALTER TABLE syncq.workers
+    ADD COLUMN heartbeat_every interval NOT NULL DEFAULT interval '10 seconds'
+        CONSTRAINT workers_heartbeat_every_positive CHECK (heartbeat_every > interval '0');
+
+-- The workers whose heartbeat is current, with how stale it is.
+CREATE VIEW syncq.workers_live AS
+SELECT w.*, now() - w.last_heartbeat_at AS heartbeat_age
+FROM syncq.workers w
+WHERE w.last_heartbeat_at > now() - 2 * w.heartbeat_every - interval '1 second';
 
 -- The advisory lock space of limit buckets: (limit_lock_key(), 0..15).
 CREATE FUNCTION syncq.limit_lock_key() RETURNS int

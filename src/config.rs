@@ -35,8 +35,12 @@ pub struct PoolConfig {
     /// The throttle applied when a handler reports `RateLimited` without a
     /// `retry_after`.
     pub default_retry_after: Duration,
-    /// Stop (as after a checkpoint) once no task this pool could run is
-    /// queued or running anywhere: a batch-job mode for scripts and tests.
+    /// Stop (as after a checkpoint) once idle: no task this pool could run
+    /// is running anywhere, and none is queued that becomes claimable
+    /// within [`IDLE_HORIZON`](Self::IDLE_HORIZON) without an operator (a
+    /// retry's backoff, a throttle or a rate budget is waited for; a
+    /// paused dataset, or a task delayed past the horizon, is not). What
+    /// is left is logged once. A batch-job mode for scripts and tests.
     pub exit_when_idle: bool,
     /// Delete finished tasks this long after they finished (in batches, by
     /// every process's maintenance sweep). None keeps them forever.
@@ -144,6 +148,8 @@ impl PoolConfig {
     pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(5);
     /// Default `set_aside`.
     pub const DEFAULT_SET_ASIDE: Duration = Duration::from_secs(60);
+    /// With `exit_when_idle`: work due within this long is waited for.
+    pub const IDLE_HORIZON: Duration = Duration::from_secs(60);
     /// Default `prefetch`.
     pub const DEFAULT_PREFETCH: usize = 500;
     /// How long, at its recent pace, a pool's prefetched tasks may take to

@@ -4,7 +4,9 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use syncq::cli::{Cli, Command, LogFormat};
+use std::io::Write;
+
+use syncq::cli::{Cli, CliError, Command, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -28,12 +30,17 @@ fn main() -> ExitCode {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     match cli.log_format {
+        // log_internal_errors(false): a failed write to a closed stderr is
+        // otherwise reported with eprintln!, which panics, and the panic
+        // hook's own log line then aborts the process mid-shutdown.
         LogFormat::Text => tracing_subscriber::fmt()
+            .log_internal_errors(false)
             .with_writer(std::io::stderr)
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_env_filter(filter)
             .init(),
         LogFormat::Json => tracing_subscriber::fmt()
+            .log_internal_errors(false)
             .json()
             .with_current_span(true)
             .with_span_list(false)
@@ -52,15 +59,19 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("syncq: error: cannot start the async runtime: {e}");
+            let _ = writeln!(
+                std::io::stderr(),
+                "syncq: error: cannot start the async runtime: {e}"
+            );
             return ExitCode::from(1);
         }
     };
     let mut stdout = std::io::stdout();
     match runtime.block_on(syncq::cli::run(cli, &mut stdout)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) | Err(CliError::PipeClosed) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("syncq: error: {e}");
+            // Not eprintln!: it panics when stderr is closed.
+            let _ = writeln!(std::io::stderr(), "syncq: error: {e}");
             ExitCode::from(e.exit_code())
         }
     }

@@ -311,6 +311,9 @@ struct Held {
     /// Its outcome is being written: if the heartbeat no longer finds it
     /// running, that is the write landing, not a lost lease.
     finishing: bool,
+    /// A cancel was heard for it: a task still in the local queue then
+    /// ends cancelled without starting its handler.
+    cancel_heard: bool,
 }
 
 /// The runs this pool holds, with each task's newest run at hand (a claim
@@ -350,6 +353,15 @@ impl HeldRuns {
 
     fn holds(&self, id: TaskId) -> bool {
         self.newest.contains_key(&id)
+    }
+
+    /// A cancel of the task was heard: marks its newest run.
+    fn cancel_heard(&mut self, id: TaskId) {
+        if let Some(runs) = self.newest.get(&id).copied()
+            && let Some(held) = self.runs.get_mut(&(id, runs))
+        {
+            held.cancel_heard = true;
+        }
     }
 }
 
@@ -602,15 +614,29 @@ async fn run_pool(shared: Arc<Shared>, completion_rx: mpsc::Receiver<Completion>
     let concurrency = i32::try_from(shared.config.concurrency).unwrap_or(i32::MAX);
     store::workers::register(
         &shared.db,
-        &shared.worker_id,
-        &host_name(),
-        i32::try_from(std::process::id()).unwrap_or(0),
-        &shared.kinds,
-        shared.datasets(),
-        concurrency,
+        store::workers::Registration {
+            worker_id: &shared.worker_id,
+            host: &host_name(),
+            pid: i32::try_from(std::process::id()).unwrap_or(0),
+            kinds: &shared.kinds,
+            datasets: shared.datasets(),
+            concurrency,
+            heartbeat: shared.config.heartbeat,
+        },
     )
     .await?;
-    info!(kinds = ?shared.kinds, concurrency, "worker pool started");
+    info!(kinds = %shared.kinds.join(","), concurrency, "worker pool started");
+    // A typo in --datasets would otherwise wait in silence.
+    for dataset in shared.datasets().unwrap_or_default() {
+        match store::datasets::known(&shared.db, dataset).await {
+            Ok(true) => {}
+            Ok(false) => warn!(
+                dataset = %dataset,
+                "no task and no settings for this dataset yet: this worker waits for its first task"
+            ),
+            Err(e) => debug!(error = %e, "could not look the dataset up"),
+        }
+    }
 
     let background_stop = CancellationToken::new();
     let mut background = JoinSet::new();
@@ -778,6 +804,7 @@ impl Local<'_> {
                     lease: lease.clone(),
                     superseded: false,
                     finishing: false,
+                    cancel_heard: false,
                 },
             );
             if let Some(runs) = older {
@@ -1052,13 +1079,19 @@ async fn claim_loop(local: &Local<'_>, in_flight: &mut FuturesUnordered<JoinHand
             Err(e) => warn!(error = %e, "asking when work is next ready failed"),
         }
         if shared.config.exit_when_idle && local.is_empty() {
-            match store::tasks::pending_count(&shared.db, &shared.kinds, shared.datasets()).await {
-                Ok(0) => {
-                    info!("no task left to run: stopping (exit_when_idle)");
+            let horizon = PoolConfig::IDLE_HORIZON.as_secs_f64();
+            match store::tasks::leftover(&shared.db, &shared.kinds, shared.datasets(), horizon)
+                .await
+            {
+                Ok(left) if left.running == 0 && left.soon == 0 => {
+                    info!(
+                        waiting = %describe_leftover(&left),
+                        "nothing left to run: stopping (exit_when_idle)"
+                    );
                     return;
                 }
                 Ok(_) => {}
-                Err(e) => warn!(error = %e, "counting pending tasks failed"),
+                Err(e) => warn!(error = %e, "counting the tasks left failed"),
             }
         }
         if woken {
@@ -1114,6 +1147,29 @@ async fn send_claim(
         skip,
         permits,
         result,
+    }
+}
+
+/// What an idle worker leaves behind, in words: "none", or e.g. "3 tasks
+/// in paused datasets ("x"); 1 task due from 2026-…".
+fn describe_leftover(left: &store::tasks::Leftover) -> String {
+    let mut parts = Vec::new();
+    if left.paused > 0 {
+        parts.push(format!(
+            "{} task(s) in paused dataset(s) {:?} (`syncq resume` them)",
+            left.paused, left.paused_datasets
+        ));
+    }
+    if let (n @ 1.., Some(from)) = (left.later, left.later_from) {
+        parts.push(format!(
+            "{n} task(s) delayed or throttled, the first due at {}",
+            from.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        ));
+    }
+    if parts.is_empty() {
+        "none".to_string()
+    } else {
+        parts.join("; ")
     }
 }
 
@@ -1236,9 +1292,11 @@ fn retry_pause(failures: u32, cap: Duration) -> Duration {
     base.min(cap.max(Duration::from_secs(5)))
 }
 
-/// The log target of each attempt's start and end (debug level: one line
-/// per task is too many for a busy queue's default log; enable it with
-/// `RUST_LOG=syncq=info,syncq::attempt=debug`).
+/// The log target of each attempt's start and end, at info (the worker's
+/// default level), inside the `task` span: task_id, dataset, kind,
+/// attempt, run; the end adds the outcome and its duration. A busy queue
+/// that wants fewer lines turns them off alone:
+/// `RUST_LOG=syncq=info,syncq::attempt=warn`.
 pub const ATTEMPT_LOG: &str = "syncq::attempt";
 
 /// Runs one claimed task in its slot to an outcome and records it,
@@ -1263,15 +1321,16 @@ async fn run_task(
         let key = (task.id, task.runs);
         // Lost while it waited (the heartbeat could not renew it in an
         // outage, or this pool claimed it again): never started here.
-        let lost = shared
-            .held()
-            .get(&key)
-            .is_none_or(|held| held.superseded || held.lease.expired());
+        let (lost, cancelled) = shared.held().get(&key).map_or((true, false), |held| {
+            (held.superseded || held.lease.expired(), held.cancel_heard)
+        });
         crate::metrics::task_started(&task);
-        debug!(target: ATTEMPT_LOG, "attempt started");
+        info!(target: ATTEMPT_LOG, "attempt started");
         let began = std::time::Instant::now();
         let joined = match shared.handlers.get(&task.kind).cloned() {
             _ if lost => Ok(Err(TaskError::LeaseLost)),
+            // Cancelled while it waited in the local queue: never started.
+            _ if cancelled => Ok(Err(TaskError::Cancelled)),
             // Claimed as the pool began to stop (a claim can race the
             // shutdown), or still waiting for a slot then: hand it
             // straight back, unstarted and uncounted.
@@ -1321,7 +1380,7 @@ async fn run_task(
         shared
             .finished
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        debug!(
+        info!(
             target: ATTEMPT_LOG,
             outcome = ?kind,
             recorded,
@@ -1671,6 +1730,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
                 Some(cancel) => {
                     held_lease.renewed(sent_at, lease);
                     if *cancel {
+                        shared.held().cancel_heard(*id);
                         let _ = shared.commands.send(Command::Cancel(*id));
                     }
                 }
@@ -1915,6 +1975,7 @@ async fn cancel_check_loop(shared: Arc<Shared>, stop: CancellationToken) {
             match store::tasks::still_held(&shared.db, &shared.worker_id, &ids, &runs).await {
                 Ok(held) => {
                     for task in held.into_iter().filter(|t| t.cancel_requested) {
+                        shared.held().cancel_heard(task.id);
                         let _ = shared.commands.send(Command::Cancel(task.id));
                     }
                 }

@@ -74,7 +74,7 @@ fn a_bad_url_exits_1() {
 }
 
 #[sqlx::test]
-async fn bad_json_exits_1_and_inserts_nothing(_: PgPoolOptions, opts: PgConnectOptions) {
+async fn bad_json_is_a_usage_error_and_inserts_nothing(_: PgPoolOptions, opts: PgConnectOptions) {
     let db = common::connect(&opts).await;
     let out = syncq(
         Some(&common::url(&opts)),
@@ -88,7 +88,9 @@ async fn bad_json_exits_1_and_inserts_nothing(_: PgPoolOptions, opts: PgConnectO
             "{not json",
         ],
     );
-    assert_runtime_error(&out, "--payload is not valid JSON");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--payload"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("not valid JSON"), "{}", stderr(&out));
     assert_eq!(common::count(&db, "true").await, 0);
 }
 
@@ -197,18 +199,12 @@ fn a_heartbeat_not_shorter_than_the_lease_is_a_usage_error_naming_it() {
 
 #[test]
 fn without_database_url_the_default_is_printed() {
-    let out = syncq(
-        None,
-        &[
-            "enqueue",
-            "--dataset",
-            "d",
-            "--kind",
-            "k",
-            "--payload",
-            "{bad",
-        ],
-    );
+    // Whatever `show` then finds there, it first says which URL it used.
+    let out = Command::new(env!("CARGO_BIN_EXE_syncq"))
+        .env_remove("DATABASE_URL")
+        .args(["show", "1"])
+        .output()
+        .expect("run syncq");
     let err = stderr(&out);
     assert!(
         err.contains("DATABASE_URL is not set; using postgres://"),
@@ -409,3 +405,150 @@ async fn bench_measures_in_a_scratch_database_and_drops_it(
 
 /// The bench of 300 tasks takes seconds; this is for a hung one.
 const BENCH_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Runs `syncq` against `url` without blocking the runtime.
+async fn syncq_async(url: &str, args: &[&str]) -> Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_syncq"))
+        .env("DATABASE_URL", url)
+        .args(args)
+        .output()
+        .await
+        .expect("run syncq")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Before `syncq migrate` every command says to run it (exit 1, one
+/// line); `migrate` then says what it applied, and the next one that the
+/// schema is up to date.
+#[sqlx::test(migrations = false)]
+async fn before_migrate_commands_say_to_migrate_and_migrate_says_what_it_applied(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let url = common::url(&opts);
+    for args in [
+        &["status"][..],
+        &["enqueue", "--dataset", "d", "--kind", "noop"],
+        &["tasks"],
+    ] {
+        let out = syncq_async(&url, args).await;
+        assert_runtime_error(&out, "run `syncq migrate` first");
+    }
+    let first = syncq_async(&url, &["migrate"]).await;
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert!(
+        stdout(&first).starts_with("applied migrations 1–"),
+        "{}",
+        stdout(&first)
+    );
+    let again = syncq_async(&url, &["migrate"]).await;
+    assert!(
+        stdout(&again).starts_with("syncq schema is up to date (version "),
+        "{}",
+        stdout(&again)
+    );
+}
+
+/// One rule: what names something the command cannot act on is a usage
+/// error (exit 2), said in one line without a field prefix, and changes
+/// nothing.
+#[sqlx::test]
+async fn naming_what_a_command_cannot_act_on_is_a_usage_error(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let db = common::connect(&opts).await;
+    let url = common::url(&opts);
+    let id = common::insert(&db, "d", "noop", serde_json::json!({})).await;
+    sqlx::query("UPDATE syncq.tasks SET status = 'succeeded', finished_at = now() WHERE id = $1")
+        .bind(id)
+        .execute(&db)
+        .await
+        .unwrap();
+    let usage = |out: &Output, mentions: &str| {
+        let err = stderr(out);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.starts_with("syncq: error: "), "{err}");
+        assert!(!err.contains("ID:") && !err.contains("DATASET:"), "{err}");
+        assert!(
+            err.contains(mentions),
+            "{err:?} should mention {mentions:?}"
+        );
+    };
+    let out = syncq_async(&url, &["retry", &id.to_string()]).await;
+    usage(&out, "only failed or cancelled tasks can be retried");
+    let out = syncq_async(&url, &["tasks", "--dataset", "nosuch"]).await;
+    usage(&out, "no dataset \"nosuch\"");
+    let out = syncq_async(&url, &["cancel", "--dataset", "nosuch"]).await;
+    usage(&out, "no dataset \"nosuch\"");
+    assert!(!stderr(&out).contains("--create"), "{}", stderr(&out));
+    let out = syncq_async(&url, &["show", "999999"]).await;
+    usage(&out, "no task with id 999999");
+    let out = syncq_async(&url, &["pause", "nosuch"]).await;
+    usage(&out, "add --create");
+    assert_eq!(common::status(&db, id).await, "succeeded");
+}
+
+/// A reader that closes the pipe early (`syncq status | head -1`) ends
+/// the command normally: exit 0, nothing on stderr.
+#[sqlx::test]
+async fn a_closed_output_pipe_is_a_normal_end(_: PgPoolOptions, opts: PgConnectOptions) {
+    let db = common::connect(&opts).await;
+    // Enough output to fill the pipe's buffer several times.
+    sqlx::query(
+        "INSERT INTO syncq.tasks (dataset_id, kind)
+         SELECT 'dataset-with-a-long-name-' || i, 'noop' FROM generate_series(1, 3000) i",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    for args in [
+        &["status"][..],
+        &["status", "--json"],
+        &["tasks", "--limit", "3000"],
+    ] {
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_syncq"))
+            .env("DATABASE_URL", common::url(&opts))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = child.stdout.take().unwrap();
+        let mut first = [0u8; 64];
+        let n = out.read(&mut first).await.unwrap();
+        assert!(n > 0);
+        drop(out);
+        let done = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+            .await
+            .expect("syncq exited")
+            .unwrap();
+        assert_eq!(done.status.code(), Some(0), "{args:?}: {}", stderr(&done));
+        assert_eq!(stderr(&done), "", "{args:?}");
+    }
+}
+
+/// Every flag's range is in its help; an out-of-range value's error says
+/// what is allowed; the usage line does not show `--database-url` as
+/// required when DATABASE_URL is set.
+#[test]
+fn ranges_are_in_the_help_and_in_the_errors() {
+    let help = |args: &[&str]| stdout(&syncq(Some(DOWN), args));
+    assert!(help(&["worker", "--help"]).contains("(1 to 10000)"));
+    assert!(help(&["worker", "--help"]).contains("--prefetch"));
+    assert!(help(&["limit", "--help"]).contains("(1 to 100000)"));
+    let out = syncq(Some(DOWN), &["worker", "--retention", "bogus"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("or none"), "{}", stderr(&out));
+    let out = syncq(Some(DOWN), &["tasks", "--limit", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        !stderr(&out).contains("--database-url <DATABASE_URL>"),
+        "{}",
+        stderr(&out)
+    );
+}

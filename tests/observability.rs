@@ -94,7 +94,8 @@ async fn metrics_are_served_and_move_and_logs_are_json(_: PgPoolOptions, opts: P
             "--metrics-addr",
             &metrics_addr,
         ],
-        &[("RUST_LOG", "syncq=debug")],
+        // The worker's default level: each attempt's start and end are info.
+        &[("RUST_LOG", "syncq=info")],
     );
 
     let page = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
@@ -197,15 +198,43 @@ async fn metrics_are_served_and_move_and_logs_are_json(_: PgPoolOptions, opts: P
             assert!(!line["span"][field].is_null(), "{field} missing: {line}");
         }
     }
-    // Among them, each shop task's recorded outcome.
-    let recorded: BTreeSet<i64> = task_lines
+    // Among them, each shop task's start, and its end with the outcome and
+    // how long the attempt took.
+    let started: BTreeSet<i64> = task_lines
         .iter()
-        .filter(|l| l["fields"]["message"] == "attempt recorded")
+        .filter(|l| l["fields"]["message"] == "attempt started")
+        .filter_map(|l| l["span"]["task_id"].as_i64())
+        .collect();
+    let ended: Vec<&&Value> = task_lines
+        .iter()
+        .filter(|l| l["fields"]["message"] == "attempt ended")
+        .collect();
+    for line in &ended {
+        assert_eq!(line["level"], "INFO", "{line}");
+        assert!(line["fields"]["outcome"].is_string(), "{line}");
+        assert!(line["fields"]["millis"].is_u64(), "{line}");
+    }
+    let ended: BTreeSet<i64> = ended
+        .iter()
+        .filter(|l| l["fields"]["recorded"] == true)
         .filter_map(|l| l["span"]["task_id"].as_i64())
         .collect();
     let shop: BTreeSet<i64> = shop.into_iter().collect();
+    assert!(
+        shop.is_subset(&started),
+        "'attempt started' lines: {started:?}\n{log}"
+    );
+    assert!(
+        shop.is_subset(&ended),
+        "'attempt ended' lines: {ended:?}\n{log}"
+    );
+    // List fields read as plain values, not Rust debug strings.
+    let started_line = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "worker pool started")
+        .unwrap_or_else(|| panic!("no start line in:\n{log}"));
     assert_eq!(
-        recorded, shop,
-        "'attempt recorded' lines, by task, in:\n{log}"
+        started_line["fields"]["kinds"], "count,fail,noop,sleep",
+        "{started_line}"
     );
 }

@@ -186,9 +186,10 @@ async fn retry_keeps_attempts_and_errors_and_allows_one_more(
             .await
             .unwrap();
     assert_eq!(errors, 2, "the error history is kept");
-    // Retrying a succeeded task is refused and changes nothing.
+    // Retrying a succeeded task is refused (a usage error: the task is not
+    // one retry applies to) and changes nothing.
     let out = syncq(&opts, &["retry", &failing.to_string()]).await;
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     assert_eq!(common::status(&db, failing).await, "succeeded");
     // Many at once.
     sqlx::query(
@@ -401,14 +402,17 @@ async fn unknown_ids_and_datasets_are_usage_errors_that_change_nothing(
     let db = common::connect(&opts).await;
     common::insert(&db, "known", "noop", json!({})).await;
     for (args, names) in [
-        (&["cancel", "999"][..], "ID"),
-        (&["retry", "999"][..], "ID"),
-        (&["show", "999"][..], "ID"),
-        (&["cancel", "--dataset", "nope"][..], "DATASET"),
-        (&["retry", "--dataset", "nope"][..], "DATASET"),
-        (&["pause", "nope"][..], "DATASET"),
-        (&["resume", "nope"][..], "DATASET"),
-        (&["limit", "nope", "--rate", "1/1s"][..], "DATASET"),
+        (&["cancel", "999"][..], "no task with id 999"),
+        (&["retry", "999"][..], "no task with id 999"),
+        (&["show", "999"][..], "no task with id 999"),
+        (&["cancel", "--dataset", "nope"][..], "no dataset \"nope\""),
+        (&["retry", "--dataset", "nope"][..], "no dataset \"nope\""),
+        (&["pause", "nope"][..], "no dataset \"nope\""),
+        (&["resume", "nope"][..], "no dataset \"nope\""),
+        (
+            &["limit", "nope", "--rate", "1/1s"][..],
+            "no dataset \"nope\"",
+        ),
         (&["limit", "known", "--rate", "5/0s"][..], "--rate"),
         (&["prune", "--older-than", "yesterday"][..], "--older-than"),
         (&["tasks", "--status", "bogus"][..], "--status"),

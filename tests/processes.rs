@@ -219,3 +219,195 @@ async fn a_fatal_error_stops_the_process_with_exit_1(_: PgPoolOptions, opts: PgC
     let row = common::task(&db, id).await;
     assert_eq!((row.status.as_str(), row.attempts), ("queued", 0));
 }
+
+/// `syncq status --json`, parsed.
+async fn status_json(opts: &PgConnectOptions) -> serde_json::Value {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_syncq"))
+        .env("DATABASE_URL", common::url(opts))
+        .args(["status", "--json"])
+        .output()
+        .await
+        .expect("run syncq status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+}
+
+/// A worker killed with -9 cannot remove its row; `syncq status` stops
+/// listing it as live once two heartbeat intervals pass without a beat
+/// (300 ms here: well within 5 s, where it used to take 60 s), lists it
+/// as stale with the age of its last beat, and no longer counts its kinds
+/// as handled.
+#[sqlx::test]
+async fn a_killed_worker_stops_being_live_after_two_heartbeats(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    common::on_multi_thread(async move {
+        let db = common::observer(&opts, OBSERVER, 2).await;
+        let mut w = worker(&opts, &[]);
+        common::wait_for("the worker registered as live", WAIT, || {
+            let opts = opts.clone();
+            async move {
+                status_json(&opts).await["workers"]
+                    .as_array()
+                    .is_some_and(|a| a.len() == 1)
+            }
+        })
+        .await;
+        let live = status_json(&opts).await;
+        assert_eq!(live["workers"][0]["heartbeat_every_secs"], json!(0.3));
+        w.signal("-KILL").await;
+        let _ = w.wait_exit(WAIT).await;
+        let killed_at = tokio::time::Instant::now();
+        TaskQueueManager::new(db.clone())
+            .enqueue(NewTask::new("d", "noop"))
+            .await
+            .unwrap();
+        common::wait_for(
+            "the killed worker no longer live",
+            Duration::from_secs(5),
+            || {
+                let opts = opts.clone();
+                async move {
+                    status_json(&opts).await["workers"]
+                        .as_array()
+                        .is_some_and(|a| a.is_empty())
+                }
+            },
+        )
+        .await;
+        let status = status_json(&opts).await;
+        let stale = status["stale_workers"].as_array().expect("stale_workers");
+        assert_eq!(stale.len(), 1, "{status:#}");
+        assert!(
+            stale[0]["heartbeat_age_secs"].as_f64().unwrap() >= 0.6,
+            "{status:#}"
+        );
+        assert_eq!(status["unhandled_kinds"], json!(["noop"]));
+        assert!(killed_at.elapsed() < Duration::from_secs(5));
+    })
+    .await;
+}
+
+/// `--exit-when-idle` exits 0 once nothing is left that will run without
+/// an operator, and says what is left: tasks in a paused dataset and a
+/// task delayed an hour stay queued; a task due in a second is waited for
+/// and runs.
+#[sqlx::test]
+async fn exit_when_idle_leaves_paused_and_far_delayed_tasks_and_says_so(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    common::on_multi_thread(async move {
+        let db = common::observer(&opts, OBSERVER, 2).await;
+        let manager = TaskQueueManager::new(db.clone());
+        let paused = manager.enqueue(NewTask::new("held", "noop")).await.unwrap();
+        manager.queue("held").pause().await.unwrap();
+        let later = manager
+            .enqueue(NewTask::new("later", "noop").delay(Duration::from_secs(3600)))
+            .await
+            .unwrap();
+        let now = manager.enqueue(NewTask::new("now", "noop")).await.unwrap();
+        let soon = manager
+            .enqueue(NewTask::new("soon", "noop").delay(Duration::from_secs(1)))
+            .await
+            .unwrap();
+        let mut w = worker(&opts, &["--exit-when-idle"]);
+        let status = w.wait_exit(Duration::from_secs(30)).await;
+        assert!(status.success(), "{status:?}\n{}", w.log());
+        assert_eq!(common::status(&db, now).await, "succeeded");
+        assert_eq!(common::status(&db, soon).await, "succeeded", "{}", w.log());
+        assert_eq!(common::status(&db, paused).await, "queued");
+        assert_eq!(common::status(&db, later).await, "queued");
+        let log = w.log();
+        let line = log
+            .lines()
+            .find(|l| l.contains("nothing left to run"))
+            .unwrap_or_else(|| panic!("no idle line in:\n{log}"));
+        assert!(
+            line.contains("paused dataset") && line.contains("held"),
+            "{line}"
+        );
+        assert!(line.contains("delayed or throttled"), "{line}");
+    })
+    .await;
+}
+
+/// A worker whose stderr was closed (its log reader went away) still
+/// stops cleanly on SIGTERM: exit 0, its registry row removed.
+#[sqlx::test]
+async fn a_worker_with_a_closed_stderr_stops_cleanly_on_sigterm(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    common::on_multi_thread(async move {
+        let db = common::observer(&opts, OBSERVER, 2).await;
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_syncq"))
+            .env("DATABASE_URL", common::url(&opts))
+            .env("RUST_LOG", "syncq=debug")
+            .args(["worker", "--poll-interval", "50ms"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start a worker");
+        drop(child.stderr.take());
+        common::wait_for("the worker registered", WAIT, || {
+            let db = db.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>("SELECT count(*) FROM syncq.workers")
+                    .fetch_one(&db)
+                    .await
+                    .unwrap()
+                    == 1
+            }
+        })
+        .await;
+        // Work to log about, to a closed pipe.
+        TaskQueueManager::new(db.clone())
+            .enqueue(NewTask::new("d", "noop"))
+            .await
+            .unwrap();
+        let pid = child.id().expect("pid").to_string();
+        let killed = tokio::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await
+            .unwrap();
+        assert!(killed.success());
+        let status = tokio::time::timeout(WAIT, child.wait())
+            .await
+            .expect("the worker exited")
+            .unwrap();
+        assert!(status.success(), "{status:?}");
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM syncq.workers")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+        assert_eq!(rows, 0, "the worker left its registry row");
+    })
+    .await;
+}
+
+/// A `--datasets` name that matches nothing (a typo, most likely) is
+/// warned about once at start, not waited on in silence.
+#[sqlx::test]
+async fn an_unknown_dataset_in_datasets_is_warned_about(_: PgPoolOptions, opts: PgConnectOptions) {
+    common::on_multi_thread(async move {
+        let mut w = worker(&opts, &["--datasets", "nothing_here", "--exit-when-idle"]);
+        let status = w.wait_exit(WAIT).await;
+        assert!(status.success(), "{status:?}\n{}", w.log());
+        let log = w.log();
+        let warned: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("no task and no settings for this dataset yet"))
+            .collect();
+        assert_eq!(warned.len(), 1, "{log}");
+        assert!(warned[0].contains("nothing_here"), "{log}");
+    })
+    .await;
+}

@@ -24,19 +24,20 @@ pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/syncq
 #[derive(Debug, Parser)]
 #[command(name = "syncq", version, about, propagate_version = true)]
 pub struct Cli {
-    /// PostgreSQL URL (default: DATABASE_URL, else a local default).
-    #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
+    /// PostgreSQL URL [default: the DATABASE_URL environment variable, else
+    /// postgres://postgres@127.0.0.1:5432/syncq].
+    #[arg(long, global = true, help_heading = "Global options")]
     pub database_url: Option<String>,
 
     /// What the connections go through: `none` (PostgreSQL itself, or a
     /// session-mode pooler) or `transaction` (PgBouncer in transaction
     /// mode, RDS Proxy…: no prepared statements or session state kept).
-    #[arg(long, global = true, env = "SYNCQ_POOLER", default_value = "none", value_parser = Pooler::from_str)]
+    #[arg(long, global = true, help_heading = "Global options", env = "SYNCQ_POOLER", default_value = "none", value_parser = Pooler::from_str)]
     pub pooler: Pooler,
 
     /// Log lines on stderr as text or as JSON objects (one per line, with
     /// the task span's fields: task_id, dataset, kind, attempt).
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, global = true, help_heading = "Global options", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
     #[command(subcommand)]
@@ -112,7 +113,8 @@ pub struct LimitArgs {
     /// Starts per window, e.g. 100/1s or 5/500ms; `none` removes the limit.
     #[arg(long, value_parser = parse_rate)]
     pub rate: Option<Cleared<RateLimit>>,
-    /// Running tasks at once across all processes; `none` removes the cap.
+    /// Running tasks at once across all processes (1 to 100000); `none`
+    /// removes the cap.
     #[arg(long, value_parser = parse_concurrency)]
     pub concurrency: Option<Cleared<u32>>,
     /// Its share of starts when datasets compete, fleet-wide (1 to 1000;
@@ -149,6 +151,11 @@ fn parse_rate(s: &str) -> Result<Cleared<RateLimit>, String> {
     s.parse().map(Cleared::Set)
 }
 
+/// A usage error before any connection: the payload is not JSON.
+fn parse_json(s: &str) -> Result<serde_json::Value, String> {
+    serde_json::from_str(s).map_err(|e| format!("not valid JSON: {e}"))
+}
+
 fn parse_concurrency(s: &str) -> Result<Cleared<u32>, String> {
     if s == "none" {
         return Ok(Cleared::None);
@@ -169,8 +176,8 @@ pub struct EnqueueArgs {
     #[arg(long)]
     pub kind: String,
     /// The payload, as JSON.
-    #[arg(long, default_value = "{}")]
-    pub payload: String,
+    #[arg(long, default_value = "{}", value_parser = parse_json)]
+    pub payload: serde_json::Value,
     /// Lower runs first within the dataset.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub priority: i16,
@@ -191,7 +198,7 @@ pub struct EnqueueArgs {
 /// `syncq worker`.
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
-    /// Handlers running at once.
+    /// Handlers running at once (1 to 10000).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub concurrency: u32,
     /// Only these datasets, comma-separated.
@@ -248,7 +255,10 @@ fn parse_retention(s: &str) -> Result<Cleared<Duration>, String> {
     if s == "none" {
         return Ok(Cleared::None);
     }
-    PoolConfig::RETENTION_RANGE.parse(s).map(Cleared::Set)
+    PoolConfig::RETENTION_RANGE
+        .parse(s)
+        .map(Cleared::Set)
+        .map_err(|e| format!("{e}, or none to keep finished tasks"))
 }
 
 fn parse_rfc3339(s: &str) -> Result<DateTime<Utc>, String> {
@@ -266,6 +276,10 @@ pub enum CliError {
     /// Something failed while running.
     #[error("{0}")]
     Runtime(String),
+    /// Standard output was closed by its reader (`syncq status | head`):
+    /// a normal end, exit 0 without a message.
+    #[error("standard output closed")]
+    PipeClosed,
 }
 
 impl CliError {
@@ -274,6 +288,7 @@ impl CliError {
         match self {
             CliError::Usage(_) => 2,
             CliError::Runtime(_) => 1,
+            CliError::PipeClosed => 0,
         }
     }
 }
@@ -284,6 +299,10 @@ impl From<crate::Error> for CliError {
             crate::Error::Config { .. } | crate::Error::InvalidTask(_) => {
                 CliError::Usage(e.to_string())
             }
+            crate::Error::Database(e) if schema_missing(&e) => CliError::Runtime(format!(
+                "syncq's schema is not in this database ({}): run `syncq migrate` first",
+                describe(&e)
+            )),
             crate::Error::Database(e) => {
                 CliError::Runtime(format!("database error: {}", describe(&e)))
             }
@@ -298,10 +317,17 @@ fn one_line(s: &str) -> String {
 
 /// Runs a parsed command, writing its output to `out`.
 pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<(), CliError> {
-    let url = match cli.database_url {
+    // Read here, not by clap: an `env` argument shows in the usage line as
+    // if it were required whenever the variable is set.
+    let url = match cli
+        .database_url
+        .or_else(|| std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()))
+    {
         Some(url) => url,
         None => {
-            eprintln!("syncq: DATABASE_URL is not set; using {DEFAULT_DATABASE_URL}");
+            note(&format!(
+                "DATABASE_URL is not set; using {DEFAULT_DATABASE_URL}"
+            ));
             DEFAULT_DATABASE_URL.to_string()
         }
     };
@@ -337,8 +363,26 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<(), CliError>
     match cli.command {
         Command::Migrate => {
             let db = connect_creating(&options).await?;
+            let before = applied_migrations(&db).await;
             crate::migrate(&db).await?;
-            writeln!(out, "syncq schema is up to date").map_err(io_error)?;
+            let latest = crate::MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+            let new: Vec<i64> = crate::MIGRATOR
+                .iter()
+                .map(|m| m.version)
+                .filter(|v| !before.contains(v))
+                .collect();
+            match (new.first(), new.last()) {
+                (Some(first), Some(last)) if first == last => writeln!(
+                    out,
+                    "applied migration {first}: syncq schema is now at version {latest}"
+                ),
+                (Some(first), Some(last)) => writeln!(
+                    out,
+                    "applied migrations {first}–{last}: syncq schema is now at version {latest}"
+                ),
+                _ => writeln!(out, "syncq schema is up to date (version {latest})"),
+            }
+            .map_err(io_error)?;
             Ok(())
         }
         Command::Enqueue(args) => enqueue(connect(&options, 1).await?, args, out).await,
@@ -357,7 +401,7 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<(), CliError>
         Command::Limit(args) => limit(connect(&options, 1).await?, args, out).await,
         Command::Pause { dataset, create } => {
             let db = connect(&options, 1).await?;
-            ops::require_dataset(&db, &dataset, create).await?;
+            ops::require_dataset(&db, &dataset, ops::Unknown::Create(create)).await?;
             TaskQueueManager::new(db)
                 .queue(dataset.as_str())
                 .pause()
@@ -366,7 +410,7 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<(), CliError>
         }
         Command::Resume { dataset } => {
             let db = connect(&options, 1).await?;
-            ops::require_dataset(&db, &dataset, false).await?;
+            ops::require_dataset(&db, &dataset, ops::Unknown::Refuse).await?;
             TaskQueueManager::new(db)
                 .queue(dataset.as_str())
                 .resume()
@@ -379,9 +423,7 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<(), CliError>
         Command::Roles => {
             crate::store::roles::create(&connect(&options, 1).await?)
                 .await
-                .map_err(|e| {
-                    CliError::Runtime(format!("cannot create the roles: {}", describe(&e)))
-                })?;
+                .map_err(|e| db_failure("cannot create the roles", &e))?;
             writeln!(
                 out,
                 "roles syncq_producer and syncq_worker are ready; grant them to logins"
@@ -419,7 +461,20 @@ fn install_metrics(addr: std::net::SocketAddr) -> Result<(), CliError> {
 }
 
 pub(crate) fn io_error(e: std::io::Error) -> CliError {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        // `syncq status | head -1`: the reader has what it wanted.
+        return CliError::PipeClosed;
+    }
     CliError::Runtime(format!("cannot write output: {e}"))
+}
+
+/// The migrations already applied to this database (none before its first
+/// `syncq migrate`).
+async fn applied_migrations(db: &PgPool) -> Vec<i64> {
+    sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+        .fetch_all(db)
+        .await
+        .unwrap_or_default()
 }
 
 /// A `Db` for the commands that work through a transaction-mode pooler.
@@ -468,6 +523,33 @@ pub(crate) fn connect_error(options: &PgConnectOptions, e: &sqlx::Error) -> CliE
 }
 
 /// A sqlx error on one line; for a server error, just the server's message.
+/// A one-line note on stderr (not `eprintln!`, which panics when stderr
+/// is closed).
+fn note(text: &str) {
+    let _ = writeln!(std::io::stderr(), "syncq: {text}");
+}
+
+/// The database has no (or an older) syncq schema: a relation, schema or
+/// function of syncq's is missing.
+pub(crate) fn schema_missing(e: &sqlx::Error) -> bool {
+    e.as_database_error().is_some_and(|db| {
+        matches!(db.code().as_deref(), Some("42P01" | "3F000" | "42883"))
+            && db.message().contains("syncq")
+    })
+}
+
+/// A database error while doing `what`, one line; with the hint to
+/// migrate when syncq's schema is missing.
+pub(crate) fn db_failure(what: &str, e: &sqlx::Error) -> CliError {
+    if schema_missing(e) {
+        return CliError::Runtime(format!(
+            "{what}: syncq's schema is not in this database ({}): run `syncq migrate` first",
+            describe(e)
+        ));
+    }
+    CliError::Runtime(format!("{what}: {}", describe(e)))
+}
+
 pub(crate) fn describe(e: &sqlx::Error) -> String {
     match e.as_database_error() {
         Some(db) => one_line(db.message()),
@@ -507,17 +589,15 @@ async fn connect_creating(options: &PgConnectOptions) -> Result<PgPool, CliError
                     ))
                 })?;
             let _ = conn.close().await;
-            eprintln!("syncq: created database {quoted}");
+            note(&format!("created database {quoted}"));
             connect_pool(options, 2).await
         }
     }
 }
 
 async fn enqueue(db: Db, args: EnqueueArgs, out: &mut (dyn Write + Send)) -> Result<(), CliError> {
-    let payload: serde_json::Value = serde_json::from_str(&args.payload)
-        .map_err(|e| CliError::Runtime(format!("--payload is not valid JSON: {e}")))?;
     let mut task = NewTask::new(args.dataset, args.kind)
-        .payload(payload)
+        .payload(args.payload)
         .priority(args.priority)
         .max_attempts(args.max_attempts);
     if let Some(delay) = args.delay {
@@ -593,10 +673,10 @@ async fn limit(db: Db, args: LimitArgs, out: &mut (dyn Write + Send)) -> Result<
         }),
         weight: args.weight.map(|w| i32::try_from(w).unwrap_or(1000)),
     };
-    ops::require_dataset(&db, &args.dataset, args.create).await?;
+    ops::require_dataset(&db, &args.dataset, ops::Unknown::Create(args.create)).await?;
     let row = crate::store::datasets::set_limits(&db, &args.dataset, change)
         .await
-        .map_err(|e| CliError::Runtime(format!("cannot change the limits: {}", describe(&e))))?;
+        .map_err(|e| db_failure("cannot change the limits", &e))?;
     writeln!(out, "{}", describe_limits(&row)).map_err(io_error)
 }
 

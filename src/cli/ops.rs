@@ -7,22 +7,32 @@ use crate::db::Db;
 use clap::Args;
 use serde_json::json;
 
-use super::{CliError, describe, io_error};
+use super::{CliError, io_error};
 use crate::maintenance::pruner::FINISHED;
 use crate::store;
 use crate::store::inspect::TaskInfo;
 use crate::task::TaskStatus;
 
-/// A worker whose heartbeat is older than this is not shown as live.
-const LIVE_WITHIN_SECS: f64 = 60.0;
-
 fn db_error(what: &str) -> impl Fn(sqlx::Error) -> CliError + '_ {
-    move |e| CliError::Runtime(format!("{what}: {}", describe(&e)))
+    move |e| super::db_failure(what, &e)
 }
 
-/// Refuses an unknown dataset (exit 2) unless `create`.
-pub(super) async fn require_dataset(db: &Db, dataset: &str, create: bool) -> Result<(), CliError> {
-    if create {
+/// Whether an unknown dataset may be created by the command (`--create`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Unknown {
+    /// The command configures datasets: `--create` makes a new one.
+    Create(bool),
+    /// The command acts on a dataset's tasks: an unknown one has none.
+    Refuse,
+}
+
+/// Refuses an unknown dataset (exit 2) unless the command may create it.
+pub(super) async fn require_dataset(
+    db: &Db,
+    dataset: &str,
+    unknown: Unknown,
+) -> Result<(), CliError> {
+    if unknown == Unknown::Create(true) {
         return Ok(());
     }
     let known = store::datasets::known(db, dataset)
@@ -31,9 +41,12 @@ pub(super) async fn require_dataset(db: &Db, dataset: &str, create: bool) -> Res
     if known {
         return Ok(());
     }
-    Err(CliError::Usage(format!(
-        "DATASET: no dataset {dataset:?} (add --create to configure it before its first task)"
-    )))
+    Err(CliError::Usage(match unknown {
+        Unknown::Create(_) => {
+            format!("no dataset {dataset:?}: add --create to configure it before its first task")
+        }
+        Unknown::Refuse => format!("no dataset {dataset:?}: it has no task and no settings"),
+    }))
 }
 
 /// `syncq cancel`.
@@ -53,7 +66,7 @@ pub(super) async fn cancel(
     out: &mut (dyn Write + Send),
 ) -> Result<(), CliError> {
     if let Some(dataset) = args.dataset {
-        require_dataset(db, &dataset, false).await?;
+        require_dataset(db, &dataset, Unknown::Refuse).await?;
         let n = store::ops::cancel_dataset(db, &dataset)
             .await
             .map_err(db_error("cannot cancel"))?;
@@ -80,7 +93,7 @@ pub(super) async fn cancel(
                 task.status
             )
             .map_err(io_error),
-            None => Err(CliError::Usage(format!("ID: no task with id {id}"))),
+            None => Err(CliError::Usage(format!("no task with id {id}"))),
         },
     }
 }
@@ -108,10 +121,10 @@ pub(super) async fn retry(
         Some(code) if code == "23505" => CliError::Runtime(
             "cannot retry: a queued or running task already holds the same unique_key".into(),
         ),
-        _ => CliError::Runtime(format!("cannot retry: {}", describe(&e))),
+        _ => super::db_failure("cannot retry", &e),
     };
     if let Some(dataset) = args.dataset {
-        require_dataset(db, &dataset, false).await?;
+        require_dataset(db, &dataset, Unknown::Refuse).await?;
         let n = store::ops::retry_dataset(db, &dataset, &args.status)
             .await
             .map_err(unique)?;
@@ -130,11 +143,11 @@ pub(super) async fn retry(
         .await
         .map_err(db_error("cannot read the task"))?
     {
-        Some(task) => Err(CliError::Runtime(format!(
+        Some(task) => Err(CliError::Usage(format!(
             "task {id} is {}: only failed or cancelled tasks can be retried",
             task.status
         ))),
-        None => Err(CliError::Usage(format!("ID: no task with id {id}"))),
+        None => Err(CliError::Usage(format!("no task with id {id}"))),
     }
 }
 
@@ -188,14 +201,20 @@ pub(super) async fn status(
 ) -> Result<(), CliError> {
     let failed = db_error("cannot read the status");
     let datasets = store::inspect::dataset_stats(db).await.map_err(&failed)?;
-    let workers = store::inspect::live_workers(db, LIVE_WITHIN_SECS)
-        .await
-        .map_err(&failed)?;
-    let unhandled = store::inspect::unhandled_kinds(db, LIVE_WITHIN_SECS)
-        .await
-        .map_err(&failed)?;
+    let workers = store::inspect::live_workers(db).await.map_err(&failed)?;
+    let stale = store::inspect::stale_workers(db).await.map_err(&failed)?;
+    let unhandled = store::inspect::unhandled_kinds(db).await.map_err(&failed)?;
     if args.json {
-        let doc = json!({ "datasets": datasets, "workers": workers, "unhandled_kinds": unhandled });
+        let stale: Vec<_> = stale
+            .iter()
+            .map(|(host, pid, age)| json!({ "host": host, "pid": pid, "heartbeat_age_secs": age }))
+            .collect();
+        let doc = json!({
+            "datasets": datasets,
+            "workers": workers,
+            "stale_workers": stale,
+            "unhandled_kinds": unhandled,
+        });
         return writeln!(out, "{doc:#}").map_err(io_error);
     }
     let rows: Vec<Vec<String>> = datasets
@@ -247,7 +266,10 @@ pub(super) async fn status(
                 w.host.clone(),
                 w.pid.to_string(),
                 format!("{}/{}", w.running, w.concurrency),
-                format!("{:.1}s ago", w.heartbeat_age_secs),
+                format!(
+                    "{:.1}s ago (every {}s)",
+                    w.heartbeat_age_secs, w.heartbeat_every_secs
+                ),
                 w.kinds.join(","),
             ]
         })
@@ -257,6 +279,16 @@ pub(super) async fn status(
         text.push_str(&table(
             &["HOST", "PID", "RUNNING", "HEARTBEAT", "KINDS"],
             &rows,
+        ));
+    }
+    if !stale.is_empty() {
+        let list: Vec<String> = stale
+            .iter()
+            .map(|(host, pid, age)| format!("{host}:{pid} (last beat {age:.0}s ago)"))
+            .collect();
+        text.push_str(&format!(
+            "\nstale workers (no heartbeat for two intervals; their tasks come back when their leases expire): {}\n",
+            list.join(", ")
         ));
     }
     if !unhandled.is_empty() {
@@ -291,6 +323,9 @@ pub(super) async fn tasks(
     out: &mut (dyn Write + Send),
 ) -> Result<(), CliError> {
     let status = args.status.map(|s| s.as_str());
+    if let Some(dataset) = &args.dataset {
+        require_dataset(db, dataset, Unknown::Refuse).await?;
+    }
     let tasks = store::inspect::tasks(db, args.dataset.as_deref(), status, args.limit)
         .await
         .map_err(db_error("cannot list tasks"))?;
@@ -307,9 +342,12 @@ pub(super) async fn tasks(
                 t.status.clone(),
                 format!("{}/{}", t.attempts, t.max_attempts),
                 t.run_at.format("%Y-%m-%d %H:%M:%S").to_string(),
-                t.last_error
-                    .as_deref()
-                    .map_or(String::new(), |e| truncate(e, 60)),
+                match (t.last_error.as_deref(), t.status.as_str()) {
+                    (None, _) => String::new(),
+                    // It succeeded after all: the error is an earlier attempt's.
+                    (Some(e), "succeeded") => format!("(earlier attempt) {}", truncate(e, 44)),
+                    (Some(e), _) => truncate(e, 60),
+                },
             ]
         })
         .collect();
@@ -349,7 +387,7 @@ pub(super) async fn show(
 ) -> Result<(), CliError> {
     let failed = db_error("cannot read the task");
     let Some(task) = store::inspect::task(db, args.id).await.map_err(&failed)? else {
-        return Err(CliError::Usage(format!("ID: no task with id {}", args.id)));
+        return Err(CliError::Usage(format!("no task with id {}", args.id)));
     };
     let errors = store::inspect::errors(db, args.id).await.map_err(&failed)?;
     if args.json {
@@ -405,7 +443,11 @@ fn describe_task(t: &TaskInfo) -> String {
         t.payload,
         json_or_dash(&t.checkpoint),
         json_or_dash(&t.result),
-        t.last_error.as_deref().unwrap_or("-"),
+        match (t.last_error.as_deref(), t.status.as_str()) {
+            (None, _) => "-".to_string(),
+            (Some(e), "succeeded") => format!("{e} (an earlier attempt's; the last succeeded)"),
+            (Some(e), _) => e.to_string(),
+        },
     )
 }
 

@@ -73,24 +73,25 @@ pub struct WorkerInfo {
     pub started_at: DateTime<Utc>,
     pub last_heartbeat_at: DateTime<Utc>,
     pub heartbeat_age_secs: f64,
+    /// How often it beats: it is live while its last beat is younger than
+    /// two of these (and a second).
+    pub heartbeat_every_secs: f64,
 }
 
-/// Workers whose heartbeat is younger than `live_within_secs`.
-pub async fn live_workers(
-    db: impl PgExecutor<'_>,
-    live_within_secs: f64,
-) -> sqlx::Result<Vec<WorkerInfo>> {
+/// Workers whose heartbeat is current (`syncq.workers_live`).
+pub async fn live_workers(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<WorkerInfo>> {
     let rows = sqlx::query!(
         r#"
-        SELECT w.worker_id, w.host, w.pid, w.kinds, w.concurrency, w.started_at, w.last_heartbeat_at,
-               extract(epoch FROM now() - w.last_heartbeat_at)::float8 AS "age!",
+        SELECT w.worker_id AS "worker_id!", w.host AS "host!", w.pid AS "pid!",
+               w.kinds AS "kinds!", w.concurrency AS "concurrency!",
+               w.started_at AS "started_at!", w.last_heartbeat_at AS "last_heartbeat_at!",
+               extract(epoch FROM w.heartbeat_age)::float8 AS "age!",
+               extract(epoch FROM w.heartbeat_every)::float8 AS "every!",
                (SELECT count(*) FROM syncq.tasks t
                  WHERE t.locked_by = w.worker_id AND t.status = 'running') AS "running!"
-        FROM syncq.workers w
-        WHERE w.last_heartbeat_at > now() - make_interval(secs => $1)
+        FROM syncq.workers_live w
         ORDER BY w.host, w.pid
-        "#,
-        live_within_secs
+        "#
     )
     .fetch_all(db)
     .await?;
@@ -106,25 +107,20 @@ pub async fn live_workers(
             started_at: r.started_at,
             last_heartbeat_at: r.last_heartbeat_at,
             heartbeat_age_secs: r.age,
+            heartbeat_every_secs: r.every,
         })
         .collect())
 }
 
 /// Kinds with queued tasks that no live worker handles.
-pub async fn unhandled_kinds(
-    db: impl PgExecutor<'_>,
-    live_within_secs: f64,
-) -> sqlx::Result<Vec<String>> {
+pub async fn unhandled_kinds(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<String>> {
     sqlx::query_scalar!(
         r#"
         SELECT DISTINCT t.kind AS "kind!" FROM syncq.tasks t
         WHERE t.status = 'queued'
-          AND NOT EXISTS (SELECT 1 FROM syncq.workers w
-                          WHERE t.kind = ANY (w.kinds)
-                            AND w.last_heartbeat_at > now() - make_interval(secs => $1))
+          AND NOT EXISTS (SELECT 1 FROM syncq.workers_live w WHERE t.kind = ANY (w.kinds))
         ORDER BY 1
-        "#,
-        live_within_secs
+        "#
     )
     .fetch_all(db)
     .await
@@ -261,4 +257,21 @@ pub async fn queue_depths(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<(String, 
         .into_iter()
         .map(|r| (r.dataset_id, r.queued, r.running, r.oldest_ready_age))
         .collect())
+}
+
+/// Registered workers whose heartbeat stopped (killed, or cut off from the
+/// database): `(host, pid, seconds since their last beat)`. Their rows go
+/// when they exit cleanly; their tasks come back when their leases expire.
+pub async fn stale_workers(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<(String, i32, f64)>> {
+    let rows = sqlx::query!(
+        r#"
+        SELECT w.host, w.pid, extract(epoch FROM now() - w.last_heartbeat_at)::float8 AS "age!"
+        FROM syncq.workers w
+        WHERE NOT EXISTS (SELECT 1 FROM syncq.workers_live l WHERE l.worker_id = w.worker_id)
+        ORDER BY 3
+        "#
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.host, r.pid, r.age)).collect())
 }

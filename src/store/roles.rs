@@ -51,7 +51,7 @@ const ROLES: &[&str] = &[
          TO syncq_producer",
     // Workers.
     "GRANT SELECT ON syncq.tasks, syncq.datasets, syncq.task_errors, syncq.rate_log,
-                     syncq.workers, syncq.dataset_stats, syncq.running_tasks,
+                     syncq.workers, syncq.workers_live, syncq.dataset_stats, syncq.running_tasks,
                      syncq.recent_failures
          TO syncq_worker",
     "GRANT INSERT (dataset_id, kind, payload, priority, run_at, max_attempts, unique_key)

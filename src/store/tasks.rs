@@ -416,24 +416,64 @@ pub async fn prune_rate_log(db: impl PgExecutor<'_>, batch: i32) -> sqlx::Result
     Ok(n)
 }
 
-/// How many tasks of these kinds are queued or running: zero means a
-/// draining worker may exit.
-pub async fn pending_count(
+/// What is left for a draining worker (`exit_when_idle`): tasks of these
+/// kinds and datasets running anywhere, queued and claimable within
+/// `horizon_secs` (ready, or delayed or throttled until no later than
+/// that; rate budgets free within their window, so their tasks count),
+/// and the ones that will not be: in paused datasets, or due later.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Leftover {
+    pub running: i64,
+    pub soon: i64,
+    pub paused: i64,
+    pub paused_datasets: Vec<String>,
+    pub later: i64,
+    pub later_from: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// See [`Leftover`].
+pub async fn leftover(
     db: impl PgExecutor<'_>,
     kinds: &[String],
     datasets: Option<&[String]>,
-) -> sqlx::Result<i64> {
-    sqlx::query_scalar!(
+    horizon_secs: f64,
+) -> sqlx::Result<Leftover> {
+    let r = sqlx::query!(
         r#"
-        SELECT count(*) AS "count!" FROM syncq.tasks t
-        WHERE t.status IN ('queued', 'running') AND t.kind = ANY($1)
-          AND ($2::text[] IS NULL OR t.dataset_id = ANY($2))
+        WITH left_ AS (
+            SELECT t.status, t.dataset_id, coalesce(d.paused, false) AS paused,
+                   greatest(t.run_at, coalesce(d.throttled_until, t.run_at)) AS due
+            FROM syncq.tasks t LEFT JOIN syncq.datasets d ON d.dataset_id = t.dataset_id
+            WHERE t.status IN ('queued', 'running') AND t.kind = ANY ($1)
+              AND ($2::text[] IS NULL OR t.dataset_id = ANY ($2))
+              AND NOT (t.status = 'queued' AND t.cancel_requested)
+        )
+        SELECT count(*) FILTER (WHERE status = 'running') AS "running!",
+               count(*) FILTER (WHERE status = 'queued' AND NOT paused
+                                  AND due <= now() + make_interval(secs => $3)) AS "soon!",
+               count(*) FILTER (WHERE status = 'queued' AND paused) AS "paused!",
+               coalesce(array_agg(DISTINCT dataset_id) FILTER (WHERE status = 'queued' AND paused),
+                        '{}') AS "paused_datasets!",
+               count(*) FILTER (WHERE status = 'queued' AND NOT paused
+                                  AND due > now() + make_interval(secs => $3)) AS "later!",
+               min(due) FILTER (WHERE status = 'queued' AND NOT paused
+                                  AND due > now() + make_interval(secs => $3)) AS later_from
+        FROM left_
         "#,
         kinds,
         datasets,
+        horizon_secs,
     )
     .fetch_one(db)
-    .await
+    .await?;
+    Ok(Leftover {
+        running: r.running,
+        soon: r.soon,
+        paused: r.paused,
+        paused_datasets: r.paused_datasets,
+        later: r.later,
+        later_from: r.later_from,
+    })
 }
 
 /// Stores a checkpoint for a task this worker holds. False: fenced out.

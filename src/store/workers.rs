@@ -2,31 +2,37 @@
 
 use sqlx::PgExecutor;
 
+/// What a worker process registers.
+#[derive(Debug, Clone, Copy)]
+pub struct Registration<'a> {
+    pub worker_id: &'a str,
+    pub host: &'a str,
+    pub pid: i32,
+    pub kinds: &'a [String],
+    pub datasets: Option<&'a [String]>,
+    pub concurrency: i32,
+    /// How often it beats: `syncq status` counts it live for two beats.
+    pub heartbeat: std::time::Duration,
+}
+
 /// Registers (or re-registers) a worker process.
-pub async fn register(
-    db: impl PgExecutor<'_>,
-    worker_id: &str,
-    host: &str,
-    pid: i32,
-    kinds: &[String],
-    datasets: Option<&[String]>,
-    concurrency: i32,
-) -> sqlx::Result<()> {
+pub async fn register(db: impl PgExecutor<'_>, r: Registration<'_>) -> sqlx::Result<()> {
     sqlx::query!(
         r#"
-        INSERT INTO syncq.workers (worker_id, host, pid, kinds, datasets, concurrency)
-        VALUES ($1, $2, $3, $4, $5, $6)
+        INSERT INTO syncq.workers (worker_id, host, pid, kinds, datasets, concurrency, heartbeat_every)
+        VALUES ($1, $2, $3, $4, $5, $6, make_interval(secs => $7))
         ON CONFLICT (worker_id) DO UPDATE
         SET host = EXCLUDED.host, pid = EXCLUDED.pid, kinds = EXCLUDED.kinds,
             datasets = EXCLUDED.datasets, concurrency = EXCLUDED.concurrency,
-            last_heartbeat_at = now()
+            heartbeat_every = EXCLUDED.heartbeat_every, last_heartbeat_at = now()
         "#,
-        worker_id,
-        host,
-        pid,
-        kinds,
-        datasets,
-        concurrency,
+        r.worker_id,
+        r.host,
+        r.pid,
+        r.kinds,
+        r.datasets,
+        r.concurrency,
+        r.heartbeat.as_secs_f64(),
     )
     .execute(db)
     .await?;
