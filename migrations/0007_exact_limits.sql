@@ -138,7 +138,6 @@ DECLARE
     v_free text[];
     v_busy int[];
     v_row record;
-    v_now timestamptz;
     -- The round's start: the earliest place among the turn's datasets.
     v_base timestamptz;
 BEGIN
@@ -216,9 +215,12 @@ BEGIN
         RETURN;
     END IF;
 
-    v_now := clock_timestamp();
     RETURN QUERY
-    WITH turns AS (
+    -- The claim's time, read after this statement's snapshot: a task that
+    -- finished before the snapshot (not counted as running) has its
+    -- finished_at before every start this claim writes.
+    WITH clock AS MATERIALIZED (SELECT clock_timestamp() AS now),
+    turns AS (
         SELECT d.dataset_id, u.turn, d.rate_limit, d.weight, d.last_claimed_at,
                -- CASE, not coalesce: no counting for a dataset without
                -- that setting.
@@ -238,7 +240,7 @@ BEGIN
                         ELSE d.rate_limit - (
                             SELECT count(*) FROM syncq.rate_log l
                             WHERE l.dataset_id = d.dataset_id
-                              AND l.started_at > v_now - d.rate_window)::int
+                              AND l.started_at > (SELECT clk.now FROM clock clk) - d.rate_window)::int
                    END
                )) AS share
         FROM unnest(v_turns) WITH ORDINALITY AS u(dataset_id, turn)
@@ -247,7 +249,7 @@ BEGIN
                             WHERE d1.dataset_id = u.dataset_id) d
         -- Re-read here: an unlocked dataset may have been paused or
         -- throttled since step 1.
-        WHERE NOT d.paused AND (d.throttled_until IS NULL OR d.throttled_until <= v_now)
+        WHERE NOT d.paused AND (d.throttled_until IS NULL OR d.throttled_until <= (SELECT clk.now FROM clock clk))
     ),
     candidates AS (
         SELECT c.id, turns.dataset_id, turns.turn, turns.weight,
@@ -258,7 +260,7 @@ BEGIN
             SELECT t.id, t.priority, t.run_at
             FROM syncq.tasks t
             WHERE t.dataset_id = turns.dataset_id AND t.status = 'queued'
-              AND t.run_at <= v_now AND t.kind = ANY (p_kinds) AND NOT t.cancel_requested
+              AND t.run_at <= (SELECT clk.now FROM clock clk) AND t.kind = ANY (p_kinds) AND NOT t.cancel_requested
             ORDER BY t.priority, t.run_at, t.id
             LIMIT turns.share
             FOR UPDATE SKIP LOCKED
@@ -277,8 +279,8 @@ BEGIN
             -- Wraps rather than overflows: a token only has to change.
             runs = t.runs % 2147483647 + 1,
             locked_by = p_worker,
-            lease_expires_at = v_now + make_interval(secs => p_lease_secs),
-            started_at = v_now,
+            lease_expires_at = (SELECT clk.now FROM clock clk) + make_interval(secs => p_lease_secs),
+            started_at = (SELECT clk.now FROM clock clk),
             finished_at = NULL
         -- By primary key: a join here was planned as a hash of the table.
         WHERE t.id = ANY (ARRAY(SELECT p.id FROM picked p))
@@ -287,7 +289,7 @@ BEGIN
     ),
     logged AS (
         INSERT INTO syncq.rate_log (dataset_id, started_at)
-        SELECT p.dataset_id, v_now
+        SELECT p.dataset_id, (SELECT clk.now FROM clock clk)
         FROM picked p JOIN turns ON turns.dataset_id = p.dataset_id
         WHERE turns.rate_limit IS NOT NULL
     ),
@@ -297,7 +299,7 @@ BEGIN
         UPDATE syncq.datasets d
         SET last_claimed_at = greatest(coalesce(d.last_claimed_at, b.base), b.base)
                               + make_interval(secs => n.picked * 0.001 / d.weight),
-            served_at = v_now
+            served_at = (SELECT clk.now FROM clock clk)
         -- The round's start: the earliest place in this turn; if the turn
         -- holds only new datasets, the earliest place of a ready dataset
         -- (one index probe); the epoch on a database that never served any.
@@ -323,7 +325,7 @@ BEGIN
     -- datasets in turn.
     ORDER BY p.pass, p.turn, p.rank;
 
-    PERFORM syncq.mark_idle(v_turns, v_now);
+    PERFORM syncq.mark_idle(v_turns, clock_timestamp());
 END;
 $$;
 

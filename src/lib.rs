@@ -52,6 +52,7 @@ pub mod metrics;
 pub mod pool;
 pub mod queue;
 pub mod rate_limit;
+pub mod schedule;
 mod set_aside;
 pub mod store;
 pub mod task;
@@ -68,6 +69,7 @@ pub use manager::TaskQueueManager;
 pub use pool::{Event, OutcomeKind, PoolHandle, WorkerPool, WorkerPoolBuilder};
 pub use queue::{QueueCounts, QueueSettings, TaskQueue};
 pub use rate_limit::{RateLimit, RateLimiter};
+pub use schedule::{Schedule, Timing};
 pub use task::{NewTask, RunAt, SyncTask, TaskId, TaskStatus};
 pub use worker::{SyncWorker, TaskError, TaskResult};
 

@@ -41,6 +41,44 @@ pub struct TaskQueueManager {
 }
 
 impl TaskQueueManager {
+    /// Creates or replaces a periodic schedule (SPEC §2 `syncq.schedules`):
+    /// every worker process's scheduler enqueues one task per tick.
+    ///
+    /// ```no_run
+    /// # async fn example(db: sqlx::PgPool) -> syncq::Result<()> {
+    /// use syncq::{Schedule, TaskQueueManager, Timing};
+    /// let manager = TaskQueueManager::new(db);
+    /// manager
+    ///     .schedule(Schedule::new("github-hourly", "github", "sync", Timing::Cron("0 * * * *".into())))
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn schedule(&self, schedule: crate::schedule::Schedule) -> Result<()> {
+        schedule.validate()?;
+        crate::store::schedules::upsert(&self.db, &schedule).await?;
+        Ok(())
+    }
+
+    /// Declares the whole set of schedules, as River's and Oban's periodic
+    /// jobs are declared at start-up: those given are created or changed,
+    /// every other schedule is removed (their tasks stay). One
+    /// transaction. Returns (saved, removed).
+    pub async fn reconcile_schedules(
+        &self,
+        schedules: &[crate::schedule::Schedule],
+    ) -> Result<(usize, usize)> {
+        for s in schedules {
+            s.validate()?;
+        }
+        Ok(crate::store::schedules::reconcile(&self.db, schedules).await?)
+    }
+
+    /// Removes a schedule (its tasks stay); false if there was none.
+    pub async fn remove_schedule(&self, schedule_id: &str) -> Result<bool> {
+        Ok(crate::store::schedules::remove(&self.db, schedule_id).await?)
+    }
+
     /// A manager on a connection pool: a `PgPool`, or a [`Db`] that says
     /// it goes through a transaction-mode pooler.
     pub fn new(db: impl Into<Db>) -> Self {

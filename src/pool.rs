@@ -44,6 +44,8 @@ use crate::worker::{SyncWorker, TaskError, TaskResult};
 pub(crate) const CHANNEL_INSERTED: &str = "syncq_task_inserted";
 /// The channel the cancel trigger notifies (payload: the task id).
 pub(crate) const CHANNEL_CANCEL: &str = "syncq_cancel";
+/// Schedules added or changed (migration 0008).
+pub(crate) const CHANNEL_SCHEDULES: &str = "syncq_schedules";
 
 /// What a pool reports to whoever listens (tests, the demo, the bench).
 #[derive(Debug, Clone, PartialEq)]
@@ -432,6 +434,8 @@ struct Shared {
     /// A cancel notification arrived for a task this pool holds: look at
     /// the rows (the notification itself proves nothing).
     cancel_check: Notify,
+    /// A schedule was added or changed (NOTIFY): the scheduler looks again.
+    schedules_changed: Arc<Notify>,
     fatal: Mutex<Option<(TaskId, String)>>,
     /// Successes go to the completer, which writes them in batches.
     completions: mpsc::Sender<Completion>,
@@ -602,6 +606,7 @@ impl WorkerPool {
             wake: Notify::new(),
             slot_freed: Notify::new(),
             cancel_check: Notify::new(),
+            schedules_changed: Arc::new(Notify::new()),
             fatal: Mutex::new(None),
             completions,
         });
@@ -645,6 +650,11 @@ async fn run_pool(shared: Arc<Shared>, completion_rx: mpsc::Receiver<Completion>
         background.spawn(sample_loop(shared.clone(), every, background_stop.clone()));
     }
     background.spawn(rescue_loop(shared.clone(), background_stop.clone()));
+    background.spawn(crate::schedule::schedule_loop(
+        shared.db.clone(),
+        shared.schedules_changed.clone(),
+        background_stop.clone(),
+    ));
     background.spawn(complete_loop(
         shared.clone(),
         completion_rx,
@@ -1932,6 +1942,9 @@ async fn listen_loop(shared: Arc<Shared>, options: PgConnectOptions, stop: Cance
             match notification {
                 // Anyone who can connect can NOTIFY: a hint to read the
                 // rows, never a command (SPEC §2 Privileges).
+                Ok(Some(n)) if n.channel() == CHANNEL_SCHEDULES => {
+                    shared.schedules_changed.notify_one();
+                }
                 Ok(Some(n)) if n.channel() == CHANNEL_CANCEL => {
                     if let Ok(id) = n.payload().parse::<TaskId>()
                         && shared.holds(id)
@@ -2006,7 +2019,7 @@ async fn connect_listener(options: &PgConnectOptions) -> sqlx::Result<PgListener
     let mut listener = PgListener::connect_with(&session).await?;
     listener.ignore_pool_close_event(true);
     listener
-        .listen_all([CHANNEL_INSERTED, CHANNEL_CANCEL])
+        .listen_all([CHANNEL_INSERTED, CHANNEL_CANCEL, CHANNEL_SCHEDULES])
         .await?;
     Ok(listener)
 }

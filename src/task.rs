@@ -380,6 +380,25 @@ impl SyncTask {
         }
     }
 
+    /// The tick this task was enqueued for, if a schedule enqueued it
+    /// (`scheduled_for`; the schedule is [`Self::schedule_id`]'s). Read
+    /// from its row, so it costs a query; a database error is retryable.
+    pub async fn scheduled_for(&self) -> Result<Option<chrono::DateTime<chrono::Utc>>, TaskError> {
+        store::schedules::tick_of(&self.ctx.db, self.task.id)
+            .await
+            .map(|tick| tick.map(|(_, at)| at))
+            .map_err(|e| TaskError::Retryable(format!("reading the task's tick failed: {e}")))
+    }
+
+    /// The schedule that enqueued this task, if one did (a query, as
+    /// [`Self::scheduled_for`]).
+    pub async fn schedule_id(&self) -> Result<Option<String>, TaskError> {
+        store::schedules::tick_of(&self.ctx.db, self.task.id)
+            .await
+            .map(|tick| tick.map(|(id, _)| id))
+            .map_err(|e| TaskError::Retryable(format!("reading the task's schedule failed: {e}")))
+    }
+
     /// Saves progress durably, at once. The next attempt receives it.
     ///
     /// Fenced: if this worker no longer holds the task it returns

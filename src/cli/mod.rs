@@ -13,6 +13,7 @@ use sqlx::{ConnectOptions, Connection, PgPool};
 mod bench;
 mod demo;
 mod ops;
+mod schedule;
 
 use crate::store::datasets::{DatasetRow, LimitsChange};
 use crate::{Db, NewTask, PoolConfig, Pooler, RateLimit, TaskQueueManager, WorkerPool};
@@ -86,6 +87,9 @@ pub enum Command {
     Prune(ops::PruneArgs),
     /// Create the NOLOGIN roles syncq_producer and syncq_worker and grant them.
     Roles,
+    /// Periodic tasks: add, list, remove, pause, resume.
+    #[command(subcommand)]
+    Schedule(schedule::ScheduleCommand),
     /// Datasets with their counts and limits, live workers, unhandled kinds.
     Status(ops::StatusArgs),
     /// List tasks, newest first.
@@ -152,7 +156,7 @@ fn parse_rate(s: &str) -> Result<Cleared<RateLimit>, String> {
 }
 
 /// A usage error before any connection: the payload is not JSON.
-fn parse_json(s: &str) -> Result<serde_json::Value, String> {
+pub(super) fn parse_json(s: &str) -> Result<serde_json::Value, String> {
     serde_json::from_str(s).map_err(|e| format!("not valid JSON: {e}"))
 }
 
@@ -429,6 +433,9 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<(), CliError>
                 "roles syncq_producer and syncq_worker are ready; grant them to logins"
             )
             .map_err(io_error)
+        }
+        Command::Schedule(command) => {
+            schedule::run(&connect(&options, 1).await?, command, out).await
         }
         Command::Status(args) => ops::status(&connect(&options, 1).await?, args, out).await,
         Command::Tasks(args) => ops::tasks(&connect(&options, 1).await?, args, out).await,

@@ -204,6 +204,7 @@ pub(super) async fn status(
     let workers = store::inspect::live_workers(db).await.map_err(&failed)?;
     let stale = store::inspect::stale_workers(db).await.map_err(&failed)?;
     let unhandled = store::inspect::unhandled_kinds(db).await.map_err(&failed)?;
+    let schedules = store::schedules::list(db).await.map_err(&failed)?;
     if args.json {
         let stale: Vec<_> = stale
             .iter()
@@ -214,6 +215,7 @@ pub(super) async fn status(
             "workers": workers,
             "stale_workers": stale,
             "unhandled_kinds": unhandled,
+            "schedules": schedules,
         });
         return writeln!(out, "{doc:#}").map_err(io_error);
     }
@@ -295,6 +297,32 @@ pub(super) async fn status(
         text.push_str(&format!(
             "\nqueued kinds no live worker handles: {}\n",
             unhandled.join(", ")
+        ));
+    }
+    if !schedules.is_empty() {
+        let paused = schedules.iter().filter(|s| s.paused).count();
+        let failing: Vec<&str> = schedules
+            .iter()
+            .filter(|s| s.error.is_some())
+            .map(|s| s.schedule_id.as_str())
+            .collect();
+        let next = schedules
+            .iter()
+            .filter(|s| !s.paused && s.error.is_none())
+            .filter_map(|s| s.next_run_at.map(|t| (t, s.schedule_id.as_str())))
+            .min();
+        text.push_str(&format!(
+            "\nschedules: {} ({paused} paused){}{} — `syncq schedule list` for each\n",
+            schedules.len(),
+            next.map_or(String::new(), |(t, id)| format!(
+                ", next tick {} ({id})",
+                t.format("%Y-%m-%d %H:%M:%S")
+            )),
+            if failing.is_empty() {
+                String::new()
+            } else {
+                format!(", cannot tick: {}", failing.join(", "))
+            },
         ));
     }
     write!(out, "{text}").map_err(io_error)
@@ -461,7 +489,7 @@ fn truncate(s: &str, max: usize) -> String {
 }
 
 /// A plain aligned table.
-fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+pub(super) fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {

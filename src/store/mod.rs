@@ -11,6 +11,7 @@ pub mod demo;
 pub mod inspect;
 pub mod ops;
 pub mod roles;
+pub mod schedules;
 pub mod tasks;
 pub mod workers;
 

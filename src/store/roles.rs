@@ -59,6 +59,10 @@ const ROLES: &[&str] = &[
     "GRANT UPDATE (status, attempts, runs, locked_by, lease_expires_at, started_at,
                    finished_at, run_at, result, checkpoint, last_error)
          ON syncq.tasks TO syncq_worker",
+    "GRANT INSERT (schedule_id, scheduled_for) ON syncq.tasks TO syncq_worker",
+    "GRANT SELECT ON syncq.schedules TO syncq_worker",
+    "GRANT UPDATE (next_run_at, last_run_at, last_task_id, skipped_ticks, error)
+         ON syncq.schedules TO syncq_worker",
     "GRANT INSERT ON syncq.task_errors TO syncq_worker",
     "GRANT INSERT, DELETE ON syncq.rate_log TO syncq_worker",
     "GRANT SELECT ON syncq.ready_signals TO syncq_worker",
