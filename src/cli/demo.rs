@@ -30,7 +30,8 @@ use super::{CliError, DEFAULT_DATABASE_URL, io_error};
 use crate::local_postgres::LocalPostgres;
 use crate::store::demo::{Progress, Summary};
 use crate::{
-    Backoff, NewTask, PoolConfig, PoolHandle, RateLimit, TaskQueueManager, WorkerPool, store,
+    Backoff, NewTask, PoolConfig, PoolHandle, RateLimit, Schedule, TaskQueueManager, Timing,
+    WorkerPool, store,
 };
 
 /// Every dataset of the demo starts with this.
@@ -116,7 +117,7 @@ pub(super) async fn run(
     let total = setup(&db, args.scale).await?;
     writeln!(
         out,
-        "{total} tasks over 5 datasets; two worker pools (two hosts) share the limits through the database\n"
+        "{total} tasks over 5 datasets, and a schedule enqueueing one every 2 s; two worker pools (two hosts) share the limits through the database\n"
     )
     .map_err(io_error)?;
 
@@ -150,14 +151,30 @@ pub(super) async fn run(
     let deadline = started + Duration::from_secs(120);
     let mut restarted = false;
     let mut interrupted = false;
+    let mut unscheduled = false;
     loop {
         let rows = store::demo::progress(&db, PREFIX).await.map_err(sql)?;
         display.update(&rows, out)?;
-        if rows.iter().all(|r| r.done == r.total) {
+        if !unscheduled
+            && rows
+                .iter()
+                .filter(|r| r.dataset_id != "demo-cron")
+                .all(|r| r.done == r.total)
+        {
+            // The seeded work is done: no more ticks; the last one's task
+            // (if any) still runs before the demo ends.
+            unscheduled = true;
+            crate::store::schedules::remove(&db, SCHEDULE)
+                .await
+                .map_err(sql)?;
+            continue;
+        }
+        if unscheduled && rows.iter().all(|r| r.done == r.total) {
             break;
         }
         if tokio::time::Instant::now() > deadline {
             display.finish();
+            let _ = crate::store::schedules::remove(&db, SCHEDULE).await;
             for (_, host) in hosts {
                 stop_pool(host).await;
             }
@@ -196,6 +213,10 @@ pub(super) async fn run(
         }
     }
     display.finish();
+    // Interrupted or not, the demo leaves no schedule ticking behind it.
+    if let Err(e) = crate::store::schedules::remove(&db, SCHEDULE).await {
+        tracing::warn!(error = %e, "could not remove the demo's schedule");
+    }
     for (_, host) in hosts {
         stop_pool(host).await;
     }
@@ -269,8 +290,24 @@ async fn setup(db: &PgPool, scale: f64) -> Result<usize, CliError> {
     }
     let total = tasks.len();
     manager.enqueue_many(tasks).await?;
+    // A periodic sync: one task every 2 s, enqueued by whichever pool's
+    // scheduler takes the tick; removed when the rest is done.
+    manager
+        .schedule(
+            Schedule::new(
+                SCHEDULE,
+                "demo-cron",
+                "noop",
+                Timing::Every(Duration::from_secs(2)),
+            )
+            .payload(json!({ "sync": "periodic" })),
+        )
+        .await?;
     Ok(total)
 }
+
+/// The demo's schedule (and its dataset, `demo-cron`).
+const SCHEDULE: &str = "demo-cron-every-2s";
 
 fn start_pool(
     db: &PgPool,

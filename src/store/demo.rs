@@ -23,6 +23,12 @@ pub async fn clear(db: &crate::db::Db, prefix: &str) -> sqlx::Result<u64> {
     )
     .execute(tx.ex())
     .await?;
+    sqlx::query!(
+        "DELETE FROM syncq.schedules WHERE dataset_id LIKE $1",
+        pattern
+    )
+    .execute(tx.ex())
+    .await?;
     tx.commit().await?;
     Ok(tasks)
 }
