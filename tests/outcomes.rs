@@ -738,3 +738,78 @@ async fn a_task_leased_ahead_waits_its_turn_and_goes_back_uncounted_at_a_checkpo
     })
     .await;
 }
+
+/// A handler that records each start, then takes a second.
+#[derive(Clone, Default)]
+struct SlowRecorder(Arc<Mutex<Vec<i64>>>);
+
+#[async_trait]
+impl SyncWorker for SlowRecorder {
+    async fn handle(&self, task: &mut SyncTask) -> TaskResult {
+        self.0.lock().unwrap().push(task.id());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        Ok(json!(null))
+    }
+}
+
+/// A task cancelled while it waits in the local queue (leased ahead of
+/// the pool's one slot) ends `cancelled` without its handler starting.
+#[sqlx::test]
+async fn a_task_cancelled_while_leased_ahead_never_starts(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    common::on_multi_thread(async move {
+        let db = common::connect(&opts).await;
+        let manager = TaskQueueManager::new(db.clone());
+        manager
+            .enqueue_many((0..6).map(|_| NewTask::new("d", "slow")))
+            .await
+            .unwrap();
+        let recorder = SlowRecorder::default();
+        let pool = WorkerPool::builder(db.clone())
+            .register("slow", recorder.clone())
+            .config(PoolConfig {
+                concurrency: 1,
+                ..common::fast_config()
+            })
+            .build()
+            .unwrap();
+        let (handle, run) = common::spawn(pool);
+        // One running, one leased ahead of the slot: the later id waits.
+        let mut waiting = None;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while waiting.is_none() {
+            let running: Vec<i64> = sqlx::query_scalar(
+                "SELECT id FROM syncq.tasks WHERE status = 'running' ORDER BY id",
+            )
+            .fetch_all(&db)
+            .await
+            .unwrap();
+            let started = recorder.0.lock().unwrap().clone();
+            if running.len() == 2 && started.contains(&running[0]) && !started.contains(&running[1])
+            {
+                waiting = Some(running[1]);
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nothing waited ahead"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let waiting = waiting.unwrap();
+        sqlx::query("UPDATE syncq.tasks SET cancel_requested = true WHERE id = $1")
+            .bind(waiting)
+            .execute(&db)
+            .await
+            .unwrap();
+        common::wait_status(&db, waiting, "cancelled").await;
+        handle.checkpoint();
+        run.await.unwrap().unwrap();
+        assert!(
+            !recorder.0.lock().unwrap().contains(&waiting),
+            "the handler of a task cancelled in the local queue started"
+        );
+    })
+    .await;
+}
