@@ -114,19 +114,13 @@ impl Schedule {
         if !(1..=10_000).contains(&self.max_attempts) {
             return Err(Error::config("max_attempts", "must be between 1 and 10000"));
         }
-        Ticks::new(
-            match &self.timing {
-                Timing::Cron(c) => Some(c.as_str()),
-                Timing::Every(_) => None,
-            },
-            match self.timing {
-                Timing::Every(d) => Some(d),
-                Timing::Cron(_) => None,
-            },
-            &self.timezone,
-        )
-        .map(|_| ())
-        .map_err(|(field, message)| Error::config(field, message))
+        let (cron, every) = match &self.timing {
+            Timing::Cron(c) => (Some(c.as_str()), None),
+            Timing::Every(d) => (None, Some(*d)),
+        };
+        Ticks::new(cron, every, &self.timezone)
+            .map(|_| ())
+            .map_err(|(field, message)| Error::config(field, message))
     }
 }
 

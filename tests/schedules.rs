@@ -34,6 +34,27 @@ async fn syncq(opts: &PgConnectOptions, args: &[&str]) -> std::process::Output {
         .expect("run syncq")
 }
 
+/// `syncq schedule add NAME` of a `noop` every second, on dataset `s`.
+async fn add_every_second(opts: &PgConnectOptions, name: &str) {
+    let args = [
+        "schedule",
+        "add",
+        name,
+        "--dataset",
+        "s",
+        "--kind",
+        "noop",
+        "--every",
+        "1s",
+    ];
+    let out = syncq(opts, &args).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The ticks that have a task, in order.
 async fn ticks(db: &PgPool, schedule: &str) -> Vec<DateTime<Utc>> {
     sqlx::query_scalar(
@@ -76,26 +97,7 @@ async fn three_processes_enqueue_each_tick_once_even_when_the_enqueuer_is_killed
     let _turn = SERIAL.lock().await;
     common::on_multi_thread(async move {
         let db = common::observer(&opts, OBSERVER, 2).await;
-        let out = syncq(
-            &opts,
-            &[
-                "schedule",
-                "add",
-                "tick",
-                "--dataset",
-                "s",
-                "--kind",
-                "noop",
-                "--every",
-                "1s",
-            ],
-        )
-        .await;
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        add_every_second(&opts, "tick").await;
         let workers: Vec<WorkerProcess> = (0..3).map(|_| worker(&opts)).collect();
         wait_ticks(&db, "tick", 5).await;
         // The enqueuer of the latest tick, by its own log.
@@ -137,22 +139,7 @@ async fn missed_ticks_become_one_catch_up_task_and_pause_stops_ticking(
     let _turn = SERIAL.lock().await;
     common::on_multi_thread(async move {
         let db = common::observer(&opts, OBSERVER, 2).await;
-        let out = syncq(
-            &opts,
-            &[
-                "schedule",
-                "add",
-                "beat",
-                "--dataset",
-                "s",
-                "--kind",
-                "noop",
-                "--every",
-                "1s",
-            ],
-        )
-        .await;
-        assert!(out.status.success());
+        add_every_second(&opts, "beat").await;
         let mut w = worker(&opts);
         wait_ticks(&db, "beat", 2).await;
         w.signal("-TERM").await;
