@@ -12,8 +12,9 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::control::Stop;
-use crate::task::SyncTask;
-use crate::worker::{SyncWorker, TaskError, TaskResult};
+use crate::outcome::{TaskError, TaskResult};
+use crate::sync_task::SyncTask;
+use crate::worker::SyncWorker;
 
 /// Every built-in kind with its handler.
 pub fn all() -> Vec<(&'static str, Arc<dyn SyncWorker>)> {

@@ -35,13 +35,3 @@ pub enum Stop {
     /// Another worker owns the task now (`TaskError::LeaseLost`).
     LeaseLost,
 }
-
-impl From<Stop> for crate::TaskError {
-    fn from(stop: Stop) -> Self {
-        match stop {
-            Stop::Checkpoint => crate::TaskError::Interrupted,
-            Stop::Cancel => crate::TaskError::Cancelled,
-            Stop::LeaseLost => crate::TaskError::LeaseLost,
-        }
-    }
-}

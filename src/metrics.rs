@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
 
-use crate::pool::OutcomeKind;
+use crate::outcome::OutcomeKind;
 use crate::task::ClaimedTask;
 
 /// Histogram buckets (seconds) for task durations.

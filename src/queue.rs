@@ -5,7 +5,6 @@ use crate::db::Db;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::manager::TaskQueueManager;
 use crate::rate_limit::{RateLimit, RateLimiter};
 use crate::store;
 pub use crate::store::datasets::DatasetCounts as QueueCounts;
@@ -32,9 +31,12 @@ impl TaskQueue {
 
     /// Enqueues a task of `kind` with `payload` in this dataset.
     pub async fn enqueue(&self, kind: impl Into<String>, payload: Value) -> Result<TaskId> {
-        TaskQueueManager::new(self.db.clone())
-            .enqueue(NewTask::new(self.dataset_id.clone(), kind).payload(payload))
-            .await
+        // No unique key: one plain insert.
+        let task = NewTask::new(self.dataset_id.clone(), kind).payload(payload);
+        task.validate()?;
+        store::tasks::insert_one(&self.db, &task)
+            .await?
+            .ok_or_else(|| Error::InvalidTask("the insert returned no id".into()))
     }
 
     /// The dataset's settings, or `None` if it has never been used.

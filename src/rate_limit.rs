@@ -21,8 +21,8 @@
 //! allows the bursts the guarantee permits: all `rate_limit` starts at once,
 //! then the next one when the oldest leaves the window.
 //!
-//! Rows older than their window are pruned by every worker's maintenance
-//! sweep; they no longer count either way.
+//! Rows older than their window no longer count; every worker's maintenance
+//! sweep deletes them through [`RateLimiter::prune_log`].
 
 use std::fmt;
 use std::str::FromStr;
@@ -114,6 +114,20 @@ pub struct RateLimiter {
 }
 
 impl RateLimiter {
+    /// Deletes the rate log's rows that left their dataset's window, in
+    /// statements of `batch` rows, until none is left. Returns how many.
+    pub(crate) async fn prune_log(db: &Db, batch: i64) -> sqlx::Result<u64> {
+        let batch = i32::try_from(batch).unwrap_or(i32::MAX);
+        let mut pruned = 0;
+        loop {
+            let n = store::rate_log::prune_rate_log(db, batch).await?;
+            pruned += n.unsigned_abs();
+            if n < i64::from(batch) {
+                return Ok(pruned);
+            }
+        }
+    }
+
     /// The limiter of `dataset_id`.
     pub fn new(db: impl Into<Db>, dataset_id: impl Into<String>) -> Self {
         RateLimiter {

@@ -49,10 +49,11 @@ use tokio_util::sync::CancellationToken;
 use crate::PoolConfig;
 use crate::error::{Error, Result};
 use crate::local_postgres::LocalPostgres;
-use crate::pool::Outcome;
+use crate::outcome::Outcome;
 use crate::store;
 use crate::store::tasks::Fence;
-use crate::task::{NewTask, SyncTask, TaskContext, TaskId};
+use crate::sync_task::{SyncTask, TaskContext};
+use crate::task::{NewTask, TaskId};
 use crate::worker::SyncWorker;
 
 /// A task row as a test sees it after a run.
@@ -107,7 +108,7 @@ pub async fn run_enqueued(db: &PgPool, worker: &dyn SyncWorker, id: TaskId) -> R
         runs: claimed.runs,
         worker_id: &worker_id,
     };
-    crate::pool::write_outcome(
+    crate::outcome::write_outcome(
         &db,
         fence,
         &Outcome::of(Ok(result), false),

@@ -4,4 +4,5 @@
 
 pub mod pruner;
 pub mod rescuer;
+pub(crate) mod scheduler;
 pub mod vacuumer;

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use crate::db::Db;
+use crate::rate_limit::RateLimiter;
 
 use crate::store;
 
@@ -56,24 +57,35 @@ impl Pruner {
     pub async fn run_once(&self, db: &Db) -> sqlx::Result<PruneReport> {
         let mut report = PruneReport::default();
         if let Some(retention) = self.retention {
-            let statuses: Vec<String> = FINISHED.iter().map(|s| s.to_string()).collect();
-            report.more = true;
-            for _ in 0..self.max_batches {
-                let n = store::ops::prune_batch(db, retention, &statuses, self.batch).await?;
-                report.tasks += n;
-                if n < self.batch as u64 {
-                    report.more = false;
-                    break;
-                }
-            }
+            (report.tasks, report.more) =
+                prune_tasks(db, retention, self.batch, self.max_batches).await?;
         }
-        // The rate log only needs the starts inside each dataset's window.
-        let batch = i32::try_from(self.batch).unwrap_or(i32::MAX);
-        while store::tasks::prune_rate_log(db, batch).await? >= self.batch {}
+        RateLimiter::prune_log(db, self.batch).await?;
         report.workers = store::ops::prune_dead_workers(db, self.dead_worker_after).await?;
         if report.tasks > 0 || report.workers > 0 {
             tracing::info!(tasks = report.tasks, workers = report.workers, "pruned");
         }
         Ok(report)
     }
+}
+
+/// Deletes tasks finished more than `older_than` ago, `batch` per
+/// statement, at most `max_batches` statements. Returns how many, and
+/// whether it stopped with more to delete.
+pub(crate) async fn prune_tasks(
+    db: &Db,
+    older_than: Duration,
+    batch: i64,
+    max_batches: u32,
+) -> sqlx::Result<(u64, bool)> {
+    let statuses: Vec<String> = FINISHED.iter().map(|s| s.to_string()).collect();
+    let mut pruned = 0;
+    for _ in 0..max_batches {
+        let n = store::ops::prune_batch(db, older_than, &statuses, batch).await?;
+        pruned += n;
+        if n < batch.unsigned_abs() {
+            return Ok((pruned, false));
+        }
+    }
+    Ok((pruned, true))
 }

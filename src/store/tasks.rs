@@ -5,8 +5,11 @@ use sqlx::PgExecutor;
 use std::time::Duration;
 
 use super::secs;
+
+/// Longest throttle a rate-limited attempt sets (`TaskError::MAX_RETRY_AFTER`).
+pub(crate) const MAX_THROTTLE: Duration = Duration::from_secs(24 * 60 * 60);
+use super::storable_message;
 use crate::task::{ClaimedTask, NewTask, RunAt, TaskId};
-use crate::worker::{TaskError, storable_message};
 
 /// Inserts `tasks` in one statement and returns their ids in input order.
 ///
@@ -408,14 +411,6 @@ pub async fn claim_candidates(
     .await
 }
 
-/// Deletes up to `batch` rate-log rows that can no longer count.
-pub async fn prune_rate_log(db: impl PgExecutor<'_>, batch: i32) -> sqlx::Result<i64> {
-    let n = sqlx::query_scalar!(r#"SELECT syncq.prune_rate_log($1) AS "n!""#, batch)
-        .fetch_one(db)
-        .await?;
-    Ok(n)
-}
-
 /// What is left for a draining worker (`exit_when_idle`): tasks of these
 /// kinds and datasets running anywhere, queued and claimable within
 /// `horizon_secs` (ready, or delayed or throttled until no later than
@@ -637,7 +632,7 @@ pub async fn rate_limited(
     retry_after: Duration,
 ) -> sqlx::Result<bool> {
     let error = storable_message(error);
-    let retry_after = retry_after.min(TaskError::MAX_RETRY_AFTER);
+    let retry_after = retry_after.min(MAX_THROTTLE);
     let done = sqlx::query!(
         r#"
         WITH released AS (

@@ -15,6 +15,7 @@ use std::time::Duration;
 use crate::db::Db;
 use tokio::time::Instant;
 
+use super::Claimer;
 use crate::store;
 
 /// Most datasets looked at when searching for the ones that fail: the
@@ -68,7 +69,9 @@ pub(crate) fn may_be_one_dataset(e: &sqlx::Error) -> bool {
 /// no single dataset does (the failure is then the caller's to report).
 pub(crate) async fn find_failing(
     db: &Db,
-    claim: &ClaimArgs<'_>,
+    who: &Claimer,
+    skip: &[String],
+    limit: usize,
 ) -> sqlx::Result<Vec<(String, String)>> {
     // The claims that failed also rolled back their step 0: absorb the
     // readiness producers appended on its own, so every dataset with work
@@ -76,10 +79,10 @@ pub(crate) async fn find_failing(
     store::tasks::absorb_signals(db).await?;
     let candidates = store::tasks::claim_candidates(
         db,
-        claim.kinds,
-        claim.datasets,
-        claim.skip,
-        claim.limit.min(MAX_CANDIDATES),
+        &who.kinds,
+        who.datasets(),
+        skip,
+        i64::try_from(limit).unwrap_or(i64::MAX).min(MAX_CANDIDATES),
     )
     .await?;
     let mut failing = Vec::new();
@@ -88,7 +91,7 @@ pub(crate) async fn find_failing(
         if group.is_empty() {
             continue;
         }
-        match dry_run(db, claim, &group).await {
+        match dry_run(db, who, limit, &group).await {
             Ok(()) => {}
             Err(e) if may_be_one_dataset(&e) => {
                 if group.len() == 1 {
@@ -110,27 +113,17 @@ pub(crate) async fn find_failing(
     Ok(failing)
 }
 
-/// What the failed claim asked for.
-pub(crate) struct ClaimArgs<'a> {
-    pub worker_id: &'a str,
-    pub kinds: &'a [String],
-    pub datasets: Option<&'a [String]>,
-    pub skip: &'a [String],
-    pub limit: i64,
-    pub lease: Duration,
-}
-
 /// A claim restricted to `group`, rolled back: whether it would fail.
-async fn dry_run(db: &Db, claim: &ClaimArgs<'_>, group: &[String]) -> sqlx::Result<()> {
+async fn dry_run(db: &Db, who: &Claimer, limit: usize, group: &[String]) -> sqlx::Result<()> {
     let mut tx = db.begin().await?;
     let result = store::tasks::claim(
         tx.ex(),
-        claim.worker_id,
-        claim.kinds,
+        &who.worker_id,
+        &who.kinds,
         Some(group),
         &[],
-        claim.limit,
-        claim.lease,
+        i64::try_from(limit).unwrap_or(i64::MAX),
+        who.lease,
     )
     .await;
     // Whatever happened, nothing of the dry run stays.

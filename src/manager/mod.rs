@@ -1,12 +1,21 @@
 //! `TaskQueueManager`: the entry point to the queues of a database.
 //!
-//! It enqueues tasks (one, or many in one round trip) and hands out the
-//! `TaskQueue` of each dataset. Handing out work — round-robin across the
-//! datasets that have ready work, fleet-wide — is the claim statement in
-//! `store::tasks::claim`, which every `WorkerPool` calls: the turn of each
-//! dataset lives in its row, so fairness holds across processes.
+//! It takes tasks in (one, many in one round trip, or `COPY`), hands work
+//! out, and gives the `TaskQueue` of each dataset. Handing out is
+//! round-robin across the datasets that have ready work, fleet-wide: every
+//! `WorkerPool` claims through [`TaskQueueManager::claim`], one statement
+//! (`syncq.claim`, docs/claim.md) in which each dataset's turn lives in its
+//! row, so fairness, caps and rate limits hold across processes. A dataset
+//! whose rows make claims fail is found and set aside by the claimer
+//! ([`set_aside`]) so the others keep being served.
+
+pub(crate) mod set_aside;
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use crate::db::Db;
+use crate::task::ClaimedTask;
 
 use crate::error::Result;
 use crate::queue::TaskQueue;
@@ -17,7 +26,26 @@ use crate::task::{NewTask, TaskId, TaskStatus};
 /// concurrently (each try sees a newer snapshot).
 const DUPLICATE_LOOKUPS: usize = 5;
 
-/// Enqueues tasks and gives access to each dataset's `TaskQueue`.
+/// Who claims, and what it serves: a worker's side of a claim.
+#[derive(Debug, Clone)]
+pub(crate) struct Claimer {
+    /// `locked_by` of what it claims.
+    pub worker_id: Arc<str>,
+    /// The kinds it has handlers for.
+    pub kinds: Vec<String>,
+    /// The datasets it serves (`None`: all).
+    pub datasets: Option<Vec<String>>,
+    /// How long a claimed task is leased before a renewal.
+    pub lease: Duration,
+}
+
+impl Claimer {
+    pub(crate) fn datasets(&self) -> Option<&[String]> {
+        self.datasets.as_deref()
+    }
+}
+
+/// Enqueues tasks, hands them out, and gives access to each dataset's `TaskQueue`.
 ///
 /// ```no_run
 /// # async fn example(db: sqlx::PgPool) -> syncq::Result<()> {
@@ -83,6 +111,66 @@ impl TaskQueueManager {
     /// it goes through a transaction-mode pooler.
     pub fn new(db: impl Into<Db>) -> Self {
         TaskQueueManager { db: db.into() }
+    }
+
+    /// Hands out up to `limit` tasks to `who`, taking turns across the
+    /// datasets with ready work (fleet-wide round robin, weighted; caps and
+    /// rate limits counted in rows), leaving out the datasets in `skip`.
+    /// The tasks come back `running` in `who`'s name, leased, in the order
+    /// they were picked.
+    pub(crate) async fn claim(
+        &self,
+        who: &Claimer,
+        skip: &[String],
+        limit: usize,
+    ) -> sqlx::Result<Vec<ClaimedTask>> {
+        store::tasks::claim(
+            &self.db,
+            &who.worker_id,
+            &who.kinds,
+            who.datasets(),
+            skip,
+            i64::try_from(limit).unwrap_or(i64::MAX),
+            who.lease,
+        )
+        .await
+    }
+
+    /// How long until `who` may claim something (zero: now; `None`: only
+    /// once new work arrives).
+    pub(crate) async fn next_claim_in(
+        &self,
+        who: &Claimer,
+        skip: &[String],
+    ) -> sqlx::Result<Option<Duration>> {
+        store::tasks::next_claim_in(&self.db, &who.kinds, who.datasets(), skip).await
+    }
+
+    /// Repairs datasets whose `ready_at` went stale (a claim was told
+    /// "ready now" and found nothing, again and again). Returns how many.
+    pub(crate) async fn refresh_ready(&self, who: &Claimer) -> sqlx::Result<i32> {
+        store::tasks::refresh_ready(&self.db, who.datasets()).await
+    }
+
+    /// What `who` could still run: running anywhere, due within
+    /// `horizon`, or waiting for an operator (the idle rule).
+    pub(crate) async fn leftover(
+        &self,
+        who: &Claimer,
+        horizon: Duration,
+    ) -> sqlx::Result<store::tasks::Leftover> {
+        store::tasks::leftover(&self.db, &who.kinds, who.datasets(), horizon.as_secs_f64()).await
+    }
+
+    /// The datasets whose rows make `who`'s claims fail, each with its
+    /// error (see [`set_aside`]).
+    pub(crate) async fn find_failing(
+        &self,
+        who: &Claimer,
+        skip: &[String],
+        limit: usize,
+    ) -> sqlx::Result<Vec<(String, String)>> {
+        set_aside::find_failing(&self.db, who, skip, limit).await
     }
 
     /// The connection pool.
@@ -209,17 +297,8 @@ impl TaskQueueManager {
     /// Deletes finished tasks that finished more than `older_than` ago, in
     /// short batches; returns how many.
     pub async fn prune(&self, older_than: std::time::Duration) -> Result<u64> {
-        let statuses: Vec<String> = crate::maintenance::pruner::FINISHED
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        let mut total = 0;
-        loop {
-            let n = store::ops::prune_batch(&self.db, older_than, &statuses, 1000).await?;
-            total += n;
-            if n < 1000 {
-                return Ok(total);
-            }
-        }
+        let (pruned, _) =
+            crate::maintenance::pruner::prune_tasks(&self.db, older_than, 1000, u32::MAX).await?;
+        Ok(pruned)
     }
 }

@@ -1,0 +1,256 @@
+//! What an attempt ends in, in one place: the handler's word
+//! ([`TaskError`] in a [`TaskResult`]), the decision taken from it
+//! (`Outcome`, SPEC §3 in one `match`), what it did ([`OutcomeKind`]), and
+//! the fenced statement that writes it (`write_outcome`).
+//!
+//!
+//! What each outcome does to the task is decided in one place,
+//! [`crate::pool`]'s `Outcome::of`, and follows SPEC §3:
+//!
+//! | handler returns | the task |
+//! | --- | --- |
+//! | `Ok(value)` | `succeeded`, `result` stored |
+//! | `Retryable` (or any `?`-propagated error, or a panic) | `queued` with backoff until `max_attempts`, then `failed` |
+//! | `Invalid` | `failed` at once |
+//! | `RateLimited { retry_after }` | `queued`, attempt not counted, dataset throttled |
+//! | `Cancelled` | `cancelled` |
+//! | `Fatal` | `queued` with its checkpoint, attempt not counted; the pool checkpoints and stops |
+//! | `Interrupted` | `queued` with its checkpoint, attempt not counted |
+//! | `LeaseLost` | nothing is written: another holder owns the task |
+//!
+//! A handler hears why it should stop as a [`Stop`]; returning it (`?` or
+//! `.into()`) gives the matching error.
+
+use crate::config::PoolConfig;
+use crate::control::Stop;
+use crate::db::Db;
+use crate::store;
+use crate::store::tasks::Fence;
+use serde_json::Value;
+use std::fmt;
+use std::time::Duration;
+use tokio::task::JoinError;
+
+/// What a handler returns: a JSON result, stored in `syncq.tasks.result`.
+pub type TaskResult = Result<Value, TaskError>;
+
+/// Why an attempt did not succeed. See the module docs for what each does.
+///
+/// Any `std::error::Error` converts into `TaskError::Retryable`, so `?` on an
+/// unclassified error retries the task.
+#[non_exhaustive]
+pub enum TaskError {
+    /// A transient failure: retry with backoff until `max_attempts`.
+    Retryable(String),
+    /// The request itself is wrong; retrying cannot help.
+    Invalid(String),
+    /// The upstream said "rate limit exceeded": throttle the whole dataset
+    /// until `retry_after` (the pool's default when `None`); the attempt is
+    /// not counted.
+    RateLimited {
+        /// How long the upstream asked to wait.
+        retry_after: Option<Duration>,
+    },
+    /// The task was cancelled (the handler heard `Stop::Cancel`).
+    Cancelled,
+    /// Unrecoverable for this process: release the task with its checkpoint
+    /// and stop the pool.
+    Fatal(String),
+    /// The handler stopped because of a checkpoint command, after saving its
+    /// progress; the attempt is not counted.
+    Interrupted,
+    /// The worker no longer holds the task (its lease expired and another
+    /// worker took it); nothing the handler does can be recorded.
+    LeaseLost,
+}
+
+impl TaskError {
+    /// Longest error message stored (`last_error`, `syncq.task_errors`), in
+    /// bytes; a longer one is cut at a character boundary and ends with
+    /// `… [truncated from N bytes]`.
+    pub const MAX_MESSAGE_BYTES: usize = crate::store::MAX_MESSAGE_BYTES;
+
+    /// Longest throttle a `RateLimited { retry_after }` sets: an upstream
+    /// asking for longer is taken to mean this long (an operator can still
+    /// pause the dataset).
+    pub const MAX_RETRY_AFTER: Duration = crate::store::tasks::MAX_THROTTLE;
+
+    /// A retryable error with this message.
+    pub fn retryable(message: impl fmt::Display) -> Self {
+        TaskError::Retryable(message.to_string())
+    }
+
+    /// An invalid-request error with this message.
+    pub fn invalid(message: impl fmt::Display) -> Self {
+        TaskError::Invalid(message.to_string())
+    }
+
+    /// A fatal error with this message.
+    pub fn fatal(message: impl fmt::Display) -> Self {
+        TaskError::Fatal(message.to_string())
+    }
+}
+
+impl fmt::Display for TaskError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TaskError::Retryable(m) => write!(f, "{m}"),
+            TaskError::Invalid(m) => write!(f, "invalid: {m}"),
+            TaskError::RateLimited {
+                retry_after: Some(d),
+            } => write!(f, "rate limited: retry after {} ms", d.as_millis()),
+            TaskError::RateLimited { retry_after: None } => write!(f, "rate limited"),
+            TaskError::Cancelled => write!(f, "cancelled"),
+            TaskError::Fatal(m) => write!(f, "fatal: {m}"),
+            TaskError::Interrupted => write!(f, "interrupted by a checkpoint"),
+            TaskError::LeaseLost => write!(f, "lease lost"),
+        }
+    }
+}
+
+impl fmt::Debug for TaskError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TaskError({self})")
+    }
+}
+
+/// Any error converts into a retryable one, so `?` works in handlers.
+///
+/// `TaskError` deliberately does not implement `std::error::Error`, which is
+/// what makes this blanket conversion possible.
+impl<E: std::error::Error + Send + Sync + 'static> From<E> for TaskError {
+    fn from(error: E) -> Self {
+        TaskError::Retryable(error.to_string())
+    }
+}
+
+impl From<Stop> for TaskError {
+    fn from(stop: Stop) -> Self {
+        match stop {
+            Stop::Checkpoint => TaskError::Interrupted,
+            Stop::Cancel => TaskError::Cancelled,
+            Stop::LeaseLost => TaskError::LeaseLost,
+        }
+    }
+}
+
+/// What an attempt's outcome did to its task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutcomeKind {
+    /// `succeeded`.
+    Succeeded,
+    /// A counted failure: back to `queued` with backoff, or `failed` if none left.
+    Retried,
+    /// `failed` at once (invalid request).
+    Failed,
+    /// Back to `queued`, not counted; dataset throttled.
+    Throttled,
+    /// `cancelled`.
+    Cancelled,
+    /// Back to `queued`, not counted, checkpoint kept (checkpoint, abort, fatal).
+    Released,
+    /// Nothing written: another worker holds the task.
+    LeaseLost,
+}
+
+/// The decision for one finished attempt: SPEC §3 in one `match`.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    Succeed(Value),
+    Retry(String),
+    Fail(String),
+    Throttle(String, Option<Duration>),
+    Cancel,
+    Release(Option<String>),
+    Fatal(String),
+    Abandon,
+}
+
+impl Outcome {
+    /// Maps a handler's result. `checkpointing`: the pool is shutting down,
+    /// so a retryable error is taken as the interruption it most likely is.
+    pub(crate) fn of(
+        joined: std::result::Result<TaskResult, JoinError>,
+        checkpointing: bool,
+    ) -> Outcome {
+        match joined {
+            Ok(Ok(value)) => Outcome::Succeed(value),
+            Ok(Err(error)) => match error {
+                TaskError::Retryable(_) if checkpointing => Outcome::Release(None),
+                TaskError::Retryable(m) => Outcome::Retry(m),
+                TaskError::Invalid(m) => Outcome::Fail(format!("invalid: {m}")),
+                e @ TaskError::RateLimited { retry_after } => {
+                    Outcome::Throttle(e.to_string(), retry_after)
+                }
+                TaskError::Cancelled => Outcome::Cancel,
+                TaskError::Fatal(m) => Outcome::Fatal(m),
+                TaskError::Interrupted => Outcome::Release(None),
+                TaskError::LeaseLost => Outcome::Abandon,
+            },
+            Err(e) if e.is_panic() => Outcome::Retry(format!(
+                "handler panicked: {}",
+                panic_message(e.into_panic())
+            )),
+            // Aborted after the grace period.
+            Err(_) => Outcome::Release(None),
+        }
+    }
+
+    pub(crate) fn kind(&self) -> OutcomeKind {
+        match self {
+            Outcome::Succeed(_) => OutcomeKind::Succeeded,
+            Outcome::Retry(_) => OutcomeKind::Retried,
+            Outcome::Fail(_) => OutcomeKind::Failed,
+            Outcome::Throttle(..) => OutcomeKind::Throttled,
+            Outcome::Cancel => OutcomeKind::Cancelled,
+            Outcome::Release(_) | Outcome::Fatal(_) => OutcomeKind::Released,
+            Outcome::Abandon => OutcomeKind::LeaseLost,
+        }
+    }
+}
+
+pub(crate) fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}
+
+/// Writes one outcome with its fenced statement: SPEC §3's table, for the
+/// pool (which batches successes itself) and `syncq::testing`. `attempts`
+/// is the task's counted attempts at claim, for the backoff. False: fenced
+/// out (or `Abandon`, which writes nothing).
+pub(crate) async fn write_outcome(
+    db: &Db,
+    fence: Fence<'_>,
+    outcome: &Outcome,
+    attempts: i32,
+    config: &PoolConfig,
+) -> sqlx::Result<bool> {
+    match outcome {
+        Outcome::Succeed(value) => {
+            let row = [(fence.id, fence.runs, value.clone())];
+            let written = store::tasks::succeed_many(db, fence.worker_id, &row).await?;
+            Ok(written.contains(&fence.id))
+        }
+        Outcome::Retry(m) => {
+            let delay = config.backoff.delay(u32::try_from(attempts).unwrap_or(0));
+            store::tasks::fail_attempt(db, fence, m, true, delay).await
+        }
+        Outcome::Fail(m) => store::tasks::fail_attempt(db, fence, m, false, Duration::ZERO).await,
+        Outcome::Throttle(m, retry_after) => {
+            let wait = retry_after.unwrap_or(config.default_retry_after);
+            store::tasks::rate_limited(db, fence, m, wait).await
+        }
+        Outcome::Cancel => store::tasks::cancel_running(db, fence).await,
+        Outcome::Release(error) => store::tasks::release(db, fence, error.as_deref()).await,
+        Outcome::Fatal(m) => {
+            let error = format!("fatal: {m}");
+            store::tasks::release(db, fence, Some(&error)).await
+        }
+        Outcome::Abandon => Ok(false),
+    }
+}

@@ -1,0 +1,212 @@
+//! One run: a claimed task's handler in its slot, to an outcome, recorded fenced.
+
+use crate::lease::{self, Lease};
+use crate::outcome::TaskError;
+use crate::store;
+use crate::store::tasks::Fence;
+use crate::sync_task::{SyncTask, TaskContext};
+use crate::task::ClaimedTask;
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use super::completer::{CompleteError, complete};
+use super::dispatch::Waiting;
+use super::{Event, Shared};
+use crate::outcome::{Outcome, write_outcome};
+
+/// The log target of each attempt's start and end, at info (the worker's
+/// default level), inside the `task` span: task_id, dataset, kind,
+/// attempt, run; the end adds the outcome and its duration. A busy queue
+/// that wants fewer lines turns them off alone:
+/// `RUST_LOG=syncq=info,syncq::attempt=warn`.
+pub const ATTEMPT_LOG: &str = "syncq::attempt";
+
+/// Runs one claimed task in its slot to an outcome and records it,
+/// fenced. Without a slot (the pool stopped while it waited) it hands the
+/// task back, unstarted and uncounted.
+pub(super) async fn run_task(
+    shared: Arc<Shared>,
+    waiting: Waiting,
+    slot: Option<OwnedSemaphorePermit>,
+    hard_stop: CancellationToken,
+) {
+    let Waiting { task, lease, room } = waiting;
+    let span = info_span!(
+        "task",
+        task_id = task.id,
+        dataset = %task.dataset_id,
+        kind = %task.kind,
+        attempt = task.attempts,
+        run = task.runs
+    );
+    async {
+        let key = (task.id, task.runs);
+        // Lost while it waited (the heartbeat could not renew it in an
+        // outage, or this pool claimed it again): never started here.
+        let (lost, cancelled) = shared.held().get(&key).map_or((true, false), |held| {
+            (held.superseded || held.lease.expired(), held.cancel_heard)
+        });
+        crate::metrics::task_started(&task);
+        info!(target: ATTEMPT_LOG, "attempt started");
+        let began = std::time::Instant::now();
+        let joined = match shared.handlers.get(&task.kind).cloned() {
+            _ if lost => Ok(Err(TaskError::LeaseLost)),
+            // Cancelled while it waited in the local queue: never started.
+            _ if cancelled => Ok(Err(TaskError::Cancelled)),
+            // Claimed as the pool began to stop (a claim can race the
+            // shutdown), or still waiting for a slot then: hand it
+            // straight back, unstarted and uncounted.
+            _ if shared.shutdown.is_cancelled() || slot.is_none() => {
+                Ok(Err(TaskError::Interrupted))
+            }
+            Some(handler) => {
+                let ctx = TaskContext {
+                    db: shared.db.clone(),
+                    worker_id: shared.worker_id.clone(),
+                    commands: shared.commands.clone(),
+                    checkpoint: shared.shutdown.clone(),
+                    lease: lease.clone(),
+                };
+                let mut sync_task = SyncTask::new(task.clone(), ctx);
+                let mut handle = tokio::spawn(
+                    async move { handler.handle(&mut sync_task).await }.in_current_span(),
+                );
+                tokio::select! {
+                    biased;
+                    joined = &mut handle => joined,
+                    _ = hard_stop.cancelled() => {
+                        handle.abort();
+                        handle.await
+                    }
+                }
+            }
+            // Unreachable in practice: the claim only asks for registered kinds.
+            None => Ok(Err(TaskError::Invalid(format!(
+                "no handler for kind {:?}",
+                task.kind
+            )))),
+        };
+        let outcome = Outcome::of(joined, shared.shutdown.is_cancelled());
+        let kind = outcome.kind();
+        crate::metrics::task_finished(&task, kind, began.elapsed());
+        if let Some(held) = shared.held().get_mut(&key) {
+            held.finishing = true;
+        }
+        // The handler is done: its slot is free for the next task while
+        // the outcome is written (in a batch, for successes). The task
+        // keeps its room, and its row stays `running`, until then.
+        drop(slot);
+        shared.slot_freed.notify_one();
+        let recorded = record(&shared, &task, &lease, outcome).await;
+        shared.held().finished(key);
+        shared
+            .finished
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        info!(
+            target: ATTEMPT_LOG,
+            outcome = ?kind,
+            recorded,
+            millis = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "attempt ended"
+        );
+        drop(room);
+        // A slot of a capped dataset may have freed: let an idle dispatcher look.
+        shared.wake.notify_one();
+        shared.emit(Event::Finished {
+            task_id: task.id,
+            outcome: kind,
+            recorded,
+        });
+    }
+    .instrument(span)
+    .await
+}
+
+/// Writes an outcome, fenced. While the database is unreachable it keeps
+/// trying, with backoff, for as long as the lease lasts — the heartbeat
+/// goes on renewing it meanwhile, so an outage shorter than the lease
+/// costs nothing: the task ends as its handler decided. Only once the
+/// lease may have run out (another worker may own the task) is the outcome
+/// given up, and the rescuer takes the task back.
+pub(super) async fn record(
+    shared: &Shared,
+    task: &ClaimedTask,
+    lease: &Lease,
+    outcome: Outcome,
+) -> bool {
+    let fence = Fence {
+        id: task.id,
+        runs: task.runs,
+        worker_id: &shared.worker_id,
+    };
+    if let Outcome::Fatal(message) = &outcome {
+        error!(error = %message, "fatal error: checkpointing and stopping the pool");
+        let mut fatal = shared.fatal.lock().unwrap_or_else(PoisonError::into_inner);
+        fatal.get_or_insert((task.id, message.clone()));
+        shared.shutdown.cancel();
+    }
+    let written = match &outcome {
+        // Lost to another worker (the release is fenced out), or given
+        // up when the lease ran out in an outage: if the task is still in
+        // this worker's name, it goes back uncounted, checkpoint kept.
+        Outcome::Abandon => {
+            match store::tasks::release(&shared.db, fence, None).await {
+                Ok(true) => {
+                    info!("lease ran out unrenewed: the task went back to queued, uncounted")
+                }
+                Ok(false) => info!("lease lost: another worker owns this task now"),
+                Err(e) => {
+                    debug!(error = %e, "handing back a task whose lease ran out failed; the rescuer will")
+                }
+            }
+            return false;
+        }
+        Outcome::Succeed(value) => {
+            let completed =
+                lease::while_held(lease, || complete(shared, task, value.clone())).await;
+            match completed {
+                Ok(written) => Ok(written),
+                // Storing this result can never work: the attempt fails.
+                Err(CompleteError::Refused(reason)) => {
+                    let error = format!(
+                        "the handler succeeded but its result could not be stored: {reason}"
+                    );
+                    warn!(%error, "result refused by the database");
+                    lease::while_held(lease, || {
+                        store::tasks::fail_attempt(&shared.db, fence, &error, false, Duration::ZERO)
+                    })
+                    .await
+                }
+                Err(e) => Err(sqlx::Error::Protocol(e.to_string())),
+            }
+        }
+        other => {
+            lease::while_held(lease, || {
+                write_outcome(&shared.db, fence, other, task.attempts, &shared.config)
+            })
+            .await
+        }
+    };
+    match written {
+        Ok(true) => {
+            shared.outage.ok();
+            debug!(outcome = ?outcome.kind(), "attempt recorded");
+            true
+        }
+        Ok(false) => {
+            warn!(outcome = ?outcome.kind(), "outcome not recorded: this worker no longer holds the task");
+            false
+        }
+        Err(e) => {
+            error!(
+                error = %e,
+                outcome = ?outcome.kind(),
+                "could not record the outcome before the lease ran out: giving it up; the rescuer takes the task back"
+            );
+            false
+        }
+    }
+}
