@@ -1,33 +1,83 @@
--- syncq schema, version 1: tasks, datasets, workers and the per-attempt error history.
+-- syncq schema: tasks, datasets, the readiness signals producers append,
+-- the rate log, workers and the per-attempt error history. The schedules
+-- table is in 0006_schedules.sql; functions, triggers and views follow in
+-- 0002..0006.
 --
 -- Every constraint is named after the column it guards, so the message a
 -- producer sees ("violates check constraint tasks_max_attempts_at_least_1")
 -- names what to fix.
+--
+-- No row anyone can write makes a claim fail. Every counter and time the
+-- claim computes with is bounded by a constraint named after its column:
+-- attempts within 0..=max_attempts (and below it while queued, so the
+-- claim's attempts + 1 stays in range), max_attempts at most 10,000,
+-- finite times. runs, the fencing token, wraps instead of overflowing.
+--
+-- Columns are in the order that databases migrated before the squash have
+-- them (tests/fixtures/pre_squash_migrations): the schemas must be the same.
+--
+-- The roles and their grants are made by `syncq roles` (src/store/roles.rs),
+-- not here.
 
 CREATE SCHEMA IF NOT EXISTS syncq;
 
 CREATE TYPE syncq.task_status AS ENUM ('queued', 'running', 'succeeded', 'failed', 'cancelled');
 
--- One row per TaskQueue (dataset). Created on first use by the trigger on
--- syncq.tasks, so producers never have to create datasets first.
+-- One row per TaskQueue (dataset), with its settings (SPEC §2). Producers
+-- never create datasets: a claim creates the row of a new dataset, with
+-- default settings, when it absorbs the dataset's first readiness signal
+-- (syncq.absorb_signals).
+--
+-- Storage settings for tables updated on every claim and completion
+-- (datasets, tasks, rate_log, ready_signals): autovacuum early, so a long
+-- drain leaves bounded sizes.
 CREATE TABLE syncq.datasets (
     dataset_id      text        PRIMARY KEY
                     CONSTRAINT datasets_dataset_id_not_empty CHECK (dataset_id <> ''),
     rate_limit      int
-                    CONSTRAINT datasets_rate_limit_positive CHECK (rate_limit IS NULL OR rate_limit > 0),
+                    CONSTRAINT datasets_rate_limit_positive CHECK (rate_limit IS NULL OR rate_limit > 0)
+                    CONSTRAINT datasets_rate_limit_at_most_1000000 CHECK (rate_limit <= 1000000),
     rate_window     interval    NOT NULL DEFAULT interval '1 second'
-                    CONSTRAINT datasets_rate_window_positive CHECK (rate_window > interval '0'),
+                    CONSTRAINT datasets_rate_window_positive CHECK (rate_window > interval '0')
+                    CONSTRAINT datasets_rate_window_at_most_1_day CHECK (rate_window <= interval '1 day'),
     max_concurrency int
-                    CONSTRAINT datasets_max_concurrency_positive CHECK (max_concurrency IS NULL OR max_concurrency > 0),
+                    CONSTRAINT datasets_max_concurrency_positive CHECK (max_concurrency IS NULL OR max_concurrency > 0)
+                    CONSTRAINT datasets_max_concurrency_at_most_100000 CHECK (max_concurrency <= 100000),
     paused          boolean     NOT NULL DEFAULT false,
-    throttled_until timestamptz,
-    -- Round-robin turn: the dataset whose last claim is oldest goes first.
-    last_claimed_at timestamptz,
-    created_at      timestamptz NOT NULL DEFAULT now()
+    throttled_until timestamptz
+                    CONSTRAINT datasets_throttled_until_finite CHECK (isfinite(throttled_until)),
+    -- The dataset's place in the claim's round, a virtual time (see
+    -- syncq.claim): the lowest place goes first.
+    last_claimed_at timestamptz
+                    CONSTRAINT datasets_last_claimed_at_finite CHECK (isfinite(last_claimed_at)),
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    -- When the dataset may next have ready work (NULL: no queued task). The
+    -- claim's scan skips idle datasets through it, so a thousand idle
+    -- datasets cost nothing.
+    ready_at        timestamptz
+                    CONSTRAINT datasets_ready_at_finite CHECK (isfinite(ready_at)),
+    -- SPEC §2: a dataset's share of starts when datasets compete (§6).
+    weight          int         NOT NULL DEFAULT 1
+                    CONSTRAINT datasets_weight_between_1_and_1000 CHECK (weight BETWEEN 1 AND 1000),
+    -- When it was last served (wall clock): among datasets at the same
+    -- place in the round, the one served longest ago goes first.
+    served_at       timestamptz
+                    CONSTRAINT datasets_served_at_finite CHECK (isfinite(served_at))
+) WITH (
+    fillfactor = 50,
+    autovacuum_vacuum_scale_factor = 0.0,
+    autovacuum_vacuum_threshold = 1000
 );
 
+-- The claim's scan: datasets that may have ready work, in turn order.
+CREATE INDEX datasets_turn_idx
+    ON syncq.datasets (last_claimed_at NULLS FIRST, served_at NULLS FIRST, dataset_id)
+    WHERE ready_at IS NOT NULL;
+
 CREATE TABLE syncq.tasks (
-    id               bigint      GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    -- GENERATED ALWAYS: nobody can take an id the sequence will hand out
+    -- later.
+    id               bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     dataset_id       text        NOT NULL
                      CONSTRAINT tasks_dataset_id_not_empty CHECK (dataset_id <> ''),
     kind             text        NOT NULL
@@ -35,18 +85,21 @@ CREATE TABLE syncq.tasks (
     payload          jsonb       NOT NULL DEFAULT '{}'::jsonb,
     status           syncq.task_status NOT NULL DEFAULT 'queued',
     priority         smallint    NOT NULL DEFAULT 0,
-    run_at           timestamptz NOT NULL DEFAULT now(),
+    run_at           timestamptz NOT NULL DEFAULT now()
+                     CONSTRAINT tasks_run_at_finite CHECK (isfinite(run_at)),
     attempts         int         NOT NULL DEFAULT 0
                      CONSTRAINT tasks_attempts_not_negative CHECK (attempts >= 0),
     max_attempts     int         NOT NULL DEFAULT 5
-                     CONSTRAINT tasks_max_attempts_at_least_1 CHECK (max_attempts >= 1),
+                     CONSTRAINT tasks_max_attempts_at_least_1 CHECK (max_attempts >= 1)
+                     CONSTRAINT tasks_max_attempts_at_most_10000 CHECK (max_attempts <= 10000),
     unique_key       text,
     checkpoint       jsonb,
     result           jsonb,
     last_error       text,
     cancel_requested boolean     NOT NULL DEFAULT false,
     locked_by        text,
-    lease_expires_at timestamptz,
+    lease_expires_at timestamptz
+                     CONSTRAINT tasks_lease_expires_at_finite CHECK (isfinite(lease_expires_at)),
     -- Every claim, counted or not, increments it: the fencing token that a
     -- holder must present to heartbeat, checkpoint or complete.
     runs             int         NOT NULL DEFAULT 0
@@ -54,8 +107,22 @@ CREATE TABLE syncq.tasks (
     created_at       timestamptz NOT NULL DEFAULT now(),
     started_at       timestamptz,
     finished_at      timestamptz,
+    -- Which schedule and tick a task was enqueued for (syncq.schedules);
+    -- one task per tick (tasks_schedule_tick_idx).
+    schedule_id      text,
+    scheduled_for    timestamptz,
     CONSTRAINT tasks_running_needs_locked_by_and_lease_expires_at
-        CHECK (status <> 'running' OR (locked_by IS NOT NULL AND lease_expires_at IS NOT NULL))
+        CHECK (status <> 'running' OR (locked_by IS NOT NULL AND lease_expires_at IS NOT NULL)),
+    CONSTRAINT tasks_attempts_at_most_max_attempts CHECK (attempts <= max_attempts),
+    CONSTRAINT tasks_queued_needs_attempts_below_max_attempts
+        CHECK (status <> 'queued' OR attempts < max_attempts),
+    CONSTRAINT tasks_schedule_id_and_scheduled_for_together
+        CHECK ((schedule_id IS NULL) = (scheduled_for IS NULL))
+) WITH (
+    fillfactor = 90,
+    autovacuum_vacuum_scale_factor = 0.02,
+    autovacuum_vacuum_insert_scale_factor = 0.05,
+    autovacuum_analyze_scale_factor = 0.05
 );
 
 -- The claim path: the next ready tasks of one dataset in the documented order
@@ -67,9 +134,20 @@ CREATE INDEX tasks_claim_idx ON syncq.tasks (dataset_id, priority, run_at, id)
 CREATE INDEX tasks_lease_idx ON syncq.tasks (lease_expires_at)
     WHERE status = 'running';
 
+-- Counting a dataset's running tasks for its max_concurrency.
+CREATE INDEX tasks_running_idx ON syncq.tasks (dataset_id) WHERE status = 'running';
+
+-- Finished tasks by finish time, for pruning.
+CREATE INDEX tasks_finished_idx ON syncq.tasks (finished_at)
+    WHERE status IN ('succeeded', 'failed', 'cancelled');
+
 -- At most one queued or running task per (dataset_id, unique_key).
 CREATE UNIQUE INDEX tasks_unique_key_idx ON syncq.tasks (dataset_id, unique_key)
     WHERE unique_key IS NOT NULL AND status IN ('queued', 'running');
+
+-- One task per schedule tick.
+CREATE UNIQUE INDEX tasks_schedule_tick_idx ON syncq.tasks (schedule_id, scheduled_for)
+    WHERE schedule_id IS NOT NULL;
 
 -- Every attempt's error, in order.
 CREATE TABLE syncq.task_errors (
@@ -91,51 +169,35 @@ CREATE TABLE syncq.workers (
     datasets          text[],
     concurrency       int         NOT NULL,
     started_at        timestamptz NOT NULL DEFAULT now(),
-    last_heartbeat_at timestamptz NOT NULL DEFAULT now()
+    last_heartbeat_at timestamptz NOT NULL DEFAULT now(),
+    -- A worker's heartbeat interval: it is live while its last beat is less
+    -- than two intervals (and a second) old (syncq.workers_live), so a
+    -- killed worker stops showing as live after ~21 s by default.
+    heartbeat_every   interval    NOT NULL DEFAULT interval '10 seconds'
+                      CONSTRAINT workers_heartbeat_every_positive CHECK (heartbeat_every > interval '0')
 );
 
--- After each INSERT statement on syncq.tasks: create unknown datasets with
--- default settings and wake idle workers. Statement-level with a transition
--- table, so a 1,000-row insert costs one dataset upsert and one NOTIFY.
-CREATE FUNCTION syncq.tasks_after_insert() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO syncq.datasets (dataset_id)
-    SELECT DISTINCT n.dataset_id FROM new_tasks n
-    WHERE NOT EXISTS (SELECT 1 FROM syncq.datasets d WHERE d.dataset_id = n.dataset_id)
-    ON CONFLICT (dataset_id) DO NOTHING;
-    -- A task inserted already cancelled never starts.
-    UPDATE syncq.tasks t SET status = 'cancelled', finished_at = now()
-    FROM new_tasks n
-    WHERE n.cancel_requested AND n.status = 'queued' AND t.id = n.id;
-    PERFORM pg_notify('syncq_task_inserted', '');
-    RETURN NULL;
-END;
-$$;
+-- The sliding log of starts of rate-limited datasets: at most rate_limit
+-- rows with started_at in (now - rate_window, now]. Older rows are pruned
+-- (syncq.prune_rate_log).
+CREATE TABLE syncq.rate_log (
+    dataset_id text        NOT NULL,
+    started_at timestamptz NOT NULL
+) WITH (
+    autovacuum_vacuum_scale_factor = 0.02
+);
+CREATE INDEX rate_log_idx ON syncq.rate_log (dataset_id, started_at);
 
-CREATE TRIGGER tasks_after_insert
-    AFTER INSERT ON syncq.tasks
-    REFERENCING NEW TABLE AS new_tasks
-    FOR EACH STATEMENT EXECUTE FUNCTION syncq.tasks_after_insert();
-
--- Cancellation by plain UPDATE: a queued task is cancelled on the spot; a
--- running one is announced to its holder (NOTIFY, payload = task id), whose
--- handler hears it through its SyncTask.
-CREATE FUNCTION syncq.tasks_cancel_requested() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF NEW.status = 'queued' THEN
-        NEW.status := 'cancelled';
-        NEW.finished_at := now();
-    ELSIF NEW.status = 'running' THEN
-        PERFORM pg_notify('syncq_cancel', NEW.id::text);
-    END IF;
-    RETURN NEW;
-END;
-$$;
-
-CREATE TRIGGER tasks_cancel_requested
-    BEFORE UPDATE OF cancel_requested ON syncq.tasks
-    FOR EACH ROW
-    WHEN (NEW.cancel_requested AND NOT OLD.cancel_requested)
-    EXECUTE FUNCTION syncq.tasks_cancel_requested();
+-- Readiness that producers appended and no claim has absorbed yet: a
+-- dataset has queued work from ready_at on (see 0002_readiness.sql).
+CREATE TABLE syncq.ready_signals (
+    dataset_id text        NOT NULL,
+    ready_at   timestamptz NOT NULL
+) WITH (
+    autovacuum_vacuum_scale_factor = 0.0,
+    autovacuum_vacuum_threshold = 1000
+);
+-- Read through this index, never by a sequential scan: every row is
+-- deleted soon after it is written, and an index scan learns to skip the
+-- dead entries (a heap scan reads every dead row again until a vacuum).
+CREATE INDEX ready_signals_ready_at_idx ON syncq.ready_signals (ready_at);
