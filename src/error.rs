@@ -16,6 +16,10 @@ pub enum Error {
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 
+    /// The database's schema cannot be brought to this version.
+    #[error("cannot migrate: {0}")]
+    Schema(String),
+
     /// A configuration value is out of range; `field` names it.
     #[error("invalid configuration: {field}: {message}")]
     Config {

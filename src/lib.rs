@@ -54,6 +54,7 @@ pub mod pool;
 pub mod queue;
 pub mod rate_limit;
 pub mod schedule;
+pub mod schema;
 pub mod store;
 mod sync_task;
 pub mod task;
@@ -73,19 +74,10 @@ pub use pool::{Event, PoolHandle, WorkerPool, WorkerPoolBuilder};
 pub use queue::{QueueCounts, QueueSettings, TaskQueue};
 pub use rate_limit::{RateLimit, RateLimiter};
 pub use schedule::{Schedule, Timing};
+pub use schema::{MIGRATOR, migrate};
 pub use sync_task::SyncTask;
 pub use task::{NewTask, RunAt, TaskId, TaskStatus};
 pub use worker::SyncWorker;
-
-/// The schema's migrations (`migrations/`), embedded in the binary.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
-
-/// Creates or upgrades the `syncq` schema. Safe to run concurrently and
-/// repeatedly: sqlx takes an advisory lock and applies only what is missing.
-pub async fn migrate(db: &sqlx::PgPool) -> Result<()> {
-    MIGRATOR.run(db).await?;
-    Ok(())
-}
 
 /// The README's Rust examples, compiled as doc tests.
 #[doc = include_str!("../README.md")]

@@ -478,8 +478,7 @@ pub(crate) fn io_error(e: std::io::Error) -> CliError {
 /// The migrations already applied to this database (none before its first
 /// `syncq migrate`).
 async fn applied_migrations(db: &PgPool) -> Vec<i64> {
-    sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
-        .fetch_all(db)
+    crate::schema::applied_versions(db)
         .await
         .unwrap_or_default()
 }

@@ -9,6 +9,7 @@
 pub mod datasets;
 pub mod demo;
 pub mod inspect;
+pub(crate) mod ledger;
 pub mod ops;
 pub mod rate_log;
 pub mod roles;

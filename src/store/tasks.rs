@@ -262,7 +262,7 @@ fn copy_field(buf: &mut String, value: &str) {
 /// Claims up to `limit` ready tasks of the given kinds for `worker_id`,
 /// taking turns across datasets and honouring each dataset's pause,
 /// throttle, concurrency cap and rate limit. The heart of syncq: the SQL is
-/// `syncq.claim()` in `migrations/0005_trust.sql`, explained in
+/// `syncq.claim()` in `migrations/0003_claim.sql`, explained in
 /// `docs/claim.md`. One round trip. Datasets in `skip` are left out (a
 /// worker sets aside a dataset whose claim fails, see [`crate::pool`]).
 pub async fn claim(
@@ -806,7 +806,7 @@ pub async fn rescue_expired(db: impl PgExecutor<'_>, batch: i64) -> sqlx::Result
 }
 
 /// Repairs `ready_at` of datasets marked ready that have no ready task
-/// (`syncq.refresh_ready()`, see migrations/0004); returns how many.
+/// (`syncq.refresh_ready()`, in `migrations/0002_readiness.sql`); returns how many.
 pub async fn refresh_ready(
     db: impl PgExecutor<'_>,
     datasets: Option<&[String]>,

@@ -1,0 +1,139 @@
+//! The schema as a reviewer reads it: `tests/fixtures/schema.sql` is what
+//! `pg_dump` prints of a migrated database, so a change to the schema or to
+//! any function shows in review as a change to that file; and a database
+//! migrated before the squash ends with the same schema and history.
+
+mod common;
+
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+const SNAPSHOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/schema.sql");
+
+/// `scripts/schema-snapshot` of the database: pg_dump, normalised.
+fn snapshot(opts: &PgConnectOptions) -> String {
+    let out = std::process::Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/schema-snapshot"
+    ))
+    .arg(common::url(opts))
+    .output()
+    .expect("run scripts/schema-snapshot");
+    assert!(
+        out.status.success(),
+        "scripts/schema-snapshot failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("pg_dump prints UTF-8")
+}
+
+/// Fails with the first differing line, and how to refresh the snapshot.
+fn assert_same_schema(actual: &str) {
+    let expected = std::fs::read_to_string(SNAPSHOT).expect("read tests/fixtures/schema.sql");
+    if actual == expected {
+        return;
+    }
+    let line = actual
+        .lines()
+        .zip(expected.lines())
+        .position(|(a, e)| a != e)
+        .unwrap_or_else(|| actual.lines().count().min(expected.lines().count()));
+    panic!(
+        "the migrated schema differs from tests/fixtures/schema.sql from line {}:\n  migrated: {:?}\n  snapshot: {:?}\n\
+         If the change is intended: scripts/schema-snapshot <a migrated database> > tests/fixtures/schema.sql",
+        line + 1,
+        actual.lines().nth(line),
+        expected.lines().nth(line),
+    );
+}
+
+async fn history(db: &PgPool) -> Vec<(i64, String, Vec<u8>)> {
+    sqlx::query_as("SELECT version, description, checksum FROM _sqlx_migrations ORDER BY version")
+        .fetch_all(db)
+        .await
+        .unwrap()
+}
+
+fn squashed_history() -> Vec<(i64, String, Vec<u8>)> {
+    syncq::MIGRATOR
+        .iter()
+        .map(|m| (m.version, m.description.to_string(), m.checksum.to_vec()))
+        .collect()
+}
+
+/// The pre-squash migrations, as a build before the squash applied them.
+async fn pre_squash(only_first: usize) -> sqlx::migrate::Migrator {
+    let dir = tempfile_dir();
+    let fixtures = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/pre_squash_migrations"
+    );
+    let mut files: Vec<_> = std::fs::read_dir(fixtures)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    for file in files.iter().take(only_first) {
+        std::fs::copy(file, dir.join(file.file_name().unwrap())).unwrap();
+    }
+    let migrator = sqlx::migrate::Migrator::new(dir.as_path()).await.unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    migrator
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "syncq-pre-squash-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn rand_suffix() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+#[sqlx::test]
+async fn a_migrated_database_has_the_checked_in_schema(_: PgPoolOptions, opts: PgConnectOptions) {
+    assert_same_schema(&snapshot(&opts));
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_database_migrated_before_the_squash_gets_the_squashed_history_and_the_same_schema(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let db = common::connect(&opts).await;
+    pre_squash(8).await.run(&db).await.unwrap();
+    assert_eq!(history(&db).await.len(), 8);
+
+    syncq::migrate(&db).await.unwrap();
+    assert_eq!(history(&db).await, squashed_history());
+    assert_same_schema(&snapshot(&opts));
+    // And from then on it is like any other database.
+    syncq::migrate(&db).await.unwrap();
+    assert_eq!(history(&db).await, squashed_history());
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_database_half_migrated_before_the_squash_is_refused_untouched(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let db = common::connect(&opts).await;
+    pre_squash(5).await.run(&db).await.unwrap();
+    let before = history(&db).await;
+
+    let error = syncq::migrate(&db).await.unwrap_err().to_string();
+    assert!(
+        error.contains("pre-release syncq to version 5 of 8"),
+        "{error}"
+    );
+    assert_eq!(history(&db).await, before);
+}
