@@ -37,8 +37,12 @@
 //! # }
 //! ```
 
+// Library code reached by users' input or the database never unwraps.
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod backoff;
 pub mod builtin;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -55,6 +59,12 @@ pub mod queue;
 pub mod rate_limit;
 pub mod schedule;
 pub mod schema;
+#[cfg(not(feature = "internals"))]
+pub(crate) mod store;
+/// Every SQL statement syncq runs. Not part of the API: public only with
+/// the `internals` feature, for syncq's own tests.
+#[cfg(feature = "internals")]
+#[doc(hidden)]
 pub mod store;
 mod sync_task;
 pub mod task;
@@ -67,11 +77,11 @@ pub use config::PoolConfig;
 pub use control::{Command, Stop};
 pub use db::{Db, Pooler};
 pub use error::{Error, Result};
-pub use manager::TaskQueueManager;
+pub use manager::{TaskQueueManager, inspect};
 pub use outcome::OutcomeKind;
 pub use outcome::{TaskError, TaskResult};
 pub use pool::{Event, PoolHandle, WorkerPool, WorkerPoolBuilder};
-pub use queue::{QueueCounts, QueueSettings, TaskQueue};
+pub use queue::{LimitsUpdate, QueueCounts, QueueSettings, TaskQueue};
 pub use rate_limit::{RateLimit, RateLimiter};
 pub use schedule::{Schedule, Timing};
 pub use schema::{MIGRATOR, migrate};

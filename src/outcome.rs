@@ -68,12 +68,12 @@ impl TaskError {
     /// Longest error message stored (`last_error`, `syncq.task_errors`), in
     /// bytes; a longer one is cut at a character boundary and ends with
     /// `… [truncated from N bytes]`.
-    pub const MAX_MESSAGE_BYTES: usize = crate::store::MAX_MESSAGE_BYTES;
+    pub const MAX_MESSAGE_BYTES: usize = store::MAX_MESSAGE_BYTES;
 
     /// Longest throttle a `RateLimited { retry_after }` sets: an upstream
     /// asking for longer is taken to mean this long (an operator can still
     /// pause the dataset).
-    pub const MAX_RETRY_AFTER: Duration = crate::store::tasks::MAX_THROTTLE;
+    pub const MAX_RETRY_AFTER: Duration = store::tasks::MAX_THROTTLE;
 
     /// A retryable error with this message.
     pub fn retryable(message: impl fmt::Display) -> Self {
@@ -169,10 +169,7 @@ pub(crate) enum Outcome {
 impl Outcome {
     /// Maps a handler's result. `checkpointing`: the pool is shutting down,
     /// so a retryable error is taken as the interruption it most likely is.
-    pub(crate) fn of(
-        joined: std::result::Result<TaskResult, JoinError>,
-        checkpointing: bool,
-    ) -> Outcome {
+    pub(crate) fn of(joined: Result<TaskResult, JoinError>, checkpointing: bool) -> Outcome {
         match joined {
             Ok(Ok(value)) => Outcome::Succeed(value),
             Ok(Err(error)) => match error {

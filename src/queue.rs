@@ -10,7 +10,7 @@ use crate::store;
 pub use crate::store::datasets::DatasetCounts as QueueCounts;
 pub use crate::store::datasets::DatasetRow as QueueSettings;
 use crate::store::datasets::LimitsChange;
-use crate::task::{NewTask, TaskId};
+use crate::task::{NewTask, TaskId, TaskStatus};
 
 /// One dataset's queue.
 #[derive(Debug, Clone)]
@@ -67,44 +67,31 @@ impl TaskQueue {
     /// Sets the dataset's weight (1–1000, default 1): its share of starts
     /// when datasets compete, fleet-wide (SPEC §6).
     pub async fn set_weight(&self, weight: u32) -> Result<()> {
-        if !(1..=1000).contains(&weight) {
-            return Err(Error::config("weight", "must be between 1 and 1000"));
-        }
-        store::datasets::set_limits(
-            &self.db,
-            &self.dataset_id,
-            LimitsChange {
-                weight: Some(weight as i32),
-                ..LimitsChange::default()
-            },
-        )
-        .await?;
-        Ok(())
+        self.update_limits(LimitsUpdate {
+            weight: Some(weight),
+            ..LimitsUpdate::default()
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Sets (or with `None` clears) the cap on running tasks of this dataset
     /// across all processes.
     pub async fn set_max_concurrency(&self, max: Option<u32>) -> Result<()> {
-        let max = match max {
-            Some(0) | Some(100_001..) => {
-                return Err(Error::config(
-                    "max_concurrency",
-                    "must be between 1 and 100000",
-                ));
-            }
-            Some(n) => Some(n as i32),
-            None => None,
-        };
-        store::datasets::set_limits(
-            &self.db,
-            &self.dataset_id,
-            LimitsChange {
-                max_concurrency: Some(max),
-                ..LimitsChange::default()
-            },
-        )
-        .await?;
-        Ok(())
+        self.update_limits(LimitsUpdate {
+            max_concurrency: Some(max),
+            ..LimitsUpdate::default()
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Changes any of the dataset's limits in one statement (so they take
+    /// effect together, at the next claim of any process), creating its
+    /// row if it has none yet; returns its settings afterwards.
+    pub async fn update_limits(&self, update: LimitsUpdate) -> Result<QueueSettings> {
+        let change = update.validated()?;
+        Ok(store::datasets::set_limits(&self.db, &self.dataset_id, change).await?)
     }
 
     /// Its queued and running tasks and its starts in the current window.
@@ -115,6 +102,58 @@ impl TaskQueue {
     /// Requests cancellation of every queued and running task of this
     /// dataset; returns how many.
     pub async fn cancel_all(&self) -> Result<u64> {
-        Ok(store::ops::cancel_dataset(&self.db, &self.dataset_id).await?)
+        Ok(store::tasks::cancel_dataset(&self.db, &self.dataset_id).await?)
+    }
+
+    /// Puts every task of this dataset in `status` (failed or cancelled)
+    /// back to `queued`, as [`TaskQueueManager::retry`](crate::TaskQueueManager::retry)
+    /// does one; returns how many.
+    pub async fn retry_all(&self, status: TaskStatus) -> Result<u64> {
+        if !matches!(status, TaskStatus::Failed | TaskStatus::Cancelled) {
+            return Err(Error::config(
+                "status",
+                "only failed or cancelled tasks can be retried",
+            ));
+        }
+        Ok(store::tasks::retry_dataset(&self.db, &self.dataset_id, status.as_str()).await?)
+    }
+}
+
+/// A change to a dataset's limits: each `None` leaves that setting alone.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LimitsUpdate {
+    /// `Some(None)` clears the rate limit; `Some(Some(limit))` sets it.
+    pub rate_limit: Option<Option<RateLimit>>,
+    /// `Some(None)` clears the cap on running tasks; `Some(Some(n))` sets
+    /// it (1–100,000).
+    pub max_concurrency: Option<Option<u32>>,
+    /// `Some(n)` sets the weight (1–1000).
+    pub weight: Option<u32>,
+}
+
+impl LimitsUpdate {
+    fn validated(self) -> Result<LimitsChange> {
+        let max_concurrency = match self.max_concurrency {
+            Some(Some(0 | 100_001..)) => {
+                return Err(Error::config(
+                    "max_concurrency",
+                    "must be between 1 and 100000",
+                ));
+            }
+            other => other.map(|cap| cap.map(|n| n as i32)),
+        };
+        let weight = match self.weight {
+            Some(w) if !(1..=1000).contains(&w) => {
+                return Err(Error::config("weight", "must be between 1 and 1000"));
+            }
+            other => other.map(|w| w as i32),
+        };
+        Ok(LimitsChange {
+            rate: self
+                .rate_limit
+                .map(|limit| limit.map(|r| (i32::try_from(r.limit).unwrap_or(i32::MAX), r.window))),
+            max_concurrency,
+            weight,
+        })
     }
 }

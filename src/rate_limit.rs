@@ -151,15 +151,11 @@ impl RateLimiter {
     /// needed.
     pub async fn set(&self, limit: Option<RateLimit>) -> Result<()> {
         let rate = limit.map(|r| (i32::try_from(r.limit).unwrap_or(i32::MAX), r.window));
-        store::datasets::set_limits(
-            &self.db,
-            &self.dataset_id,
-            LimitsChange {
-                rate: Some(rate),
-                ..LimitsChange::default()
-            },
-        )
-        .await?;
+        let change = LimitsChange {
+            rate: Some(rate),
+            ..LimitsChange::default()
+        };
+        store::datasets::set_limits(&self.db, &self.dataset_id, change).await?;
         Ok(())
     }
 

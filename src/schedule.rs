@@ -44,14 +44,21 @@ pub enum Timing {
 /// A schedule to create or replace ([`crate::TaskQueueManager::schedule`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Schedule {
+    /// Its name, unique: the id of `syncq.schedules`.
     pub schedule_id: String,
+    /// The dataset its tasks go to.
     pub dataset_id: String,
+    /// The kind of its tasks.
     pub kind: String,
+    /// The payload of every task it enqueues.
     pub payload: Value,
+    /// When it ticks.
     pub timing: Timing,
     /// An IANA name; `UTC` by default.
     pub timezone: String,
+    /// The priority of its tasks (lower runs first).
     pub priority: i16,
+    /// `max_attempts` of its tasks.
     pub max_attempts: i32,
     /// Ticks missed while no worker ran: one catch-up task (the default),
     /// or none.

@@ -66,6 +66,12 @@ pub async fn migrate(db: &sqlx::PgPool) -> Result<()> {
     Ok(())
 }
 
+/// Creates the roles of SPEC §2 Privileges (`syncq_producer`,
+/// `syncq_worker`) with their grants, or brings existing ones up to date. Needs a role allowed to create roles.
+pub async fn create_roles(db: impl Into<crate::Db>) -> Result<()> {
+    Ok(store::roles::create(&db.into()).await?)
+}
+
 /// The migration versions applied to this database (none before the first
 /// `migrate`).
 pub async fn applied_versions(db: &sqlx::PgPool) -> Result<Vec<i64>> {

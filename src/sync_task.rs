@@ -147,7 +147,7 @@ impl SyncTask {
     /// The tick this task was enqueued for, if a schedule enqueued it
     /// (`scheduled_for`; the schedule is [`Self::schedule_id`]'s). Read
     /// from its row, so it costs a query; a database error is retryable.
-    pub async fn scheduled_for(&self) -> Result<Option<chrono::DateTime<chrono::Utc>>, TaskError> {
+    pub async fn scheduled_for(&self) -> Result<Option<DateTime<Utc>>, TaskError> {
         store::schedules::tick_of(&self.ctx.db, self.task.id)
             .await
             .map(|tick| tick.map(|(_, at)| at))

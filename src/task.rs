@@ -13,8 +13,9 @@ use std::time::Duration;
 pub type TaskId = i64;
 
 /// `syncq.task_status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize, sqlx::Type)]
 #[serde(rename_all = "lowercase")]
+#[sqlx(type_name = "syncq.task_status", rename_all = "lowercase")]
 pub enum TaskStatus {
     /// Waiting to run: new, delayed, or waiting to retry.
     Queued,

@@ -33,7 +33,7 @@
 //! async fn fetching_a_page_enqueues_the_next(db: sqlx::PgPool) {
 //!     let done = run_task(&db, &FetchPage, NewTask::new("github", "fetch_page")
 //!         .payload(json!({ "page": 1 }))).await.unwrap();
-//!     assert_eq!(done.status, "succeeded");
+//!     assert_eq!(done.status, syncq::TaskStatus::Succeeded);
 //!     assert_eq!(done.result, Some(json!({ "fetched": 1 })));
 //!     assert_enqueued(&db, "github", "fetch_page", json!({ "page": 2 })).await;
 //! }
@@ -53,7 +53,7 @@ use crate::outcome::Outcome;
 use crate::store;
 use crate::store::tasks::Fence;
 use crate::sync_task::{SyncTask, TaskContext};
-use crate::task::{NewTask, TaskId};
+use crate::task::{NewTask, TaskId, TaskStatus};
 use crate::worker::SyncWorker;
 
 /// A task row as a test sees it after a run.
@@ -63,7 +63,7 @@ pub struct TestedTask {
     pub id: TaskId,
     /// `status`: `succeeded`, `failed`, `queued` (retry, throttle or
     /// release), `cancelled`.
-    pub status: String,
+    pub status: TaskStatus,
     /// Counted attempts.
     pub attempts: i32,
     /// `result` of a success.
@@ -120,7 +120,7 @@ pub async fn run_enqueued(db: &PgPool, worker: &dyn SyncWorker, id: TaskId) -> R
 }
 
 async fn tested(db: &PgPool, id: TaskId) -> Result<TestedTask> {
-    let row = store::inspect::task(db, id)
+    let row = store::reports::task(db, id)
         .await?
         .ok_or_else(|| Error::InvalidTask(format!("task {id} is gone")))?;
     Ok(TestedTask {
@@ -148,7 +148,7 @@ pub struct EnqueuedTask {
 
 /// The queued tasks of `kind` in `dataset`, oldest first.
 pub async fn enqueued(db: &PgPool, dataset: &str, kind: &str) -> Result<Vec<EnqueuedTask>> {
-    Ok(store::inspect::queued_of_kind(db, dataset, kind)
+    Ok(store::reports::queued_of_kind(db, dataset, kind)
         .await?
         .into_iter()
         .map(|(id, payload, priority, unique_key)| EnqueuedTask {
@@ -202,7 +202,7 @@ fn contains(haystack: &Value, needle: &Value) -> bool {
 /// the cluster). Blocking; meant for a test binary's set-up, before its
 /// tests start (this crate's own tests call it from a `ctor`).
 pub fn prepare_database_url() -> Result<Option<LocalPostgres>> {
-    let default = crate::cli::DEFAULT_DATABASE_URL;
+    let default = crate::db::DEFAULT_DATABASE_URL;
     let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| default.to_string());
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -224,31 +224,19 @@ pub fn prepare_database_url() -> Result<Option<LocalPostgres>> {
     // SAFETY: the runtime above is dropped (its threads joined); this runs
     // before any test thread exists, so nothing reads the environment
     // concurrently.
-    unsafe { std::env::set_var("DATABASE_URL", &url) };
+    #[allow(unsafe_code)]
+    unsafe {
+        std::env::set_var("DATABASE_URL", &url)
+    };
     Ok(private)
 }
 
 /// Connects to `url`'s server and creates its database if missing.
 async fn ensure_database(url: &str) -> Result<()> {
-    use sqlx::{ConnectOptions, Connection};
     let options: sqlx::postgres::PgConnectOptions = url
         .parse()
         .map_err(|e| Error::LocalPostgres(format!("invalid DATABASE_URL: {e}")))?;
-    let name = options.get_database().unwrap_or("postgres").to_string();
-    let mut conn = options.clone().database("postgres").connect().await?;
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(&name)
-            .fetch_one(&mut conn)
-            .await?;
-    if !exists {
-        let quoted = format!("\"{}\"", name.replace('"', "\"\""));
-        // A concurrent creator may win: that is fine.
-        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {quoted}")))
-            .execute(&mut conn)
-            .await;
-    }
-    let _ = conn.close().await;
+    crate::db::create_database_if_missing(&options).await?;
     Ok(())
 }
 

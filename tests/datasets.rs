@@ -602,7 +602,7 @@ const NO_WAIT: Duration = Duration::from_secs(10);
 
 /// `step`, or a failure naming it once `NO_WAIT` has passed (instead of a
 /// test that hangs on a lock held by its own open transaction).
-async fn within<T>(what: &str, step: impl std::future::Future<Output = T>) -> T {
+async fn within<T>(what: &str, step: impl Future<Output = T>) -> T {
     tokio::time::timeout(NO_WAIT, step)
         .await
         .unwrap_or_else(|_| panic!("{what}: still waiting after {NO_WAIT:?} (blocked on a lock?)"))

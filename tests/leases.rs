@@ -12,6 +12,12 @@ use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use syncq::maintenance::rescuer::Rescuer;
 use syncq::store::tasks::{self, Fence};
+
+/// `succeeded` with `result`, fenced: false when fenced out.
+async fn succeed(db: &PgPool, f: Fence<'_>, result: &serde_json::Value) -> sqlx::Result<bool> {
+    let written = tasks::succeed_many(db, f.worker_id, &[(f.id, f.runs, result.clone())]).await?;
+    Ok(written.contains(&f.id))
+}
 use syncq::{
     Event, OutcomeKind, PoolConfig, Stop, SyncTask, SyncWorker, TaskError, TaskResult, WorkerPool,
     async_trait,
@@ -65,7 +71,7 @@ async fn completion_is_fenced_against_a_holder_that_lost_its_lease(db: PgPool) {
         runs: a[0].runs,
         worker_id: "worker-a",
     };
-    assert!(!tasks::succeed(&db, fence_a, &json!("stale")).await.unwrap());
+    assert!(!succeed(&db, fence_a, &json!("stale")).await.unwrap());
     assert!(
         !tasks::save_checkpoint(&db, id, a[0].runs, "worker-a", &json!("stale"))
             .await
@@ -90,7 +96,7 @@ async fn completion_is_fenced_against_a_holder_that_lost_its_lease(db: PgPool) {
         worker_id: "worker-b",
     };
     assert!(
-        !tasks::succeed(&db, same_worker_old_token, &json!("stale"))
+        !succeed(&db, same_worker_old_token, &json!("stale"))
             .await
             .unwrap()
     );
@@ -125,7 +131,7 @@ async fn completion_is_fenced_against_a_holder_that_lost_its_lease(db: PgPool) {
         runs: b[0].runs,
         worker_id: "worker-b",
     };
-    assert!(tasks::succeed(&db, fence_b, &json!("fresh")).await.unwrap());
+    assert!(succeed(&db, fence_b, &json!("fresh")).await.unwrap());
     let row = common::task(&db, id).await;
     assert_eq!(
         (row.status.as_str(), row.result),
@@ -679,7 +685,7 @@ async fn connections_killed_mid_drain_lose_nothing(_: PgPoolOptions, opts: PgCon
             .enqueue_many((0..1500).map(|i| syncq::NewTask::new(format!("d{}", i % 3), "counted")))
             .await
             .unwrap();
-        let worker_db = sqlx::postgres::PgPoolOptions::new()
+        let worker_db = PgPoolOptions::new()
             .max_connections(12)
             .connect_with(opts.clone().application_name("syncq-chaos"))
             .await

@@ -504,7 +504,7 @@ async fn the_vacuumer_reclaims_dead_rows_one_process_at_a_time(db: PgPool) {
 
     let mut other = db.acquire().await.unwrap();
     assert!(
-        syncq::store::ops::try_vacuum_lock(&mut other)
+        syncq::store::vacuum::try_vacuum_lock(&mut other)
             .await
             .unwrap()
     );
@@ -515,7 +515,9 @@ async fn the_vacuumer_reclaims_dead_rows_one_process_at_a_time(db: PgPool) {
             .unwrap()
             .is_empty()
     );
-    syncq::store::ops::vacuum_unlock(&mut other).await.unwrap();
+    syncq::store::vacuum::vacuum_unlock(&mut other)
+        .await
+        .unwrap();
 
     let vacuumed = vacuumer
         .run_once(&syncq::Db::from(&db), None)

@@ -388,11 +388,11 @@ impl SyncWorker for Recorder {
 async fn within_a_dataset_priority_then_run_at_then_id(_: PgPoolOptions, opts: PgConnectOptions) {
     let db = common::connect(&opts).await;
     let manager = TaskQueueManager::new(db.clone());
-    let past = chrono::Utc::now() - chrono::Duration::hours(1);
+    let past = Utc::now() - chrono::Duration::hours(1);
     // b and e tie on priority and run_at (the same instant, whole
     // microseconds): only the id orders them.
-    let tie = chrono::DateTime::from_timestamp_micros(
-        (chrono::Utc::now() - chrono::Duration::minutes(1)).timestamp_micros(),
+    let tie = DateTime::from_timestamp_micros(
+        (Utc::now() - chrono::Duration::minutes(1)).timestamp_micros(),
     )
     .unwrap();
     let a = manager

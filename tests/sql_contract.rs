@@ -625,7 +625,7 @@ async fn concurrent_inserts_of_one_unique_key_make_one_task(
 }
 
 async fn unique_key_race(opts: PgConnectOptions) {
-    let db = sqlx::postgres::PgPoolOptions::new()
+    let db = PgPoolOptions::new()
         .max_connections(RACERS as u32 + 2)
         .acquire_timeout(Duration::from_secs(30))
         .connect_with(opts.clone())

@@ -6,7 +6,7 @@ mod common;
 use serde_json::json;
 use sqlx::PgPool;
 use syncq::testing::{assert_enqueued, enqueued, run_task};
-use syncq::{NewTask, SyncTask, SyncWorker, TaskError, TaskResult, async_trait};
+use syncq::{NewTask, SyncTask, SyncWorker, TaskError, TaskResult, TaskStatus, async_trait};
 
 /// Fetches a page, enqueues the next one up to page 3, fails on page 0.
 struct FetchPage;
@@ -42,7 +42,7 @@ async fn run_task_records_each_outcome_as_a_pool_would(db: PgPool) {
     )
     .await
     .unwrap();
-    assert_eq!(ok.status, "succeeded");
+    assert_eq!(ok.status, TaskStatus::Succeeded);
     assert_eq!(
         (ok.attempts, ok.result.clone()),
         (1, Some(json!({ "fetched": 1 })))

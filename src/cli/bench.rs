@@ -391,9 +391,7 @@ fn to_sqlx(e: crate::Error) -> sqlx::Error {
     }
 }
 
-async fn timed(
-    work: impl std::future::Future<Output = sqlx::Result<()>>,
-) -> sqlx::Result<Duration> {
+async fn timed(work: impl Future<Output = sqlx::Result<()>>) -> sqlx::Result<Duration> {
     let start = Instant::now();
     work.await?;
     Ok(start.elapsed())

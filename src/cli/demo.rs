@@ -164,9 +164,10 @@ pub(super) async fn run(
             // The seeded work is done: no more ticks; the last one's task
             // (if any) still runs before the demo ends.
             unscheduled = true;
-            crate::store::schedules::remove(&db, SCHEDULE)
+            TaskQueueManager::new(db.clone())
+                .remove_schedule(SCHEDULE)
                 .await
-                .map_err(sql)?;
+                .map_err(|e| super::lib_failure("cannot remove the demo schedule", e))?;
             continue;
         }
         if unscheduled && rows.iter().all(|r| r.done == r.total) {
@@ -174,7 +175,9 @@ pub(super) async fn run(
         }
         if tokio::time::Instant::now() > deadline {
             display.finish();
-            let _ = crate::store::schedules::remove(&db, SCHEDULE).await;
+            let _ = TaskQueueManager::new(db.clone())
+                .remove_schedule(SCHEDULE)
+                .await;
             for (_, host) in hosts {
                 stop_pool(host).await;
             }
@@ -214,7 +217,10 @@ pub(super) async fn run(
     }
     display.finish();
     // Interrupted or not, the demo leaves no schedule ticking behind it.
-    if let Err(e) = crate::store::schedules::remove(&db, SCHEDULE).await {
+    if let Err(e) = TaskQueueManager::new(db.clone())
+        .remove_schedule(SCHEDULE)
+        .await
+    {
         tracing::warn!(error = %e, "could not remove the demo's schedule");
     }
     for (_, host) in hosts {

@@ -15,11 +15,13 @@ mod demo;
 mod ops;
 mod schedule;
 
-use crate::store::datasets::{DatasetRow, LimitsChange};
-use crate::{Db, NewTask, PoolConfig, Pooler, RateLimit, TaskQueueManager, WorkerPool};
+use crate::QueueSettings as DatasetRow;
+use crate::{
+    Db, LimitsUpdate, NewTask, PoolConfig, Pooler, RateLimit, TaskQueueManager, WorkerPool,
+};
 
 /// Where the CLI connects when `DATABASE_URL` is not set.
-pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/syncq";
+pub use crate::db::DEFAULT_DATABASE_URL;
 
 /// syncq: a persistent task queue backed by PostgreSQL.
 #[derive(Debug, Parser)]
@@ -41,6 +43,7 @@ pub struct Cli {
     #[arg(long, global = true, help_heading = "Global options", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// The command to run.
     #[command(subcommand)]
     pub command: Command,
 }
@@ -425,9 +428,9 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<(), CliError>
         Command::Retry(args) => ops::retry(&connect(&options, 1).await?, args, out).await,
         Command::Prune(args) => ops::prune(&connect(&options, 1).await?, args, out).await,
         Command::Roles => {
-            crate::store::roles::create(&connect(&options, 1).await?)
+            crate::schema::create_roles(connect(&options, 1).await?)
                 .await
-                .map_err(|e| db_failure("cannot create the roles", &e))?;
+                .map_err(|e| lib_failure("cannot create the roles", e))?;
             writeln!(
                 out,
                 "roles syncq_producer and syncq_worker are ready; grant them to logins"
@@ -556,6 +559,14 @@ pub(crate) fn db_failure(what: &str, e: &sqlx::Error) -> CliError {
     CliError::Runtime(format!("{what}: {}", describe(e)))
 }
 
+/// [`db_failure`] for what the library returns.
+pub(crate) fn lib_failure(what: &str, e: crate::Error) -> CliError {
+    match e {
+        crate::Error::Database(e) => db_failure(what, &e),
+        other => CliError::Runtime(format!("{what}: {}", one_line(&other.to_string()))),
+    }
+}
+
 pub(crate) fn describe(e: &sqlx::Error) -> String {
     match e.as_database_error() {
         Some(db) => one_line(db.message()),
@@ -567,37 +578,24 @@ pub(crate) fn describe(e: &sqlx::Error) -> String {
 async fn connect_creating(options: &PgConnectOptions) -> Result<PgPool, CliError> {
     match connect_pool(options, 2).await {
         Ok(db) => Ok(db),
-        Err(first) => {
-            let Some(name) = options.get_database().map(str::to_string) else {
-                return Err(first);
-            };
-            let admin = options.clone().database("postgres");
-            let Ok(mut conn) = admin.connect().await else {
-                return Err(first);
-            };
-            let exists: bool =
-                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-                    .bind(&name)
-                    .fetch_one(&mut conn)
-                    .await
-                    .map_err(|e| connect_error(&admin, &e))?;
-            if exists {
-                return Err(first);
+        Err(first) => match crate::db::create_database_if_missing(options).await {
+            Ok(true) => {
+                let name = options.get_database().unwrap_or("postgres");
+                note(&format!("created database {name:?}"));
+                connect_pool(options, 2).await
             }
-            let quoted = format!("\"{}\"", name.replace('"', "\"\""));
-            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {quoted}")))
-                .execute(&mut conn)
-                .await
-                .map_err(|e| {
-                    CliError::Runtime(format!(
-                        "cannot create database {quoted}: {}",
-                        one_line(&e.to_string())
-                    ))
-                })?;
-            let _ = conn.close().await;
-            note(&format!("created database {quoted}"));
-            connect_pool(options, 2).await
-        }
+            // It exists (the first error stands), or the server's
+            // `postgres` database cannot be reached either.
+            Ok(false)
+            | Err(sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolTimedOut) => {
+                Err(first)
+            }
+            Err(e) => Err(CliError::Runtime(format!(
+                "cannot create database {:?}: {}",
+                options.get_database().unwrap_or("postgres"),
+                one_line(&e.to_string())
+            ))),
+        },
     }
 }
 
@@ -668,21 +666,17 @@ async fn worker(
 }
 
 async fn limit(db: Db, args: LimitArgs, out: &mut (dyn Write + Send)) -> Result<(), CliError> {
-    let change = LimitsChange {
-        rate: args.rate.map(|r| {
-            r.into_option()
-                .map(|r| (i32::try_from(r.limit).unwrap_or(i32::MAX), r.window))
-        }),
-        max_concurrency: args.concurrency.map(|c| {
-            c.into_option()
-                .map(|n| i32::try_from(n).unwrap_or(i32::MAX))
-        }),
-        weight: args.weight.map(|w| i32::try_from(w).unwrap_or(1000)),
+    let update = LimitsUpdate {
+        rate_limit: args.rate.map(Cleared::into_option),
+        max_concurrency: args.concurrency.map(Cleared::into_option),
+        weight: args.weight,
     };
     ops::require_dataset(&db, &args.dataset, ops::Unknown::Create(args.create)).await?;
-    let row = crate::store::datasets::set_limits(&db, &args.dataset, change)
+    let row = TaskQueueManager::new(db)
+        .queue(&args.dataset)
+        .update_limits(update)
         .await
-        .map_err(|e| db_failure("cannot change the limits", &e))?;
+        .map_err(|e| lib_failure("cannot change the limits", e))?;
     writeln!(out, "{}", describe_limits(&row)).map_err(io_error)
 }
 

@@ -8,13 +8,16 @@ use clap::Args;
 use serde_json::json;
 
 use super::{CliError, io_error};
-use crate::maintenance::pruner::FINISHED;
-use crate::store;
-use crate::store::inspect::TaskInfo;
+use crate::TaskQueueManager;
+use crate::inspect::{TaskFilter, TaskInfo};
 use crate::task::TaskStatus;
 
-fn db_error(what: &str) -> impl Fn(sqlx::Error) -> CliError + '_ {
-    move |e| super::db_failure(what, &e)
+fn db_error(what: &str) -> impl Fn(crate::Error) -> CliError + '_ {
+    move |e| super::lib_failure(what, e)
+}
+
+fn manager(db: &Db) -> TaskQueueManager {
+    TaskQueueManager::new(db.clone())
 }
 
 /// Whether an unknown dataset may be created by the command (`--create`).
@@ -35,7 +38,8 @@ pub(super) async fn require_dataset(
     if unknown == Unknown::Create(true) {
         return Ok(());
     }
-    let known = store::datasets::known(db, dataset)
+    let known = manager(db)
+        .dataset_exists(dataset)
         .await
         .map_err(db_error("cannot read the dataset"))?;
     if known {
@@ -67,23 +71,25 @@ pub(super) async fn cancel(
 ) -> Result<(), CliError> {
     if let Some(dataset) = args.dataset {
         require_dataset(db, &dataset, Unknown::Refuse).await?;
-        let n = store::ops::cancel_dataset(db, &dataset)
+        let n = manager(db)
+            .queue(&dataset)
+            .cancel_all()
             .await
             .map_err(db_error("cannot cancel"))?;
         return writeln!(out, "cancel requested for {n} task(s) of {dataset:?}").map_err(io_error);
     }
     let id = args.id.unwrap_or_default();
-    match store::ops::cancel(db, id)
+    match manager(db)
+        .cancel(id)
         .await
         .map_err(db_error("cannot cancel"))?
     {
-        Some(status) if status == "cancelled" => {
-            writeln!(out, "task {id} cancelled").map_err(io_error)
-        }
+        Some(TaskStatus::Cancelled) => writeln!(out, "task {id} cancelled").map_err(io_error),
         Some(_) => {
             writeln!(out, "task {id} is running: its handler was told to cancel").map_err(io_error)
         }
-        None => match store::inspect::task(db, id)
+        None => match manager(db)
+            .task(id)
             .await
             .map_err(db_error("cannot read the task"))?
         {
@@ -107,9 +113,23 @@ pub struct RetryArgs {
     /// Every task of this dataset in --status instead.
     #[arg(long)]
     pub dataset: Option<String>,
-    /// With --dataset: which tasks to retry.
-    #[arg(long, default_value = "failed", value_parser = ["failed", "cancelled"], requires = "dataset")]
-    pub status: String,
+    /// With --dataset: which tasks to retry (failed or cancelled).
+    #[arg(long, default_value = "failed", value_parser = parse_retryable, requires = "dataset")]
+    pub status: TaskStatus,
+}
+
+fn parse_finished(s: &str) -> Result<TaskStatus, String> {
+    match s.parse() {
+        Ok(status) if TaskStatus::is_final(status) => Ok(status),
+        _ => Err("expected succeeded, failed or cancelled".into()),
+    }
+}
+
+fn parse_retryable(s: &str) -> Result<TaskStatus, String> {
+    match s.parse() {
+        Ok(status @ (TaskStatus::Failed | TaskStatus::Cancelled)) => Ok(status),
+        _ => Err("expected failed or cancelled".into()),
+    }
 }
 
 pub(super) async fn retry(
@@ -117,15 +137,21 @@ pub(super) async fn retry(
     args: RetryArgs,
     out: &mut (dyn Write + Send),
 ) -> Result<(), CliError> {
-    let unique = |e: sqlx::Error| match e.as_database_error().and_then(|d| d.code()) {
-        Some(code) if code == "23505" => CliError::Runtime(
-            "cannot retry: a queued or running task already holds the same unique_key".into(),
-        ),
-        _ => super::db_failure("cannot retry", &e),
+    let unique = |e: crate::Error| match &e {
+        crate::Error::Database(d)
+            if d.as_database_error().and_then(|d| d.code()).as_deref() == Some("23505") =>
+        {
+            CliError::Runtime(
+                "cannot retry: a queued or running task already holds the same unique_key".into(),
+            )
+        }
+        _ => super::lib_failure("cannot retry", e),
     };
     if let Some(dataset) = args.dataset {
         require_dataset(db, &dataset, Unknown::Refuse).await?;
-        let n = store::ops::retry_dataset(db, &dataset, &args.status)
+        let n = manager(db)
+            .queue(&dataset)
+            .retry_all(args.status)
             .await
             .map_err(unique)?;
         return writeln!(
@@ -136,10 +162,11 @@ pub(super) async fn retry(
         .map_err(io_error);
     }
     let id = args.id.unwrap_or_default();
-    if store::ops::retry(db, id).await.map_err(unique)? {
+    if manager(db).retry(id).await.map_err(unique)? {
         return writeln!(out, "task {id} queued again").map_err(io_error);
     }
-    match store::inspect::task(db, id)
+    match manager(db)
+        .task(id)
         .await
         .map_err(db_error("cannot read the task"))?
     {
@@ -158,8 +185,8 @@ pub struct PruneArgs {
     #[arg(long, value_parser = |s: &str| crate::PoolConfig::PRUNE_AGE_RANGE.parse(s))]
     pub older_than: Duration,
     /// Only these finished statuses (default: succeeded, failed, cancelled).
-    #[arg(long, value_delimiter = ',', value_parser = FINISHED)]
-    pub status: Vec<String>,
+    #[arg(long, value_delimiter = ',', value_parser = parse_finished)]
+    pub status: Vec<TaskStatus>,
 }
 
 pub(super) async fn prune(
@@ -167,22 +194,19 @@ pub(super) async fn prune(
     args: PruneArgs,
     out: &mut (dyn Write + Send),
 ) -> Result<(), CliError> {
-    let statuses: Vec<String> = if args.status.is_empty() {
-        FINISHED.iter().map(|s| s.to_string()).collect()
+    let statuses: Vec<TaskStatus> = if args.status.is_empty() {
+        vec![
+            TaskStatus::Succeeded,
+            TaskStatus::Failed,
+            TaskStatus::Cancelled,
+        ]
     } else {
         args.status
     };
-    const BATCH: i64 = 1000;
-    let mut total = 0;
-    loop {
-        let n = store::ops::prune_batch(db, args.older_than, &statuses, BATCH)
-            .await
-            .map_err(db_error("cannot prune"))?;
-        total += n;
-        if n < BATCH as u64 {
-            break;
-        }
-    }
+    let total = manager(db)
+        .prune_only(args.older_than, &statuses)
+        .await
+        .map_err(db_error("cannot prune"))?;
     writeln!(out, "deleted {total} finished task(s)").map_err(io_error)
 }
 
@@ -200,15 +224,16 @@ pub(super) async fn status(
     out: &mut (dyn Write + Send),
 ) -> Result<(), CliError> {
     let failed = db_error("cannot read the status");
-    let datasets = store::inspect::dataset_stats(db).await.map_err(&failed)?;
-    let workers = store::inspect::live_workers(db).await.map_err(&failed)?;
-    let stale = store::inspect::stale_workers(db).await.map_err(&failed)?;
-    let unhandled = store::inspect::unhandled_kinds(db).await.map_err(&failed)?;
-    let schedules = store::schedules::list(db).await.map_err(&failed)?;
+    let manager = manager(db);
+    let datasets = manager.dataset_stats().await.map_err(&failed)?;
+    let workers = manager.live_workers().await.map_err(&failed)?;
+    let stale = manager.stale_workers().await.map_err(&failed)?;
+    let unhandled = manager.unhandled_kinds().await.map_err(&failed)?;
+    let schedules = manager.schedules().await.map_err(&failed)?;
     if args.json {
         let stale: Vec<_> = stale
             .iter()
-            .map(|(host, pid, age)| json!({ "host": host, "pid": pid, "heartbeat_age_secs": age }))
+            .map(|w| json!({ "host": w.host, "pid": w.pid, "heartbeat_age_secs": w.silent_secs }))
             .collect();
         let doc = json!({
             "datasets": datasets,
@@ -286,7 +311,7 @@ pub(super) async fn status(
     if !stale.is_empty() {
         let list: Vec<String> = stale
             .iter()
-            .map(|(host, pid, age)| format!("{host}:{pid} (last beat {age:.0}s ago)"))
+            .map(|w| format!("{}:{} (last beat {:.0}s ago)", w.host, w.pid, w.silent_secs))
             .collect();
         text.push_str(&format!(
             "\nstale workers (no heartbeat for two intervals; their tasks come back when their leases expire): {}\n",
@@ -338,8 +363,8 @@ pub struct TasksArgs {
     #[arg(long)]
     pub status: Option<TaskStatus>,
     /// At most this many (newest first).
-    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..=100_000))]
-    pub limit: i64,
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub limit: u32,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -350,11 +375,16 @@ pub(super) async fn tasks(
     args: TasksArgs,
     out: &mut (dyn Write + Send),
 ) -> Result<(), CliError> {
-    let status = args.status.map(|s| s.as_str());
     if let Some(dataset) = &args.dataset {
         require_dataset(db, dataset, Unknown::Refuse).await?;
     }
-    let tasks = store::inspect::tasks(db, args.dataset.as_deref(), status, args.limit)
+    let filter = TaskFilter {
+        dataset_id: args.dataset.clone(),
+        status: args.status,
+        limit: Some(args.limit),
+    };
+    let tasks = manager(db)
+        .tasks(&filter)
         .await
         .map_err(db_error("cannot list tasks"))?;
     if args.json {
@@ -367,7 +397,7 @@ pub(super) async fn tasks(
                 t.id.to_string(),
                 t.dataset_id.clone(),
                 t.kind.clone(),
-                t.status.clone(),
+                t.status.to_string(),
                 format!("{}/{}", t.attempts, t.max_attempts),
                 t.run_at.format("%Y-%m-%d %H:%M:%S").to_string(),
                 match (t.last_error.as_deref(), t.status.as_str()) {
@@ -414,10 +444,11 @@ pub(super) async fn show(
     out: &mut (dyn Write + Send),
 ) -> Result<(), CliError> {
     let failed = db_error("cannot read the task");
-    let Some(task) = store::inspect::task(db, args.id).await.map_err(&failed)? else {
+    let manager = manager(db);
+    let Some(task) = manager.task(args.id).await.map_err(&failed)? else {
         return Err(CliError::Usage(format!("no task with id {}", args.id)));
     };
-    let errors = store::inspect::errors(db, args.id).await.map_err(&failed)?;
+    let errors = manager.task_errors(args.id).await.map_err(&failed)?;
     if args.json {
         let mut doc = json!(task);
         doc["errors"] = json!(errors);

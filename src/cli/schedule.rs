@@ -6,10 +6,10 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use super::{CliError, db_failure, io_error};
+use super::{CliError, io_error, lib_failure};
+use crate::TaskQueueManager;
 use crate::db::Db;
 use crate::schedule::{Schedule, Timing};
-use crate::store;
 
 /// `syncq schedule …`.
 #[derive(Debug, Subcommand)]
@@ -87,6 +87,7 @@ pub(super) async fn run(
     command: ScheduleCommand,
     out: &mut (dyn Write + Send),
 ) -> Result<(), CliError> {
+    let manager = TaskQueueManager::new(db.clone());
     match command {
         ScheduleCommand::Add(args) => {
             let timing = match (args.cron, args.every) {
@@ -99,16 +100,17 @@ pub(super) async fn run(
                 .timezone(args.timezone);
             schedule.catch_up = !args.no_catch_up;
             schedule.overlap = args.overlap;
-            schedule.validate()?;
-            store::schedules::upsert(db, &schedule)
+            manager
+                .schedule(schedule)
                 .await
-                .map_err(|e| db_failure("cannot save the schedule", &e))?;
+                .map_err(|e| lib_failure("cannot save the schedule", e))?;
             writeln!(out, "schedule {:?} saved", args.name).map_err(io_error)
         }
         ScheduleCommand::List { json } => {
-            let all = store::schedules::list(db)
+            let all = manager
+                .schedules()
                 .await
-                .map_err(|e| db_failure("cannot list the schedules", &e))?;
+                .map_err(|e| lib_failure("cannot list the schedules", e))?;
             if json {
                 return writeln!(out, "{:#}", json!(all)).map_err(io_error);
             }
@@ -164,23 +166,26 @@ pub(super) async fn run(
             .map_err(io_error)
         }
         ScheduleCommand::Remove { name } => {
-            let removed = store::schedules::remove(db, &name)
+            let removed = manager
+                .remove_schedule(&name)
                 .await
-                .map_err(|e| db_failure("cannot remove the schedule", &e))?;
+                .map_err(|e| lib_failure("cannot remove the schedule", e))?;
             found(removed, &name)?;
             writeln!(out, "schedule {name:?} removed").map_err(io_error)
         }
         ScheduleCommand::Pause { name } => {
-            let done = store::schedules::set_paused(db, &name, true)
+            let done = manager
+                .pause_schedule(&name, true)
                 .await
-                .map_err(|e| db_failure("cannot pause the schedule", &e))?;
+                .map_err(|e| lib_failure("cannot pause the schedule", e))?;
             found(done, &name)?;
             writeln!(out, "schedule {name:?} paused").map_err(io_error)
         }
         ScheduleCommand::Resume { name } => {
-            let done = store::schedules::set_paused(db, &name, false)
+            let done = manager
+                .pause_schedule(&name, false)
                 .await
-                .map_err(|e| db_failure("cannot resume the schedule", &e))?;
+                .map_err(|e| lib_failure("cannot resume the schedule", e))?;
             found(done, &name)?;
             writeln!(out, "schedule {name:?} resumed").map_err(io_error)
         }

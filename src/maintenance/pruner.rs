@@ -58,10 +58,10 @@ impl Pruner {
         let mut report = PruneReport::default();
         if let Some(retention) = self.retention {
             (report.tasks, report.more) =
-                prune_tasks(db, retention, self.batch, self.max_batches).await?;
+                prune_tasks(db, retention, &FINISHED, self.batch, self.max_batches).await?;
         }
         RateLimiter::prune_log(db, self.batch).await?;
-        report.workers = store::ops::prune_dead_workers(db, self.dead_worker_after).await?;
+        report.workers = store::workers::prune_dead_workers(db, self.dead_worker_after).await?;
         if report.tasks > 0 || report.workers > 0 {
             tracing::info!(tasks = report.tasks, workers = report.workers, "pruned");
         }
@@ -69,19 +69,21 @@ impl Pruner {
     }
 }
 
-/// Deletes tasks finished more than `older_than` ago, `batch` per
+/// Deletes tasks in `statuses` (finished ones) that finished more than
+/// `older_than` ago, `batch` per
 /// statement, at most `max_batches` statements. Returns how many, and
 /// whether it stopped with more to delete.
 pub(crate) async fn prune_tasks(
     db: &Db,
     older_than: Duration,
+    statuses: &[&str],
     batch: i64,
     max_batches: u32,
 ) -> sqlx::Result<(u64, bool)> {
-    let statuses: Vec<String> = FINISHED.iter().map(|s| s.to_string()).collect();
+    let statuses: Vec<String> = statuses.iter().map(|s| s.to_string()).collect();
     let mut pruned = 0;
     for _ in 0..max_batches {
-        let n = store::ops::prune_batch(db, older_than, &statuses, batch).await?;
+        let n = store::tasks::prune_batch(db, older_than, &statuses, batch).await?;
         pruned += n;
         if n < batch.unsigned_abs() {
             return Ok((pruned, false));

@@ -47,7 +47,7 @@ impl Vacuumer {
         if direct.is_none() && db.pooler() == Pooler::Transaction {
             return Ok(Vec::new());
         }
-        let due: Vec<String> = store::ops::churn(db)
+        let due: Vec<String> = store::vacuum::churn(db)
             .await?
             .into_iter()
             .filter(|(_, dead, live)| {
@@ -65,19 +65,19 @@ impl Vacuumer {
             Some(options) => options.connect().await?,
             None => db.pool().acquire().await?.detach(),
         };
-        if !store::ops::try_vacuum_lock(&mut conn).await? {
+        if !store::vacuum::try_vacuum_lock(&mut conn).await? {
             let _ = sqlx::Connection::close(conn).await;
             return Ok(Vec::new());
         }
         let mut result = Ok(());
         for table in &due {
-            result = store::ops::vacuum(&mut conn, table).await;
+            result = store::vacuum::vacuum(&mut conn, table).await;
             if result.is_err() {
                 break;
             }
             tracing::debug!(table = %table, "vacuumed");
         }
-        let _ = store::ops::vacuum_unlock(&mut conn).await;
+        let _ = store::vacuum::vacuum_unlock(&mut conn).await;
         let _ = sqlx::Connection::close(conn).await;
         result.map(|()| due)
     }

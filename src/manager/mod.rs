@@ -9,6 +9,7 @@
 //! whose rows make claims fail is found and set aside by the claimer
 //! ([`set_aside`]) so the others keep being served.
 
+pub mod inspect;
 pub(crate) mod set_aside;
 
 use std::sync::Arc;
@@ -84,7 +85,7 @@ impl TaskQueueManager {
     /// ```
     pub async fn schedule(&self, schedule: crate::schedule::Schedule) -> Result<()> {
         schedule.validate()?;
-        crate::store::schedules::upsert(&self.db, &schedule).await?;
+        store::schedules::upsert(&self.db, &schedule).await?;
         Ok(())
     }
 
@@ -99,12 +100,18 @@ impl TaskQueueManager {
         for s in schedules {
             s.validate()?;
         }
-        Ok(crate::store::schedules::reconcile(&self.db, schedules).await?)
+        Ok(store::schedules::reconcile(&self.db, schedules).await?)
+    }
+
+    /// Pauses (`true`) or resumes a schedule: a paused one enqueues
+    /// nothing; resumed, it ticks from now on. False if there is none.
+    pub async fn pause_schedule(&self, schedule_id: &str, paused: bool) -> Result<bool> {
+        Ok(store::schedules::set_paused(&self.db, schedule_id, paused).await?)
     }
 
     /// Removes a schedule (its tasks stay); false if there was none.
     pub async fn remove_schedule(&self, schedule_id: &str) -> Result<bool> {
-        Ok(crate::store::schedules::remove(&self.db, schedule_id).await?)
+        Ok(store::schedules::remove(&self.db, schedule_id).await?)
     }
 
     /// A manager on a connection pool: a `PgPool`, or a [`Db`] that says
@@ -283,22 +290,46 @@ impl TaskQueueManager {
     /// a running one's handler is told within a second. Returns the task's
     /// status afterwards, or `None` if no queued or running task has this id.
     pub async fn cancel(&self, id: TaskId) -> Result<Option<TaskStatus>> {
-        let status = store::ops::cancel(&self.db, id).await?;
-        Ok(status.and_then(|s| s.parse().ok()))
+        Ok(store::tasks::cancel(&self.db, id).await?)
     }
 
     /// Puts a failed or cancelled task back to `queued`, keeping its attempts
     /// and error history and allowing at least one more attempt. False: no
     /// failed or cancelled task has this id.
     pub async fn retry(&self, id: TaskId) -> Result<bool> {
-        Ok(store::ops::retry(&self.db, id).await?)
+        Ok(store::tasks::retry(&self.db, id).await?)
     }
 
     /// Deletes finished tasks that finished more than `older_than` ago, in
     /// short batches; returns how many.
-    pub async fn prune(&self, older_than: std::time::Duration) -> Result<u64> {
-        let (pruned, _) =
-            crate::maintenance::pruner::prune_tasks(&self.db, older_than, 1000, u32::MAX).await?;
+    pub async fn prune(&self, older_than: Duration) -> Result<u64> {
+        self.prune_only(
+            older_than,
+            &[
+                TaskStatus::Succeeded,
+                TaskStatus::Failed,
+                TaskStatus::Cancelled,
+            ],
+        )
+        .await
+    }
+
+    /// [`prune`](Self::prune), of the tasks in `statuses` only (finished
+    /// ones; others are never deleted).
+    pub async fn prune_only(&self, older_than: Duration, statuses: &[TaskStatus]) -> Result<u64> {
+        let statuses: Vec<&str> = statuses
+            .iter()
+            .filter(|s| s.is_final())
+            .map(|s| s.as_str())
+            .collect();
+        let (pruned, _) = crate::maintenance::pruner::prune_tasks(
+            &self.db,
+            older_than,
+            &statuses,
+            crate::maintenance::pruner::Pruner::DEFAULT_BATCH,
+            u32::MAX,
+        )
+        .await?;
         Ok(pruned)
     }
 }

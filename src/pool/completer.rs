@@ -18,7 +18,7 @@ pub(super) struct Completion {
     pub(super) runs: i32,
     pub(super) result: Value,
     /// Whether it was written (false: fenced out), or why not.
-    pub(super) reply: oneshot::Sender<std::result::Result<bool, CompleteError>>,
+    pub(super) reply: oneshot::Sender<Result<bool, CompleteError>>,
 }
 
 /// Why a success was not written.
@@ -88,7 +88,7 @@ pub(super) async fn complete(
     shared: &Shared,
     task: &ClaimedTask,
     result: Value,
-) -> std::result::Result<bool, CompleteError> {
+) -> Result<bool, CompleteError> {
     let (reply, written) = oneshot::channel();
     let request = Completion {
         id: task.id,

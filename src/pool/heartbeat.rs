@@ -131,7 +131,7 @@ pub(super) async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken)
 /// `query`, or a timeout error once `limit` has passed.
 pub(super) async fn within<T>(
     limit: Duration,
-    query: impl std::future::Future<Output = sqlx::Result<T>>,
+    query: impl Future<Output = sqlx::Result<T>>,
 ) -> sqlx::Result<T> {
     tokio::time::timeout(limit, query)
         .await

@@ -13,7 +13,7 @@ use super::Shared;
 pub(super) async fn sample_loop(shared: Arc<Shared>, every: Duration, stop: CancellationToken) {
     let mut seen: HashSet<String> = HashSet::new();
     loop {
-        match store::inspect::queue_depths(&shared.db).await {
+        match store::reports::queue_depths(&shared.db).await {
             Ok(rows) => {
                 let now: HashSet<String> = rows.iter().map(|r| r.0.clone()).collect();
                 for (dataset, queued, running, age) in &rows {

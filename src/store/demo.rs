@@ -118,8 +118,6 @@ pub struct Summary {
     pub window_secs: f64,
     /// The rate limit, as starts per second, if any.
     pub limit_per_second: Option<f64>,
-    /// The concurrency cap, if any.
-    pub max_concurrency: Option<i32>,
 }
 
 /// The summary of every dataset whose name starts with `prefix`, timed
@@ -147,8 +145,7 @@ pub async fn summary(
                coalesce(extract(epoch FROM max(t.started_at) - $2)::float8, 0) AS "last_start_secs!",
                CASE WHEN d.rate_limit IS NULL THEN 1.0
                     ELSE extract(epoch FROM d.rate_window)::float8 END AS "window_secs!",
-               d.rate_limit / extract(epoch FROM d.rate_window)::float8 AS limit_per_second,
-               d.max_concurrency
+               d.rate_limit / extract(epoch FROM d.rate_window)::float8 AS limit_per_second
         FROM syncq.datasets d
         LEFT JOIN syncq.tasks t ON t.dataset_id = d.dataset_id
         WHERE d.dataset_id LIKE $1

@@ -7,14 +7,16 @@
 //! another slot of the same process — matches nothing and writes nothing.
 
 pub mod datasets;
+#[cfg(feature = "cli")]
 pub mod demo;
-pub mod inspect;
 pub(crate) mod ledger;
-pub mod ops;
 pub mod rate_log;
+pub mod reports;
 pub mod roles;
 pub mod schedules;
+pub(crate) mod server;
 pub mod tasks;
+pub mod vacuum;
 pub mod workers;
 
 /// Seconds as the `float8` that `make_interval(secs => …)` takes.

@@ -6,7 +6,7 @@ use serde_json::Value;
 use sqlx::PgExecutor;
 
 use crate::schedule::{Schedule, Timing};
-use crate::task::TaskId;
+use crate::task::{TaskId, TaskStatus};
 
 /// A due schedule, as the scheduler reads it.
 #[derive(Debug, Clone)]
@@ -236,18 +236,31 @@ pub async fn set_paused(
 /// A schedule as `syncq schedule list` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ScheduleInfo {
+    /// Its name, unique: the id of `syncq.schedules`.
     pub schedule_id: String,
+    /// The dataset its tasks go to.
     pub dataset_id: String,
+    /// The kind of its tasks.
     pub kind: String,
+    /// Its cron expression, if it ticks by one.
     pub cron: Option<String>,
+    /// Its interval in seconds, if it ticks by one.
     pub every_secs: Option<f64>,
+    /// The IANA time zone its cron expression is read in.
     pub timezone: String,
+    /// Paused: it enqueues nothing (for a dataset: nothing of it starts).
     pub paused: bool,
+    /// When it ticks next (`None`: not yet computed, paused, or in error).
     pub next_run_at: Option<DateTime<Utc>>,
+    /// Its last tick.
     pub last_run_at: Option<DateTime<Utc>>,
+    /// The task its last tick enqueued.
     pub last_task_id: Option<TaskId>,
-    pub last_task_status: Option<String>,
+    /// That task's status (`None`: pruned).
+    pub last_task_status: Option<TaskStatus>,
+    /// Ticks skipped because the previous task was still queued or running.
     pub skipped_ticks: i64,
+    /// Why it cannot tick (an invalid cron or time zone), if so.
     pub error: Option<String>,
 }
 
@@ -259,7 +272,7 @@ pub async fn list(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<ScheduleInfo>> {
         SELECT s.schedule_id, s.dataset_id, s.kind, s.cron,
                extract(epoch FROM s.every)::float8 AS every_secs, s.timezone, s.paused,
                s.next_run_at, s.last_run_at, s.last_task_id,
-               (SELECT t.status::text FROM syncq.tasks t WHERE t.id = s.last_task_id) AS last_task_status,
+               (SELECT t.status FROM syncq.tasks t WHERE t.id = s.last_task_id) AS "last_task_status: TaskStatus",
                s.skipped_ticks, s.error
         FROM syncq.schedules s
         ORDER BY s.schedule_id

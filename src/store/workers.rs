@@ -1,6 +1,9 @@
 //! Statements on `syncq.workers`, the registry of live worker processes.
 
 use sqlx::PgExecutor;
+use std::time::Duration;
+
+use super::secs;
 
 /// What a worker process registers.
 #[derive(Debug, Clone, Copy)]
@@ -12,7 +15,7 @@ pub struct Registration<'a> {
     pub datasets: Option<&'a [String]>,
     pub concurrency: i32,
     /// How often it beats: `syncq status` counts it live for two beats.
-    pub heartbeat: std::time::Duration,
+    pub heartbeat: Duration,
 }
 
 /// Registers (or re-registers) a worker process.
@@ -56,4 +59,18 @@ pub async fn deregister(db: impl PgExecutor<'_>, worker_id: &str) -> sqlx::Resul
         .execute(db)
         .await?;
     Ok(())
+}
+
+/// Deletes registry rows of workers silent for longer than `silent_for`.
+pub async fn prune_dead_workers(
+    db: impl PgExecutor<'_>,
+    silent_for: Duration,
+) -> sqlx::Result<u64> {
+    let done = sqlx::query!(
+        "DELETE FROM syncq.workers WHERE last_heartbeat_at < now() - make_interval(secs => $1)",
+        secs(silent_for)
+    )
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected())
 }

@@ -1,28 +1,40 @@
-//! Read-only queries for `syncq status`, `tasks` and `show`.
+//! Read models: what `syncq status`, `tasks`, `show` and the metrics read.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
 use sqlx::PgExecutor;
 
-use crate::task::TaskId;
+use crate::task::{TaskId, TaskStatus};
 
 /// One row of `syncq.dataset_stats`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DatasetStats {
+    /// The dataset its tasks go to.
     pub dataset_id: String,
+    /// Tasks waiting (delayed ones included).
     pub queued: i64,
+    /// Tasks held by a worker now.
     pub running: i64,
+    /// Tasks finished with a result (kept until pruned).
     pub succeeded: i64,
+    /// Tasks failed for good (kept until pruned).
     pub failed: i64,
+    /// Tasks cancelled (kept until pruned).
     pub cancelled: i64,
     /// Seconds since the oldest ready task became ready.
     pub oldest_ready_age_secs: Option<f64>,
+    /// Starts allowed per `rate_window_secs`, if rate-limited.
     pub rate_limit: Option<i32>,
+    /// The rate limit's sliding window, in seconds.
     pub rate_window_secs: f64,
+    /// The cap on its running tasks across the fleet, if any.
     pub max_concurrency: Option<i32>,
+    /// Paused: it enqueues nothing (for a dataset: nothing of it starts).
     pub paused: bool,
+    /// Until when an upstream's "rate limit exceeded" holds it back.
     pub throttled_until: Option<DateTime<Utc>>,
+    /// Held back now by a throttle.
     pub throttled: bool,
 }
 
@@ -64,14 +76,23 @@ pub async fn dataset_stats(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<DatasetS
 /// A live worker process.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct WorkerInfo {
+    /// The worker's id (`locked_by` of the tasks it holds).
     pub worker_id: String,
+    /// Its host.
     pub host: String,
+    /// Its process id there.
     pub pid: i32,
+    /// The kinds it has handlers for.
     pub kinds: Vec<String>,
+    /// Its slots: tasks it runs at once.
     pub concurrency: i32,
+    /// Tasks held by a worker now.
     pub running: i64,
+    /// When it started (for a task: its current or last attempt).
     pub started_at: DateTime<Utc>,
+    /// Its last heartbeat.
     pub last_heartbeat_at: DateTime<Utc>,
+    /// Seconds since its last heartbeat.
     pub heartbeat_age_secs: f64,
     /// How often it beats: it is live while its last beat is younger than
     /// two of these (and a second).
@@ -129,24 +150,43 @@ pub async fn unhandled_kinds(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<String
 /// A task as `syncq tasks` and `syncq show` print it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TaskInfo {
+    /// The task's id.
     pub id: TaskId,
+    /// The dataset its tasks go to.
     pub dataset_id: String,
+    /// The kind of its tasks.
     pub kind: String,
-    pub status: String,
+    /// Its status.
+    pub status: TaskStatus,
+    /// The priority of its tasks (lower runs first).
     pub priority: i16,
+    /// Counted attempts so far.
     pub attempts: i32,
+    /// `max_attempts` of its tasks.
     pub max_attempts: i32,
+    /// When it may run (next).
     pub run_at: DateTime<Utc>,
+    /// When it was enqueued.
     pub created_at: DateTime<Utc>,
+    /// When it started (for a task: its current or last attempt).
     pub started_at: Option<DateTime<Utc>>,
+    /// When it finished, if it did.
     pub finished_at: Option<DateTime<Utc>>,
+    /// The worker holding it, while running.
     pub locked_by: Option<String>,
+    /// When its holder's lease runs out, while running.
     pub lease_expires_at: Option<DateTime<Utc>>,
+    /// Its deduplication key, if any.
     pub unique_key: Option<String>,
+    /// A cancel was requested.
     pub cancel_requested: bool,
+    /// The payload of every task it enqueues.
     pub payload: Value,
+    /// The progress its handler last saved.
     pub checkpoint: Option<Value>,
+    /// What its handler returned, once succeeded.
     pub result: Option<Value>,
+    /// The error of its last failed attempt.
     pub last_error: Option<String>,
 }
 
@@ -160,9 +200,10 @@ pub async fn tasks(
     sqlx::query_as!(
         TaskInfo,
         r#"
-        SELECT id, dataset_id, kind, status::text AS "status!", priority, attempts, max_attempts,
-               run_at, created_at, started_at, finished_at, locked_by, lease_expires_at,
-               unique_key, cancel_requested, payload, checkpoint, result, last_error
+        SELECT id, dataset_id, kind, status AS "status!: TaskStatus", priority, attempts,
+               max_attempts, run_at, created_at, started_at, finished_at, locked_by,
+               lease_expires_at, unique_key, cancel_requested, payload, checkpoint, result,
+               last_error
         FROM syncq.tasks
         WHERE ($1::text IS NULL OR dataset_id = $1) AND ($2::text IS NULL OR status::text = $2)
         ORDER BY id DESC
@@ -179,9 +220,13 @@ pub async fn tasks(
 /// One attempt's error.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AttemptError {
+    /// Which attempt.
     pub attempt: i32,
+    /// The worker's id (`locked_by` of the tasks it holds).
     pub worker_id: Option<String>,
+    /// The error, as stored.
     pub error: String,
+    /// When (database clock).
     pub at: DateTime<Utc>,
 }
 
@@ -201,7 +246,7 @@ pub async fn task(db: impl PgExecutor<'_>, id: TaskId) -> sqlx::Result<Option<Ta
     sqlx::query_as!(
         TaskInfo,
         r#"
-        SELECT id, dataset_id, kind, status::text AS "status!", priority, attempts, max_attempts,
+        SELECT id, dataset_id, kind, status AS "status!: TaskStatus", priority, attempts, max_attempts,
                run_at, created_at, started_at, finished_at, locked_by, lease_expires_at,
                unique_key, cancel_requested, payload, checkpoint, result, last_error
         FROM syncq.tasks WHERE id = $1

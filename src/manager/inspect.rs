@@ -1,0 +1,98 @@
+//! Reading the queues: what `syncq status`, `tasks` and `show` print, as
+//! the library hands it out (the CLI reads through these, not the SQL).
+
+use crate::error::Result;
+use crate::store;
+use crate::task::{TaskId, TaskStatus};
+
+pub use crate::store::reports::{AttemptError, DatasetStats, TaskInfo, WorkerInfo};
+pub use crate::store::schedules::ScheduleInfo;
+
+use super::TaskQueueManager;
+
+/// A registered worker whose heartbeat stopped (killed, or cut off from
+/// the database): its row goes when it exits cleanly; its tasks come back
+/// when their leases expire.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StaleWorker {
+    /// Its host.
+    pub host: String,
+    /// Its process id there.
+    pub pid: i32,
+    /// Seconds since its last heartbeat.
+    pub silent_secs: f64,
+}
+
+/// Which tasks [`TaskQueueManager::tasks`] lists.
+#[derive(Debug, Clone, Default)]
+pub struct TaskFilter {
+    /// Only this dataset's.
+    pub dataset_id: Option<String>,
+    /// Only in this status.
+    pub status: Option<TaskStatus>,
+    /// At most this many, newest first (default 50).
+    pub limit: Option<u32>,
+}
+
+impl TaskQueueManager {
+    /// Every dataset with its counts, settings and state
+    /// (`syncq.dataset_stats`).
+    pub async fn dataset_stats(&self) -> Result<Vec<DatasetStats>> {
+        Ok(store::reports::dataset_stats(&self.db).await?)
+    }
+
+    /// The worker processes whose heartbeat is current.
+    pub async fn live_workers(&self) -> Result<Vec<WorkerInfo>> {
+        Ok(store::reports::live_workers(&self.db).await?)
+    }
+
+    /// The registered workers whose heartbeat stopped.
+    pub async fn stale_workers(&self) -> Result<Vec<StaleWorker>> {
+        Ok(store::reports::stale_workers(&self.db)
+            .await?
+            .into_iter()
+            .map(|(host, pid, silent_secs)| StaleWorker {
+                host,
+                pid,
+                silent_secs,
+            })
+            .collect())
+    }
+
+    /// Kinds with queued tasks that no live worker handles.
+    pub async fn unhandled_kinds(&self) -> Result<Vec<String>> {
+        Ok(store::reports::unhandled_kinds(&self.db).await?)
+    }
+
+    /// Every schedule, with its next and last run.
+    pub async fn schedules(&self) -> Result<Vec<ScheduleInfo>> {
+        Ok(store::schedules::list(&self.db).await?)
+    }
+
+    /// Tasks, newest first, by `filter`.
+    pub async fn tasks(&self, filter: &TaskFilter) -> Result<Vec<TaskInfo>> {
+        Ok(store::reports::tasks(
+            &self.db,
+            filter.dataset_id.as_deref(),
+            filter.status.map(TaskStatus::as_str),
+            i64::from(filter.limit.unwrap_or(50)),
+        )
+        .await?)
+    }
+
+    /// One task, whatever its status; `None` if no task has this id.
+    pub async fn task(&self, id: TaskId) -> Result<Option<TaskInfo>> {
+        Ok(store::reports::task(&self.db, id).await?)
+    }
+
+    /// Every recorded error of a task's attempts, oldest first.
+    pub async fn task_errors(&self, id: TaskId) -> Result<Vec<AttemptError>> {
+        Ok(store::reports::errors(&self.db, id).await?)
+    }
+
+    /// Whether a dataset exists: it has a row (a task was enqueued to it,
+    /// or it was configured).
+    pub async fn dataset_exists(&self, dataset_id: &str) -> Result<bool> {
+        Ok(store::datasets::known(&self.db, dataset_id).await?)
+    }
+}

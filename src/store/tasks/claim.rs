@@ -1,0 +1,231 @@
+//! Handing tasks out: the claim (`syncq.claim`, docs/claim.md) and what a
+//! claimer asks around it — when work is next due, what is left.
+
+use sqlx::PgExecutor;
+use std::time::Duration;
+
+use crate::store::secs;
+use crate::task::{ClaimedTask, TaskId};
+
+/// Claims up to `limit` ready tasks of the given kinds for `worker_id`,
+/// taking turns across datasets and honouring each dataset's pause,
+/// throttle, concurrency cap and rate limit. The heart of syncq: the SQL is
+/// `syncq.claim()` in `migrations/0003_claim.sql`, explained in
+/// `docs/claim.md`. One round trip. Datasets in `skip` are left out (a
+/// worker sets aside a dataset whose claim fails, see [`crate::pool`]).
+pub async fn claim(
+    db: impl PgExecutor<'_>,
+    worker_id: &str,
+    kinds: &[String],
+    datasets: Option<&[String]>,
+    skip: &[String],
+    limit: i64,
+    lease: Duration,
+) -> sqlx::Result<Vec<ClaimedTask>> {
+    let limit = i32::try_from(limit).unwrap_or(i32::MAX);
+    sqlx::query_as!(
+        ClaimedTask,
+        r#"
+        SELECT id AS "id!", dataset_id AS "dataset_id!", kind AS "kind!", payload AS "payload!",
+               priority AS "priority!", attempts AS "attempts!", max_attempts AS "max_attempts!",
+               runs AS "runs!", checkpoint, created_at AS "created_at!",
+               started_at AS "started_at!"
+        FROM syncq.claim($1, $2, $3, $4, $5, $6)
+        "#,
+        worker_id,
+        kinds,
+        datasets,
+        skip,
+        limit,
+        secs(lease),
+    )
+    .fetch_all(db)
+    .await
+}
+
+/// Claims one queued task by id, whatever its dataset's turn, limits or
+/// `run_at`: for `syncq::testing`, which runs a handler against a chosen
+/// task. None if it is not queued.
+pub async fn claim_by_id(
+    db: impl PgExecutor<'_>,
+    id: TaskId,
+    worker_id: &str,
+    lease: Duration,
+) -> sqlx::Result<Option<ClaimedTask>> {
+    sqlx::query_as!(
+        ClaimedTask,
+        r#"
+        UPDATE syncq.tasks
+        SET status = 'running', attempts = attempts + 1, runs = runs % 2147483647 + 1, locked_by = $2,
+            lease_expires_at = clock_timestamp() + make_interval(secs => $3),
+            started_at = clock_timestamp(), finished_at = NULL
+        WHERE id = $1 AND status = 'queued'
+        RETURNING id, dataset_id, kind, payload, priority, attempts, max_attempts, runs,
+                  checkpoint, created_at, started_at AS "started_at!"
+        "#,
+        id,
+        worker_id,
+        secs(lease),
+    )
+    .fetch_optional(db)
+    .await
+}
+
+/// How long until a claim for these kinds may succeed: `Some(ZERO)` when a
+/// dataset is claimable now (an empty claim lost a race for its lock), the
+/// wait for the earliest throttle, rate budget or delayed task otherwise,
+/// `None` when there is nothing to wait for but new work.
+pub async fn next_claim_in(
+    db: impl PgExecutor<'_>,
+    kinds: &[String],
+    datasets: Option<&[String]>,
+    skip: &[String],
+) -> sqlx::Result<Option<Duration>> {
+    let secs = sqlx::query_scalar!(
+        r#"SELECT syncq.next_claim_in($1, $2, $3) AS "secs""#,
+        kinds,
+        datasets,
+        skip,
+    )
+    .fetch_one(db)
+    .await?;
+    Ok(secs.map(|s| Duration::from_secs_f64(s.clamp(0.0, 86_400.0))))
+}
+
+/// Moves the readiness producers appended into the dataset rows (the
+/// claim's step 0, `syncq.absorb_signals()`), in a statement of its own.
+/// Returns the signals absorbed.
+pub async fn absorb_signals(db: impl PgExecutor<'_>) -> sqlx::Result<i32> {
+    sqlx::query_scalar!(r#"SELECT syncq.absorb_signals() AS "absorbed!""#)
+        .fetch_one(db)
+        .await
+}
+
+/// The running tasks held in this worker's name, with their `runs`: after
+/// a claim whose answer was lost, those no handler runs are handed back.
+pub async fn running_as(
+    db: impl PgExecutor<'_>,
+    worker_id: &str,
+) -> sqlx::Result<Vec<(TaskId, i32)>> {
+    let rows = sqlx::query!(
+        r#"
+        SELECT id, runs FROM syncq.tasks
+        WHERE status = 'running' AND locked_by = $1
+        "#,
+        worker_id,
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.id, r.runs)).collect())
+}
+
+/// The datasets a claim of these kinds would pick first, in turn order:
+/// step 1 of `syncq.claim()`, with the same filters (pause, throttle, cap,
+/// rate budget), so the dataset that makes claims fail is among them.
+pub async fn claim_candidates(
+    db: impl PgExecutor<'_>,
+    kinds: &[String],
+    datasets: Option<&[String]>,
+    skip: &[String],
+    limit: i64,
+) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar!(
+        r#"
+        SELECT d.dataset_id FROM syncq.datasets d
+        WHERE d.ready_at IS NOT NULL AND d.ready_at <= now() AND NOT d.paused
+          AND (d.throttled_until IS NULL OR d.throttled_until <= now())
+          AND ($2::text[] IS NULL OR d.dataset_id = ANY ($2))
+          AND NOT (d.dataset_id = ANY ($3))
+          AND (d.max_concurrency IS NULL OR d.max_concurrency > (
+                SELECT count(*) FROM syncq.tasks r
+                WHERE r.dataset_id = d.dataset_id AND r.status = 'running'))
+          AND (d.rate_limit IS NULL OR d.rate_limit > (
+                SELECT count(*) FROM syncq.rate_log l
+                WHERE l.dataset_id = d.dataset_id AND l.started_at > now() - d.rate_window))
+          AND (SELECT true FROM syncq.tasks t
+               WHERE t.dataset_id = d.dataset_id AND t.status = 'queued'
+                 AND t.run_at <= now() AND t.kind = ANY ($1) AND NOT t.cancel_requested
+               ORDER BY t.priority, t.run_at, t.id
+               LIMIT 1)
+        ORDER BY d.last_claimed_at NULLS FIRST, d.served_at NULLS FIRST, d.dataset_id
+        LIMIT $4
+        "#,
+        kinds,
+        datasets,
+        skip,
+        limit,
+    )
+    .fetch_all(db)
+    .await
+}
+
+/// What is left for a draining worker (`exit_when_idle`): tasks of these
+/// kinds and datasets running anywhere, queued and claimable within
+/// `horizon_secs` (ready, or delayed or throttled until no later than
+/// that; rate budgets free within their window, so their tasks count),
+/// and the ones that will not be: in paused datasets, or due later.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Leftover {
+    pub running: i64,
+    pub soon: i64,
+    pub paused: i64,
+    pub paused_datasets: Vec<String>,
+    pub later: i64,
+    pub later_from: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// See [`Leftover`].
+pub async fn leftover(
+    db: impl PgExecutor<'_>,
+    kinds: &[String],
+    datasets: Option<&[String]>,
+    horizon_secs: f64,
+) -> sqlx::Result<Leftover> {
+    let r = sqlx::query!(
+        r#"
+        WITH left_ AS (
+            SELECT t.status, t.dataset_id, coalesce(d.paused, false) AS paused,
+                   greatest(t.run_at, coalesce(d.throttled_until, t.run_at)) AS due
+            FROM syncq.tasks t LEFT JOIN syncq.datasets d ON d.dataset_id = t.dataset_id
+            WHERE t.status IN ('queued', 'running') AND t.kind = ANY ($1)
+              AND ($2::text[] IS NULL OR t.dataset_id = ANY ($2))
+              AND NOT (t.status = 'queued' AND t.cancel_requested)
+        )
+        SELECT count(*) FILTER (WHERE status = 'running') AS "running!",
+               count(*) FILTER (WHERE status = 'queued' AND NOT paused
+                                  AND due <= now() + make_interval(secs => $3)) AS "soon!",
+               count(*) FILTER (WHERE status = 'queued' AND paused) AS "paused!",
+               coalesce(array_agg(DISTINCT dataset_id) FILTER (WHERE status = 'queued' AND paused),
+                        '{}') AS "paused_datasets!",
+               count(*) FILTER (WHERE status = 'queued' AND NOT paused
+                                  AND due > now() + make_interval(secs => $3)) AS "later!",
+               min(due) FILTER (WHERE status = 'queued' AND NOT paused
+                                  AND due > now() + make_interval(secs => $3)) AS later_from
+        FROM left_
+        "#,
+        kinds,
+        datasets,
+        horizon_secs,
+    )
+    .fetch_one(db)
+    .await?;
+    Ok(Leftover {
+        running: r.running,
+        soon: r.soon,
+        paused: r.paused,
+        paused_datasets: r.paused_datasets,
+        later: r.later,
+        later_from: r.later_from,
+    })
+}
+
+/// Repairs `ready_at` of datasets marked ready that have no ready task
+/// (`syncq.refresh_ready()`, in `migrations/0002_readiness.sql`); returns how many.
+pub async fn refresh_ready(
+    db: impl PgExecutor<'_>,
+    datasets: Option<&[String]>,
+) -> sqlx::Result<i32> {
+    sqlx::query_scalar!(r#"SELECT syncq.refresh_ready($1) AS "repaired!""#, datasets)
+        .fetch_one(db)
+        .await
+}

@@ -1,0 +1,272 @@
+//! Statements on `syncq.tasks` (and `syncq.task_errors`, written together):
+//! taking tasks in (here), handing them out (`claim`), ending attempts
+//! (`outcomes`), leases (`leases`), and operator actions (`operations`).
+
+mod claim;
+mod leases;
+mod operations;
+mod outcomes;
+
+pub use claim::{
+    Leftover, absorb_signals, claim, claim_by_id, claim_candidates, leftover, next_claim_in,
+    refresh_ready, running_as,
+};
+pub use leases::{Rescued, renew_leases, rescue_expired, still_held};
+pub use operations::{cancel, cancel_dataset, prune_batch, retry, retry_dataset};
+pub(crate) use outcomes::MAX_THROTTLE;
+pub use outcomes::{
+    Fence, cancel_running, fail_attempt, rate_limited, release, save_checkpoint, succeed_many,
+};
+
+use sqlx::PgExecutor;
+
+use crate::store::secs;
+use crate::task::{NewTask, RunAt, TaskId};
+
+/// Inserts `tasks` in one statement and returns their ids in input order.
+///
+/// `id` is `GENERATED ALWAYS` (nobody may choose one), so ids are matched
+/// to input rows afterwards: rows go in sorted by input position, and the
+/// identity sequence hands out increasing values in that order, so the
+/// k-th smallest id inserted belongs to the k-th input row inserted. A task
+/// whose `(dataset_id, unique_key)` is already queued or running is not
+/// inserted; its id is the existing task's — the one inserted earlier in
+/// the same batch or the one already in the table. `None` remains only when
+/// the conflicting row committed after this statement's snapshot; the
+/// caller retries those.
+pub async fn insert_many(
+    db: impl PgExecutor<'_>,
+    tasks: &[NewTask],
+) -> sqlx::Result<Vec<Option<TaskId>>> {
+    let n = tasks.len();
+    let mut dataset_ids = Vec::with_capacity(n);
+    let mut kinds = Vec::with_capacity(n);
+    let mut payloads = Vec::with_capacity(n);
+    let mut priorities = Vec::with_capacity(n);
+    let mut run_ats = Vec::with_capacity(n);
+    let mut delays = Vec::with_capacity(n);
+    let mut max_attempts = Vec::with_capacity(n);
+    let mut unique_keys = Vec::with_capacity(n);
+    for t in tasks {
+        dataset_ids.push(t.dataset_id.clone());
+        kinds.push(t.kind.clone());
+        payloads.push(t.payload.clone());
+        priorities.push(t.priority);
+        let (at, delay) = match t.run_at {
+            RunAt::Now => (None, None),
+            RunAt::After(d) => (None, Some(secs(d))),
+            RunAt::At(at) => (Some(at), None),
+        };
+        run_ats.push(at);
+        delays.push(delay);
+        max_attempts.push(t.max_attempts);
+        unique_keys.push(t.unique_key.clone());
+    }
+    if unique_keys.iter().all(Option::is_none) {
+        // Without unique keys there is nothing to arbitrate: no ON CONFLICT,
+        // whose speculative insertion per row cost most of the statement.
+        let mut ids = sqlx::query_scalar!(
+            r#"
+            WITH input AS (
+                SELECT i.*
+                FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::int2[],
+                            $5::timestamptz[], $6::float8[], $7::int4[])
+                     WITH ORDINALITY AS i(dataset_id, kind, payload, priority, run_at, delay_secs,
+                                          max_attempts, ord)
+            ),
+            inserted AS (
+                INSERT INTO syncq.tasks (dataset_id, kind, payload, priority, run_at, max_attempts)
+                SELECT dataset_id, kind, payload, priority,
+                       coalesce(run_at, now() + make_interval(secs => coalesce(delay_secs, 0))),
+                       max_attempts
+                FROM input
+                ORDER BY ord
+                RETURNING id
+            )
+            SELECT id AS "id!" FROM inserted
+            "#,
+            &dataset_ids,
+            &kinds,
+            &payloads,
+            &priorities,
+            &run_ats as &[Option<chrono::DateTime<chrono::Utc>>],
+            &delays as &[Option<f64>],
+            &max_attempts,
+        )
+        .fetch_all(db)
+        .await?;
+        if ids.len() != n {
+            return Err(sqlx::Error::Protocol(format!(
+                "inserted {} tasks of {n}",
+                ids.len()
+            )));
+        }
+        ids.sort_unstable();
+        return Ok(ids.into_iter().map(Some).collect());
+    }
+    let rows = sqlx::query!(
+        r#"
+        WITH input AS (
+            SELECT i.*
+            FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::int2[],
+                        $5::timestamptz[], $6::float8[], $7::int4[], $8::text[])
+                 WITH ORDINALITY AS i(dataset_id, kind, payload, priority, run_at, delay_secs,
+                                      max_attempts, unique_key, ord)
+        ),
+        inserted AS (
+            INSERT INTO syncq.tasks (dataset_id, kind, payload, priority, run_at, max_attempts, unique_key)
+            SELECT dataset_id, kind, payload, priority,
+                   coalesce(run_at, now() + make_interval(secs => coalesce(delay_secs, 0))),
+                   max_attempts, unique_key
+            FROM input
+            ORDER BY ord
+            ON CONFLICT (dataset_id, unique_key)
+                WHERE unique_key IS NOT NULL AND status IN ('queued', 'running')
+                DO NOTHING
+            RETURNING id, dataset_id, unique_key
+        ),
+        -- Rows without a key all go in: the k-th of them in input order
+        -- has the k-th smallest of their ids.
+        keyless_ids AS (
+            SELECT x.id, row_number() OVER (ORDER BY x.id) AS k
+            FROM inserted x WHERE x.unique_key IS NULL
+        ),
+        keyless_rows AS (
+            SELECT i.ord, row_number() OVER (ORDER BY i.ord) AS k
+            FROM input i WHERE i.unique_key IS NULL
+        )
+        SELECT CASE
+                   WHEN input.unique_key IS NULL THEN
+                       (SELECT ki.id FROM keyless_rows kr JOIN keyless_ids ki ON ki.k = kr.k
+                         WHERE kr.ord = input.ord)
+                   ELSE coalesce(
+                       -- inserted by this statement (the batch's first row with the key)
+                       (SELECT x.id FROM inserted x
+                         WHERE x.dataset_id = input.dataset_id AND x.unique_key = input.unique_key),
+                       -- a duplicate of a task already queued or running
+                       (SELECT t.id FROM syncq.tasks t
+                         WHERE t.dataset_id = input.dataset_id AND t.unique_key = input.unique_key
+                           AND t.status IN ('queued', 'running')
+                         LIMIT 1))
+               END AS "id?"
+        FROM input
+        ORDER BY input.ord
+        "#,
+        &dataset_ids,
+        &kinds,
+        &payloads,
+        &priorities,
+        &run_ats as &[Option<chrono::DateTime<chrono::Utc>>],
+        &delays as &[Option<f64>],
+        &max_attempts,
+        &unique_keys as &[Option<String>],
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(|r| r.id).collect())
+}
+
+/// Inserts one task: the plain single-row INSERT that `insert_many` would
+/// do for a batch of one, at about half its cost. Returns `None` when a task
+/// with the same `(dataset_id, unique_key)` is queued or running.
+pub async fn insert_one(db: impl PgExecutor<'_>, t: &NewTask) -> sqlx::Result<Option<TaskId>> {
+    let (at, delay) = match t.run_at {
+        RunAt::Now => (None, None),
+        RunAt::After(d) => (None, Some(secs(d))),
+        RunAt::At(at) => (Some(at), None),
+    };
+    sqlx::query_scalar!(
+        r#"
+        INSERT INTO syncq.tasks (dataset_id, kind, payload, priority, run_at, max_attempts, unique_key)
+        VALUES ($1, $2, $3, $4, coalesce($5, now() + make_interval(secs => coalesce($6::float8, 0))), $7, $8)
+        ON CONFLICT (dataset_id, unique_key)
+            WHERE unique_key IS NOT NULL AND status IN ('queued', 'running')
+            DO NOTHING
+        RETURNING id
+        "#,
+        t.dataset_id,
+        t.kind,
+        t.payload,
+        t.priority,
+        at,
+        delay,
+        t.max_attempts,
+        t.unique_key,
+    )
+    .fetch_optional(db)
+    .await
+}
+
+/// The transaction's `now()`: what a column default gives every row it
+/// inserts.
+pub async fn transaction_now(
+    db: impl PgExecutor<'_>,
+) -> sqlx::Result<chrono::DateTime<chrono::Utc>> {
+    sqlx::query_scalar!(r#"SELECT now() AS "now!""#)
+        .fetch_one(db)
+        .await
+}
+
+/// Inserts tasks with `COPY … FROM STDIN`: the fastest way in, one
+/// statement streamed in one round trip. The caller runs it in a
+/// transaction whose `now()` is `now`, so `RunAt::Now` and `RunAt::After`
+/// give the same `run_at` as the column default would. No `ON CONFLICT`:
+/// the caller refuses tasks with a unique key. Returns the rows copied.
+pub async fn copy_in(
+    conn: &mut sqlx::PgConnection,
+    tasks: &[NewTask],
+    now: chrono::DateTime<chrono::Utc>,
+) -> sqlx::Result<u64> {
+    let mut copy = conn
+        .copy_in_raw(
+            "COPY syncq.tasks (dataset_id, kind, payload, priority, run_at, max_attempts) \
+             FROM STDIN (FORMAT text)",
+        )
+        .await?;
+    let mut buf = String::with_capacity(256 * tasks.len().min(4096));
+    for chunk in tasks.chunks(4096) {
+        buf.clear();
+        for t in chunk {
+            let run_at = match t.run_at {
+                RunAt::Now => now,
+                // Out of range: a timestamp PostgreSQL refuses, naming it.
+                RunAt::After(d) => chrono::Duration::from_std(d)
+                    .ok()
+                    .and_then(|d| now.checked_add_signed(d))
+                    .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC),
+                RunAt::At(at) => at,
+            };
+            copy_field(&mut buf, &t.dataset_id);
+            buf.push('\t');
+            copy_field(&mut buf, &t.kind);
+            buf.push('\t');
+            copy_field(&mut buf, &t.payload.to_string());
+            buf.push('\t');
+            buf.push_str(&t.priority.to_string());
+            buf.push('\t');
+            buf.push_str(&run_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
+            buf.push('\t');
+            buf.push_str(&t.max_attempts.to_string());
+            buf.push('\n');
+        }
+        if let Err(e) = copy.send(buf.as_bytes()).await {
+            let _ = copy.abort(e.to_string()).await;
+            return Err(e);
+        }
+    }
+    copy.finish().await
+}
+
+/// Appends `value` to a COPY text-format row, escaping what the format
+/// gives a meaning to (backslash, tab, newline, carriage return).
+fn copy_field(buf: &mut String, value: &str) {
+    for c in value.chars() {
+        match c {
+            '\\' => buf.push_str("\\\\"),
+            '\t' => buf.push_str("\\t"),
+            '\n' => buf.push_str("\\n"),
+            '\r' => buf.push_str("\\r"),
+            c => buf.push(c),
+        }
+    }
+}
