@@ -157,7 +157,7 @@ async fn every_page_once_within_the_limit_and_each_answer_mapped(
                 "{resource} page {cursor} was not fetched exactly once"
             );
         }
-        let (status, result) = final_row(&db, ids[resource]).await;
+        let (status, result) = final_row(&db, ids[resource].into()).await;
         assert_eq!(status, "succeeded", "{resource}");
         assert_eq!(
             result,

@@ -63,19 +63,28 @@ async fn completion_is_fenced_against_a_holder_that_lost_its_lease(db: PgPool) {
     let b = tasks::claim(&db, "worker-b", &kinds(), None, &[], 1, lease)
         .await
         .unwrap();
-    assert_eq!((b[0].id, b[0].runs, b[0].attempts), (id, 2, 2));
+    assert_eq!(
+        (b[0].id, b[0].runs, b[0].attempts),
+        (syncq::TaskId(id), 2, 2)
+    );
 
     // A wakes up: nothing it does lands.
     let fence_a = Fence {
-        id,
+        id: syncq::TaskId(id),
         runs: a[0].runs,
         worker_id: "worker-a",
     };
     assert!(!succeed(&db, fence_a, &json!("stale")).await.unwrap());
     assert!(
-        !tasks::save_checkpoint(&db, id, a[0].runs, "worker-a", &json!("stale"))
-            .await
-            .unwrap()
+        !tasks::save_checkpoint(
+            &db,
+            syncq::TaskId(id),
+            a[0].runs,
+            "worker-a",
+            &json!("stale")
+        )
+        .await
+        .unwrap()
     );
     assert!(
         !tasks::fail_attempt(&db, fence_a, "stale", true, Duration::ZERO)
@@ -91,7 +100,7 @@ async fn completion_is_fenced_against_a_holder_that_lost_its_lease(db: PgPool) {
     assert!(!tasks::cancel_running(&db, fence_a).await.unwrap());
     // Even the same worker id with the old token is refused.
     let same_worker_old_token = Fence {
-        id,
+        id: syncq::TaskId(id),
         runs: a[0].runs,
         worker_id: "worker-b",
     };
@@ -101,9 +110,15 @@ async fn completion_is_fenced_against_a_holder_that_lost_its_lease(db: PgPool) {
             .unwrap()
     );
     assert!(
-        !tasks::save_checkpoint(&db, id, a[0].runs, "worker-b", &json!("stale"))
-            .await
-            .unwrap()
+        !tasks::save_checkpoint(
+            &db,
+            syncq::TaskId(id),
+            a[0].runs,
+            "worker-b",
+            &json!("stale")
+        )
+        .await
+        .unwrap()
     );
     // None of it landed: B's hold is as B's claim left it.
     let row = common::task(&db, id).await;
@@ -127,7 +142,7 @@ async fn completion_is_fenced_against_a_holder_that_lost_its_lease(db: PgPool) {
     assert_eq!((throttled, stale_errors), (false, 0));
 
     let fence_b = Fence {
-        id,
+        id: syncq::TaskId(id),
         runs: b[0].runs,
         worker_id: "worker-b",
     };
@@ -492,7 +507,7 @@ impl SyncWorker for Listener {
         self.heard
             .lock()
             .unwrap()
-            .push((task.id(), stop, tokio::time::Instant::now()));
+            .push((task.id().into(), stop, tokio::time::Instant::now()));
         match stop {
             Stop::Cancel => Err(TaskError::Cancelled),
             other => Err(other.into()),
@@ -603,10 +618,11 @@ async fn a_cancelled_queued_task_never_starts(_: PgPoolOptions, opts: PgConnectO
         }
     }
     assert!(
-        !claimed.contains(&cancelled),
+        !claimed.contains(&syncq::TaskId(cancelled)),
         "the cancelled task was claimed"
     );
-    let others: std::collections::BTreeSet<i64> = others.into_iter().collect();
+    let others: std::collections::BTreeSet<syncq::TaskId> =
+        others.into_iter().map(syncq::TaskId).collect();
     assert_eq!(claimed, others, "the pool claimed exactly the other tasks");
 }
 
@@ -621,7 +637,7 @@ async fn a_completion_batch_skips_only_the_task_whose_lease_was_lost(db: PgPool)
         .unwrap();
     assert_eq!(mine.len(), 3);
     let stolen = mine[1].id;
-    expire_lease(&db, stolen).await;
+    expire_lease(&db, stolen.into()).await;
     Rescuer::new(Duration::from_secs(1))
         .run_once(&syncq::Db::from(&db))
         .await
@@ -631,7 +647,7 @@ async fn a_completion_batch_skips_only_the_task_whose_lease_was_lost(db: PgPool)
         .unwrap();
     assert_eq!(theirs[0].id, stolen);
 
-    let batch: Vec<(i64, i32, serde_json::Value)> =
+    let batch: Vec<(syncq::TaskId, i32, serde_json::Value)> =
         mine.iter().map(|t| (t.id, t.runs, json!("a"))).collect();
     let mut written = tasks::succeed_many(&db, "worker-a", &batch).await.unwrap();
     written.sort();
@@ -664,7 +680,7 @@ struct CountedRuns(Arc<Mutex<HashMap<i64, u32>>>);
 #[async_trait]
 impl SyncWorker for CountedRuns {
     async fn handle(&self, task: &mut SyncTask) -> TaskResult {
-        *self.0.lock().unwrap().entry(task.id()).or_default() += 1;
+        *self.0.lock().unwrap().entry(task.id().into()).or_default() += 1;
         tokio::time::sleep(Duration::from_millis(10)).await;
         Ok(json!(null))
     }

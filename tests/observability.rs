@@ -219,7 +219,7 @@ async fn metrics_are_served_and_move_and_logs_are_json(_: PgPoolOptions, opts: P
         .filter(|l| l["fields"]["recorded"] == true)
         .filter_map(|l| l["span"]["task_id"].as_i64())
         .collect();
-    let shop: BTreeSet<i64> = shop.into_iter().collect();
+    let shop: BTreeSet<i64> = shop.into_iter().map(i64::from).collect();
     assert!(
         shop.is_subset(&started),
         "'attempt started' lines: {started:?}\n{log}"

@@ -149,7 +149,7 @@ async fn retryable_errors_end_failed_after_max_attempts(_: PgPoolOptions, opts: 
     let row = common::task(&db, id).await;
     assert_eq!((row.attempts, row.max_attempts, row.runs), (3, 3, 3));
     assert!(row.last_error.unwrap().contains("run 3"));
-    let errors = errors_of(&db, id).await;
+    let errors = errors_of(&db, id.into()).await;
     assert_eq!(
         errors.iter().map(|e| e.0).collect::<Vec<_>>(),
         vec![1, 2, 3]
@@ -379,7 +379,7 @@ struct Recorder(Arc<Mutex<Vec<i64>>>);
 #[async_trait]
 impl SyncWorker for Recorder {
     async fn handle(&self, task: &mut SyncTask) -> TaskResult {
-        self.0.lock().unwrap().push(task.id());
+        self.0.lock().unwrap().push(task.id().into());
         Ok(json!(null))
     }
 }
@@ -746,7 +746,7 @@ struct SlowRecorder(Arc<Mutex<Vec<i64>>>);
 #[async_trait]
 impl SyncWorker for SlowRecorder {
     async fn handle(&self, task: &mut SyncTask) -> TaskResult {
-        self.0.lock().unwrap().push(task.id());
+        self.0.lock().unwrap().push(task.id().into());
         tokio::time::sleep(Duration::from_secs(1)).await;
         Ok(json!(null))
     }

@@ -239,7 +239,7 @@ struct TickRecorder(std::sync::Arc<std::sync::Mutex<Vec<Seen>>>);
 impl syncq::SyncWorker for TickRecorder {
     async fn handle(&self, task: &mut syncq::SyncTask) -> syncq::TaskResult {
         let tick = task.scheduled_for().await?;
-        self.0.lock().unwrap().push((task.id(), tick));
+        self.0.lock().unwrap().push((task.id().into(), tick));
         Ok(serde_json::Value::Null)
     }
 }

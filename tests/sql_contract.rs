@@ -708,7 +708,7 @@ async fn race_once(
     if racer == Racer::Api {
         start.wait().await;
         let id = manager.enqueue(task).await.expect("the API enqueues");
-        return Got::Id(id);
+        return Got::Id(id.into());
     }
     let sql = match racer {
         Racer::Sql => {

@@ -530,7 +530,7 @@ async fn no_row_that_can_be_written_makes_a_claim_fail(admin: PgPool) {
     .unwrap();
     assert!(
         TaskQueueManager::new(admin.clone())
-            .retry(spent)
+            .retry(syncq::TaskId(spent))
             .await
             .unwrap()
     );

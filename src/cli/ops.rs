@@ -8,9 +8,9 @@ use clap::Args;
 use serde_json::json;
 
 use super::{CliError, io_error};
-use crate::TaskQueueManager;
 use crate::inspect::{TaskFilter, TaskInfo};
 use crate::task::TaskStatus;
+use crate::{TaskId, TaskQueueManager};
 
 fn db_error(what: &str) -> impl Fn(crate::Error) -> CliError + '_ {
     move |e| super::lib_failure(what, e)
@@ -58,7 +58,7 @@ pub(super) async fn require_dataset(
 #[command(group(clap::ArgGroup::new("target").required(true).args(["id", "dataset"])))]
 pub struct CancelArgs {
     /// The task.
-    pub id: Option<i64>,
+    pub id: Option<TaskId>,
     /// Every queued and running task of this dataset instead.
     #[arg(long)]
     pub dataset: Option<String>,
@@ -78,7 +78,9 @@ pub(super) async fn cancel(
             .map_err(db_error("cannot cancel"))?;
         return writeln!(out, "cancel requested for {n} task(s) of {dataset:?}").map_err(io_error);
     }
-    let id = args.id.unwrap_or_default();
+    let Some(id) = args.id else {
+        return Err(CliError::Usage("give a task id or --dataset".into()));
+    };
     match manager(db)
         .cancel(id)
         .await
@@ -109,7 +111,7 @@ pub(super) async fn cancel(
 #[command(group(clap::ArgGroup::new("target").required(true).args(["id", "dataset"])))]
 pub struct RetryArgs {
     /// The task.
-    pub id: Option<i64>,
+    pub id: Option<TaskId>,
     /// Every task of this dataset in --status instead.
     #[arg(long)]
     pub dataset: Option<String>,
@@ -161,7 +163,9 @@ pub(super) async fn retry(
         )
         .map_err(io_error);
     }
-    let id = args.id.unwrap_or_default();
+    let Some(id) = args.id else {
+        return Err(CliError::Usage("give a task id or --dataset".into()));
+    };
     if manager(db).retry(id).await.map_err(unique)? {
         return writeln!(out, "task {id} queued again").map_err(io_error);
     }
@@ -432,7 +436,7 @@ pub(super) async fn tasks(
 #[derive(Debug, Args)]
 pub struct ShowArgs {
     /// The task.
-    pub id: i64,
+    pub id: TaskId,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,

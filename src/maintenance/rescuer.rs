@@ -48,7 +48,7 @@ impl Rescuer {
             let done = (rescued.len() as i64) < self.batch;
             for task in &rescued {
                 tracing::warn!(
-                    task_id = task.id,
+                    task_id = task.id.0,
                     worker = task.locked_by.as_deref().unwrap_or("?"),
                     status = %task.status,
                     "lease expired: task taken back"

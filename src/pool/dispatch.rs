@@ -125,7 +125,7 @@ impl Local<'_> {
             if let Some(runs) = older {
                 // The task went back to `queued` before this claim.
                 warn!(
-                    task_id = task.id,
+                    task_id = task.id.0,
                     runs, "claimed again here: the older run lost its lease"
                 );
                 let _ = shared.commands.send(Command::LeaseLost {

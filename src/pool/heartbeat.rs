@@ -115,7 +115,7 @@ pub(super) async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken)
                     .get(&(*id, *runs))
                     .is_some_and(|h| !h.finishing) =>
                 {
-                    warn!(task_id = id, runs, "lease lost");
+                    warn!(task_id = id.0, runs, "lease lost");
                     let _ = shared.commands.send(Command::LeaseLost {
                         task_id: *id,
                         runs: *runs,
@@ -160,7 +160,7 @@ pub(super) fn give_up_expired(shared: &Shared, current: &[(RunKey, Lease)]) {
         h.superseded = true;
         drop(held);
         warn!(
-            task_id = id,
+            task_id = id.0,
             runs, "lease ran out while the database was unreachable: stopping the handler"
         );
         let _ = shared.commands.send(Command::LeaseLost {

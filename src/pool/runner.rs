@@ -36,7 +36,7 @@ pub(super) async fn run_task(
     let Waiting { task, lease, room } = waiting;
     let span = info_span!(
         "task",
-        task_id = task.id,
+        task_id = task.id.0,
         dataset = %task.dataset_id,
         kind = %task.kind,
         attempt = task.attempts,

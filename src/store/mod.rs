@@ -19,6 +19,11 @@ pub mod tasks;
 pub mod vacuum;
 pub mod workers;
 
+/// Task ids as the `int8[]` a statement binds.
+pub(crate) fn ids_of(ids: &[crate::task::TaskId]) -> Vec<i64> {
+    ids.iter().map(|id| id.0).collect()
+}
+
 /// Seconds as the `float8` that `make_interval(secs => …)` takes.
 pub(crate) fn secs(d: std::time::Duration) -> f64 {
     d.as_secs_f64()

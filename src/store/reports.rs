@@ -200,7 +200,7 @@ pub async fn tasks(
     sqlx::query_as!(
         TaskInfo,
         r#"
-        SELECT id, dataset_id, kind, status AS "status!: TaskStatus", priority, attempts,
+        SELECT id AS "id: TaskId", dataset_id, kind, status AS "status!: TaskStatus", priority, attempts,
                max_attempts, run_at, created_at, started_at, finished_at, locked_by,
                lease_expires_at, unique_key, cancel_requested, payload, checkpoint, result,
                last_error
@@ -235,7 +235,7 @@ pub async fn errors(db: impl PgExecutor<'_>, id: TaskId) -> sqlx::Result<Vec<Att
     sqlx::query_as!(
         AttemptError,
         "SELECT attempt, worker_id, error, at FROM syncq.task_errors WHERE task_id = $1 ORDER BY id",
-        id
+        id.0
     )
     .fetch_all(db)
     .await
@@ -246,12 +246,12 @@ pub async fn task(db: impl PgExecutor<'_>, id: TaskId) -> sqlx::Result<Option<Ta
     sqlx::query_as!(
         TaskInfo,
         r#"
-        SELECT id, dataset_id, kind, status AS "status!: TaskStatus", priority, attempts, max_attempts,
+        SELECT id AS "id: TaskId", dataset_id, kind, status AS "status!: TaskStatus", priority, attempts, max_attempts,
                run_at, created_at, started_at, finished_at, locked_by, lease_expires_at,
                unique_key, cancel_requested, payload, checkpoint, result, last_error
         FROM syncq.tasks WHERE id = $1
         "#,
-        id
+        id.0
     )
     .fetch_optional(db)
     .await
@@ -277,7 +277,7 @@ pub async fn queued_of_kind(
     .await?;
     Ok(rows
         .into_iter()
-        .map(|r| (r.id, r.payload, r.priority, r.unique_key))
+        .map(|r| (TaskId(r.id), r.payload, r.priority, r.unique_key))
         .collect())
 }
 

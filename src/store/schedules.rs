@@ -107,7 +107,7 @@ pub(crate) async fn enqueue_tick(
         INSERT INTO syncq.tasks (dataset_id, kind, payload, priority, max_attempts, schedule_id, scheduled_for)
         VALUES ($1, $2, $3, $4, $5, $6, $7)
         ON CONFLICT (schedule_id, scheduled_for) WHERE schedule_id IS NOT NULL DO NOTHING
-        RETURNING id
+        RETURNING id AS "id: TaskId"
         "#,
         row.dataset_id,
         row.kind,
@@ -144,7 +144,7 @@ pub(crate) async fn advance(
         schedule_id,
         next,
         ran,
-        task,
+        task.map(|t| t.0),
         skipped,
     )
     .execute(db)
@@ -271,7 +271,7 @@ pub async fn list(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<ScheduleInfo>> {
         r#"
         SELECT s.schedule_id, s.dataset_id, s.kind, s.cron,
                extract(epoch FROM s.every)::float8 AS every_secs, s.timezone, s.paused,
-               s.next_run_at, s.last_run_at, s.last_task_id,
+               s.next_run_at, s.last_run_at, s.last_task_id AS "last_task_id: TaskId",
                (SELECT t.status FROM syncq.tasks t WHERE t.id = s.last_task_id) AS "last_task_status: TaskStatus",
                s.skipped_ticks, s.error
         FROM syncq.schedules s
@@ -289,7 +289,7 @@ pub(crate) async fn tick_of(
 ) -> sqlx::Result<Option<(String, DateTime<Utc>)>> {
     let row = sqlx::query!(
         "SELECT schedule_id, scheduled_for FROM syncq.tasks WHERE id = $1",
-        task
+        task.0
     )
     .fetch_optional(db)
     .await?;

@@ -105,7 +105,8 @@ where
 }
 
 /// Waits until task `id` has status `want` (15 s at most).
-pub async fn wait_status(db: &PgPool, id: i64, want: &'static str) {
+pub async fn wait_status(db: &PgPool, id: impl Into<i64>, want: &'static str) {
+    let id: i64 = id.into();
     wait_for(
         &format!("task {id} is {want}"),
         Duration::from_secs(15),
@@ -136,7 +137,8 @@ pub struct TaskRow {
     pub locked_by: Option<String>,
 }
 
-pub async fn task(db: &PgPool, id: i64) -> TaskRow {
+pub async fn task(db: &PgPool, id: impl Into<i64>) -> TaskRow {
+    let id: i64 = id.into();
     let r = sqlx::query(
         "SELECT id, dataset_id, kind, payload, status::text AS status, priority, attempts,
                 max_attempts, runs, unique_key, checkpoint, result, last_error, locked_by
@@ -164,7 +166,8 @@ pub async fn task(db: &PgPool, id: i64) -> TaskRow {
     }
 }
 
-pub async fn status(db: &PgPool, id: i64) -> String {
+pub async fn status(db: &PgPool, id: impl Into<i64>) -> String {
+    let id: i64 = id.into();
     sqlx::query_scalar("SELECT status::text FROM syncq.tasks WHERE id = $1")
         .bind(id)
         .fetch_one(db)
@@ -425,7 +428,7 @@ pub async fn wait_sessions_gone(db: &PgPool, observer: &'static str) {
 }
 
 /// The `counted` value of a `count` task's checkpoint (0 without one).
-pub async fn counted(db: &PgPool, id: i64) -> u64 {
+pub async fn counted(db: &PgPool, id: impl Into<i64>) -> u64 {
     task(db, id)
         .await
         .checkpoint

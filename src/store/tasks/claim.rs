@@ -26,7 +26,7 @@ pub async fn claim(
     sqlx::query_as!(
         ClaimedTask,
         r#"
-        SELECT id AS "id!", dataset_id AS "dataset_id!", kind AS "kind!", payload AS "payload!",
+        SELECT id AS "id!: TaskId", dataset_id AS "dataset_id!", kind AS "kind!", payload AS "payload!",
                priority AS "priority!", attempts AS "attempts!", max_attempts AS "max_attempts!",
                runs AS "runs!", checkpoint, created_at AS "created_at!",
                started_at AS "started_at!"
@@ -60,10 +60,10 @@ pub async fn claim_by_id(
             lease_expires_at = clock_timestamp() + make_interval(secs => $3),
             started_at = clock_timestamp(), finished_at = NULL
         WHERE id = $1 AND status = 'queued'
-        RETURNING id, dataset_id, kind, payload, priority, attempts, max_attempts, runs,
+        RETURNING id AS "id: TaskId", dataset_id, kind, payload, priority, attempts, max_attempts, runs,
                   checkpoint, created_at, started_at AS "started_at!"
         "#,
-        id,
+        id.0,
         worker_id,
         secs(lease),
     )
@@ -116,7 +116,7 @@ pub async fn running_as(
     )
     .fetch_all(db)
     .await?;
-    Ok(rows.into_iter().map(|r| (r.id, r.runs)).collect())
+    Ok(rows.into_iter().map(|r| (TaskId(r.id), r.runs)).collect())
 }
 
 /// The datasets a claim of these kinds would pick first, in turn order:

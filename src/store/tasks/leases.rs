@@ -3,7 +3,7 @@
 use sqlx::PgExecutor;
 use std::time::Duration;
 
-use crate::store::secs;
+use crate::store::{ids_of, secs};
 use crate::task::{TaskId, TaskStatus};
 
 /// A held task's lease, as renewed by a heartbeat.
@@ -41,10 +41,10 @@ pub async fn renew_leases(
         WHERE t.id = ANY (ARRAY(SELECT held.id FROM held))
           AND t.runs = ($3::int4[])[array_position($2::int8[], t.id)]
           AND t.locked_by = $1 AND t.status = 'running'
-        RETURNING t.id, t.cancel_requested
+        RETURNING t.id AS "id: TaskId", t.cancel_requested
         "#,
         worker_id,
-        ids,
+        &ids_of(ids),
         runs,
         secs(lease),
     )
@@ -66,12 +66,12 @@ pub async fn still_held(
     sqlx::query_as!(
         Renewed,
         r#"
-        SELECT t.id, t.cancel_requested FROM syncq.tasks t
+        SELECT t.id AS "id: TaskId", t.cancel_requested FROM syncq.tasks t
         WHERE t.id = ANY ($2) AND t.locked_by = $1 AND t.status = 'running'
           AND t.runs = ($3::int4[])[array_position($2::int8[], t.id)]
         "#,
         worker_id,
-        ids,
+        &ids_of(ids),
         runs,
     )
     .fetch_all(db)
@@ -123,7 +123,7 @@ pub async fn rescue_expired(db: impl PgExecutor<'_>, batch: i64) -> sqlx::Result
             INSERT INTO syncq.task_errors (task_id, attempt, worker_id, error)
             SELECT id, attempts, locked_by, last_error FROM rescued
         )
-        SELECT id AS "id!", locked_by, status AS "status!: TaskStatus" FROM rescued
+        SELECT id AS "id!: TaskId", locked_by, status AS "status!: TaskStatus" FROM rescued
         "#,
         batch,
     )

@@ -102,7 +102,7 @@ pub async fn insert_many(
             )));
         }
         ids.sort_unstable();
-        return Ok(ids.into_iter().map(Some).collect());
+        return Ok(ids.into_iter().map(|id| Some(TaskId(id))).collect());
     }
     let rows = sqlx::query!(
         r#"
@@ -163,7 +163,7 @@ pub async fn insert_many(
     )
     .fetch_all(db)
     .await?;
-    Ok(rows.into_iter().map(|r| r.id).collect())
+    Ok(rows.into_iter().map(|r| r.id.map(TaskId)).collect())
 }
 
 /// Inserts one task: the plain single-row INSERT that `insert_many` would
@@ -182,7 +182,7 @@ pub async fn insert_one(db: impl PgExecutor<'_>, t: &NewTask) -> sqlx::Result<Op
         ON CONFLICT (dataset_id, unique_key)
             WHERE unique_key IS NOT NULL AND status IN ('queued', 'running')
             DO NOTHING
-        RETURNING id
+        RETURNING id AS "id: TaskId"
         "#,
         t.dataset_id,
         t.kind,

@@ -17,7 +17,7 @@ pub async fn cancel(db: impl PgExecutor<'_>, id: TaskId) -> sqlx::Result<Option<
         WHERE id = $1 AND status IN ('queued', 'running')
         RETURNING status AS "status!: TaskStatus"
         "#,
-        id
+        id.0
     )
     .fetch_optional(db)
     .await
@@ -43,7 +43,7 @@ pub async fn cancel_dataset(db: impl PgExecutor<'_>, dataset_id: &str) -> sqlx::
 pub async fn retry(db: impl PgExecutor<'_>, id: TaskId) -> sqlx::Result<bool> {
     let n = sqlx::query_scalar!(
         r#"SELECT count(*) AS "n!" FROM syncq.retry(ARRAY[$1::int8])"#,
-        id
+        id.0
     )
     .fetch_one(db)
     .await?;

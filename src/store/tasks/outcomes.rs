@@ -26,7 +26,7 @@ pub async fn save_checkpoint(
         UPDATE syncq.tasks SET checkpoint = $4
         WHERE id = $1 AND runs = $2 AND locked_by = $3 AND status = 'running'
         "#,
-        id,
+        id.0,
         runs,
         worker_id,
         checkpoint,
@@ -59,14 +59,14 @@ pub async fn succeed_many(
     let mut sorted: Vec<&(TaskId, i32, Value)> = done.iter().collect();
     // One lock order for every writer of a batch: fewer deadlocks.
     sorted.sort_by_key(|d| d.0);
-    let ids: Vec<TaskId> = sorted.iter().map(|d| d.0).collect();
+    let ids: Vec<i64> = sorted.iter().map(|d| d.0.0).collect();
     let runs: Vec<i32> = sorted.iter().map(|d| d.1).collect();
     let results: Vec<Value> = sorted.iter().map(|d| d.2.clone()).collect();
     // A row locked elsewhere (an operator's cancel in an open transaction)
     // is waited for at most 100 ms, then left out: the caller tells such
     // rows from lost ones (still_held) and writes them again.
     sqlx::query_scalar!(
-        r#"SELECT id AS "id!" FROM syncq.succeed_many($1, $2, $3, $4) AS s(id)"#,
+        r#"SELECT id AS "id!: TaskId" FROM syncq.succeed_many($1, $2, $3, $4) AS s(id)"#,
         worker_id,
         &ids,
         &runs,
@@ -107,7 +107,7 @@ pub async fn fail_attempt(
         INSERT INTO syncq.task_errors (task_id, attempt, worker_id, error)
         SELECT id, attempts, $3, $4 FROM done
         "#,
-        f.id,
+        f.id.0,
         f.runs,
         f.worker_id,
         error.as_ref(),
@@ -147,7 +147,7 @@ pub async fn release(
         )
         SELECT count(*) AS "released!" FROM released
         "#,
-        f.id,
+        f.id.0,
         f.runs,
         f.worker_id,
         error.as_deref(),
@@ -188,7 +188,7 @@ pub async fn rate_limited(
         INSERT INTO syncq.task_errors (task_id, attempt, worker_id, error)
         SELECT id, attempts + 1, $3, $4 FROM released
         "#,
-        f.id,
+        f.id.0,
         f.runs,
         f.worker_id,
         error.as_ref(),
@@ -207,7 +207,7 @@ pub async fn cancel_running(db: impl PgExecutor<'_>, f: Fence<'_>) -> sqlx::Resu
         SET status = 'cancelled', finished_at = now(), locked_by = NULL, lease_expires_at = NULL
         WHERE id = $1 AND runs = $2 AND locked_by = $3 AND status = 'running'
         "#,
-        f.id,
+        f.id.0,
         f.runs,
         f.worker_id,
     )
