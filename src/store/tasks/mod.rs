@@ -18,6 +18,8 @@ pub use outcomes::{
     Fence, cancel_running, fail_attempt, rate_limited, release, save_checkpoint, succeed_many,
 };
 
+use chrono::{DateTime, Utc};
+use serde_json::Value;
 use sqlx::PgExecutor;
 
 use crate::store::secs;
@@ -38,72 +40,101 @@ pub async fn insert_many(
     db: impl PgExecutor<'_>,
     tasks: &[NewTask],
 ) -> sqlx::Result<Vec<Option<TaskId>>> {
-    let n = tasks.len();
-    let mut dataset_ids = Vec::with_capacity(n);
-    let mut kinds = Vec::with_capacity(n);
-    let mut payloads = Vec::with_capacity(n);
-    let mut priorities = Vec::with_capacity(n);
-    let mut run_ats = Vec::with_capacity(n);
-    let mut delays = Vec::with_capacity(n);
-    let mut max_attempts = Vec::with_capacity(n);
-    let mut unique_keys = Vec::with_capacity(n);
-    for t in tasks {
-        dataset_ids.push(t.dataset_id.clone());
-        kinds.push(t.kind.clone());
-        payloads.push(t.payload.clone());
-        priorities.push(t.priority);
-        let (at, delay) = match t.run_at {
-            RunAt::Now => (None, None),
-            RunAt::After(d) => (None, Some(secs(d))),
-            RunAt::At(at) => (Some(at), None),
-        };
-        run_ats.push(at);
-        delays.push(delay);
-        max_attempts.push(t.max_attempts);
-        unique_keys.push(t.unique_key.clone());
-    }
-    if unique_keys.iter().all(Option::is_none) {
+    let columns = Columns::of(tasks);
+    if columns.unique_keys.iter().all(Option::is_none) {
         // Without unique keys there is nothing to arbitrate: no ON CONFLICT,
-        // whose speculative insertion per row cost most of the statement.
-        let mut ids = sqlx::query_scalar!(
-            r#"
-            WITH input AS (
-                SELECT i.*
-                FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::int2[],
-                            $5::timestamptz[], $6::float8[], $7::int4[])
-                     WITH ORDINALITY AS i(dataset_id, kind, payload, priority, run_at, delay_secs,
-                                          max_attempts, ord)
-            ),
-            inserted AS (
-                INSERT INTO syncq.tasks (dataset_id, kind, payload, priority, run_at, max_attempts)
-                SELECT dataset_id, kind, payload, priority,
-                       coalesce(run_at, now() + make_interval(secs => coalesce(delay_secs, 0))),
-                       max_attempts
-                FROM input
-                ORDER BY ord
-                RETURNING id
-            )
-            SELECT id AS "id!" FROM inserted
-            "#,
-            &dataset_ids,
-            &kinds,
-            &payloads,
-            &priorities,
-            &run_ats as &[Option<chrono::DateTime<chrono::Utc>>],
-            &delays as &[Option<f64>],
-            &max_attempts,
-        )
-        .fetch_all(db)
-        .await?;
-        if ids.len() != n {
-            return Err(sqlx::Error::Protocol(format!(
-                "inserted {} tasks of {n}",
-                ids.len()
-            )));
-        }
-        ids.sort_unstable();
-        return Ok(ids.into_iter().map(|id| Some(TaskId(id))).collect());
+        // whose speculative insertion per row costs most of the statement.
+        insert_keyless(db, &columns).await
+    } else {
+        insert_deduplicated(db, &columns).await
     }
+}
+
+/// A batch of tasks as the columns a statement binds (`unnest`).
+struct Columns {
+    dataset_ids: Vec<String>,
+    kinds: Vec<String>,
+    payloads: Vec<Value>,
+    priorities: Vec<i16>,
+    run_ats: Vec<Option<DateTime<Utc>>>,
+    delays: Vec<Option<f64>>,
+    max_attempts: Vec<i32>,
+    unique_keys: Vec<Option<String>>,
+}
+
+impl Columns {
+    fn of(tasks: &[NewTask]) -> Self {
+        let (run_ats, delays) = tasks
+            .iter()
+            .map(|t| match t.run_at {
+                RunAt::Now => (None, None),
+                RunAt::After(d) => (None, Some(secs(d))),
+                RunAt::At(at) => (Some(at), None),
+            })
+            .unzip();
+        Columns {
+            dataset_ids: tasks.iter().map(|t| t.dataset_id.clone()).collect(),
+            kinds: tasks.iter().map(|t| t.kind.clone()).collect(),
+            payloads: tasks.iter().map(|t| t.payload.clone()).collect(),
+            priorities: tasks.iter().map(|t| t.priority).collect(),
+            run_ats,
+            delays,
+            max_attempts: tasks.iter().map(|t| t.max_attempts).collect(),
+            unique_keys: tasks.iter().map(|t| t.unique_key.clone()).collect(),
+        }
+    }
+}
+
+/// [`insert_many`] of a batch without unique keys: every row goes in.
+async fn insert_keyless(db: impl PgExecutor<'_>, c: &Columns) -> sqlx::Result<Vec<Option<TaskId>>> {
+    let n = c.dataset_ids.len();
+    let mut ids = sqlx::query_scalar!(
+        r#"
+        WITH input AS (
+            SELECT i.*
+            FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::int2[],
+                        $5::timestamptz[], $6::float8[], $7::int4[])
+                 WITH ORDINALITY AS i(dataset_id, kind, payload, priority, run_at, delay_secs,
+                                      max_attempts, ord)
+        ),
+        inserted AS (
+            INSERT INTO syncq.tasks (dataset_id, kind, payload, priority, run_at, max_attempts)
+            SELECT dataset_id, kind, payload, priority,
+                   coalesce(run_at, now() + make_interval(secs => coalesce(delay_secs, 0))),
+                   max_attempts
+            FROM input
+            ORDER BY ord
+            RETURNING id
+        )
+        SELECT id AS "id!" FROM inserted
+        "#,
+        &c.dataset_ids,
+        &c.kinds,
+        &c.payloads,
+        &c.priorities,
+        &c.run_ats as &[Option<DateTime<Utc>>],
+        &c.delays as &[Option<f64>],
+        &c.max_attempts,
+    )
+    .fetch_all(db)
+    .await?;
+    if ids.len() != n {
+        return Err(sqlx::Error::Protocol(format!(
+            "inserted {} tasks of {n}",
+            ids.len()
+        )));
+    }
+    ids.sort_unstable();
+    Ok(ids.into_iter().map(|id| Some(TaskId(id))).collect())
+}
+
+/// [`insert_many`] of a batch with unique keys: a key already queued or
+/// running (or earlier in the batch) is not inserted again; its id is
+/// returned instead.
+async fn insert_deduplicated(
+    db: impl PgExecutor<'_>,
+    c: &Columns,
+) -> sqlx::Result<Vec<Option<TaskId>>> {
     let rows = sqlx::query!(
         r#"
         WITH input AS (
@@ -152,14 +183,14 @@ pub async fn insert_many(
         FROM input
         ORDER BY input.ord
         "#,
-        &dataset_ids,
-        &kinds,
-        &payloads,
-        &priorities,
-        &run_ats as &[Option<chrono::DateTime<chrono::Utc>>],
-        &delays as &[Option<f64>],
-        &max_attempts,
-        &unique_keys as &[Option<String>],
+        &c.dataset_ids,
+        &c.kinds,
+        &c.payloads,
+        &c.priorities,
+        &c.run_ats as &[Option<DateTime<Utc>>],
+        &c.delays as &[Option<f64>],
+        &c.max_attempts,
+        &c.unique_keys as &[Option<String>],
     )
     .fetch_all(db)
     .await?;

@@ -128,33 +128,7 @@ pub async fn release(
     f: Fence<'_>,
     error: Option<&str>,
 ) -> sqlx::Result<bool> {
-    let error = error.map(storable_message);
-    let done = sqlx::query_scalar!(
-        r#"
-        WITH released AS (
-            UPDATE syncq.tasks t
-            SET status = CASE WHEN t.cancel_requested THEN 'cancelled' ELSE 'queued' END::syncq.task_status,
-                finished_at = CASE WHEN t.cancel_requested THEN now() END,
-                attempts = greatest(t.attempts - 1, 0),
-                last_error = coalesce($4, t.last_error),
-                run_at = now(), locked_by = NULL, lease_expires_at = NULL
-            WHERE t.id = $1 AND t.runs = $2 AND t.locked_by = $3 AND t.status = 'running'
-            RETURNING t.id, t.attempts
-        ),
-        logged AS (
-            INSERT INTO syncq.task_errors (task_id, attempt, worker_id, error)
-            SELECT id, attempts + 1, $3, $4 FROM released WHERE $4 IS NOT NULL
-        )
-        SELECT count(*) AS "released!" FROM released
-        "#,
-        f.id.0,
-        f.runs,
-        f.worker_id,
-        error.as_deref(),
-    )
-    .fetch_one(db)
-    .await?;
-    Ok(done == 1)
+    release_throttling(db, f, error, None).await
 }
 
 /// The upstream said "rate limit exceeded": the task goes back to `queued`
@@ -167,36 +141,51 @@ pub async fn rate_limited(
     error: &str,
     retry_after: Duration,
 ) -> sqlx::Result<bool> {
-    let error = storable_message(error);
-    let retry_after = retry_after.min(MAX_THROTTLE);
-    let done = sqlx::query!(
+    release_throttling(db, f, Some(error), Some(retry_after.min(MAX_THROTTLE))).await
+}
+
+/// Both uncounted ends in one statement: back to `queued` (or `cancelled`
+/// if a cancel was requested meanwhile), `error` recorded if given, and
+/// with `throttle` the dataset held back that long.
+async fn release_throttling(
+    db: impl PgExecutor<'_>,
+    f: Fence<'_>,
+    error: Option<&str>,
+    throttle: Option<Duration>,
+) -> sqlx::Result<bool> {
+    let error = error.map(storable_message);
+    let done = sqlx::query_scalar!(
         r#"
         WITH released AS (
             UPDATE syncq.tasks t
             SET status = CASE WHEN t.cancel_requested THEN 'cancelled' ELSE 'queued' END::syncq.task_status,
                 finished_at = CASE WHEN t.cancel_requested THEN now() END,
                 attempts = greatest(t.attempts - 1, 0),
-                run_at = now(), last_error = $4, locked_by = NULL, lease_expires_at = NULL
+                last_error = coalesce($4, t.last_error),
+                run_at = now(), locked_by = NULL, lease_expires_at = NULL
             WHERE t.id = $1 AND t.runs = $2 AND t.locked_by = $3 AND t.status = 'running'
             RETURNING t.id, t.dataset_id, t.attempts
         ),
         throttled AS (
             UPDATE syncq.datasets d
             SET throttled_until = greatest(d.throttled_until, now() + make_interval(secs => $5))
-            FROM released r WHERE d.dataset_id = r.dataset_id
+            FROM released r WHERE $5::float8 IS NOT NULL AND d.dataset_id = r.dataset_id
+        ),
+        logged AS (
+            INSERT INTO syncq.task_errors (task_id, attempt, worker_id, error)
+            SELECT id, attempts + 1, $3, $4 FROM released WHERE $4 IS NOT NULL
         )
-        INSERT INTO syncq.task_errors (task_id, attempt, worker_id, error)
-        SELECT id, attempts + 1, $3, $4 FROM released
+        SELECT count(*) AS "released!" FROM released
         "#,
         f.id.0,
         f.runs,
         f.worker_id,
-        error.as_ref(),
-        secs(retry_after),
+        error.as_deref(),
+        throttle.map(secs),
     )
-    .execute(db)
+    .fetch_one(db)
     .await?;
-    Ok(done.rows_affected() == 1)
+    Ok(done == 1)
 }
 
 /// `cancelled`, as the handler reported. False: fenced out.
