@@ -176,211 +176,289 @@ pub(super) async fn claim_loop(
     local: &Local<'_>,
     in_flight: &mut FuturesUnordered<JoinHandle<Claimed>>,
 ) {
-    let shared = local.shared;
-    let room = local.room;
-    let slots = local.slots;
-    let concurrency = shared.config.concurrency;
-    let prefetch = shared.config.prefetch;
-    let mut pace = Pace::new();
-    let mut db_failures: u32 = 0;
-    let mut lost_races: u32 = 0;
-    // Wake-ups in a row that found nothing to claim (see WAKE_FLOOR).
-    let mut empty_wakes: u32 = 0;
-    let mut woken = false;
-    let mut set_aside = SetAside::new(shared.config.set_aside);
-    // A claim failed: its answer may have been lost after it committed.
-    let mut claim_unsure = false;
-    // The last empty claim was told nothing is due but new work: until
-    // something claims or wakes us, a timed poll is one claim, not two
-    // statements.
-    let mut nothing_due = false;
-    // Claims in flight: two at most, the second only while claims come
-    // back full (a busy pool's next claim overlaps the previous one's
-    // round trip and commit).
-    let mut busy_claims = false;
+    let mut state = ClaimLoop::new(local);
     loop {
-        // A second claim only while claims come back full and when it is
-        // worth a claim (a claim's fixed cost is most of a small one's).
-        let may_claim = (in_flight.is_empty()
-            || (in_flight.len() < 2
-                && busy_claims
-                && room.available_permits() >= (concurrency + pace.last()).div_ceil(4)))
-            // Orphans are looked for with no claim in flight (see release_orphans).
-            && (!claim_unsure || in_flight.is_empty());
-        let answer = tokio::select! {
+        let may_claim = state.may_claim(in_flight);
+        let step = tokio::select! {
             biased;
-            _ = shared.shutdown.cancelled() => return,
-            answer = in_flight.next(), if !in_flight.is_empty() => answer,
-            permit = room.clone().acquire_owned(), if may_claim => {
-                let Ok(first) = permit else { return };
-                let mut permits = vec![first];
-                // Ahead of its slots by no more than its pace warrants.
-                let ahead = pace.allowance(&shared.finished, prefetch);
-                gather_permits(room, &mut permits, concurrency + ahead).await;
-                // Held here beyond the running handlers (waiting for a slot,
-                // or asked for by a claim in flight).
-                let held_here = concurrency + prefetch - room.available_permits() - permits.len();
-                let busy = concurrency - slots.available_permits();
-                let waiting = held_here.saturating_sub(busy);
-                let wanted = (slots.available_permits() + ahead).saturating_sub(waiting);
-                if wanted == 0 {
-                    // Every slot busy and the local queue full enough: wait
-                    // for a run to end (each one wakes the dispatcher), or
-                    // for the claim in flight.
-                    drop(permits);
-                    if in_flight.is_empty() {
-                        tokio::select! {
-                            _ = shared.slot_freed.notified() => {}
-                            _ = shared.wake.notified() => {}
-                            _ = tokio::time::sleep(COALESCE * 5) => {}
-                            _ = shared.shutdown.cancelled() => return,
-                        }
-                    }
-                    continue;
-                }
-                permits.truncate(wanted);
-                if claim_unsure {
-                    match release_orphans(shared).await {
-                        Ok(released) => {
-                            claim_unsure = false;
-                            if released > 0 {
-                                warn!(
-                                    released,
-                                    "tasks claimed by a claim whose answer was lost went back to queued, uncounted"
-                                );
-                            }
-                        }
-                        Err(e) => {
-                            db_failures += 1;
-                            let pause = retry_pause(db_failures, shared.config.poll_interval);
-                            shared
-                                .outage
-                                .failed("looking for tasks of a lost claim", &e);
-                            drop(permits);
-                            tokio::select! {
-                                _ = tokio::time::sleep(pause) => continue,
-                                _ = shared.shutdown.cancelled() => return,
-                            }
-                        }
-                    }
-                }
-                // Its own task: the round trip goes on while the dispatcher
-                // starts the next claim or handles the previous answer.
-                let skip = set_aside.current();
-                in_flight.push(tokio::spawn(send_claim(shared.clone(), skip, permits)));
-                continue;
-            }
+            _ = local.shared.shutdown.cancelled() => Step::Stop,
+            answer = in_flight.next(), if !in_flight.is_empty() => match answer {
+                Some(answer) => state.on_answer(answer, in_flight).await,
+                None => Step::Go,
+            },
+            permit = local.room.clone().acquire_owned(), if may_claim => match permit {
+                Ok(first) => state.send(first, in_flight).await,
+                Err(_) => Step::Stop,
+            },
         };
-        let Some(answer) = answer else { continue };
+        if step == Step::Stop {
+            return;
+        }
+    }
+}
+
+/// What the claim loop does after a step: go on, or stop (the pool is
+/// stopping, or it is idle and `exit_when_idle`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Go,
+    Stop,
+}
+
+/// The claim loop's memory between claims.
+struct ClaimLoop<'l, 'a> {
+    local: &'l Local<'a>,
+    /// The pool's recent pace: how far ahead of its slots it leases.
+    pace: Pace,
+    /// Database failures in a row (the pause after one grows with them).
+    db_failures: u32,
+    /// "Ready now" answers in a row that claimed nothing.
+    lost_races: u32,
+    /// Wake-ups in a row that found nothing to claim (see WAKE_FLOOR).
+    empty_wakes: u32,
+    /// The last wait ended by a wake-up, not the poll interval.
+    woken: bool,
+    /// Datasets left out of claims because claiming from them fails.
+    set_aside: SetAside,
+    /// A claim failed: its answer may have been lost after it committed.
+    claim_unsure: bool,
+    /// The last empty claim was told nothing is due but new work: until
+    /// something claims or wakes us, a timed poll is one claim, not two
+    /// statements.
+    nothing_due: bool,
+    /// Claims come back full: a second claim may be in flight (a busy
+    /// pool's next claim overlaps the previous one's round trip and
+    /// commit).
+    busy_claims: bool,
+}
+
+impl<'l, 'a> ClaimLoop<'l, 'a> {
+    fn new(local: &'l Local<'a>) -> Self {
+        ClaimLoop {
+            local,
+            pace: Pace::new(),
+            db_failures: 0,
+            lost_races: 0,
+            empty_wakes: 0,
+            woken: false,
+            set_aside: SetAside::new(local.shared.config.set_aside),
+            claim_unsure: false,
+            nothing_due: false,
+            busy_claims: false,
+        }
+    }
+
+    fn shared(&self) -> &'a Arc<Shared> {
+        self.local.shared
+    }
+
+    /// Whether another claim may be sent now: two in flight at most, the
+    /// second only while claims come back full and when it is worth a
+    /// claim (a claim's fixed cost is most of a small one's); and none
+    /// while orphans of a lost claim are to be looked for.
+    fn may_claim(&self, in_flight: &FuturesUnordered<JoinHandle<Claimed>>) -> bool {
+        let concurrency = self.shared().config.concurrency;
+        (in_flight.is_empty()
+            || (in_flight.len() < 2
+                && self.busy_claims
+                && self.local.room.available_permits()
+                    >= (concurrency + self.pace.last()).div_ceil(4)))
+            && (!self.claim_unsure || in_flight.is_empty())
+    }
+
+    /// Room is free (`first`): gathers as much as is wanted and sends a
+    /// claim for it, in a task of its own (the round trip goes on while
+    /// the dispatcher starts the next claim or handles an answer).
+    async fn send(
+        &mut self,
+        first: OwnedSemaphorePermit,
+        in_flight: &mut FuturesUnordered<JoinHandle<Claimed>>,
+    ) -> Step {
+        let shared = self.shared();
+        let (room, slots) = (self.local.room, self.local.slots);
+        let concurrency = shared.config.concurrency;
+        let prefetch = shared.config.prefetch;
+        let mut permits = vec![first];
+        // Ahead of its slots by no more than its pace warrants.
+        let ahead = self.pace.allowance(&shared.finished, prefetch);
+        gather_permits(room, &mut permits, concurrency + ahead).await;
+        // Held here beyond the running handlers (waiting for a slot, or
+        // asked for by a claim in flight).
+        let held_here = concurrency + prefetch - room.available_permits() - permits.len();
+        let busy = concurrency - slots.available_permits();
+        let waiting = held_here.saturating_sub(busy);
+        let wanted = (slots.available_permits() + ahead).saturating_sub(waiting);
+        if wanted == 0 {
+            // Every slot busy and the local queue full enough: wait for a
+            // run to end (each one wakes the dispatcher), or for the claim
+            // in flight.
+            drop(permits);
+            if in_flight.is_empty() {
+                tokio::select! {
+                    _ = shared.slot_freed.notified() => {}
+                    _ = shared.wake.notified() => {}
+                    _ = tokio::time::sleep(COALESCE * 5) => {}
+                    _ = shared.shutdown.cancelled() => return Step::Stop,
+                }
+            }
+            return Step::Go;
+        }
+        permits.truncate(wanted);
+        if self.claim_unsure {
+            match release_orphans(shared).await {
+                Ok(released) => {
+                    self.claim_unsure = false;
+                    if released > 0 {
+                        warn!(
+                            released,
+                            "tasks claimed by a claim whose answer was lost went back to queued, uncounted"
+                        );
+                    }
+                }
+                Err(e) => {
+                    shared
+                        .outage
+                        .failed("looking for tasks of a lost claim", &e);
+                    drop(permits);
+                    return self.pause_after_failure().await;
+                }
+            }
+        }
+        let skip = self.set_aside.current();
+        in_flight.push(tokio::spawn(send_claim(shared.clone(), skip, permits)));
+        Step::Go
+    }
+
+    /// A claim answered.
+    async fn on_answer(
+        &mut self,
+        answer: Result<Claimed, tokio::task::JoinError>,
+        in_flight: &FuturesUnordered<JoinHandle<Claimed>>,
+    ) -> Step {
+        let shared = self.shared();
         let Claimed {
             asked_at,
             skip,
             permits,
-            result: claimed,
+            result,
         } = match answer {
             Ok(answer) => answer,
             Err(e) => {
                 // The claim's task panicked or was cancelled: whatever it
                 // may have claimed is found as orphans.
                 error!(error = %e, "a claim's task ended without an answer");
-                claim_unsure = true;
-                continue;
+                self.claim_unsure = true;
+                return Step::Go;
             }
         };
-        let tasks = match claimed {
+        let tasks = match result {
             Ok(tasks) => {
-                db_failures = 0;
+                self.db_failures = 0;
                 shared.outage.ok();
                 tasks
             }
-            // One dataset's rows must not stop the others being served:
-            // find it, name it, leave it out for a while.
-            Err(e) if set_aside::may_be_one_dataset(&e) => {
-                match shared
-                    .manager
-                    .find_failing(&shared.claimer, &skip, permits.len())
-                    .await
-                {
-                    Ok(failing) if !failing.is_empty() => {
-                        for (dataset, reason) in failing {
-                            error!(
-                                dataset = %dataset,
-                                error = %reason,
-                                set_aside_for = ?shared.config.set_aside,
-                                "claiming from this dataset fails: setting it aside, serving the others"
-                            );
-                            set_aside.add(dataset);
-                        }
-                        drop(permits);
-                        continue;
-                    }
-                    Ok(_) => {}
-                    Err(e) => warn!(error = %e, "looking for the dataset that fails claims failed"),
-                }
-                db_failures += 1;
-                let pause = retry_pause(db_failures, shared.config.poll_interval);
-                error!(error = %e, retry_in = ?pause, "claiming tasks failed");
-                drop(permits);
-                tokio::select! {
-                    _ = tokio::time::sleep(pause) => continue,
-                    _ = shared.shutdown.cancelled() => return,
-                }
-            }
             Err(e) => {
-                db_failures += 1;
-                claim_unsure = true;
-                let pause = retry_pause(db_failures, shared.config.poll_interval);
-                shared.outage.failed("claiming tasks", &e);
+                let asked = permits.len();
                 drop(permits);
-                tokio::select! {
-                    _ = tokio::time::sleep(pause) => continue,
-                    _ = shared.shutdown.cancelled() => return,
-                }
+                return self.on_claim_error(e, &skip, asked).await;
             }
         };
-        busy_claims = tasks.len() == permits.len() && tasks.len() > 1;
+        self.busy_claims = tasks.len() == permits.len() && tasks.len() > 1;
         if !tasks.is_empty() {
-            lost_races = 0;
-            empty_wakes = 0;
-            nothing_due = false;
+            self.lost_races = 0;
+            self.empty_wakes = 0;
+            self.nothing_due = false;
             debug!(
                 claimed = tasks.len(),
                 asked = permits.len(),
                 micros = u64::try_from(asked_at.elapsed().as_micros()).unwrap_or(u64::MAX),
                 "claimed tasks"
             );
-            local.take(tasks, permits, asked_at);
-            continue;
+            self.local.take(tasks, permits, asked_at);
+            return Step::Go;
         }
         drop(permits);
         if !in_flight.is_empty() {
             // Another claim is on its way: its answer decides what next.
-            continue;
+            return Step::Go;
         }
+        self.after_nothing_claimed(&skip).await
+    }
 
-        // Nothing claimed. Ask how long until something may be: now (every
-        // claimable dataset was locked by another claimer at that instant:
-        // retry soon rather than wait for a wake-up that may never come), a
-        // throttle / rate budget / delayed task (sleep until then, not in a
-        // busy loop), or only new work (wait for a NOTIFY or the poll).
+    /// A claim failed. One dataset's rows must not stop the others being
+    /// served: if the failure may be a dataset's, find it, name it, leave
+    /// it out for a while. Otherwise pause (longer after each failure in a
+    /// row); a failure for want of a database may have lost the answer of
+    /// a claim that committed, so its tasks are looked for as orphans.
+    async fn on_claim_error(&mut self, e: sqlx::Error, skip: &[String], asked: usize) -> Step {
+        let shared = self.shared();
+        if !set_aside::may_be_one_dataset(&e) {
+            self.claim_unsure = true;
+            shared.outage.failed("claiming tasks", &e);
+            return self.pause_after_failure().await;
+        }
+        match shared
+            .manager
+            .find_failing(&shared.claimer, skip, asked)
+            .await
+        {
+            Ok(failing) if !failing.is_empty() => {
+                for (dataset, reason) in failing {
+                    error!(
+                        dataset = %dataset,
+                        error = %reason,
+                        set_aside_for = ?shared.config.set_aside,
+                        "claiming from this dataset fails: setting it aside, serving the others"
+                    );
+                    self.set_aside.add(dataset);
+                }
+                return Step::Go;
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "looking for the dataset that fails claims failed"),
+        }
+        let pause = retry_pause(self.db_failures + 1, shared.config.poll_interval);
+        error!(error = %e, retry_in = ?pause, "claiming tasks failed");
+        self.pause_after_failure().await
+    }
+
+    /// One more database failure in a row: pauses accordingly.
+    async fn pause_after_failure(&mut self) -> Step {
+        self.db_failures += 1;
+        let shared = self.shared();
+        let pause = retry_pause(self.db_failures, shared.config.poll_interval);
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => Step::Go,
+            _ = shared.shutdown.cancelled() => Step::Stop,
+        }
+    }
+
+    /// Nothing claimed and no claim in flight. Asks how long until
+    /// something may be: now (every claimable dataset was locked by another
+    /// claimer at that instant: retry soon rather than wait for a wake-up
+    /// that may never come), a throttle / rate budget / delayed task (sleep
+    /// until then, not in a busy loop), or only new work (wait for a NOTIFY
+    /// or the poll). Stops here if idle and `exit_when_idle`.
+    async fn after_nothing_claimed(&mut self, skip: &[String]) -> Step {
+        let shared = self.shared();
         let mut wait = shared.config.poll_interval;
-        let next = if woken || !nothing_due {
-            shared.manager.next_claim_in(&shared.claimer, &skip).await
+        let next = if self.woken || !self.nothing_due {
+            shared.manager.next_claim_in(&shared.claimer, skip).await
         } else {
             // Asked after an earlier empty claim and nothing since: work
             // that came meanwhile without a NOTIFY (polling) is found by
             // the next poll.
             Ok(None)
         };
-        nothing_due = matches!(next, Ok(None));
+        self.nothing_due = matches!(next, Ok(None));
         match next {
             Ok(Some(d)) if d.is_zero() => {
                 wait = Duration::from_millis(5 + rand::random::<u64>() % 20);
                 // "Ready now" yet nothing claimed, again and again: a
                 // dataset's ready_at may be stale (see refresh_ready).
-                lost_races += 1;
-                if lost_races >= 3 {
-                    lost_races = 0;
+                self.lost_races += 1;
+                if self.lost_races >= 3 {
+                    self.lost_races = 0;
                     match shared.manager.refresh_ready(&shared.claimer).await {
                         Ok(0) => {}
                         Ok(n) => debug!(datasets = n, "repaired stale ready_at"),
@@ -392,42 +470,54 @@ pub(super) async fn claim_loop(
             Ok(None) => {}
             Err(e) => warn!(error = %e, "asking when work is next ready failed"),
         }
-        if shared.config.exit_when_idle && local.is_empty() {
-            match shared
-                .manager
-                .leftover(&shared.claimer, PoolConfig::IDLE_HORIZON)
-                .await
-            {
-                Ok(left) if left.running == 0 && left.soon == 0 => {
-                    info!(
-                        waiting = %describe_leftover(&left),
-                        "nothing left to run: stopping (exit_when_idle)"
-                    );
-                    return;
-                }
-                Ok(_) => {}
-                Err(e) => warn!(error = %e, "counting the tasks left failed"),
-            }
+        if shared.config.exit_when_idle && self.local.is_empty() && self.idle().await {
+            return Step::Stop;
         }
-        if woken {
-            empty_wakes = empty_wakes.saturating_add(1);
+        self.empty_wakes = if self.woken {
+            self.empty_wakes.saturating_add(1)
         } else {
-            empty_wakes = 0;
-        }
-        if empty_wakes >= 3 {
+            0
+        };
+        if self.empty_wakes >= 3 {
             // Any role that can connect may NOTIFY: a flood of wake-ups
             // with nothing behind them is answered at most every
             // WAKE_FLOOR, not with a claim per notification.
             tokio::select! {
                 _ = tokio::time::sleep(WAKE_FLOOR.min(wait)) => {}
-                _ = shared.shutdown.cancelled() => return,
+                _ = shared.shutdown.cancelled() => return Step::Stop,
             }
         }
-        woken = tokio::select! {
+        self.woken = tokio::select! {
             _ = shared.wake.notified() => true,
             _ = tokio::time::sleep(wait) => false,
-            _ = shared.shutdown.cancelled() => return,
+            _ = shared.shutdown.cancelled() => return Step::Stop,
         };
+        Step::Go
+    }
+
+    /// The idle rule (`exit_when_idle`): nothing this worker could run is
+    /// running anywhere, and nothing queued becomes claimable within
+    /// [`PoolConfig::IDLE_HORIZON`] without an operator.
+    async fn idle(&self) -> bool {
+        let shared = self.shared();
+        match shared
+            .manager
+            .leftover(&shared.claimer, PoolConfig::IDLE_HORIZON)
+            .await
+        {
+            Ok(left) if left.running == 0 && left.soon == 0 => {
+                info!(
+                    waiting = %describe_leftover(&left),
+                    "nothing left to run: stopping (exit_when_idle)"
+                );
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                warn!(error = %e, "counting the tasks left failed");
+                false
+            }
+        }
     }
 }
 

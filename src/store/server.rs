@@ -18,3 +18,14 @@ pub(crate) async fn create_database(conn: &mut PgConnection, name: &str) -> sqlx
         .await?;
     Ok(())
 }
+
+/// `DROP DATABASE IF EXISTS "name" WITH (FORCE)`: its sessions are ended.
+pub(crate) async fn drop_database(conn: &mut PgConnection, name: &str) -> sqlx::Result<()> {
+    let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"
+    )))
+    .execute(conn)
+    .await?;
+    Ok(())
+}

@@ -230,9 +230,7 @@ pub async fn insert_one(db: impl PgExecutor<'_>, t: &NewTask) -> sqlx::Result<Op
 
 /// The transaction's `now()`: what a column default gives every row it
 /// inserts.
-pub async fn transaction_now(
-    db: impl PgExecutor<'_>,
-) -> sqlx::Result<chrono::DateTime<chrono::Utc>> {
+pub async fn transaction_now(db: impl PgExecutor<'_>) -> sqlx::Result<DateTime<Utc>> {
     sqlx::query_scalar!(r#"SELECT now() AS "now!""#)
         .fetch_one(db)
         .await
@@ -246,7 +244,7 @@ pub async fn transaction_now(
 pub async fn copy_in(
     conn: &mut sqlx::PgConnection,
     tasks: &[NewTask],
-    now: chrono::DateTime<chrono::Utc>,
+    now: DateTime<Utc>,
 ) -> sqlx::Result<u64> {
     let mut copy = conn
         .copy_in_raw(
@@ -264,7 +262,7 @@ pub async fn copy_in(
                 RunAt::After(d) => chrono::Duration::from_std(d)
                     .ok()
                     .and_then(|d| now.checked_add_signed(d))
-                    .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC),
+                    .unwrap_or(DateTime::<Utc>::MAX_UTC),
                 RunAt::At(at) => at,
             };
             copy_field(&mut buf, &t.dataset_id);

@@ -1,0 +1,221 @@
+//! Drains: the raw SKIP LOCKED ceiling, then real `syncq worker` processes
+//! draining one dataset, 1,000 datasets half rate-limited, and the scale
+//! runs (10,000 datasets; 1,000,000 queued).
+
+use std::time::{Duration, Instant};
+
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Executor, PgPool};
+
+use super::{BenchArgs, Figures, bench_error, rate, reset, timed};
+use crate::cli::CliError;
+
+/// The practical ceiling: claim k rows with SKIP LOCKED, complete them.
+/// Returns the rate, the baseline of the drains.
+pub(super) async fn baseline(
+    db: &PgPool,
+    args: &BenchArgs,
+    figures: &mut Figures,
+) -> Result<f64, CliError> {
+    reset(db).await?;
+    sqlx::query("INSERT INTO bench_raw (payload) SELECT '{}' FROM generate_series(1, $1)")
+        .bind(i64::from(args.tasks))
+        .execute(db)
+        .await
+        .map_err(bench_error("baseline rows"))?;
+    db.execute("VACUUM ANALYZE bench_raw")
+        .await
+        .map_err(bench_error("vacuum"))?;
+    let workers = (args.processes * 2).clamp(2, 16);
+    let k = i64::from(args.concurrency.clamp(1, 1000));
+    let baseline = rate(
+        args.tasks,
+        timed(async {
+            let mut set = tokio::task::JoinSet::new();
+            for _ in 0..workers {
+                let db = db.clone();
+                set.spawn(async move {
+                    loop {
+                        let ids: Vec<i64> = sqlx::query_scalar(
+                            "UPDATE bench_raw SET status = 'running' WHERE id IN (
+                             SELECT id FROM bench_raw WHERE status = 'queued'
+                             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+                         RETURNING id",
+                        )
+                        .bind(k)
+                        .fetch_all(&db)
+                        .await?;
+                        if ids.is_empty() {
+                            return Ok::<_, sqlx::Error>(());
+                        }
+                        sqlx::query("UPDATE bench_raw SET status = 'done' WHERE id = ANY ($1)")
+                            .bind(&ids)
+                            .execute(&db)
+                            .await?;
+                    }
+                });
+            }
+            while let Some(r) = set.join_next().await {
+                r.map_err(|e| sqlx::Error::Protocol(e.to_string()))??;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(bench_error("baseline drain"))?,
+    );
+    figures.add(
+        &format!("baseline: raw SKIP LOCKED claim+complete, {workers} conns x {k}"),
+        baseline,
+        "rows/s",
+        None,
+    );
+    Ok(baseline)
+}
+
+/// The drains by worker processes, each beside `baseline`.
+pub(super) async fn measure(
+    db: &PgPool,
+    scratch: &PgConnectOptions,
+    args: &BenchArgs,
+    figures: &mut Figures,
+    baseline: f64,
+) -> Result<(), CliError> {
+    let base = Some(("raw claim+complete", baseline));
+    reset(db).await?;
+    let plain = drain(db, scratch, args, args.tasks, 1, false).await?;
+    figures.add("drain: noop, 1 dataset", plain, "tasks/s", base);
+    reset(db).await?;
+    let fair = drain(db, scratch, args, args.tasks, 1000, true).await?;
+    figures.add(
+        "fair drain: 1,000 datasets, half rate-limited",
+        fair,
+        "tasks/s",
+        base,
+    );
+    figures.add("fair drain / drain", fair / plain.max(1.0), "ratio", None);
+    if !args.no_scale {
+        reset(db).await?;
+        let many = drain(db, scratch, args, args.tasks, 10_000, false).await?;
+        figures.add(
+            "scale: drain over 10,000 datasets",
+            many,
+            "tasks/s",
+            Some(("drain, 1 dataset", plain)),
+        );
+        reset(db).await?;
+        let deep = drain(db, scratch, args, 1_000_000, 1, false).await?;
+        figures.add(
+            "scale: drain with 1,000,000 queued",
+            deep,
+            "tasks/s",
+            Some(("drain, 1 dataset", plain)),
+        );
+    }
+    Ok(())
+}
+
+pub(super) fn worker_command(
+    scratch: &PgConnectOptions,
+    concurrency: u32,
+) -> Result<tokio::process::Command, CliError> {
+    let exe = std::env::current_exe()
+        .map_err(|e| CliError::Runtime(format!("bench: cannot find the syncq binary: {e}")))?;
+    let url = format!(
+        "postgres://{}@{}:{}/{}",
+        scratch.get_username(),
+        scratch.get_host(),
+        scratch.get_port(),
+        scratch.get_database().unwrap_or_default()
+    );
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.env("DATABASE_URL", url)
+        .env("RUST_LOG", "syncq=error")
+        .args(["worker", "--concurrency", &concurrency.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    Ok(cmd)
+}
+
+/// Queues `queued` noop tasks over `datasets` (half rate-limited far above
+/// what they can use, when `limited`), lets the worker processes run
+/// `args.tasks` of them, and returns tasks/s from the database's clock.
+async fn drain(
+    db: &PgPool,
+    scratch: &PgConnectOptions,
+    args: &BenchArgs,
+    queued: u32,
+    datasets: u32,
+    limited: bool,
+) -> Result<f64, CliError> {
+    sqlx::query(
+        "INSERT INTO syncq.tasks (dataset_id, kind)
+         SELECT 'bench-' || (i % $2), 'noop' FROM generate_series(1, $1) i",
+    )
+    .bind(i64::from(queued))
+    .bind(i64::from(datasets))
+    .execute(db)
+    .await
+    .map_err(bench_error("cannot queue tasks"))?;
+    if limited {
+        sqlx::query(
+            "UPDATE syncq.datasets SET rate_limit = 100000, rate_window = interval '1 second'
+             WHERE right(dataset_id, 1) IN ('0', '2', '4', '6', '8')",
+        )
+        .execute(db)
+        .await
+        .map_err(bench_error("cannot set limits"))?;
+    }
+    for table in [
+        "VACUUM ANALYZE syncq.tasks",
+        "VACUUM ANALYZE syncq.datasets",
+    ] {
+        db.execute(table).await.map_err(bench_error("vacuum"))?;
+    }
+    let all = queued == args.tasks;
+    let mut children = Vec::new();
+    for _ in 0..args.processes {
+        let mut cmd = worker_command(scratch, args.concurrency)?;
+        if all {
+            cmd.arg("--exit-when-idle");
+        }
+        children.push(
+            cmd.spawn()
+                .map_err(|e| CliError::Runtime(format!("bench: cannot start a worker: {e}")))?,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let done: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM syncq.tasks WHERE status = 'succeeded'")
+                .fetch_one(db)
+                .await
+                .map_err(bench_error("cannot count"))?;
+        let exited = children
+            .iter_mut()
+            .all(|c| matches!(c.try_wait(), Ok(Some(_))));
+        if done >= i64::from(args.tasks) || exited || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for child in &mut children {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+    }
+    let (n, secs, bad): (i64, Option<f64>, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE status = 'succeeded'),
+                extract(epoch FROM max(finished_at) - min(started_at))::float8,
+                count(*) FILTER (WHERE status = 'failed' OR attempts > 1 AND status = 'succeeded')
+         FROM syncq.tasks",
+    )
+    .fetch_one(db)
+    .await
+    .map_err(bench_error("cannot read the drain"))?;
+    if bad > 0 || n < i64::from(args.tasks.min(queued)) {
+        return Err(CliError::Runtime(format!(
+            "bench: drain check failed: {n} succeeded, {bad} failed or retried"
+        )));
+    }
+    Ok(n as f64 / secs.unwrap_or(f64::INFINITY).max(1e-9))
+}
