@@ -46,6 +46,8 @@ pub mod builtin;
 pub mod cli;
 pub mod config;
 pub mod control;
+#[cfg(feature = "dashboard")]
+pub mod dashboard;
 pub mod db;
 pub mod error;
 mod lease;
@@ -81,7 +83,7 @@ pub use manager::{TaskQueueManager, inspect};
 pub use outcome::OutcomeKind;
 pub use outcome::{TaskError, TaskResult};
 pub use pool::{Event, PoolHandle, WorkerPool, WorkerPoolBuilder};
-pub use queue::{LimitsUpdate, QueueCounts, QueueSettings, TaskQueue};
+pub use queue::{LimitsUpdate, QueueCounts, QueueSettings, TaskMatch, TaskQueue};
 pub use rate_limit::{RateLimit, RateLimiter};
 pub use schedule::{Schedule, Timing};
 pub use schema::{MIGRATOR, migrate};

@@ -102,21 +102,54 @@ impl TaskQueue {
     /// Requests cancellation of every queued and running task of this
     /// dataset; returns how many.
     pub async fn cancel_all(&self) -> Result<u64> {
-        Ok(store::tasks::cancel_dataset(&self.db, &self.dataset_id).await?)
+        self.cancel_matching(&TaskMatch::default()).await
+    }
+
+    /// Requests cancellation of this dataset's queued and running tasks
+    /// that `filter` matches; returns how many.
+    pub async fn cancel_matching(&self, filter: &TaskMatch) -> Result<u64> {
+        Ok(store::tasks::cancel_dataset(
+            &self.db,
+            &self.dataset_id,
+            filter.kind.as_deref(),
+            filter.error_contains.as_deref(),
+        )
+        .await?)
     }
 
     /// Puts every task of this dataset in `status` (failed or cancelled)
     /// back to `queued`, as [`TaskQueueManager::retry`](crate::TaskQueueManager::retry)
     /// does one; returns how many.
     pub async fn retry_all(&self, status: TaskStatus) -> Result<u64> {
+        self.retry_matching(status, &TaskMatch::default()).await
+    }
+
+    /// [`retry_all`](Self::retry_all), of the tasks `filter` matches.
+    pub async fn retry_matching(&self, status: TaskStatus, filter: &TaskMatch) -> Result<u64> {
         if !matches!(status, TaskStatus::Failed | TaskStatus::Cancelled) {
             return Err(Error::config(
                 "status",
                 "only failed or cancelled tasks can be retried",
             ));
         }
-        Ok(store::tasks::retry_dataset(&self.db, &self.dataset_id, status.as_str()).await?)
+        Ok(store::tasks::retry_dataset(
+            &self.db,
+            &self.dataset_id,
+            status.as_str(),
+            filter.kind.as_deref(),
+            filter.error_contains.as_deref(),
+        )
+        .await?)
     }
+}
+
+/// Which of a dataset's tasks a bulk action takes: each `None` matches all.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TaskMatch {
+    /// Only tasks of this kind.
+    pub kind: Option<String>,
+    /// Only tasks whose last error contains this text.
+    pub error_contains: Option<String>,
 }
 
 /// A change to a dataset's limits: each `None` leaves that setting alone.

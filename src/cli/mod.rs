@@ -11,6 +11,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool};
 
 mod bench;
+mod dashboard;
 mod demo;
 mod ops;
 mod schedule;
@@ -106,6 +107,9 @@ pub enum Command {
     /// Measure enqueue, drain, latency and scale in a scratch database,
     /// each beside a raw-SQL baseline from the same run.
     Bench(bench::BenchArgs),
+    /// Serve the web dashboard: datasets, tasks, workers, schedules, live.
+    /// Read-only unless SYNCQ_DASHBOARD_TOKEN is set.
+    Dashboard(dashboard::DashboardArgs),
 }
 
 /// `syncq limit`.
@@ -444,6 +448,7 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<(), CliError>
         Command::Tasks(args) => ops::tasks(&connect(&options, 1).await?, args, out).await,
         Command::Show(args) => ops::show(&connect(&options, 1).await?, args, out).await,
         Command::Bench(args) => bench::run(&options, args, out).await,
+        Command::Dashboard(args) => dashboard::run(connect(&options, 8).await?, args, out).await,
     }
 }
 

@@ -386,6 +386,7 @@ pub(super) async fn tasks(
         dataset_id: args.dataset.clone(),
         status: args.status,
         limit: Some(args.limit),
+        ..TaskFilter::default()
     };
     let tasks = manager(db)
         .tasks(&filter)

@@ -5,7 +5,10 @@ use crate::error::Result;
 use crate::store;
 use crate::task::{TaskId, TaskStatus};
 
-pub use crate::store::reports::{AttemptError, DatasetStats, TaskInfo, WorkerInfo};
+pub use crate::store::reports::{
+    AttemptError, DatasetStats, ErrorGroup, Minute, OverviewRow, OverviewSort, TaskInfo, Totals,
+    WorkerInfo,
+};
 pub use crate::store::schedules::ScheduleInfo;
 
 use super::TaskQueueManager;
@@ -30,8 +33,27 @@ pub struct TaskFilter {
     pub dataset_id: Option<String>,
     /// Only in this status.
     pub status: Option<TaskStatus>,
+    /// Only of this kind.
+    pub kind: Option<String>,
+    /// Only those whose last error contains this text.
+    pub error_contains: Option<String>,
     /// At most this many, newest first (default 50).
     pub limit: Option<u32>,
+    /// Skip this many first (paging).
+    pub offset: Option<u32>,
+}
+
+/// One page of datasets, as the dashboard's overview asks for it.
+#[derive(Debug, Clone, Default)]
+pub struct OverviewQuery {
+    /// Only datasets whose name contains this (case-insensitive).
+    pub filter: Option<String>,
+    /// The order.
+    pub sort: OverviewSort,
+    /// Datasets per page (default 50).
+    pub limit: Option<u32>,
+    /// Skip this many first.
+    pub offset: Option<u32>,
 }
 
 impl TaskQueueManager {
@@ -71,13 +93,15 @@ impl TaskQueueManager {
 
     /// Tasks, newest first, by `filter`.
     pub async fn tasks(&self, filter: &TaskFilter) -> Result<Vec<TaskInfo>> {
-        Ok(store::reports::tasks(
-            &self.db,
-            filter.dataset_id.as_deref(),
-            filter.status.map(TaskStatus::as_str),
-            i64::from(filter.limit.unwrap_or(50)),
-        )
-        .await?)
+        let query = store::reports::TaskQuery {
+            dataset_id: filter.dataset_id.as_deref(),
+            status: filter.status.map(TaskStatus::as_str),
+            kind: filter.kind.as_deref(),
+            error_contains: filter.error_contains.as_deref(),
+            limit: i64::from(filter.limit.unwrap_or(50)),
+            offset: i64::from(filter.offset.unwrap_or(0)),
+        };
+        Ok(store::reports::tasks(&self.db, query).await?)
     }
 
     /// One task, whatever its status; `None` if no task has this id.
@@ -88,6 +112,39 @@ impl TaskQueueManager {
     /// Every recorded error of a task's attempts, oldest first.
     pub async fn task_errors(&self, id: TaskId) -> Result<Vec<AttemptError>> {
         Ok(store::reports::errors(&self.db, id).await?)
+    }
+
+    /// One page of datasets with their counts, limits and state, and how
+    /// many datasets match in all.
+    pub async fn overview(&self, query: &OverviewQuery) -> Result<(Vec<OverviewRow>, i64)> {
+        let filter = query.filter.as_deref().filter(|f| !f.is_empty());
+        let rows = store::reports::overview(
+            &self.db,
+            filter,
+            query.sort,
+            i64::from(query.limit.unwrap_or(50)),
+            i64::from(query.offset.unwrap_or(0)),
+        )
+        .await?;
+        let total = store::reports::dataset_count(&self.db, filter).await?;
+        Ok((rows, total))
+    }
+
+    /// The fleet's queued and running tasks, and those finished in the
+    /// last hour.
+    pub async fn totals(&self) -> Result<Totals> {
+        Ok(store::reports::totals(&self.db).await?)
+    }
+
+    /// Starts and finishes per minute over the last hour, of one dataset
+    /// or all.
+    pub async fn throughput(&self, dataset_id: Option<&str>) -> Result<Vec<Minute>> {
+        Ok(store::reports::throughput(&self.db, dataset_id).await?)
+    }
+
+    /// A dataset's failed attempts of the last day, grouped by error.
+    pub async fn failures_by_error(&self, dataset_id: &str) -> Result<Vec<ErrorGroup>> {
+        Ok(store::reports::failures_by_error(&self.db, dataset_id).await?)
     }
 
     /// Whether a dataset exists: it has a row (a task was enqueued to it,

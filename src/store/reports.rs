@@ -190,13 +190,25 @@ pub struct TaskInfo {
     pub last_error: Option<String>,
 }
 
-/// Tasks, newest first, optionally of one dataset and/or status.
-pub async fn tasks(
-    db: impl PgExecutor<'_>,
-    dataset_id: Option<&str>,
-    status: Option<&str>,
-    limit: i64,
-) -> sqlx::Result<Vec<TaskInfo>> {
+/// Which tasks [`tasks`] lists: each `None` matches all.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TaskQuery<'a> {
+    /// Only this dataset's.
+    pub dataset_id: Option<&'a str>,
+    /// Only in this status.
+    pub status: Option<&'a str>,
+    /// Only of this kind.
+    pub kind: Option<&'a str>,
+    /// Only those whose last error contains this.
+    pub error_contains: Option<&'a str>,
+    /// At most this many.
+    pub limit: i64,
+    /// After skipping this many.
+    pub offset: i64,
+}
+
+/// Tasks, newest first, by `q`.
+pub async fn tasks(db: impl PgExecutor<'_>, q: TaskQuery<'_>) -> sqlx::Result<Vec<TaskInfo>> {
     sqlx::query_as!(
         TaskInfo,
         r#"
@@ -206,12 +218,311 @@ pub async fn tasks(
                last_error
         FROM syncq.tasks
         WHERE ($1::text IS NULL OR dataset_id = $1) AND ($2::text IS NULL OR status::text = $2)
+          AND ($3::text IS NULL OR kind = $3)
+          AND ($4::text IS NULL OR strpos(coalesce(last_error, ''), $4) > 0)
         ORDER BY id DESC
-        LIMIT $3
+        LIMIT $5 OFFSET $6
         "#,
-        dataset_id,
-        status,
-        limit
+        q.dataset_id,
+        q.status,
+        q.kind,
+        q.error_contains,
+        q.limit,
+        q.offset,
+    )
+    .fetch_all(db)
+    .await
+}
+
+/// One dataset as the dashboard's overview shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OverviewRow {
+    /// The dataset.
+    pub dataset_id: String,
+    /// Tasks waiting (delayed ones included).
+    pub queued: i64,
+    /// Tasks held by a worker now.
+    pub running: i64,
+    /// The cap on its running tasks across the fleet, if any.
+    pub max_concurrency: Option<i32>,
+    /// Tasks that succeeded in the last hour.
+    pub succeeded_last_hour: i64,
+    /// Tasks that failed for good in the last hour.
+    pub failed_last_hour: i64,
+    /// Seconds since the oldest ready task became ready.
+    pub oldest_ready_age_secs: Option<f64>,
+    /// Starts allowed per `rate_window_secs`, if rate-limited.
+    pub rate_limit: Option<i32>,
+    /// The rate limit's sliding window, in seconds.
+    pub rate_window_secs: f64,
+    /// Starts counted in the current window (rate-limited datasets).
+    pub rate_used: i64,
+    /// Its share of starts when datasets compete.
+    pub weight: i32,
+    /// Paused: nothing of it starts.
+    pub paused: bool,
+    /// Held back now by an upstream's throttle.
+    pub throttled: bool,
+}
+
+/// How the overview's datasets are ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OverviewSort {
+    /// By name.
+    #[default]
+    Name,
+    /// Most queued first.
+    Queued,
+    /// Most running first.
+    Running,
+}
+
+impl OverviewSort {
+    fn as_str(self) -> &'static str {
+        match self {
+            OverviewSort::Name => "name",
+            OverviewSort::Queued => "queued",
+            OverviewSort::Running => "running",
+        }
+    }
+}
+
+/// One page of the overview: the datasets whose name contains `filter`
+/// (case-insensitive), ordered by `sort`. Only the page's datasets are
+/// counted, so its cost follows the page, not the fleet (except sorting
+/// by counts, which counts every matching dataset's queued or running
+/// tasks through their partial indexes).
+pub async fn overview(
+    db: impl PgExecutor<'_>,
+    filter: Option<&str>,
+    sort: OverviewSort,
+    limit: i64,
+    offset: i64,
+) -> sqlx::Result<Vec<OverviewRow>> {
+    let rows = sqlx::query!(
+        r#"
+        WITH known AS (
+            SELECT dataset_id FROM syncq.datasets
+            UNION SELECT DISTINCT dataset_id FROM syncq.ready_signals
+        ),
+        page AS (
+            SELECT k.dataset_id,
+                   CASE $2::text
+                       WHEN 'queued' THEN (SELECT count(*) FROM syncq.tasks t
+                                           WHERE t.dataset_id = k.dataset_id AND t.status = 'queued')
+                       WHEN 'running' THEN (SELECT count(*) FROM syncq.tasks t
+                                            WHERE t.dataset_id = k.dataset_id AND t.status = 'running')
+                       ELSE 0 END AS rank
+            FROM known k
+            WHERE $1::text IS NULL OR strpos(lower(k.dataset_id), lower($1)) > 0
+            ORDER BY 2 DESC, 1
+            LIMIT $3 OFFSET $4
+        ),
+        finished AS (
+            SELECT t.dataset_id,
+                   count(*) FILTER (WHERE t.status = 'succeeded') AS succeeded,
+                   count(*) FILTER (WHERE t.status = 'failed') AS failed
+            FROM syncq.tasks t
+            WHERE t.status IN ('succeeded', 'failed', 'cancelled')
+              AND t.finished_at > now() - interval '1 hour'
+              AND t.dataset_id IN (SELECT dataset_id FROM page)
+            GROUP BY t.dataset_id
+        )
+        SELECT p.dataset_id AS "dataset_id!",
+               (SELECT count(*) FROM syncq.tasks t
+                WHERE t.dataset_id = p.dataset_id AND t.status = 'queued') AS "queued!",
+               (SELECT count(*) FROM syncq.tasks t
+                WHERE t.dataset_id = p.dataset_id AND t.status = 'running') AS "running!",
+               d.max_concurrency,
+               coalesce(f.succeeded, 0) AS "succeeded_last_hour!",
+               coalesce(f.failed, 0) AS "failed_last_hour!",
+               (SELECT extract(epoch FROM now() - min(t.run_at))::float8 FROM syncq.tasks t
+                WHERE t.dataset_id = p.dataset_id AND t.status = 'queued' AND t.run_at <= now())
+                   AS oldest_ready_age_secs,
+               d.rate_limit,
+               coalesce(extract(epoch FROM d.rate_window)::float8, 1.0) AS "rate_window_secs!",
+               CASE WHEN d.rate_limit IS NULL THEN 0
+                    ELSE (SELECT count(*) FROM syncq.rate_log l
+                          WHERE l.dataset_id = p.dataset_id AND l.started_at > now() - d.rate_window)
+               END AS "rate_used!",
+               coalesce(d.weight, 1) AS "weight!",
+               coalesce(d.paused, false) AS "paused!",
+               coalesce(d.throttled_until > now(), false) AS "throttled!"
+        FROM page p
+        LEFT JOIN syncq.datasets d ON d.dataset_id = p.dataset_id
+        LEFT JOIN finished f ON f.dataset_id = p.dataset_id
+        ORDER BY p.rank DESC, p.dataset_id
+        "#,
+        filter,
+        sort.as_str(),
+        limit,
+        offset,
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| OverviewRow {
+            dataset_id: r.dataset_id,
+            queued: r.queued,
+            running: r.running,
+            max_concurrency: r.max_concurrency,
+            succeeded_last_hour: r.succeeded_last_hour,
+            failed_last_hour: r.failed_last_hour,
+            oldest_ready_age_secs: r.oldest_ready_age_secs,
+            rate_limit: r.rate_limit,
+            rate_window_secs: r.rate_window_secs,
+            rate_used: r.rate_used,
+            weight: r.weight,
+            paused: r.paused,
+            throttled: r.throttled,
+        })
+        .collect())
+}
+
+/// How many datasets match the overview's `filter`.
+pub async fn dataset_count(db: impl PgExecutor<'_>, filter: Option<&str>) -> sqlx::Result<i64> {
+    sqlx::query_scalar!(
+        r#"
+        SELECT count(*) AS "n!" FROM (
+            SELECT dataset_id FROM syncq.datasets
+            UNION SELECT DISTINCT dataset_id FROM syncq.ready_signals
+        ) k
+        WHERE $1::text IS NULL OR strpos(lower(k.dataset_id), lower($1)) > 0
+        "#,
+        filter
+    )
+    .fetch_one(db)
+    .await
+}
+
+/// Tasks queued and running across the fleet, and finished in the last hour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Totals {
+    /// Tasks waiting.
+    pub queued: i64,
+    /// Tasks held by a worker now.
+    pub running: i64,
+    /// Tasks that succeeded in the last hour.
+    pub succeeded_last_hour: i64,
+    /// Tasks that failed for good in the last hour.
+    pub failed_last_hour: i64,
+}
+
+/// The fleet's totals (partial indexes: queued, running, finished by time).
+pub async fn totals(db: impl PgExecutor<'_>) -> sqlx::Result<Totals> {
+    let r = sqlx::query!(
+        r#"
+        SELECT (SELECT count(*) FROM syncq.tasks WHERE status = 'queued') AS "queued!",
+               (SELECT count(*) FROM syncq.tasks WHERE status = 'running') AS "running!",
+               (SELECT count(*) FROM syncq.tasks
+                WHERE status IN ('succeeded', 'failed', 'cancelled') AND status = 'succeeded'
+                  AND finished_at > now() - interval '1 hour') AS "succeeded!",
+               (SELECT count(*) FROM syncq.tasks
+                WHERE status IN ('succeeded', 'failed', 'cancelled') AND status = 'failed'
+                  AND finished_at > now() - interval '1 hour') AS "failed!"
+        "#
+    )
+    .fetch_one(db)
+    .await?;
+    Ok(Totals {
+        queued: r.queued,
+        running: r.running,
+        succeeded_last_hour: r.succeeded,
+        failed_last_hour: r.failed,
+    })
+}
+
+/// Starts and finishes in one minute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Minute {
+    /// The minute's start.
+    pub at: DateTime<Utc>,
+    /// Attempts started in it (of tasks running now or finished since).
+    pub starts: i64,
+    /// Tasks finished in it.
+    pub finishes: i64,
+}
+
+/// Starts and finishes per minute over the last hour (60 minutes, oldest
+/// first), of one dataset or all. Starts are those of tasks running now
+/// or finished within the hour: an attempt retried since is not counted.
+pub async fn throughput(
+    db: impl PgExecutor<'_>,
+    dataset_id: Option<&str>,
+) -> sqlx::Result<Vec<Minute>> {
+    let rows = sqlx::query!(
+        r#"
+        WITH recent AS MATERIALIZED (
+            SELECT t.started_at, t.finished_at FROM syncq.tasks t
+            WHERE ((t.status IN ('succeeded', 'failed', 'cancelled')
+                    AND t.finished_at > now() - interval '1 hour')
+                   OR t.status = 'running')
+              AND ($1::text IS NULL OR t.dataset_id = $1)
+        ),
+        starts AS (
+            SELECT date_trunc('minute', started_at) AS m, count(*) AS n FROM recent
+            WHERE started_at > now() - interval '1 hour' GROUP BY 1
+        ),
+        finishes AS (
+            SELECT date_trunc('minute', finished_at) AS m, count(*) AS n FROM recent
+            WHERE finished_at IS NOT NULL GROUP BY 1
+        )
+        SELECT g.m AS "at!", coalesce(s.n, 0) AS "starts!", coalesce(f.n, 0) AS "finishes!"
+        FROM generate_series(date_trunc('minute', now()) - interval '59 minutes',
+                             date_trunc('minute', now()), interval '1 minute') AS g(m)
+        LEFT JOIN starts s ON s.m = g.m
+        LEFT JOIN finishes f ON f.m = g.m
+        ORDER BY g.m
+        "#,
+        dataset_id
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| Minute {
+            at: r.at,
+            starts: r.starts,
+            finishes: r.finishes,
+        })
+        .collect())
+}
+
+/// A dataset's failed attempts of the last day, grouped by error.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ErrorGroup {
+    /// The error (its first 300 characters).
+    pub error: String,
+    /// Attempts that failed with it.
+    pub attempts: i64,
+    /// Tasks that failed with it.
+    pub tasks: i64,
+    /// The last time.
+    pub last_at: DateTime<Utc>,
+    /// One task that failed with it, the latest.
+    pub example: TaskId,
+}
+
+/// The errors of a dataset's attempts in the last day, most frequent first.
+pub async fn failures_by_error(
+    db: impl PgExecutor<'_>,
+    dataset_id: &str,
+) -> sqlx::Result<Vec<ErrorGroup>> {
+    sqlx::query_as!(
+        ErrorGroup,
+        r#"
+        SELECT left(e.error, 300) AS "error!", count(*) AS "attempts!",
+               count(DISTINCT e.task_id) AS "tasks!", max(e.at) AS "last_at!",
+               max(e.task_id) AS "example!: TaskId"
+        FROM syncq.task_errors e
+        JOIN syncq.tasks t ON t.id = e.task_id
+        WHERE t.dataset_id = $1 AND e.at > now() - interval '1 day'
+        GROUP BY 1
+        ORDER BY 2 DESC, 4 DESC
+        LIMIT 20
+        "#,
+        dataset_id
     )
     .fetch_all(db)
     .await

@@ -23,15 +23,25 @@ pub async fn cancel(db: impl PgExecutor<'_>, id: TaskId) -> sqlx::Result<Option<
     .await
 }
 
-/// Requests cancellation of every queued or running task of a dataset;
+/// Requests cancellation of every queued or running task of a dataset,
+/// of `kind` and with `error_contains` in its last error when given;
 /// returns how many.
-pub async fn cancel_dataset(db: impl PgExecutor<'_>, dataset_id: &str) -> sqlx::Result<u64> {
+pub async fn cancel_dataset(
+    db: impl PgExecutor<'_>,
+    dataset_id: &str,
+    kind: Option<&str>,
+    error_contains: Option<&str>,
+) -> sqlx::Result<u64> {
     let done = sqlx::query!(
         r#"
         UPDATE syncq.tasks SET cancel_requested = true
         WHERE dataset_id = $1 AND status IN ('queued', 'running') AND NOT cancel_requested
+          AND ($2::text IS NULL OR kind = $2)
+          AND ($3::text IS NULL OR strpos(coalesce(last_error, ''), $3) > 0)
         "#,
-        dataset_id
+        dataset_id,
+        kind,
+        error_contains,
     )
     .execute(db)
     .await?;
@@ -50,21 +60,28 @@ pub async fn retry(db: impl PgExecutor<'_>, id: TaskId) -> sqlx::Result<bool> {
     Ok(n == 1)
 }
 
-/// Retries every task of a dataset in `status` (`failed` or `cancelled`);
+/// Retries every task of a dataset in `status` (`failed` or `cancelled`),
+/// of `kind` and with `error_contains` in its last error when given;
 /// returns how many.
 pub async fn retry_dataset(
     db: impl PgExecutor<'_>,
     dataset_id: &str,
     status: &str,
+    kind: Option<&str>,
+    error_contains: Option<&str>,
 ) -> sqlx::Result<u64> {
     let n = sqlx::query_scalar!(
         r#"
         SELECT count(*) AS "n!" FROM syncq.retry(ARRAY(
             SELECT id FROM syncq.tasks
-            WHERE dataset_id = $1 AND status IN ('failed', 'cancelled') AND status::text = $2))
+            WHERE dataset_id = $1 AND status IN ('failed', 'cancelled') AND status::text = $2
+              AND ($3::text IS NULL OR kind = $3)
+              AND ($4::text IS NULL OR strpos(coalesce(last_error, ''), $4) > 0)))
         "#,
         dataset_id,
-        status
+        status,
+        kind,
+        error_contains,
     )
     .fetch_one(db)
     .await?;

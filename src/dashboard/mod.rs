@@ -1,0 +1,221 @@
+//! The web dashboard: see and steer the fleet from a browser.
+//!
+//! [`router`] is an axum [`Router`] a service can mount in its own app (as
+//! Oban Web mounts in a Phoenix app); `syncq dashboard` serves the same
+//! router on its own. Pages: the overview (every dataset, paged, with a
+//! throughput chart), a dataset, a task, the workers, the schedules. Pages
+//! refresh their numbers in place every few seconds while the tab is
+//! visible (a light poll of the same page; no reload).
+//!
+//! It is read-only unless an admin token is configured
+//! ([`DashboardOptions::token`], `SYNCQ_DASHBOARD_TOKEN` for the command).
+//! With one, an operator signs in with it (a cookie, `HttpOnly`,
+//! `SameSite=Strict`) or sends it as `Authorization: Bearer …`; every action
+//! is a POST that must also carry the dashboard's CSRF token, which only
+//! its own pages hold. Actions go through the same library calls as the
+//! CLI (`TaskQueue::pause`, `update_limits`, `TaskQueueManager::cancel`,
+//! `retry`, …) and leave the same rows.
+//!
+//! Everything it needs is in the binary (HTML from maud, its CSS and its
+//! script inline, charts drawn here as SVG): it works offline.
+//!
+//! ```no_run
+//! # async fn example(db: sqlx::PgPool) -> std::io::Result<()> {
+//! use syncq::dashboard::{DashboardOptions, router};
+//!
+//! let app = axum::Router::new().nest(
+//!     "/syncq",
+//!     router(db, DashboardOptions::default().token("s3cret")),
+//! );
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! axum::serve(listener, app).await
+//! # }
+//! ```
+
+mod actions;
+mod chart;
+mod pages;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+
+use crate::db::Db;
+use crate::manager::TaskQueueManager;
+
+/// How the dashboard behaves.
+#[derive(Clone, Default)]
+pub struct DashboardOptions {
+    token: Option<String>,
+    refresh: Option<Duration>,
+}
+
+impl std::fmt::Debug for DashboardOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DashboardOptions")
+            .field("token", &self.token.as_ref().map(|_| "…"))
+            .field("refresh", &self.refresh)
+            .finish()
+    }
+}
+
+impl DashboardOptions {
+    /// The admin token: with it, signed-in operators may act; without, the
+    /// dashboard is read-only. An empty token counts as none.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        let token = token.into();
+        self.token = (!token.is_empty()).then_some(token);
+        self
+    }
+
+    /// The token from `SYNCQ_DASHBOARD_TOKEN`, if set.
+    pub fn from_env() -> Self {
+        match std::env::var("SYNCQ_DASHBOARD_TOKEN") {
+            Ok(token) => DashboardOptions::default().token(token),
+            Err(_) => DashboardOptions::default(),
+        }
+    }
+
+    /// How often a visible page refreshes its numbers (default 2 s).
+    pub fn refresh(mut self, every: Duration) -> Self {
+        self.refresh = Some(every);
+        self
+    }
+
+    /// Whether actions are possible (an admin token is set).
+    pub fn is_read_only(&self) -> bool {
+        self.token.is_none()
+    }
+}
+
+/// What every handler shares.
+struct App {
+    manager: TaskQueueManager,
+    token: Option<String>,
+    /// The CSRF token of this dashboard: random per router, embedded in
+    /// its own pages' forms, required on every POST.
+    csrf: String,
+    refresh: Duration,
+}
+
+type Shared = Arc<App>;
+
+/// The cookie that holds a signed-in operator's token.
+const SESSION_COOKIE: &str = "syncq_admin";
+
+impl App {
+    /// Whether this request comes from a signed-in operator (cookie or
+    /// bearer token).
+    fn is_admin(&self, headers: &HeaderMap) -> bool {
+        let Some(token) = &self.token else {
+            return false;
+        };
+        let bearer = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let cookie = headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|c| c.trim().strip_prefix(SESSION_COOKIE)?.strip_prefix('='))
+            .next();
+        [bearer, cookie]
+            .into_iter()
+            .flatten()
+            .any(|given| same(given.as_bytes(), token.as_bytes()))
+    }
+}
+
+/// Compares secrets without stopping at the first difference.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The dashboard as an axum router, to serve alone or to `nest` in an app.
+/// Links are relative to where it is mounted.
+pub fn router(db: impl Into<Db>, options: DashboardOptions) -> Router {
+    let csrf = format!(
+        "{:016x}{:016x}",
+        rand::random::<u64>(),
+        rand::random::<u64>()
+    );
+    let app: Shared = Arc::new(App {
+        manager: TaskQueueManager::new(db),
+        token: options.token,
+        csrf,
+        refresh: options.refresh.unwrap_or(Duration::from_secs(2)),
+    });
+    Router::new()
+        .route("/", get(pages::overview))
+        .route("/datasets/{id}", get(pages::dataset))
+        .route("/tasks/{id}", get(pages::task))
+        .route("/workers", get(pages::workers))
+        .route("/schedules", get(pages::schedules))
+        .route("/login", get(pages::login).post(actions::login))
+        .route("/logout", post(actions::logout))
+        .route("/datasets/{id}/pause", post(actions::pause))
+        .route("/datasets/{id}/resume", post(actions::resume))
+        .route("/datasets/{id}/limits", post(actions::limits))
+        .route("/datasets/{id}/retry", post(actions::retry_matching))
+        .route("/datasets/{id}/cancel", post(actions::cancel_matching))
+        .route("/tasks/{id}/cancel", post(actions::cancel_task))
+        .route("/tasks/{id}/retry", post(actions::retry_task))
+        .with_state(app)
+}
+
+/// Serves the dashboard on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    db: impl Into<Db>,
+    options: DashboardOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(db, options))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// A failure a page or an action answers with.
+#[derive(Debug)]
+enum Failure {
+    /// The database failed.
+    Database(String),
+    /// No such dataset or task.
+    NotFound(String),
+    /// Not allowed: read-only, not signed in, or no CSRF token.
+    Forbidden(String),
+    /// The form was wrong.
+    BadRequest(String),
+}
+
+impl From<crate::Error> for Failure {
+    fn from(e: crate::Error) -> Self {
+        match e {
+            crate::Error::Config { .. } | crate::Error::InvalidTask(_) => {
+                Failure::BadRequest(e.to_string())
+            }
+            other => {
+                tracing::warn!(error = %other, "dashboard: a query failed");
+                Failure::Database(other.to_string())
+            }
+        }
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let (status, message) = match self {
+            Failure::Database(m) => (StatusCode::SERVICE_UNAVAILABLE, m),
+            Failure::NotFound(m) => (StatusCode::NOT_FOUND, m),
+            Failure::Forbidden(m) => (StatusCode::FORBIDDEN, m),
+            Failure::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
+        };
+        (status, pages::error_page(status, &message)).into_response()
+    }
+}

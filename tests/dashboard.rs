@@ -1,0 +1,527 @@
+//! The web dashboard over HTTP: every page answers with the numbers the
+//! rows hold, a read-only dashboard refuses every action and changes
+//! nothing, actions need a signed-in operator and the dashboard's CSRF
+//! token, each action leaves the rows the CLI's would, and hostile ids and
+//! payloads come out escaped.
+
+mod common;
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use reqwest::redirect::Policy;
+use serde_json::json;
+use sqlx::PgPool;
+use syncq::dashboard::{DashboardOptions, router};
+use syncq::{NewTask, RateLimit, TaskQueueManager};
+
+const TOKEN: &str = "test-admin-token";
+
+/// Serves the dashboard on a free loopback port; returns its base URL.
+async fn serve(db: &PgPool, options: DashboardOptions) -> String {
+    serve_at(db, options, "").await
+}
+
+/// The same, nested under `prefix` in an app of its own (as a service
+/// mounts it).
+async fn serve_at(db: &PgPool, options: DashboardOptions, prefix: &str) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dashboard = router(db.clone(), options);
+    let app = if prefix.is_empty() {
+        dashboard
+    } else {
+        axum::Router::new().nest(prefix, dashboard)
+    };
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}{prefix}")
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+async fn get(url: &str, auth: bool) -> (StatusCode, String) {
+    let mut request = client().get(url);
+    if auth {
+        request = request.bearer_auth(TOKEN);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status();
+    (status, response.text().await.unwrap())
+}
+
+/// The CSRF token the dashboard's own pages carry.
+async fn csrf(base: &str) -> String {
+    let (_, page) = get(&format!("{base}/login"), true).await;
+    let marker = "name=\"csrf\" value=\"";
+    let at = page.find(marker).expect("the page carries a CSRF token");
+    page[at + marker.len()..]
+        .chars()
+        .take_while(|c| *c != '"')
+        .collect()
+}
+
+async fn post(url: &str, auth: bool, form: &[(&str, &str)]) -> reqwest::Response {
+    let mut request = client().post(url).form(form);
+    if auth {
+        request = request.bearer_auth(TOKEN);
+    }
+    request.send().await.unwrap()
+}
+
+async fn paused(db: &PgPool, dataset: &str) -> bool {
+    sqlx::query_scalar(
+        "SELECT coalesce((SELECT paused FROM syncq.datasets WHERE dataset_id = $1), false)",
+    )
+    .bind(dataset)
+    .fetch_one(db)
+    .await
+    .unwrap()
+}
+
+/// A cell's text: the first `data-live="key">…<` in `page`.
+fn live(page: &str, key: &str) -> String {
+    let marker = format!("data-live=\"{key}\">");
+    let at = page
+        .find(&marker)
+        .unwrap_or_else(|| panic!("no {key} on the page"));
+    page[at + marker.len()..]
+        .chars()
+        .take_while(|c| *c != '<')
+        .collect()
+}
+
+#[sqlx::test]
+async fn every_page_answers_with_the_numbers_the_rows_hold(db: PgPool) {
+    let manager = TaskQueueManager::new(db.clone());
+    for i in 0..3 {
+        manager
+            .enqueue(NewTask::new("alpha", "noop").payload(json!({ "i": i })))
+            .await
+            .unwrap();
+    }
+    let one = manager
+        .enqueue(NewTask::new("beta", "fail").payload(json!({ "error": "invalid" })))
+        .await
+        .unwrap();
+    manager
+        .queue("alpha")
+        .set_rate_limit(Some(RateLimit::new(5, Duration::from_secs(1)).unwrap()))
+        .await
+        .unwrap();
+    manager
+        .schedule(syncq::Schedule::new(
+            "hourly",
+            "alpha",
+            "noop",
+            syncq::Timing::Cron("0 * * * *".into()),
+        ))
+        .await
+        .unwrap();
+    let base = serve(&db, DashboardOptions::default()).await;
+
+    let (status, page) = get(&format!("{base}/"), false).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let queued: i64 = common::count(&db, "status = 'queued'").await;
+    assert_eq!(live(&page, "queued"), queued.to_string());
+    assert_eq!(live(&page, "queued:alpha"), "3");
+    assert_eq!(live(&page, "queued:beta"), "1");
+    assert!(page.contains("5/1s (0)"), "alpha's rate limit and its use");
+    assert!(page.contains("read-only"));
+    assert!(page.contains("<svg"), "the throughput chart");
+
+    let (status, page) = get(&format!("{base}/datasets/alpha"), false).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(live(&page, "queued"), "3");
+    assert!(page.contains("5 per 1s"));
+    let (status, page) = get(&format!("{base}/datasets/alpha?kind=nothing"), false).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("No task matches."));
+
+    let (status, page) = get(&format!("{base}/tasks/{one}"), false).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(live(&page, "status"), "queued");
+    assert!(
+        page.contains("&quot;invalid&quot;"),
+        "the payload, escaped JSON"
+    );
+
+    let (status, page) = get(&format!("{base}/workers"), false).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(live(&page, "workers"), "0");
+    let (status, page) = get(&format!("{base}/schedules"), false).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("hourly") && page.contains("0 * * * *"));
+
+    assert_eq!(
+        get(&format!("{base}/tasks/999999"), false).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        get(&format!("{base}/datasets/nope"), false).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        get(&format!("{base}/tasks/x"), false).await.0,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[sqlx::test]
+async fn the_overview_pages_and_filters_its_datasets(db: PgPool) {
+    let manager = TaskQueueManager::new(db.clone());
+    manager
+        .enqueue_many((0..120).map(|i| NewTask::new(format!("ds-{i:03}"), "noop")))
+        .await
+        .unwrap();
+    // Readiness reaches the datasets table at the next claim; the
+    // overview also lists datasets whose signals wait.
+    let base = serve(&db, DashboardOptions::default()).await;
+    let (_, first) = get(&format!("{base}/"), false).await;
+    assert!(first.contains("120 dataset(s)"));
+    assert!(first.contains("page 1 of 3"));
+    assert!(
+        first.contains("data-dataset=\"ds-000\"") && !first.contains("data-dataset=\"ds-050\"")
+    );
+    let (_, third) = get(&format!("{base}/?page=2"), false).await;
+    assert!(
+        third.contains("data-dataset=\"ds-119\"") && !third.contains("data-dataset=\"ds-000\"")
+    );
+    let (_, some) = get(&format!("{base}/?q=DS-11"), false).await;
+    assert!(
+        some.contains("10 dataset(s)"),
+        "ds-110 … ds-119, case-insensitive"
+    );
+    let (_, sorted) = get(&format!("{base}/?sort=queued"), false).await;
+    assert!(sorted.contains("page 1 of 3"));
+}
+
+#[sqlx::test]
+async fn a_read_only_dashboard_refuses_every_action_and_changes_nothing(db: PgPool) {
+    let manager = TaskQueueManager::new(db.clone());
+    let id = manager
+        .enqueue(NewTask::new("alpha", "noop"))
+        .await
+        .unwrap();
+    let base = serve(&db, DashboardOptions::default()).await;
+    // A read-only dashboard's pages carry no CSRF token: no form to post.
+    let (_, page) = get(&format!("{base}/login"), true).await;
+    assert!(!page.contains("name=\"csrf\""));
+    let csrf = "0123456789abcdef".to_string();
+    for path in [
+        "/datasets/alpha/pause",
+        "/datasets/alpha/limits",
+        "/datasets/alpha/cancel",
+        "/datasets/alpha/retry",
+        &format!("/tasks/{id}/cancel"),
+        &format!("/tasks/{id}/retry"),
+    ] {
+        let answer = post(
+            &format!("{base}{path}"),
+            true,
+            &[("csrf", &csrf), ("concurrency", "3")],
+        )
+        .await;
+        assert_eq!(answer.status(), StatusCode::FORBIDDEN, "{path}");
+    }
+    assert!(!paused(&db, "alpha").await);
+    assert_eq!(common::status(&db, id).await, "queued");
+    let cancel_requested: bool =
+        sqlx::query_scalar("SELECT cancel_requested FROM syncq.tasks WHERE id = $1")
+            .bind(i64::from(id))
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert!(!cancel_requested);
+    let (_, page) = get(&format!("{base}/datasets/alpha"), true).await;
+    assert!(
+        !page.contains("/datasets/alpha/pause\""),
+        "no action is offered"
+    );
+}
+
+#[sqlx::test]
+async fn actions_need_a_signed_in_operator_and_the_csrf_token(db: PgPool) {
+    let manager = TaskQueueManager::new(db.clone());
+    manager
+        .enqueue(NewTask::new("alpha", "noop"))
+        .await
+        .unwrap();
+    let base = serve(&db, DashboardOptions::default().token(TOKEN)).await;
+    let csrf = csrf(&base).await;
+    let url = format!("{base}/datasets/alpha/pause");
+
+    let no_csrf = post(&url, true, &[]).await;
+    assert_eq!(no_csrf.status(), StatusCode::FORBIDDEN);
+    let wrong_csrf = post(&url, true, &[("csrf", "0123")]).await;
+    assert_eq!(wrong_csrf.status(), StatusCode::FORBIDDEN);
+    let not_signed_in = post(&url, false, &[("csrf", &csrf)]).await;
+    assert_eq!(not_signed_in.status(), StatusCode::FORBIDDEN);
+    assert!(!paused(&db, "alpha").await);
+
+    // Signing in with a wrong token fails; with the token, a cookie.
+    let wrong = post(
+        &format!("{base}/login"),
+        false,
+        &[("csrf", &csrf), ("token", "nope")],
+    )
+    .await;
+    assert!(wrong.headers().get("set-cookie").is_none());
+    let signed = post(
+        &format!("{base}/login"),
+        false,
+        &[("csrf", &csrf), ("token", TOKEN)],
+    )
+    .await;
+    assert_eq!(signed.status(), StatusCode::SEE_OTHER);
+    let cookie = signed
+        .headers()
+        .get("set-cookie")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"));
+    let session = cookie.split(';').next().unwrap().to_string();
+    let paused_now = client()
+        .post(&url)
+        .header("cookie", &session)
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(paused_now.status(), StatusCode::SEE_OTHER);
+    assert!(paused(&db, "alpha").await);
+}
+
+#[sqlx::test]
+async fn each_action_leaves_the_rows_the_cli_would(db: PgPool) {
+    let manager = TaskQueueManager::new(db.clone());
+    let queued = manager
+        .enqueue(NewTask::new("alpha", "noop"))
+        .await
+        .unwrap();
+    let failed: Vec<i64> = sqlx::query_scalar(
+        "INSERT INTO syncq.tasks (dataset_id, kind, status, attempts, finished_at, last_error)
+         VALUES ('alpha', 'fetch', 'failed', 1, now(), 'upstream 404'),
+                ('alpha', 'fetch', 'failed', 1, now(), 'upstream 500'),
+                ('alpha', 'other', 'failed', 1, now(), 'upstream 404')
+         RETURNING id",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    let base = serve_at(&db, DashboardOptions::default().token(TOKEN), "/ops/syncq").await;
+    let csrf = csrf(&base).await;
+    let act = |path: String, form: Vec<(&'static str, String)>| {
+        let csrf = csrf.clone();
+        async move {
+            let mut form = form;
+            form.push(("csrf", csrf));
+            let form: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let answer = post(&path, true, &form).await;
+            assert_eq!(answer.status(), StatusCode::SEE_OTHER, "{path}");
+            let to = answer
+                .headers()
+                .get("location")
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_string();
+            assert!(
+                to.starts_with("/ops/syncq/"),
+                "redirected within the mount: {to}"
+            );
+        }
+    };
+
+    act(
+        format!("{base}/datasets/alpha/limits"),
+        vec![
+            ("rate", "7/2s".into()),
+            ("concurrency", "3".into()),
+            ("weight", "5".into()),
+        ],
+    )
+    .await;
+    let (rate, window, cap, weight): (Option<i32>, f64, Option<i32>, i32) = sqlx::query_as(
+        "SELECT rate_limit, extract(epoch FROM rate_window)::float8, max_concurrency, weight
+         FROM syncq.datasets WHERE dataset_id = 'alpha'",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!((rate, window, cap, weight), (Some(7), 2.0, Some(3), 5));
+    act(
+        format!("{base}/datasets/alpha/limits"),
+        vec![("rate", "none".into())],
+    )
+    .await;
+    let (rate, cap): (Option<i32>, Option<i32>) = sqlx::query_as(
+        "SELECT rate_limit, max_concurrency FROM syncq.datasets WHERE dataset_id = 'alpha'",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!((rate, cap), (None, Some(3)), "only what is named changes");
+
+    // Retry the failed tasks of kind "fetch" whose error says 404.
+    act(
+        format!("{base}/datasets/alpha/retry"),
+        vec![
+            ("status", "failed".into()),
+            ("kind", "fetch".into()),
+            ("error", "404".into()),
+        ],
+    )
+    .await;
+    assert_eq!(common::status(&db, failed[0]).await, "queued");
+    assert_eq!(common::status(&db, failed[1]).await, "failed");
+    assert_eq!(common::status(&db, failed[2]).await, "failed");
+
+    act(format!("{base}/tasks/{queued}/cancel"), vec![]).await;
+    assert_eq!(common::status(&db, queued).await, "cancelled");
+    act(format!("{base}/tasks/{queued}/retry"), vec![]).await;
+    assert_eq!(common::status(&db, queued).await, "queued");
+
+    act(format!("{base}/datasets/alpha/pause"), vec![]).await;
+    assert!(paused(&db, "alpha").await);
+    act(format!("{base}/datasets/alpha/resume"), vec![]).await;
+    assert!(!paused(&db, "alpha").await);
+
+    act(
+        format!("{base}/datasets/alpha/cancel"),
+        vec![("kind", "noop".into())],
+    )
+    .await;
+    assert_eq!(common::status(&db, queued).await, "cancelled");
+    assert_eq!(
+        common::status(&db, failed[0]).await,
+        "queued",
+        "another kind: untouched"
+    );
+
+    let bad = post(
+        &format!("{base}/datasets/alpha/limits"),
+        true,
+        &[("csrf", &csrf), ("concurrency", "0")],
+    )
+    .await;
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    assert!(bad.text().await.unwrap().contains("max_concurrency"));
+}
+
+#[sqlx::test]
+async fn hostile_ids_and_payloads_come_out_escaped(db: PgPool) {
+    let manager = TaskQueueManager::new(db.clone());
+    let evil = "<script>alert('id')</script>";
+    let id = manager
+        .enqueue(
+            NewTask::new(evil, "noop")
+                .payload(json!({ "html": "</pre><script>alert('payload')</script>" })),
+        )
+        .await
+        .unwrap();
+    sqlx::query("UPDATE syncq.tasks SET last_error = '<img src=x onerror=alert(1)>' WHERE id = $1")
+        .bind(i64::from(id))
+        .execute(&db)
+        .await
+        .unwrap();
+    let base = serve(&db, DashboardOptions::default().token(TOKEN)).await;
+    for path in [
+        "/".to_string(),
+        format!("/tasks/{id}"),
+        "/datasets/%3Cscript%3Ealert('id')%3C%2Fscript%3E".to_string(),
+    ] {
+        let (status, page) = get(&format!("{base}{path}"), true).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {page}");
+        assert!(
+            !page.contains("<script>alert"),
+            "{path}: raw script in the page"
+        );
+        assert!(
+            !page.contains("<img src=x"),
+            "{path}: raw markup in the page"
+        );
+        assert!(
+            page.contains("&lt;script&gt;alert("),
+            "{path}: the text is shown, escaped"
+        );
+    }
+}
+
+/// `syncq dashboard` as a process: the line it prints, and what it says
+/// when asked to listen beyond loopback without a token.
+async fn start_command(
+    url: &str,
+    addr: &str,
+    token: Option<&str>,
+) -> (tokio::process::Child, String, String) {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_syncq"));
+    command
+        .env("DATABASE_URL", url)
+        .env_remove("SYNCQ_DASHBOARD_TOKEN")
+        .args(["dashboard", "--addr", addr])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(token) = token {
+        command.env("SYNCQ_DASHBOARD_TOKEN", token);
+    }
+    let mut child = command.spawn().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), stdout.next_line())
+        .await
+        .expect("the dashboard says where it listens")
+        .unwrap()
+        .unwrap_or_default();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut notes = String::new();
+    while let Ok(Ok(Some(l))) =
+        tokio::time::timeout(Duration::from_millis(300), stderr.next_line()).await
+    {
+        notes.push_str(&l);
+        notes.push('\n');
+    }
+    (child, line, notes)
+}
+
+#[sqlx::test]
+async fn the_dashboard_command_serves_on_loopback_and_warns_when_asked_wider(
+    _: sqlx::postgres::PgPoolOptions,
+    opts: sqlx::postgres::PgConnectOptions,
+) {
+    let db = common::connect(&opts).await;
+    TaskQueueManager::new(db.clone())
+        .enqueue(NewTask::new("alpha", "noop"))
+        .await
+        .unwrap();
+    let url = common::url(&opts);
+    let (_child, line, notes) = start_command(&url, "127.0.0.1:0", None).await;
+    assert!(line.contains("read-only"), "{line}");
+    assert!(!notes.contains("beyond loopback"), "{notes}");
+    let address = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .expect("a URL")
+        .trim_end_matches('/')
+        .to_string();
+    let (status, page) = get(&format!("{address}/"), false).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(live(&page, "queued:alpha"), "1");
+
+    let (_wide, line, notes) = start_command(&url, "0.0.0.0:0", None).await;
+    assert!(line.contains("read-only"), "{line}");
+    assert!(
+        notes.contains("beyond loopback without SYNCQ_DASHBOARD_TOKEN"),
+        "{notes}"
+    );
+    let (_admin, line, _) = start_command(&url, "127.0.0.1:0", Some(TOKEN)).await;
+    assert!(line.contains("actions allowed"), "{line}");
+}
