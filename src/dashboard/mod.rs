@@ -36,8 +36,9 @@ mod actions;
 mod chart;
 mod pages;
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::http::{HeaderMap, StatusCode, header};
@@ -46,6 +47,7 @@ use axum::routing::{get, post};
 
 use crate::db::Db;
 use crate::manager::TaskQueueManager;
+use crate::manager::inspect::Activity;
 
 /// How the dashboard behaves.
 #[derive(Clone, Default)]
@@ -100,6 +102,20 @@ struct App {
     /// its own pages' forms, required on every POST.
     csrf: String,
     refresh: Duration,
+    /// The last hour's activity, shared by every viewer (see
+    /// [`App::activity`]).
+    activity: tokio::sync::Mutex<Option<Recent>>,
+}
+
+/// The last hour's activity as last computed.
+struct Recent {
+    at: Instant,
+    took: Duration,
+    activity: Arc<Activity>,
+    /// Per dataset: (succeeded, failed) in the last hour.
+    by_dataset: Arc<HashMap<String, (i64, i64)>>,
+    /// The next is being computed.
+    refreshing: bool,
 }
 
 type Shared = Arc<App>;
@@ -108,6 +124,59 @@ type Shared = Arc<App>;
 const SESSION_COOKIE: &str = "syncq_admin";
 
 impl App {
+    /// The last hour's activity (a pass over the hour's finished tasks),
+    /// shared by every viewer and recomputed at most once per refresh
+    /// interval — or per five times what the pass took, when that is
+    /// longer: a busy fleet watched by many tabs costs the database one
+    /// pass at a time. Once there is one, a stale copy is answered at
+    /// once while the next is computed in the background.
+    async fn activity(
+        self: &Arc<Self>,
+    ) -> Result<(Arc<Activity>, Arc<HashMap<String, (i64, i64)>>), Failure> {
+        let mut recent = self.activity.lock().await;
+        if let Some(r) = recent.as_mut() {
+            let stale = r.at.elapsed() >= self.refresh.max(r.took * 5);
+            if stale && !r.refreshing {
+                r.refreshing = true;
+                let app = self.clone();
+                tokio::spawn(async move {
+                    let fresh = app.compute_activity().await;
+                    let mut recent = app.activity.lock().await;
+                    match fresh {
+                        Ok(fresh) => *recent = Some(fresh),
+                        Err(_) => {
+                            if let Some(r) = recent.as_mut() {
+                                r.refreshing = false;
+                            }
+                        }
+                    }
+                });
+            }
+            return Ok((r.activity.clone(), r.by_dataset.clone()));
+        }
+        let fresh = self.compute_activity().await?;
+        let out = (fresh.activity.clone(), fresh.by_dataset.clone());
+        *recent = Some(fresh);
+        Ok(out)
+    }
+
+    async fn compute_activity(&self) -> Result<Recent, Failure> {
+        let started = Instant::now();
+        let activity = self.manager.activity().await?;
+        let by_dataset: HashMap<String, (i64, i64)> = activity
+            .datasets
+            .iter()
+            .map(|(d, s, f)| (d.clone(), (*s, *f)))
+            .collect();
+        Ok(Recent {
+            at: Instant::now(),
+            took: started.elapsed(),
+            activity: Arc::new(activity),
+            by_dataset: Arc::new(by_dataset),
+            refreshing: false,
+        })
+    }
+
     /// Whether this request comes from a signed-in operator (cookie or
     /// bearer token).
     fn is_admin(&self, headers: &HeaderMap) -> bool {
@@ -150,6 +219,7 @@ pub fn router(db: impl Into<Db>, options: DashboardOptions) -> Router {
         token: options.token,
         csrf,
         refresh: options.refresh.unwrap_or(Duration::from_secs(2)),
+        activity: tokio::sync::Mutex::new(None),
     });
     Router::new()
         .route("/", get(pages::overview))

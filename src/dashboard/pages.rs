@@ -181,8 +181,10 @@ pub(super) async fn overview(
         offset: Some(page.saturating_mul(PAGE)),
     };
     let (rows, total) = app.manager.overview(&query).await?;
-    let totals = app.manager.totals().await?;
-    let minutes = app.manager.throughput(None).await?;
+    let (activity, by_dataset) = app.activity().await?;
+    let totals = app.manager.totals_with(&activity).await?;
+    let minutes = &activity.minutes;
+    let hour = |d: &str| by_dataset.get(d).copied().unwrap_or((0, 0));
     let q = params.q.clone().unwrap_or_default();
     let sort_name = params.sort.clone().unwrap_or_else(|| "name".into());
     let pages = (total.max(0) as u32).div_ceil(PAGE).max(1);
@@ -202,7 +204,7 @@ pub(super) async fn overview(
                 div { span.num data-live="succeeded" { (totals.succeeded_last_hour) } span.label { "succeeded, last hour" } }
                 div { span.num data-live="failed" { (totals.failed_last_hour) } span.label { "failed, last hour" } }
             }
-            (chart::throughput(&minutes))
+            (chart::throughput(minutes))
             p.muted { (total) " dataset(s)" @if !q.is_empty() { " matching " q { (q) } } "." }
             table.datasets {
                 thead { tr {
@@ -218,8 +220,8 @@ pub(super) async fn overview(
                             td { a href=(ctx.link(&format!("/datasets/{}", urlencode(&d.dataset_id)))) { (d.dataset_id) } }
                             td.n data-live=(format!("queued:{}", d.dataset_id)) { (d.queued) }
                             td.n { (d.running) @if let Some(cap) = d.max_concurrency { " / " (cap) } }
-                            td.n { (d.succeeded_last_hour) }
-                            td.n.bad[d.failed_last_hour > 0] { (d.failed_last_hour) }
+                            td.n { (hour(&d.dataset_id).0) }
+                            td.n.bad[hour(&d.dataset_id).1 > 0] { (hour(&d.dataset_id).1) }
                             td.n { (age(d.oldest_ready_age_secs)) }
                             td { @match d.rate_limit {
                                 Some(n) => { (n) "/" (window(d.rate_window_secs)) " (" (d.rate_used) ")" },

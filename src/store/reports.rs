@@ -245,10 +245,6 @@ pub struct OverviewRow {
     pub running: i64,
     /// The cap on its running tasks across the fleet, if any.
     pub max_concurrency: Option<i32>,
-    /// Tasks that succeeded in the last hour.
-    pub succeeded_last_hour: i64,
-    /// Tasks that failed for good in the last hour.
-    pub failed_last_hour: i64,
     /// Seconds since the oldest ready task became ready.
     pub oldest_ready_age_secs: Option<f64>,
     /// Starts allowed per `rate_window_secs`, if rate-limited.
@@ -291,7 +287,8 @@ impl OverviewSort {
 /// (case-insensitive), ordered by `sort`. Only the page's datasets are
 /// counted, so its cost follows the page, not the fleet (except sorting
 /// by counts, which counts every matching dataset's queued or running
-/// tasks through their partial indexes).
+/// tasks through their partial indexes). What finished in the last hour
+/// is [`activity`]'s.
 pub async fn overview(
     db: impl PgExecutor<'_>,
     filter: Option<&str>,
@@ -317,16 +314,6 @@ pub async fn overview(
             WHERE $1::text IS NULL OR strpos(lower(k.dataset_id), lower($1)) > 0
             ORDER BY 2 DESC, 1
             LIMIT $3 OFFSET $4
-        ),
-        finished AS (
-            SELECT t.dataset_id,
-                   count(*) FILTER (WHERE t.status = 'succeeded') AS succeeded,
-                   count(*) FILTER (WHERE t.status = 'failed') AS failed
-            FROM syncq.tasks t
-            WHERE t.status IN ('succeeded', 'failed', 'cancelled')
-              AND t.finished_at > now() - interval '1 hour'
-              AND t.dataset_id IN (SELECT dataset_id FROM page)
-            GROUP BY t.dataset_id
         )
         SELECT p.dataset_id AS "dataset_id!",
                (SELECT count(*) FROM syncq.tasks t
@@ -334,8 +321,6 @@ pub async fn overview(
                (SELECT count(*) FROM syncq.tasks t
                 WHERE t.dataset_id = p.dataset_id AND t.status = 'running') AS "running!",
                d.max_concurrency,
-               coalesce(f.succeeded, 0) AS "succeeded_last_hour!",
-               coalesce(f.failed, 0) AS "failed_last_hour!",
                (SELECT extract(epoch FROM now() - min(t.run_at))::float8 FROM syncq.tasks t
                 WHERE t.dataset_id = p.dataset_id AND t.status = 'queued' AND t.run_at <= now())
                    AS oldest_ready_age_secs,
@@ -350,7 +335,6 @@ pub async fn overview(
                coalesce(d.throttled_until > now(), false) AS "throttled!"
         FROM page p
         LEFT JOIN syncq.datasets d ON d.dataset_id = p.dataset_id
-        LEFT JOIN finished f ON f.dataset_id = p.dataset_id
         ORDER BY p.rank DESC, p.dataset_id
         "#,
         filter,
@@ -367,8 +351,6 @@ pub async fn overview(
             queued: r.queued,
             running: r.running,
             max_concurrency: r.max_concurrency,
-            succeeded_last_hour: r.succeeded_last_hour,
-            failed_last_hour: r.failed_last_hour,
             oldest_ready_age_secs: r.oldest_ready_age_secs,
             rate_limit: r.rate_limit,
             rate_window_secs: r.rate_window_secs,
@@ -396,41 +378,17 @@ pub async fn dataset_count(db: impl PgExecutor<'_>, filter: Option<&str>) -> sql
     .await
 }
 
-/// Tasks queued and running across the fleet, and finished in the last hour.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Totals {
-    /// Tasks waiting.
-    pub queued: i64,
-    /// Tasks held by a worker now.
-    pub running: i64,
-    /// Tasks that succeeded in the last hour.
-    pub succeeded_last_hour: i64,
-    /// Tasks that failed for good in the last hour.
-    pub failed_last_hour: i64,
-}
-
-/// The fleet's totals (partial indexes: queued, running, finished by time).
-pub async fn totals(db: impl PgExecutor<'_>) -> sqlx::Result<Totals> {
+/// Tasks queued and running across the fleet (their partial indexes).
+pub async fn queued_running(db: impl PgExecutor<'_>) -> sqlx::Result<(i64, i64)> {
     let r = sqlx::query!(
         r#"
         SELECT (SELECT count(*) FROM syncq.tasks WHERE status = 'queued') AS "queued!",
-               (SELECT count(*) FROM syncq.tasks WHERE status = 'running') AS "running!",
-               (SELECT count(*) FROM syncq.tasks
-                WHERE status IN ('succeeded', 'failed', 'cancelled') AND status = 'succeeded'
-                  AND finished_at > now() - interval '1 hour') AS "succeeded!",
-               (SELECT count(*) FROM syncq.tasks
-                WHERE status IN ('succeeded', 'failed', 'cancelled') AND status = 'failed'
-                  AND finished_at > now() - interval '1 hour') AS "failed!"
+               (SELECT count(*) FROM syncq.tasks WHERE status = 'running') AS "running!"
         "#
     )
     .fetch_one(db)
     .await?;
-    Ok(Totals {
-        queued: r.queued,
-        running: r.running,
-        succeeded_last_hour: r.succeeded,
-        failed_last_hour: r.failed,
-    })
+    Ok((r.queued, r.running))
 }
 
 /// Starts and finishes in one minute.
@@ -487,6 +445,67 @@ pub async fn throughput(
             finishes: r.finishes,
         })
         .collect())
+}
+
+/// What finished in the last hour, fleet-wide: per dataset, and per
+/// minute (with the starts).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Activity {
+    /// Starts and finishes per minute, oldest first (60 minutes).
+    pub minutes: Vec<Minute>,
+    /// Per dataset with something finished: (dataset, succeeded, failed).
+    pub datasets: Vec<(String, i64, i64)>,
+}
+
+/// [`Activity`], from one pass over the hour's finished tasks (and the
+/// running ones, for their starts).
+pub async fn activity(db: impl PgExecutor<'_>) -> sqlx::Result<Activity> {
+    let rows = sqlx::query!(
+        r#"
+        WITH recent AS MATERIALIZED (
+            SELECT t.dataset_id, t.status, t.started_at, t.finished_at FROM syncq.tasks t
+            WHERE t.status IN ('succeeded', 'failed', 'cancelled')
+              AND t.finished_at > now() - interval '1 hour'
+            UNION ALL
+            SELECT t.dataset_id, t.status, t.started_at, NULL FROM syncq.tasks t
+            WHERE t.status = 'running'
+        ),
+        starts AS (
+            SELECT date_trunc('minute', started_at) AS m, count(*) AS n FROM recent
+            WHERE started_at > now() - interval '1 hour' GROUP BY 1
+        ),
+        finishes AS (
+            SELECT date_trunc('minute', finished_at) AS m, count(*) AS n FROM recent
+            WHERE finished_at IS NOT NULL GROUP BY 1
+        )
+        SELECT NULL::text AS dataset_id, g.m AS at, coalesce(s.n, 0) AS "a!", coalesce(f.n, 0) AS "b!"
+        FROM generate_series(date_trunc('minute', now()) - interval '59 minutes',
+                             date_trunc('minute', now()), interval '1 minute') AS g(m)
+        LEFT JOIN starts s ON s.m = g.m
+        LEFT JOIN finishes f ON f.m = g.m
+        UNION ALL
+        SELECT dataset_id, NULL, count(*) FILTER (WHERE status = 'succeeded'),
+               count(*) FILTER (WHERE status = 'failed')
+        FROM recent WHERE finished_at IS NOT NULL
+        GROUP BY dataset_id
+        "#
+    )
+    .fetch_all(db)
+    .await?;
+    let mut activity = Activity::default();
+    for r in rows {
+        match (r.dataset_id, r.at) {
+            (Some(dataset), _) => activity.datasets.push((dataset, r.a, r.b)),
+            (None, Some(at)) => activity.minutes.push(Minute {
+                at,
+                starts: r.a,
+                finishes: r.b,
+            }),
+            (None, None) => {}
+        }
+    }
+    activity.minutes.sort_by_key(|m| m.at);
+    Ok(activity)
 }
 
 /// A dataset's failed attempts of the last day, grouped by error.

@@ -20,6 +20,7 @@ pub(crate) async fn create_database(conn: &mut PgConnection, name: &str) -> sqlx
 }
 
 /// `DROP DATABASE IF EXISTS "name" WITH (FORCE)`: its sessions are ended.
+#[cfg(feature = "cli")]
 pub(crate) async fn drop_database(conn: &mut PgConnection, name: &str) -> sqlx::Result<()> {
     let quoted = format!("\"{}\"", name.replace('"', "\"\""));
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
