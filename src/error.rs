@@ -46,7 +46,7 @@ pub enum Error {
     #[error("task {task_id} reported a fatal error: {message}")]
     Fatal {
         /// The task whose handler returned `TaskError::Fatal`.
-        task_id: crate::task::TaskId,
+        task_id: crate::task_id::TaskId,
         /// The handler's message.
         message: String,
     },

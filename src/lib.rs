@@ -70,6 +70,7 @@ pub(crate) mod store;
 pub mod store;
 mod sync_task;
 pub mod task;
+mod task_id;
 pub mod testing;
 pub mod worker;
 

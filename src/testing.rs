@@ -236,7 +236,7 @@ async fn ensure_database(url: &str) -> Result<()> {
     let options: sqlx::postgres::PgConnectOptions = url
         .parse()
         .map_err(|e| Error::LocalPostgres(format!("invalid DATABASE_URL: {e}")))?;
-    crate::db::create_database_if_missing(&options).await?;
+    store::server::create_database_if_missing(&options).await?;
     Ok(())
 }
 

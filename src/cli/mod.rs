@@ -583,7 +583,7 @@ pub(crate) fn describe(e: &sqlx::Error) -> String {
 async fn connect_creating(options: &PgConnectOptions) -> Result<PgPool, CliError> {
     match connect_pool(options, 2).await {
         Ok(db) => Ok(db),
-        Err(first) => match crate::db::create_database_if_missing(options).await {
+        Err(first) => match crate::store::server::create_database_if_missing(options).await {
             Ok(true) => {
                 let name = options.get_database().unwrap_or("postgres");
                 note(&format!("created database {name:?}"));

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use super::held::Held;
+use super::held::{Held, Waiting};
 use super::runner::run_task;
 use super::{COALESCE, Event, Shared, retry_pause};
 
@@ -93,13 +93,6 @@ pub(super) struct Local<'a> {
     pub(super) queue: &'a mpsc::UnboundedSender<Waiting>,
     pub(super) room: &'a Arc<Semaphore>,
     pub(super) slots: &'a Arc<Semaphore>,
-}
-
-/// A claimed task in the local queue, waiting for a slot.
-pub(super) struct Waiting {
-    pub(super) task: ClaimedTask,
-    pub(super) lease: Lease,
-    pub(super) room: OwnedSemaphorePermit,
 }
 
 impl Local<'_> {

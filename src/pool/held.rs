@@ -1,8 +1,10 @@
 //! The runs a pool holds, keyed by task and run (the fencing token).
 
 use crate::lease::Lease;
+use crate::task::ClaimedTask;
 use crate::task::TaskId;
 use std::collections::HashMap;
+use tokio::sync::OwnedSemaphorePermit;
 
 /// One run of a task this pool holds: its id and `runs` at claim (the
 /// fencing token). Keyed by both, so a task this process lost and claimed
@@ -86,4 +88,11 @@ impl std::ops::DerefMut for HeldRuns {
     fn deref_mut(&mut self) -> &mut Self::Target {
         &mut self.runs
     }
+}
+
+/// A claimed task in the local queue, waiting for a slot.
+pub(super) struct Waiting {
+    pub(super) task: ClaimedTask,
+    pub(super) lease: Lease,
+    pub(super) room: OwnedSemaphorePermit,
 }

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::completer::{CompleteError, complete};
-use super::dispatch::Waiting;
+use super::held::Waiting;
 use super::{Event, Shared};
 use crate::outcome::{Outcome, write_outcome};
 

@@ -30,3 +30,26 @@ pub(crate) async fn drop_database(conn: &mut PgConnection, name: &str) -> sqlx::
     .await?;
     Ok(())
 }
+
+/// Creates the database `options` names, through the server's `postgres`
+/// database, unless it exists. True if this call created it; a creator
+/// racing this one is taken as "exists".
+pub(crate) async fn create_database_if_missing(
+    options: &sqlx::postgres::PgConnectOptions,
+) -> sqlx::Result<bool> {
+    use sqlx::{ConnectOptions, Connection};
+    let name = options.get_database().unwrap_or("postgres").to_string();
+    let mut conn = options.clone().database("postgres").connect().await?;
+    let created = if database_exists(&mut conn, &name).await? {
+        false
+    } else {
+        match create_database(&mut conn, &name).await {
+            Ok(()) => true,
+            // 42P04 duplicate_database: created meanwhile by someone else.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => false,
+            Err(e) => return Err(e),
+        }
+    };
+    let _ = conn.close().await;
+    Ok(created)
+}
