@@ -16,23 +16,23 @@
 //! dataset's done / running / queued and its start rate against its limit;
 //! the closing table is read back from the database.
 
-use std::io::{IsTerminal, Write};
+mod display;
+mod workload;
+
+use std::io::Write;
 use std::time::Duration;
 
 use clap::Args;
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use serde_json::json;
 use sqlx::PgPool;
 use sqlx::postgres::PgConnectOptions;
 use tokio::task::JoinHandle;
 
 use super::{CliError, DEFAULT_DATABASE_URL, io_error};
 use crate::local_postgres::LocalPostgres;
-use crate::store::demo::{Progress, Summary};
-use crate::{
-    Backoff, NewTask, PoolConfig, PoolHandle, RateLimit, Schedule, TaskQueueManager, Timing,
-    WorkerPool, store,
-};
+use crate::{Backoff, PoolConfig, PoolHandle, TaskQueueManager, WorkerPool, store};
+
+use display::{Display, write_summary};
+use workload::{SCHEDULE, setup};
 
 /// Every dataset of the demo starts with this.
 pub const PREFIX: &str = "demo-";
@@ -240,81 +240,6 @@ pub(super) async fn run(
     write_summary(&rows, out)
 }
 
-/// Creates the demo's datasets and tasks; returns how many tasks.
-async fn setup(db: &PgPool, scale: f64) -> Result<usize, CliError> {
-    let n = |base: usize| ((base as f64 * scale).round() as usize).max(1);
-    let manager = TaskQueueManager::new(db.clone());
-    let limits: [(&str, Option<RateLimit>, Option<u32>); 5] = [
-        ("demo-github", Some(RateLimit::per_second(10)?), Some(5)),
-        ("demo-jira", Some(RateLimit::per_second(6)?), Some(3)),
-        ("demo-stripe", Some(RateLimit::per_second(10)?), None),
-        ("demo-archive", None, Some(2)),
-        ("demo-crm", None, Some(4)),
-    ];
-    for (dataset, rate, cap) in limits {
-        let queue = manager.queue(dataset);
-        queue.set_rate_limit(rate).await?;
-        queue.set_max_concurrency(cap).await?;
-    }
-    let mut tasks = Vec::new();
-    for i in 0..n(80) {
-        tasks.push(
-            NewTask::new("demo-github", "sleep")
-                .payload(json!({ "ms": 50 + (i * 37) % 150, "page": i + 1 })),
-        );
-    }
-    for i in 0..n(24) {
-        tasks.push(
-            NewTask::new("demo-jira", "fail")
-                .payload(json!({ "error": "retryable", "times": 2, "issue": i + 1 })),
-        );
-    }
-    for i in 0..n(45) {
-        tasks.push(
-            NewTask::new("demo-stripe", "sleep").payload(json!({ "ms": 80, "charge": i + 1 })),
-        );
-    }
-    for i in 0..n(3) {
-        tasks.push(NewTask::new("demo-stripe", "fail").payload(json!({
-            "error": "rate_limited", "times": 1, "retry_after_ms": 2000, "burst": i + 1
-        })));
-    }
-    for i in 0..n(2) {
-        tasks.push(
-            NewTask::new("demo-archive", "count")
-                .payload(json!({ "to": 80, "step_ms": 100, "export": i + 1 })),
-        );
-    }
-    for i in 0..n(30) {
-        tasks.push(NewTask::new("demo-crm", "noop").payload(json!({ "contact": i + 1 })));
-    }
-    for i in 0..n(4) {
-        tasks.push(
-            NewTask::new("demo-crm", "fail")
-                .payload(json!({ "error": "invalid", "contact": format!("bad-{}", i + 1) })),
-        );
-    }
-    let total = tasks.len();
-    manager.enqueue_many(tasks).await?;
-    // A periodic sync: one task every 2 s, enqueued by whichever pool's
-    // scheduler takes the tick; removed when the rest is done.
-    manager
-        .schedule(
-            Schedule::new(
-                SCHEDULE,
-                "demo-cron",
-                "noop",
-                Timing::Every(Duration::from_secs(2)),
-            )
-            .payload(json!({ "sync": "periodic" })),
-        )
-        .await?;
-    Ok(total)
-}
-
-/// The demo's schedule (and its dataset, `demo-cron`).
-const SCHEDULE: &str = "demo-cron-every-2s";
-
 fn start_pool(
     db: &PgPool,
     worker_id: &str,
@@ -336,151 +261,4 @@ async fn stop_pool((handle, run): (PoolHandle, JoinHandle<crate::Result<()>>)) {
         Ok(Err(e)) => tracing::warn!(error = %e, "a demo pool stopped with an error"),
         Err(e) => tracing::warn!(error = %e, "a demo pool panicked"),
     }
-}
-
-/// Live progress: bars on a terminal, a line per dataset every 2 s
-/// otherwise.
-struct Display {
-    multi: Option<MultiProgress>,
-    bars: Vec<ProgressBar>,
-    last_lines: Option<tokio::time::Instant>,
-}
-
-impl Display {
-    fn new() -> Display {
-        let multi = std::io::stdout()
-            .is_terminal()
-            .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stdout()));
-        Display {
-            multi,
-            bars: Vec::new(),
-            last_lines: None,
-        }
-    }
-
-    fn update(&mut self, rows: &[Progress], out: &mut (dyn Write + Send)) -> Result<(), CliError> {
-        let Some(multi) = &self.multi else {
-            let now = tokio::time::Instant::now();
-            if self
-                .last_lines
-                .is_some_and(|t| now.duration_since(t) < Duration::from_secs(2))
-            {
-                return Ok(());
-            }
-            self.last_lines = Some(now);
-            for row in rows {
-                writeln!(
-                    out,
-                    "{:<13} {:>3}/{:<3} done  {}",
-                    row.dataset_id,
-                    row.done,
-                    row.total,
-                    describe(row)
-                )
-                .map_err(io_error)?;
-            }
-            return writeln!(out).map_err(io_error);
-        };
-        while self.bars.len() < rows.len() {
-            let style = ProgressStyle::with_template(
-                "{prefix:<13} [{bar:28.cyan/blue}] {pos:>3}/{len:<3} {msg}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> ");
-            self.bars
-                .push(multi.add(ProgressBar::new(0).with_style(style)));
-        }
-        for (bar, row) in self.bars.iter().zip(rows) {
-            bar.set_prefix(row.dataset_id.clone());
-            bar.set_length(u64::try_from(row.total).unwrap_or(0));
-            bar.set_position(u64::try_from(row.done).unwrap_or(0));
-            bar.set_message(describe(row));
-        }
-        Ok(())
-    }
-
-    fn note(&self, text: &str, out: &mut (dyn Write + Send)) -> Result<(), CliError> {
-        match &self.multi {
-            Some(multi) => {
-                let _ = multi.println(format!("  * {text}"));
-                Ok(())
-            }
-            None => writeln!(out, "* {text}").map_err(io_error),
-        }
-    }
-
-    fn finish(&self) {
-        for bar in &self.bars {
-            bar.finish();
-        }
-    }
-}
-
-fn describe(row: &Progress) -> String {
-    let mut s = format!(
-        "running {:>2}{} queued {:>3}  {:>4.1}/s",
-        row.running,
-        row.max_concurrency
-            .map_or(String::new(), |c| format!(" (cap {c})")),
-        row.queued,
-        row.starts_last_second as f64
-    );
-    if let Some(limit) = row.limit_per_second {
-        s.push_str(&format!(" of {limit:.0}/s limit"));
-    }
-    if row.throttled {
-        s.push_str("  THROTTLED by upstream");
-    }
-    s
-}
-
-fn write_summary(rows: &[Summary], out: &mut (dyn Write + Send)) -> Result<(), CliError> {
-    let mut text = String::from("\nsummary (read back from the database)\n");
-    text.push_str(&format!(
-        "{:<13} {:>5} {:>5} {:>6} {:>8} {:>7} {:>9} {:>7} {:>8} {:>15}\n",
-        "dataset",
-        "tasks",
-        "ok",
-        "failed",
-        "attempts",
-        "retries",
-        "throttles",
-        "resumed",
-        "elapsed",
-        "starts/s"
-    ));
-    for r in rows {
-        // A sliding-window limit of L per W allows N starts no faster
-        // than ceil(N / L) windows: runs / (span to the last start + one
-        // window) stays at or below the limit exactly when it held.
-        let rate = r.runs as f64 / (r.last_start_secs.max(0.0) + r.window_secs);
-        let limit = r
-            .limit_per_second
-            .map_or(String::from("no limit"), |l| format!("limit {l:.0}"));
-        text.push_str(&format!(
-            "{:<13} {:>5} {:>5} {:>6} {:>8} {:>7} {:>9} {:>7} {:>7.1}s {:>5.1} {:<9}\n",
-            r.dataset_id,
-            r.tasks,
-            r.succeeded,
-            r.failed,
-            r.attempts,
-            r.retries,
-            r.throttles,
-            r.resumed,
-            r.elapsed_secs,
-            rate,
-            limit
-        ));
-    }
-    text.push_str(
-        "\nattempts   counted runs\n\
-         retries    attempts after a failure (backoff in between)\n\
-         throttles  runs answered \"rate limit exceeded\": the dataset paused in both pools;\n\
-         \x20          not counted as attempts\n\
-         resumed    tasks that continued from their checkpoint after their host restarted\n\
-         starts/s   runs / (time to the last start + one rate window): at most the limit\n\
-         \x20          when the limit held\n\
-         \nLook around: `syncq status`, `syncq tasks --dataset demo-jira`, `syncq show <id>`.\n",
-    );
-    write!(out, "{text}").map_err(io_error)
 }
