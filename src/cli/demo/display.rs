@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::super::{CliError, io_error};
+use crate::cli::{CliError, io_error};
 use crate::store::demo::{Progress, Summary};
 
 /// Live progress: bars on a terminal, a line per dataset every 2 s
