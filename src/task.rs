@@ -12,9 +12,8 @@ use std::time::Duration;
 pub use crate::task_id::TaskId;
 
 /// `syncq.task_status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize, sqlx::Type)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
-#[sqlx(type_name = "syncq.task_status", rename_all = "lowercase")]
 pub enum TaskStatus {
     /// Waiting to run: new, delayed, or waiting to retry.
     Queued,
@@ -55,6 +54,36 @@ impl TaskStatus {
             self,
             TaskStatus::Succeeded | TaskStatus::Failed | TaskStatus::Cancelled
         )
+    }
+}
+
+/// Read and written as text (`status::text`, `$1::syncq.task_status`):
+/// decoding the enum type itself would make sqlx look its OID up in the
+/// catalog on every new connection, a statement an idle worker should not
+/// pay for.
+impl sqlx::Type<sqlx::Postgres> for TaskStatus {
+    fn type_info() -> sqlx::postgres::PgTypeInfo {
+        <String as sqlx::Type<sqlx::Postgres>>::type_info()
+    }
+
+    fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
+        <String as sqlx::Type<sqlx::Postgres>>::compatible(ty)
+    }
+}
+
+impl<'r> sqlx::Decode<'r, sqlx::Postgres> for TaskStatus {
+    fn decode(value: sqlx::postgres::PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        let text = <&str as sqlx::Decode<sqlx::Postgres>>::decode(value)?;
+        Ok(text.parse()?)
+    }
+}
+
+impl sqlx::Encode<'_, sqlx::Postgres> for TaskStatus {
+    fn encode_by_ref(
+        &self,
+        buf: &mut sqlx::postgres::PgArgumentBuffer,
+    ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+        <&str as sqlx::Encode<sqlx::Postgres>>::encode_by_ref(&self.as_str(), buf)
     }
 }
 

@@ -212,7 +212,7 @@ pub async fn tasks(db: impl PgExecutor<'_>, q: TaskQuery<'_>) -> sqlx::Result<Ve
     sqlx::query_as!(
         TaskInfo,
         r#"
-        SELECT id AS "id: TaskId", dataset_id, kind, status AS "status!: TaskStatus", priority, attempts,
+        SELECT id AS "id: TaskId", dataset_id, kind, status::text AS "status!: TaskStatus", priority, attempts,
                max_attempts, run_at, created_at, started_at, finished_at, locked_by,
                lease_expires_at, unique_key, cancel_requested, payload, checkpoint, result,
                last_error
@@ -576,7 +576,7 @@ pub async fn task(db: impl PgExecutor<'_>, id: TaskId) -> sqlx::Result<Option<Ta
     sqlx::query_as!(
         TaskInfo,
         r#"
-        SELECT id AS "id: TaskId", dataset_id, kind, status AS "status!: TaskStatus", priority, attempts, max_attempts,
+        SELECT id AS "id: TaskId", dataset_id, kind, status::text AS "status!: TaskStatus", priority, attempts, max_attempts,
                run_at, created_at, started_at, finished_at, locked_by, lease_expires_at,
                unique_key, cancel_requested, payload, checkpoint, result, last_error
         FROM syncq.tasks WHERE id = $1

@@ -272,7 +272,7 @@ pub async fn list(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<ScheduleInfo>> {
         SELECT s.schedule_id, s.dataset_id, s.kind, s.cron,
                extract(epoch FROM s.every)::float8 AS every_secs, s.timezone, s.paused,
                s.next_run_at, s.last_run_at, s.last_task_id AS "last_task_id: TaskId",
-               (SELECT t.status FROM syncq.tasks t WHERE t.id = s.last_task_id) AS "last_task_status: TaskStatus",
+               (SELECT t.status::text FROM syncq.tasks t WHERE t.id = s.last_task_id) AS "last_task_status: TaskStatus",
                s.skipped_ticks, s.error
         FROM syncq.schedules s
         ORDER BY s.schedule_id

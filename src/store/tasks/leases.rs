@@ -123,7 +123,7 @@ pub async fn rescue_expired(db: impl PgExecutor<'_>, batch: i64) -> sqlx::Result
             INSERT INTO syncq.task_errors (task_id, attempt, worker_id, error)
             SELECT id, attempts, locked_by, last_error FROM rescued
         )
-        SELECT id AS "id!: TaskId", locked_by, status AS "status!: TaskStatus" FROM rescued
+        SELECT id AS "id!: TaskId", locked_by, status::text AS "status!: TaskStatus" FROM rescued
         "#,
         batch,
     )

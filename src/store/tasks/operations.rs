@@ -15,7 +15,7 @@ pub async fn cancel(db: impl PgExecutor<'_>, id: TaskId) -> sqlx::Result<Option<
         r#"
         UPDATE syncq.tasks SET cancel_requested = true
         WHERE id = $1 AND status IN ('queued', 'running')
-        RETURNING status AS "status!: TaskStatus"
+        RETURNING status::text AS "status!: TaskStatus"
         "#,
         id.0
     )
