@@ -22,7 +22,7 @@
 //! then the next one when the oldest leaves the window.
 //!
 //! Rows older than their window no longer count; every worker's maintenance
-//! sweep deletes them through [`RateLimiter::prune_log`].
+//! sweep deletes them through `RateLimiter::prune_log`.
 
 use std::fmt;
 use std::str::FromStr;

@@ -12,7 +12,7 @@
 //! wildcard fields (`*/15 * * * *`) follow the wall clock, skipping the
 //! gap and running in both copies of a repeated hour.
 //!
-//! The scheduler ([`crate::maintenance::scheduler`]) takes the due schedules `FOR UPDATE
+//! The scheduler (`maintenance::scheduler`) takes the due schedules `FOR UPDATE
 //! SKIP LOCKED`, enqueues the tick's task — `schedule_id` and
 //! `scheduled_for` set, unique together — and moves `next_run_at` on, in
 //! one transaction: one task per tick across the fleet, none skipped while

@@ -7,7 +7,7 @@
 //! - [`enqueued`] and [`assert_enqueued`] look at what your code enqueued.
 //! - [`prepare_database_url`] makes `DATABASE_URL` point at a server that
 //!   answers, starting a private one when none does (see
-//!   [`LocalPostgres`](crate::local_postgres::LocalPostgres)).
+//!   [`LocalPostgres`]).
 //!
 //! ```no_run
 //! use serde_json::json;

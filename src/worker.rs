@@ -1,6 +1,6 @@
 //! The `SyncWorker` trait users implement.
 //!
-//! A handler returns a [`TaskResult`]: a JSON value, or a [`TaskError`]
+//! A handler returns a [`TaskResult`]: a JSON value, or a [`TaskError`](crate::TaskError)
 //! saying why the attempt did not succeed. What each does to the task is
 //! decided in one place, [`crate::outcome`] (SPEC §3).
 

@@ -28,8 +28,8 @@ pub use crate::db::DEFAULT_DATABASE_URL;
 #[derive(Debug, Parser)]
 #[command(name = "syncq", version, about, propagate_version = true)]
 pub struct Cli {
-    /// PostgreSQL URL [default: the DATABASE_URL environment variable, else
-    /// postgres://postgres@127.0.0.1:5432/syncq].
+    /// PostgreSQL URL (default: the DATABASE_URL environment variable, else
+    /// postgres://postgres@127.0.0.1:5432/syncq).
     #[arg(long, global = true, help_heading = "Global options")]
     pub database_url: Option<String>,
 

@@ -3,11 +3,11 @@
 //! It takes tasks in (one, many in one round trip, or `COPY`), hands work
 //! out, and gives the `TaskQueue` of each dataset. Handing out is
 //! round-robin across the datasets that have ready work, fleet-wide: every
-//! `WorkerPool` claims through [`TaskQueueManager::claim`], one statement
+//! `WorkerPool` claims through `TaskQueueManager::claim`, one statement
 //! (`syncq.claim`, docs/claim.md) in which each dataset's turn lives in its
 //! row, so fairness, caps and rate limits hold across processes. A dataset
 //! whose rows make claims fail is found and set aside by the claimer
-//! ([`set_aside`]) so the others keep being served.
+//! (`set_aside`) so the others keep being served.
 
 pub mod inspect;
 pub(crate) mod set_aside;
