@@ -565,9 +565,14 @@ pub(crate) fn db_failure(what: &str, e: &sqlx::Error) -> CliError {
 }
 
 /// [`db_failure`] for what the library returns.
+/// Invalid input (a value out of range, a bad task) is a usage error
+/// (exit 2), as it is when clap refuses an argument.
 pub(crate) fn lib_failure(what: &str, e: crate::Error) -> CliError {
     match e {
         crate::Error::Database(e) => db_failure(what, &e),
+        crate::Error::Config { .. } | crate::Error::InvalidTask(_) => {
+            CliError::Usage(format!("{what}: {}", one_line(&e.to_string())))
+        }
         other => CliError::Runtime(format!("{what}: {}", one_line(&other.to_string()))),
     }
 }
