@@ -69,15 +69,21 @@ async fn two_processes_drain_2000_tasks_each_exactly_once(
         .enqueue_many(tasks)
         .await
         .unwrap();
-    let mut a = worker(&opts, &["--concurrency", "8", "--exit-when-idle"]);
-    let mut b = worker(&opts, &["--concurrency", "8", "--exit-when-idle"]);
-    common::wait_for("both processes are up", WAIT, || {
+    let mut a = worker(&opts, &["--concurrency", "8"]);
+    let mut b = worker(&opts, &["--concurrency", "8"]);
+    // Up means listening: a process that has not yet LISTENed would miss
+    // the wake-up below and start late, by up to its poll (and neither
+    // may exit early: every task is in a paused dataset until then).
+    common::wait_for("both processes listen", WAIT, || {
         let db = db.clone();
         async move {
-            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM syncq.workers")
-                .fetch_one(&db)
-                .await
-                .unwrap()
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(DISTINCT pid) FROM pg_stat_activity
+                 WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+            )
+            .fetch_one(&db)
+            .await
+            .unwrap()
                 == 2
         }
     })
@@ -92,6 +98,13 @@ async fn two_processes_drain_2000_tasks_each_exactly_once(
         .execute(&db)
         .await
         .unwrap();
+    common::wait_for("every task finished", WAIT, || {
+        let db = db.clone();
+        async move { common::count(&db, "status = 'succeeded'").await == 2000 }
+    })
+    .await;
+    a.signal("-TERM").await;
+    b.signal("-TERM").await;
     assert!(a.wait_exit(WAIT).await.success(), "{}", a.log());
     assert!(b.wait_exit(WAIT).await.success(), "{}", b.log());
     assert_eq!(
