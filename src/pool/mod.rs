@@ -170,15 +170,41 @@ impl WorkerPoolBuilder {
         };
         let (commands, _) = broadcast::channel(1024);
         let (events, _) = broadcast::channel(4096);
-        Ok(WorkerPool {
+        let mut kinds: Vec<String> = self.handlers.keys().cloned().collect();
+        kinds.sort();
+        let worker_id: Arc<str> = worker_id.into();
+        let (completions, completion_rx) = mpsc::channel(COMPLETION_BATCH * 2);
+        let claimer = Claimer {
+            worker_id: worker_id.clone(),
+            kinds: kinds.clone(),
+            datasets: self.config.datasets.clone(),
+            lease: self.config.lease,
+        };
+        let shared = Arc::new(Shared {
+            manager: TaskQueueManager::new(self.db.clone()),
+            claimer,
             db: self.db,
             direct: self.direct,
+            outage: Outage::default(),
+            finished: std::sync::atomic::AtomicU64::new(0),
             config: self.config,
-            handlers: Arc::new(self.handlers),
-            worker_id: worker_id.into(),
+            handlers: self.handlers,
+            worker_id,
+            kinds,
             commands,
             events,
             shutdown: CancellationToken::new(),
+            held: Mutex::new(HeldRuns::default()),
+            wake: Notify::new(),
+            slot_freed: Notify::new(),
+            cancel_check: Notify::new(),
+            schedules_changed: Arc::new(Notify::new()),
+            fatal: Mutex::new(None),
+            completions,
+        });
+        Ok(WorkerPool {
+            shared,
+            completion_rx,
         })
     }
 }
@@ -228,14 +254,10 @@ impl PoolHandle {
 /// # Ok(()) }
 /// ```
 pub struct WorkerPool {
-    db: Db,
-    direct: Option<PgConnectOptions>,
-    config: PoolConfig,
-    handlers: Arc<Handlers>,
-    worker_id: Arc<str>,
-    commands: broadcast::Sender<Command>,
-    events: broadcast::Sender<Event>,
-    shutdown: CancellationToken,
+    /// Everything its loops share, made whole by the builder.
+    shared: Arc<Shared>,
+    /// The completer's end of the successes channel.
+    completion_rx: mpsc::Receiver<Completion>,
 }
 
 /// What the pool's tasks share.
@@ -250,7 +272,7 @@ struct Shared {
     /// it grows.
     finished: std::sync::atomic::AtomicU64,
     config: PoolConfig,
-    handlers: Arc<Handlers>,
+    handlers: Handlers,
     worker_id: Arc<str>,
     kinds: Vec<String>,
     commands: broadcast::Sender<Command>,
@@ -324,15 +346,15 @@ impl WorkerPool {
 
     /// This process's worker id, as in `syncq.tasks.locked_by`.
     pub fn worker_id(&self) -> &str {
-        &self.worker_id
+        &self.shared.worker_id
     }
 
     /// A handle to checkpoint the pool, send commands, and read its events.
     pub fn handle(&self) -> PoolHandle {
         PoolHandle {
-            shutdown: self.shutdown.clone(),
-            commands: self.commands.clone(),
-            events: self.events.clone(),
+            shutdown: self.shared.shutdown.clone(),
+            commands: self.shared.commands.clone(),
+            events: self.shared.events.clone(),
         }
     }
 
@@ -353,37 +375,10 @@ impl WorkerPool {
     /// Runs until `PoolHandle::checkpoint`, a `Fatal` error (returned as
     /// `Error::Fatal` after the checkpoint), or `exit_when_idle`.
     pub async fn run(self) -> Result<()> {
-        let mut kinds: Vec<String> = self.handlers.keys().cloned().collect();
-        kinds.sort();
-        let (completions, completion_rx) = mpsc::channel(COMPLETION_BATCH * 2);
-        let claimer = Claimer {
-            worker_id: self.worker_id.clone(),
-            kinds: kinds.clone(),
-            datasets: self.config.datasets.clone(),
-            lease: self.config.lease,
-        };
-        let shared = Arc::new(Shared {
-            manager: TaskQueueManager::new(self.db.clone()),
-            claimer,
-            db: self.db,
-            direct: self.direct,
-            outage: Outage::default(),
-            finished: std::sync::atomic::AtomicU64::new(0),
-            config: self.config,
-            handlers: self.handlers,
-            worker_id: self.worker_id,
-            kinds,
-            commands: self.commands,
-            events: self.events,
-            shutdown: self.shutdown,
-            held: Mutex::new(HeldRuns::default()),
-            wake: Notify::new(),
-            slot_freed: Notify::new(),
-            cancel_check: Notify::new(),
-            schedules_changed: Arc::new(Notify::new()),
-            fatal: Mutex::new(None),
-            completions,
-        });
+        let WorkerPool {
+            shared,
+            completion_rx,
+        } = self;
         let span = info_span!("worker_pool", worker_id = %shared.worker_id);
         run_pool(shared, completion_rx).instrument(span).await
     }
