@@ -74,16 +74,6 @@ async fn post(url: &str, auth: bool, form: &[(&str, &str)]) -> reqwest::Response
     request.send().await.unwrap()
 }
 
-async fn paused(db: &PgPool, dataset: &str) -> bool {
-    sqlx::query_scalar(
-        "SELECT coalesce((SELECT paused FROM syncq.datasets WHERE dataset_id = $1), false)",
-    )
-    .bind(dataset)
-    .fetch_one(db)
-    .await
-    .unwrap()
-}
-
 /// A cell's text: the first `data-live="key">…<` in `page`.
 fn live(page: &str, key: &str) -> String {
     let marker = format!("data-live=\"{key}\">");
@@ -229,7 +219,7 @@ async fn a_read_only_dashboard_refuses_every_action_and_changes_nothing(db: PgPo
         .await;
         assert_eq!(answer.status(), StatusCode::FORBIDDEN, "{path}");
     }
-    assert!(!paused(&db, "alpha").await);
+    assert!(!common::paused(&db, "alpha").await);
     assert_eq!(common::status(&db, id).await, "queued");
     let cancel_requested: bool =
         sqlx::query_scalar("SELECT cancel_requested FROM syncq.tasks WHERE id = $1")
@@ -262,7 +252,7 @@ async fn actions_need_a_signed_in_operator_and_the_csrf_token(db: PgPool) {
     assert_eq!(wrong_csrf.status(), StatusCode::FORBIDDEN);
     let not_signed_in = post(&url, false, &[("csrf", &csrf)]).await;
     assert_eq!(not_signed_in.status(), StatusCode::FORBIDDEN);
-    assert!(!paused(&db, "alpha").await);
+    assert!(!common::paused(&db, "alpha").await);
 
     // Signing in with a wrong token fails; with the token, a cookie.
     let wrong = post(
@@ -296,7 +286,7 @@ async fn actions_need_a_signed_in_operator_and_the_csrf_token(db: PgPool) {
         .await
         .unwrap();
     assert_eq!(paused_now.status(), StatusCode::SEE_OTHER);
-    assert!(paused(&db, "alpha").await);
+    assert!(common::paused(&db, "alpha").await);
 }
 
 #[sqlx::test]
@@ -390,9 +380,9 @@ async fn each_action_leaves_the_rows_the_cli_would(db: PgPool) {
     assert_eq!(common::status(&db, queued).await, "queued");
 
     act(format!("{base}/datasets/alpha/pause"), vec![]).await;
-    assert!(paused(&db, "alpha").await);
+    assert!(common::paused(&db, "alpha").await);
     act(format!("{base}/datasets/alpha/resume"), vec![]).await;
-    assert!(!paused(&db, "alpha").await);
+    assert!(!common::paused(&db, "alpha").await);
 
     act(
         format!("{base}/datasets/alpha/cancel"),

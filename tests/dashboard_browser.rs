@@ -11,7 +11,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use syncq::dashboard::{DashboardOptions, router};
 
@@ -257,16 +256,6 @@ fn decode_base64(input: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-async fn paused(db: &PgPool, dataset: &str) -> bool {
-    sqlx::query_scalar(
-        "SELECT coalesce((SELECT paused FROM syncq.datasets WHERE dataset_id = $1), false)",
-    )
-    .bind(dataset)
-    .fetch_one(db)
-    .await
-    .unwrap()
-}
-
 #[sqlx::test]
 async fn the_overview_is_live_in_a_browser_and_its_buttons_act(
     _: PgPoolOptions,
@@ -340,7 +329,7 @@ async fn the_overview_is_live_in_a_browser_and_its_buttons_act(
         .click("form[action$=\"/datasets/feed-3/pause\"] button")
         .await;
     common::wait_for("feed-3 is paused in its row", WAIT, || async {
-        paused(&db, "feed-3").await
+        common::paused(&db, "feed-3").await
     })
     .await;
     assert!(browser.text("p.flash").await.contains("paused"));

@@ -3,7 +3,7 @@
 //! a redirect back to the page with what was done.
 
 use axum::Form;
-use axum::extract::{OriginalUri, Path, State};
+use axum::extract::{FromRequest, FromRequestParts, OriginalUri, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Uri, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use serde::Deserialize;
@@ -53,6 +53,39 @@ fn allow(app: &Shared, headers: &HeaderMap, form: &ActionForm) -> Result<(), Fai
     Ok(())
 }
 
+/// An action's request, once [`allow`]ed: where the dashboard is mounted
+/// (for the redirect back) and the form. Every action handler takes one,
+/// so none can forget the check.
+pub(super) struct Allowed {
+    root: String,
+    form: ActionForm,
+}
+
+impl FromRequest<Shared> for Allowed {
+    type Rejection = Response;
+
+    async fn from_request(request: Request, app: &Shared) -> Result<Self, Self::Rejection> {
+        let (mut parts, body) = request.into_parts();
+        let OriginalUri(original) = OriginalUri::from_request_parts(&mut parts, app)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let root = base(&original, &parts.uri);
+        let headers = parts.headers.clone();
+        let Form(form) = Form::<ActionForm>::from_request(Request::from_parts(parts, body), app)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        allow(app, &headers, &form).map_err(IntoResponse::into_response)?;
+        Ok(Allowed { root, form })
+    }
+}
+
+impl Allowed {
+    /// Back to `path` under the dashboard's root, saying what was done.
+    fn back(&self, path: &str, done: &str) -> Response {
+        back(&self.root, path, done)
+    }
+}
+
 fn back(root: &str, path: &str, done: &str) -> Response {
     Redirect::to(&format!("{root}{path}?done={}", urlencode(done))).into_response()
 }
@@ -91,17 +124,10 @@ pub(super) async fn login(
     Ok(response)
 }
 
-pub(super) async fn logout(
-    State(app): State<Shared>,
-    OriginalUri(original): OriginalUri,
-    uri: Uri,
-    headers: HeaderMap,
-    Form(form): Form<ActionForm>,
-) -> Result<Response, Failure> {
-    allow(&app, &headers, &form)?;
-    let root = base(&original, &uri);
+pub(super) async fn logout(action: Allowed) -> Result<Response, Failure> {
+    let root = &action.root;
     let path = if root.is_empty() { "/" } else { root.as_str() };
-    let mut response = back(&root, "/", "signed out");
+    let mut response = action.back("/", "signed out");
     let cookie = format!("{SESSION_COOKIE}=; Path={path}; Max-Age=0; HttpOnly; SameSite=Strict");
     if let Ok(value) = HeaderValue::from_str(&cookie) {
         response.headers_mut().insert(header::SET_COOKIE, value);
@@ -109,37 +135,27 @@ pub(super) async fn logout(
     Ok(response)
 }
 
-/// The dataset's root and its page, for the redirect back.
-fn dataset_page(original: &Uri, uri: &Uri, id: &str) -> (String, String) {
-    (base(original, uri), format!("/datasets/{}", urlencode(id)))
+/// A dataset's page, for the redirect back.
+fn dataset_page(id: &str) -> String {
+    format!("/datasets/{}", urlencode(id))
 }
 
 pub(super) async fn pause(
     State(app): State<Shared>,
-    OriginalUri(original): OriginalUri,
-    uri: Uri,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    Form(form): Form<ActionForm>,
+    action: Allowed,
 ) -> Result<Response, Failure> {
-    allow(&app, &headers, &form)?;
     app.manager.queue(&id).pause().await?;
-    let (root, page) = dataset_page(&original, &uri, &id);
-    Ok(back(&root, &page, "paused"))
+    Ok(action.back(&dataset_page(&id), "paused"))
 }
 
 pub(super) async fn resume(
     State(app): State<Shared>,
-    OriginalUri(original): OriginalUri,
-    uri: Uri,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    Form(form): Form<ActionForm>,
+    action: Allowed,
 ) -> Result<Response, Failure> {
-    allow(&app, &headers, &form)?;
     app.manager.queue(&id).resume().await?;
-    let (root, page) = dataset_page(&original, &uri, &id);
-    Ok(back(&root, &page, "resumed"))
+    Ok(action.back(&dataset_page(&id), "resumed"))
 }
 
 /// `none` clears; empty leaves alone; anything else is parsed.
@@ -159,13 +175,10 @@ fn setting<T>(
 
 pub(super) async fn limits(
     State(app): State<Shared>,
-    OriginalUri(original): OriginalUri,
-    uri: Uri,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    Form(form): Form<ActionForm>,
+    action: Allowed,
 ) -> Result<Response, Failure> {
-    allow(&app, &headers, &form)?;
+    let form = &action.form;
     let rate = setting("rate", &form.rate, |v| v.parse::<RateLimit>().ok())?;
     let concurrency = setting("concurrency", &form.concurrency, |v| v.parse::<u32>().ok())?;
     let weight = match text(&form.weight) {
@@ -181,8 +194,7 @@ pub(super) async fn limits(
         weight,
     };
     app.manager.queue(&id).update_limits(update).await?;
-    let (root, page) = dataset_page(&original, &uri, &id);
-    Ok(back(&root, &page, "limits changed"))
+    Ok(action.back(&dataset_page(&id), "limits changed"))
 }
 
 fn matching(form: &ActionForm) -> TaskMatch {
@@ -194,13 +206,10 @@ fn matching(form: &ActionForm) -> TaskMatch {
 
 pub(super) async fn retry_matching(
     State(app): State<Shared>,
-    OriginalUri(original): OriginalUri,
-    uri: Uri,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    Form(form): Form<ActionForm>,
+    action: Allowed,
 ) -> Result<Response, Failure> {
-    allow(&app, &headers, &form)?;
+    let form = &action.form;
     let status = match text(&form.status).as_deref() {
         None | Some("failed") => TaskStatus::Failed,
         Some("cancelled") => TaskStatus::Cancelled,
@@ -213,34 +222,27 @@ pub(super) async fn retry_matching(
     let n = app
         .manager
         .queue(&id)
-        .retry_matching(status, &matching(&form))
+        .retry_matching(status, &matching(form))
         .await?;
-    let (root, page) = dataset_page(&original, &uri, &id);
-    Ok(back(
-        &root,
-        &page,
+    Ok(action.back(
+        &dataset_page(&id),
         &format!("{n} {status} task(s) queued again"),
     ))
 }
 
 pub(super) async fn cancel_matching(
     State(app): State<Shared>,
-    OriginalUri(original): OriginalUri,
-    uri: Uri,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    Form(form): Form<ActionForm>,
+    action: Allowed,
 ) -> Result<Response, Failure> {
-    allow(&app, &headers, &form)?;
+    let form = &action.form;
     let n = app
         .manager
         .queue(&id)
-        .cancel_matching(&matching(&form))
+        .cancel_matching(&matching(form))
         .await?;
-    let (root, page) = dataset_page(&original, &uri, &id);
-    Ok(back(
-        &root,
-        &page,
+    Ok(action.back(
+        &dataset_page(&id),
         &format!("cancel requested for {n} task(s)"),
     ))
 }
@@ -252,36 +254,28 @@ fn task_id(id: &str) -> Result<TaskId, Failure> {
 
 pub(super) async fn cancel_task(
     State(app): State<Shared>,
-    OriginalUri(original): OriginalUri,
-    uri: Uri,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    Form(form): Form<ActionForm>,
+    action: Allowed,
 ) -> Result<Response, Failure> {
-    allow(&app, &headers, &form)?;
     let id = task_id(&id)?;
     let done = match app.manager.cancel(id).await? {
         Some(TaskStatus::Cancelled) => "cancelled",
         Some(_) => "cancel requested: its handler was told",
         None => "nothing to cancel: the task is not queued or running",
     };
-    Ok(back(&base(&original, &uri), &format!("/tasks/{id}"), done))
+    Ok(action.back(&format!("/tasks/{id}"), done))
 }
 
 pub(super) async fn retry_task(
     State(app): State<Shared>,
-    OriginalUri(original): OriginalUri,
-    uri: Uri,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    Form(form): Form<ActionForm>,
+    action: Allowed,
 ) -> Result<Response, Failure> {
-    allow(&app, &headers, &form)?;
     let id = task_id(&id)?;
     let done = if app.manager.retry(id).await? {
         "queued again"
     } else {
         "nothing to retry: only failed or cancelled tasks can be retried"
     };
-    Ok(back(&base(&original, &uri), &format!("/tasks/{id}"), done))
+    Ok(action.back(&format!("/tasks/{id}"), done))
 }

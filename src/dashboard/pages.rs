@@ -136,6 +136,14 @@ fn age(secs: Option<f64>) -> String {
     }
 }
 
+const SECONDS: &str = "%Y-%m-%d %H:%M:%S";
+const MILLIS: &str = "%Y-%m-%d %H:%M:%S%.3f";
+
+/// A time as the pages print it, or "-".
+fn when(t: Option<chrono::DateTime<chrono::Utc>>, format: &str) -> String {
+    t.map_or("-".to_string(), |t| t.format(format).to_string())
+}
+
 fn window(secs: f64) -> String {
     if secs >= 1.0 && secs.fract() == 0.0 {
         format!("{secs:.0}s")
@@ -425,11 +433,7 @@ pub(super) async fn task(
         return Err(Failure::NotFound(format!("no task {id}")));
     };
     let errors = app.manager.task_errors(id).await?;
-    let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
-        t.map_or("-".to_string(), |t| {
-            t.format("%Y-%m-%d %H:%M:%S%.3f").to_string()
-        })
-    };
+    let time = |t| when(t, MILLIS);
     let body = html! {
         section #live {
             dl.settings {
@@ -517,11 +521,7 @@ pub(super) async fn schedules(
 ) -> Result<Html<String>, Failure> {
     let ctx = Ctx::new(&app, &original, &uri, &headers);
     let all = app.manager.schedules().await?;
-    let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
-        t.map_or("-".to_string(), |t| {
-            t.format("%Y-%m-%d %H:%M:%S").to_string()
-        })
-    };
+    let time = |t| when(t, SECONDS);
     let body = html! {
         section #live {
             @if all.is_empty() { p.muted { "No schedule." } }

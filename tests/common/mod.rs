@@ -435,3 +435,14 @@ pub async fn counted(db: &PgPool, id: impl Into<i64>) -> u64 {
         .and_then(|c| c["counted"].as_u64())
         .unwrap_or(0)
 }
+
+/// Whether a dataset is paused (false without a settings row).
+pub async fn paused(db: &PgPool, dataset: &str) -> bool {
+    sqlx::query_scalar(
+        "SELECT coalesce((SELECT paused FROM syncq.datasets WHERE dataset_id = $1), false)",
+    )
+    .bind(dataset)
+    .fetch_one(db)
+    .await
+    .expect("read paused")
+}
