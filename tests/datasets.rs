@@ -209,6 +209,12 @@ async fn a_small_dataset_is_not_starved_by_a_big_one(_: PgPoolOptions, opts: PgC
         2,
         PoolConfig {
             concurrency: 2,
+            // The claim's turns are under test. Tasks a pool leased ahead
+            // before small arrived (its local queue: about 50 ms of its
+            // pace, ten 20 ms tasks per pool here) start first whatever
+            // the turns, and made this fail about once in twelve runs, at
+            // bc58069 as now.
+            prefetch: 0,
             ..common::fast_config()
         },
     )
