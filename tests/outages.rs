@@ -53,7 +53,7 @@ async fn wait_succeeded_at_least(db: &PgPool, n: i64) {
 /// Every task succeeded with one counted attempt and no error on record,
 /// and its handler ran to the end exactly once (the workers' attempt log).
 async fn assert_each_succeeded_once(db: &PgPool, total: i64, workers: &[&WorkerProcess]) {
-    let ended = common::attempts_ended(workers);
+    let ended = common::attempts_ended_by(workers, total as usize).await;
     assert_eq!(ended.len() as i64, total, "tasks whose handler ended");
     for (id, outcomes) in &ended {
         assert_eq!(

@@ -255,7 +255,7 @@ async fn producers_and_workers_work_through_pgbouncer_in_transaction_mode(
         common::count(&direct, "status = 'succeeded'").await == total
     })
     .await;
-    let ended = common::attempts_ended(&[&polling, &listening]);
+    let ended = common::attempts_ended_by(&[&polling, &listening], total as usize).await;
     assert_eq!(ended.len() as i64, total);
     assert!(
         ended.values().all(|o| o == &vec!["Succeeded".to_string()]),

@@ -368,6 +368,24 @@ pub fn attempts_ended(workers: &[&WorkerProcess]) -> std::collections::BTreeMap<
     ended
 }
 
+/// [`attempts_ended`] once the logs name `n` tasks, or after 30 s. A
+/// worker logs an attempt's end just after its outcome commits, so a test
+/// that saw the rows finish waits here for the lines to catch up; the
+/// caller asserts on what it gets.
+pub async fn attempts_ended_by(
+    workers: &[&WorkerProcess],
+    n: usize,
+) -> std::collections::BTreeMap<i64, Vec<String>> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let ended = attempts_ended(workers);
+        if ended.len() >= n || tokio::time::Instant::now() > deadline {
+            return ended;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Runs `work` on a multi-thread runtime of its own (two worker threads)
 /// and waits for it. `#[sqlx::test]` runs a test on a current-thread
 /// runtime, where pools, polling and the test share one thread; a test
