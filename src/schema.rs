@@ -1,19 +1,25 @@
 //! The `syncq` schema: its migrations (`migrations/`, embedded in the
 //! binary) and [`migrate`].
 //!
-//! The migrations were squashed before the first release so that each
-//! table, function and trigger has one current text (`migrations/`, and
-//! `tests/fixtures/schema.sql` for the whole schema as `pg_dump` prints
-//! it). A database migrated by a pre-squash build has the same schema —
+//! The migrations were squashed before the first release (`0001` to
+//! `0006`), each table, function and trigger written once; a later
+//! migration replaces what it changes, whole. `tests/fixtures/schema.sql`
+//! is the current text of all of it, as `pg_dump` prints it. A database
+//! migrated by a pre-squash build has the squashed schema —
 //! `scripts/check-squash` and `tests/schema.rs` prove it — but a different
 //! migration history; `migrate` recognises that history by its checksums
-//! and rewrites it to the squashed one before sqlx looks.
+//! and rewrites it to the squashed one before sqlx applies the rest.
 
 use crate::error::{Error, Result};
 use crate::store;
 
 /// The schema's migrations (`migrations/`), embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// The last of the squashed migrations: a pre-squash history is rewritten
+/// to versions 1 to this one, and later migrations apply to it as to any
+/// other database.
+const SQUASHED_THROUGH: i64 = 6;
 
 /// The migration history a pre-squash build leaves: version, and the
 /// SHA-384 sqlx stored of each file (`tests/fixtures/pre_squash_migrations/`).
@@ -79,7 +85,7 @@ pub async fn applied_versions(db: &sqlx::PgPool) -> Result<Vec<i64>> {
 }
 
 /// Rewrites a complete pre-squash history to the squashed one (same
-/// schema, other files), in one transaction holding the history's table.
+/// schema, other files; the migrations after the squash then run as usual), in one transaction holding the history's table.
 /// A partial pre-squash history is refused: its schema is not the
 /// squashed one's, and no migration here can finish it.
 async fn rebaseline_pre_squash(db: &sqlx::PgPool) -> Result<()> {
@@ -105,6 +111,7 @@ async fn rebaseline_pre_squash(db: &sqlx::PgPool) -> Result<()> {
     }
     let squashed: Vec<(i64, String, Vec<u8>)> = MIGRATOR
         .iter()
+        .filter(|m| m.version <= SQUASHED_THROUGH)
         .map(|m| (m.version, m.description.to_string(), m.checksum.to_vec()))
         .collect();
     store::ledger::replace(&mut tx, &squashed).await?;

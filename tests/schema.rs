@@ -54,7 +54,8 @@ async fn history(db: &PgPool) -> Vec<(i64, String, Vec<u8>)> {
         .unwrap()
 }
 
-fn squashed_history() -> Vec<(i64, String, Vec<u8>)> {
+/// The history `migrate` leaves: every migration, squashed and after.
+fn migrated_history() -> Vec<(i64, String, Vec<u8>)> {
     syncq::MIGRATOR
         .iter()
         .map(|m| (m.version, m.description.to_string(), m.checksum.to_vec()))
@@ -114,11 +115,11 @@ async fn a_database_migrated_before_the_squash_gets_the_squashed_history_and_the
     assert_eq!(history(&db).await.len(), 8);
 
     syncq::migrate(&db).await.unwrap();
-    assert_eq!(history(&db).await, squashed_history());
+    assert_eq!(history(&db).await, migrated_history());
     assert_same_schema(&snapshot(&opts));
     // And from then on it is like any other database.
     syncq::migrate(&db).await.unwrap();
-    assert_eq!(history(&db).await, squashed_history());
+    assert_eq!(history(&db).await, migrated_history());
 }
 
 #[sqlx::test(migrations = false)]
@@ -136,4 +137,26 @@ async fn a_database_half_migrated_before_the_squash_is_refused_untouched(
         "{error}"
     );
     assert_eq!(history(&db).await, before);
+}
+
+/// The rule the claim (step 1) and the pool's search for a failing dataset
+/// share, `syncq.claimable_datasets`, is expanded in place by the planner:
+/// the plan reads `syncq.datasets` through the turn index, in turn order,
+/// and stops at the limit. A `SET` clause, `STRICT` or `VOLATILE` on the
+/// function would make it a function scan that reads every claimable
+/// dataset before the first few are taken.
+#[sqlx::test]
+async fn the_claimable_rule_is_inlined_into_its_callers(db: PgPool) {
+    let plan: Vec<String> = sqlx::query_scalar(
+        "EXPLAIN SELECT d.dataset_id
+         FROM syncq.claimable_datasets('{noop}', NULL, '{}') d
+         ORDER BY d.last_claimed_at NULLS FIRST, d.served_at NULLS FIRST, d.dataset_id
+         LIMIT 5",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    let plan = plan.join("\n");
+    assert!(!plan.contains("Function Scan"), "not inlined:\n{plan}");
+    assert!(plan.contains("on datasets d"), "{plan}");
 }

@@ -70,6 +70,7 @@ const ROLES: &[&str] = &[
     "GRANT UPDATE (throttled_until, last_claimed_at, served_at, ready_at) ON syncq.datasets TO syncq_worker",
     "GRANT EXECUTE ON FUNCTION
          syncq.claim(text, text[], text[], text[], int, float8),
+         syncq.claimable_datasets(text[], text[], text[]),
          syncq.absorb_signals(),
          syncq.next_claim_in(text[], text[], text[]),
          syncq.mark_idle(text[], timestamptz),

@@ -10,8 +10,9 @@ use crate::task::{ClaimedTask, TaskId};
 /// Claims up to `limit` ready tasks of the given kinds for `worker_id`,
 /// taking turns across datasets and honouring each dataset's pause,
 /// throttle, concurrency cap and rate limit. The heart of syncq: the SQL is
-/// `syncq.claim()` in `migrations/0003_claim.sql`, explained in
-/// `docs/claim.md`. One round trip. Datasets in `skip` are left out (a
+/// `syncq.claim()`, its current text in `migrations/0007_claimable.sql`
+/// (first written, with each step's comments, in `0003_claim.sql`),
+/// explained in `docs/claim.md`. One round trip. Datasets in `skip` are left out (a
 /// worker sets aside a dataset whose claim fails, see [`crate::pool`]).
 pub async fn claim(
     db: impl PgExecutor<'_>,
@@ -120,8 +121,9 @@ pub async fn running_as(
 }
 
 /// The datasets a claim of these kinds would pick first, in turn order:
-/// step 1 of `syncq.claim()`, with the same filters (pause, throttle, cap,
-/// rate budget), so the dataset that makes claims fail is among them.
+/// step 1 of `syncq.claim()`, read from the same rule
+/// (`syncq.claimable_datasets`, `migrations/0007_claimable.sql`), so the
+/// dataset that makes claims fail is among them.
 pub async fn claim_candidates(
     db: impl PgExecutor<'_>,
     kinds: &[String],
@@ -131,22 +133,8 @@ pub async fn claim_candidates(
 ) -> sqlx::Result<Vec<String>> {
     sqlx::query_scalar!(
         r#"
-        SELECT d.dataset_id FROM syncq.datasets d
-        WHERE d.ready_at IS NOT NULL AND d.ready_at <= now() AND NOT d.paused
-          AND (d.throttled_until IS NULL OR d.throttled_until <= now())
-          AND ($2::text[] IS NULL OR d.dataset_id = ANY ($2))
-          AND NOT (d.dataset_id = ANY ($3))
-          AND (d.max_concurrency IS NULL OR d.max_concurrency > (
-                SELECT count(*) FROM syncq.tasks r
-                WHERE r.dataset_id = d.dataset_id AND r.status = 'running'))
-          AND (d.rate_limit IS NULL OR d.rate_limit > (
-                SELECT count(*) FROM syncq.rate_log l
-                WHERE l.dataset_id = d.dataset_id AND l.started_at > now() - d.rate_window))
-          AND (SELECT true FROM syncq.tasks t
-               WHERE t.dataset_id = d.dataset_id AND t.status = 'queued'
-                 AND t.run_at <= now() AND t.kind = ANY ($1) AND NOT t.cancel_requested
-               ORDER BY t.priority, t.run_at, t.id
-               LIMIT 1)
+        SELECT d.dataset_id AS "dataset_id!"
+        FROM syncq.claimable_datasets($1, $2, $3) d
         ORDER BY d.last_claimed_at NULLS FIRST, d.served_at NULLS FIRST, d.dataset_id
         LIMIT $4
         "#,
