@@ -67,13 +67,49 @@ const PRE_SQUASH: [(i64, &str); 8] = [
 /// # Ok(()) }
 /// ```
 pub async fn migrate(db: &sqlx::PgPool) -> Result<()> {
-    rebaseline_pre_squash(db).await?;
+    migrate_reporting(db).await.map(|_| ())
+}
+
+/// What [`migrate_reporting`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Migrated {
+    /// A history left by a pre-squash build was rewritten to the squashed
+    /// migrations (versions 1 to 6; same schema, nothing run).
+    pub rewrote_pre_squash: bool,
+    /// The versions applied now, in order (empty: the schema was up to date).
+    pub applied: Vec<i64>,
+    /// The schema's version now.
+    pub version: i64,
+}
+
+/// [`migrate`], saying what it did (the `syncq migrate` command prints it).
+///
+/// ```no_run
+/// # async fn example(db: sqlx::PgPool) -> syncq::Result<()> {
+/// let done = syncq::schema::migrate_reporting(&db).await?;
+/// println!("schema at version {}, applied {:?}", done.version, done.applied);
+/// # Ok(()) }
+/// ```
+pub async fn migrate_reporting(db: &sqlx::PgPool) -> Result<Migrated> {
+    let rewrote_pre_squash = rebaseline_pre_squash(db).await?;
+    // Read after the rewrite: a pre-squash history's versions are not the
+    // squashed ones'.
+    let before = store::ledger::applied(db).await?;
     MIGRATOR.run(db).await?;
-    Ok(())
+    Ok(Migrated {
+        rewrote_pre_squash,
+        applied: MIGRATOR
+            .iter()
+            .map(|m| m.version)
+            .filter(|v| !before.contains(v))
+            .collect(),
+        version: MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0),
+    })
 }
 
 /// Creates the roles of SPEC §2 Privileges (`syncq_producer`,
-/// `syncq_worker`) with their grants, or brings existing ones up to date. Needs a role allowed to create roles.
+/// `syncq_worker`) with their grants, or brings existing ones up to date.
+/// Needs a role allowed to create roles.
 pub async fn create_roles(db: impl Into<crate::Db>) -> Result<()> {
     Ok(store::roles::create(&db.into()).await?)
 }
@@ -85,13 +121,14 @@ pub async fn applied_versions(db: &sqlx::PgPool) -> Result<Vec<i64>> {
 }
 
 /// Rewrites a complete pre-squash history to the squashed one (same
-/// schema, other files; the migrations after the squash then run as usual), in one transaction holding the history's table.
-/// A partial pre-squash history is refused: its schema is not the
-/// squashed one's, and no migration here can finish it.
-async fn rebaseline_pre_squash(db: &sqlx::PgPool) -> Result<()> {
+/// schema, other files), in one transaction holding the history's table;
+/// the migrations after the squash then run as on any database. A partial
+/// pre-squash history is refused: its schema is not the squashed one's,
+/// and no migration here can finish it. Returns whether it rewrote one.
+async fn rebaseline_pre_squash(db: &sqlx::PgPool) -> Result<bool> {
     let mut tx = db.begin().await?;
     let Some(history) = store::ledger::lock_and_read(&mut tx).await? else {
-        return Ok(());
+        return Ok(false);
     };
     let known = |(version, checksum): &(i64, String)| {
         PRE_SQUASH
@@ -100,7 +137,7 @@ async fn rebaseline_pre_squash(db: &sqlx::PgPool) -> Result<()> {
     };
     if history.is_empty() || !history.iter().all(known) {
         // A squashed history (or none yet): sqlx takes it from here.
-        return Ok(());
+        return Ok(false);
     }
     if history.len() != PRE_SQUASH.len() {
         return Err(Error::Schema(format!(
@@ -120,5 +157,5 @@ async fn rebaseline_pre_squash(db: &sqlx::PgPool) -> Result<()> {
         versions = squashed.len(),
         "a pre-squash migration history was rewritten to the squashed migrations (same schema)"
     );
-    Ok(())
+    Ok(true)
 }

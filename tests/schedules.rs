@@ -77,12 +77,37 @@ fn assert_no_gap(ticks: &[DateTime<Utc>], every: TimeDelta) {
     }
 }
 
+/// Waits until `schedule` has `n` ticks with a task; on a timeout, says
+/// what its row and its tasks looked like.
 async fn wait_ticks(db: &PgPool, schedule: &'static str, n: usize) {
-    common::wait_for(&format!("{n} ticks of {schedule}"), WAIT, || {
-        let db = db.clone();
-        async move { ticks(&db, schedule).await.len() >= n }
-    })
-    .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while ticks(db, schedule).await.len() < n {
+        if tokio::time::Instant::now() > deadline {
+            let row: Vec<(Option<DateTime<Utc>>, Option<DateTime<Utc>>, i64, bool)> =
+                sqlx::query_as(
+                    "SELECT next_run_at, last_run_at, skipped_ticks, overlap
+                     FROM syncq.schedules WHERE schedule_id = $1",
+                )
+                .bind(schedule)
+                .fetch_all(db)
+                .await
+                .unwrap();
+            let tasks: Vec<(DateTime<Utc>, String, Option<String>)> = sqlx::query_as(
+                "SELECT scheduled_for, status::text, locked_by FROM syncq.tasks
+                 WHERE schedule_id = $1 ORDER BY scheduled_for",
+            )
+            .bind(schedule)
+            .fetch_all(db)
+            .await
+            .unwrap();
+            panic!(
+                "timed out after {WAIT:?} waiting for {n} ticks of {schedule}:\n\
+                 schedule (next_run_at, last_run_at, skipped_ticks, overlap): {row:?}\n\
+                 tasks (tick, status, locked_by): {tasks:#?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Three worker processes, a 1-second schedule, about 12 s: one task per

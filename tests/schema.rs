@@ -114,12 +114,48 @@ async fn a_database_migrated_before_the_squash_gets_the_squashed_history_and_the
     pre_squash(8).await.run(&db).await.unwrap();
     assert_eq!(history(&db).await.len(), 8);
 
-    syncq::migrate(&db).await.unwrap();
+    // `syncq migrate` says what it did: the history rewritten, then the
+    // migrations after the squash applied.
+    let out = migrate_command(&opts);
+    let squashed = 6;
+    let latest = syncq::MIGRATOR.iter().map(|m| m.version).max().unwrap();
+    assert!(
+        out.starts_with("rewrote the migration history of a pre-release syncq"),
+        "{out}"
+    );
+    let applied = if latest == squashed + 1 {
+        format!("applied migration {latest}: syncq schema is now at version {latest}")
+    } else {
+        format!(
+            "applied migrations {}–{latest}: syncq schema is now at version {latest}",
+            squashed + 1
+        )
+    };
+    assert!(out.contains(&applied), "{out}");
     assert_eq!(history(&db).await, migrated_history());
     assert_same_schema(&snapshot(&opts));
     // And from then on it is like any other database.
     syncq::migrate(&db).await.unwrap();
     assert_eq!(history(&db).await, migrated_history());
+    assert_eq!(
+        migrate_command(&opts),
+        format!("syncq schema is up to date (version {latest})\n")
+    );
+}
+
+/// `syncq migrate` on the test's database; its standard output.
+fn migrate_command(opts: &PgConnectOptions) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_syncq"))
+        .env("DATABASE_URL", common::url(opts))
+        .arg("migrate")
+        .output()
+        .expect("run syncq migrate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8")
 }
 
 #[sqlx::test(migrations = false)]
@@ -142,21 +178,43 @@ async fn a_database_half_migrated_before_the_squash_is_refused_untouched(
 /// The rule the claim (step 1) and the pool's search for a failing dataset
 /// share, `syncq.claimable_datasets`, is expanded in place by the planner:
 /// the plan reads `syncq.datasets` through the turn index, in turn order,
-/// and stops at the limit. A `SET` clause, `STRICT` or `VOLATILE` on the
-/// function would make it a function scan that reads every claimable
-/// dataset before the first few are taken.
+/// and stops at the limit — with the arguments as literals and as the
+/// parameters of a generic plan (what the claim, planned once per
+/// connection, and the prepared statement of `claim_candidates` get). A
+/// `SET` clause, `STRICT` or `VOLATILE` on the function would make it a
+/// function scan that reads every claimable dataset before the first few
+/// are taken.
 #[sqlx::test]
 async fn the_claimable_rule_is_inlined_into_its_callers(db: PgPool) {
-    let plan: Vec<String> = sqlx::query_scalar(
-        "EXPLAIN SELECT d.dataset_id
-         FROM syncq.claimable_datasets('{noop}', NULL, '{}') d
-         ORDER BY d.last_claimed_at NULLS FIRST, d.served_at NULLS FIRST, d.dataset_id
-         LIMIT 5",
-    )
-    .fetch_all(&db)
+    let mut conn = db.acquire().await.unwrap();
+    let query = "SELECT d.dataset_id
+                 FROM syncq.claimable_datasets($1, $2, $3) d
+                 ORDER BY d.last_claimed_at NULLS FIRST, d.served_at NULLS FIRST, d.dataset_id
+                 LIMIT 5";
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SET plan_cache_mode = force_generic_plan;
+         PREPARE candidates (text[], text[], text[]) AS {query}"
+    )))
+    .execute(&mut *conn)
     .await
     .unwrap();
-    let plan = plan.join("\n");
-    assert!(!plan.contains("Function Scan"), "not inlined:\n{plan}");
-    assert!(plan.contains("on datasets d"), "{plan}");
+    for explain in [
+        query
+            .replace("$1", "'{noop}'")
+            .replace("$2", "NULL")
+            .replace("$3", "'{}'"),
+        "EXECUTE candidates ('{noop}', NULL, '{}')".to_string(),
+    ] {
+        let plan: Vec<String> =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN {explain}")))
+                .fetch_all(&mut *conn)
+                .await
+                .unwrap();
+        let plan = plan.join("\n");
+        assert!(!plan.contains("Function Scan"), "not inlined:\n{plan}");
+        assert!(
+            plan.contains("Index Scan using datasets_turn_idx on datasets d"),
+            "{plan}"
+        );
+    }
 }

@@ -374,15 +374,16 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<(), CliError>
     match cli.command {
         Command::Migrate => {
             let db = connect_creating(&options).await?;
-            let before = applied_migrations(&db).await;
-            crate::migrate(&db).await?;
-            let latest = crate::MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
-            let new: Vec<i64> = crate::MIGRATOR
-                .iter()
-                .map(|m| m.version)
-                .filter(|v| !before.contains(v))
-                .collect();
-            match (new.first(), new.last()) {
+            let done = crate::schema::migrate_reporting(&db).await?;
+            let latest = done.version;
+            if done.rewrote_pre_squash {
+                writeln!(
+                    out,
+                    "rewrote the migration history of a pre-release syncq to the squashed migrations (same schema)"
+                )
+                .map_err(io_error)?;
+            }
+            match (done.applied.first(), done.applied.last()) {
                 (Some(first), Some(last)) if first == last => writeln!(
                     out,
                     "applied migration {first}: syncq schema is now at version {latest}"
@@ -481,14 +482,6 @@ pub(crate) fn io_error(e: std::io::Error) -> CliError {
         return CliError::PipeClosed;
     }
     CliError::Runtime(format!("cannot write output: {e}"))
-}
-
-/// The migrations already applied to this database (none before its first
-/// `syncq migrate`).
-async fn applied_migrations(db: &PgPool) -> Vec<i64> {
-    crate::schema::applied_versions(db)
-        .await
-        .unwrap_or_default()
 }
 
 /// A `Db` for the commands that work through a transaction-mode pooler.
