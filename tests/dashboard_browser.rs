@@ -19,13 +19,6 @@ const WAIT: Duration = Duration::from_secs(30);
 /// The key of an element reference in W3C WebDriver answers.
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
-fn running_as_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
-
 /// Chromium and its driver, installed from Debian's packages if missing
 /// and this runs as root (as CI does).
 fn browser() -> (PathBuf, PathBuf) {
@@ -40,27 +33,7 @@ fn browser() -> (PathBuf, PathBuf) {
     if let Some(found) = find() {
         return found;
     }
-    if running_as_root() {
-        let install = || {
-            Command::new("apt-get")
-                .args([
-                    "install",
-                    "-y",
-                    "-q",
-                    "--no-install-recommends",
-                    "chromium",
-                    "chromium-driver",
-                ])
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .stdout(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        if !install() {
-            let _ = Command::new("apt-get").args(["update", "-q"]).status();
-            install();
-        }
-    }
+    common::apt_install_if_root(&["chromium", "chromium-driver"]);
     find().expect(
         "Chromium is not installed: apt-get install -y chromium chromium-driver (.ci/run does)",
     )

@@ -65,7 +65,7 @@ impl PgBouncer {
         std::fs::write(dir.join("pgbouncer.ini"), ini).unwrap();
         let mut cmd = Command::new(bin);
         // PgBouncer refuses to run as root: drop to an ordinary user.
-        if running_as_root() {
+        if common::running_as_root() {
             use std::os::unix::fs::PermissionsExt;
             for f in ["", "users.txt", "pgbouncer.ini"] {
                 let mode = if f.is_empty() { 0o777 } else { 0o644 };
@@ -123,30 +123,8 @@ fn pgbouncer_bin() -> PathBuf {
     if let Some(bin) = find() {
         return bin;
     }
-    if running_as_root() {
-        let install = || {
-            Command::new("apt-get")
-                .args(["install", "-y", "-q", "pgbouncer"])
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .stdout(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        if !install() {
-            let _ = Command::new("apt-get").args(["update", "-q"]).status();
-            install();
-        }
-    }
+    common::apt_install_if_root(&["pgbouncer"]);
     find().expect("pgbouncer is not installed: apt-get install -y pgbouncer (.ci/run does)")
-}
-
-fn running_as_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        .unwrap_or(false)
 }
 
 /// Runs `syncq` with `args` through the pooler; returns (exit code, stdout,

@@ -10,21 +10,25 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 const SNAPSHOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/schema.sql");
 
-/// `scripts/schema-snapshot` of the database: pg_dump, normalised.
-fn snapshot(opts: &PgConnectOptions) -> String {
-    let out = std::process::Command::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/scripts/schema-snapshot"
-    ))
-    .arg(common::url(opts))
-    .output()
-    .expect("run scripts/schema-snapshot");
+/// Runs `cmd`, asserts it succeeded, and returns its standard output.
+fn stdout_of(mut cmd: std::process::Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
-        "scripts/schema-snapshot failed: {}",
+        "{cmd:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8(out.stdout).expect("pg_dump prints UTF-8")
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
+/// `scripts/schema-snapshot` of the database: pg_dump, normalised.
+fn snapshot(opts: &PgConnectOptions) -> String {
+    let mut cmd = std::process::Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/schema-snapshot"
+    ));
+    cmd.arg(common::url(opts));
+    stdout_of(cmd)
 }
 
 /// Fails with the first differing line, and how to refresh the snapshot.
@@ -145,17 +149,9 @@ async fn a_database_migrated_before_the_squash_gets_the_squashed_history_and_the
 
 /// `syncq migrate` on the test's database; its standard output.
 fn migrate_command(opts: &PgConnectOptions) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_syncq"))
-        .env("DATABASE_URL", common::url(opts))
-        .arg("migrate")
-        .output()
-        .expect("run syncq migrate");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("UTF-8")
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_syncq"));
+    cmd.env("DATABASE_URL", common::url(opts)).arg("migrate");
+    stdout_of(cmd)
 }
 
 #[sqlx::test(migrations = false)]

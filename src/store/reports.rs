@@ -296,7 +296,8 @@ pub async fn overview(
     limit: i64,
     offset: i64,
 ) -> sqlx::Result<Vec<OverviewRow>> {
-    let rows = sqlx::query!(
+    sqlx::query_as!(
+        OverviewRow,
         r#"
         WITH known AS (
             SELECT dataset_id FROM syncq.datasets
@@ -343,23 +344,7 @@ pub async fn overview(
         offset,
     )
     .fetch_all(db)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| OverviewRow {
-            dataset_id: r.dataset_id,
-            queued: r.queued,
-            running: r.running,
-            max_concurrency: r.max_concurrency,
-            oldest_ready_age_secs: r.oldest_ready_age_secs,
-            rate_limit: r.rate_limit,
-            rate_window_secs: r.rate_window_secs,
-            rate_used: r.rate_used,
-            weight: r.weight,
-            paused: r.paused,
-            throttled: r.throttled,
-        })
-        .collect())
+    .await
 }
 
 /// How many datasets match the overview's `filter`.

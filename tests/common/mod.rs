@@ -464,3 +464,37 @@ pub async fn paused(db: &PgPool, dataset: &str) -> bool {
     .await
     .expect("read paused")
 }
+
+/// Whether the tests run as root (real user id 0).
+pub fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        .unwrap_or(false)
+}
+
+/// Installs Debian `packages` when the tests run as root (as `.ci/run`
+/// does up front), updating the package lists once if the first try
+/// fails; does nothing otherwise. The caller looks for the programs after.
+pub fn apt_install_if_root(packages: &[&str]) {
+    if !running_as_root() {
+        return;
+    }
+    let install = || {
+        std::process::Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !install() {
+        let _ = std::process::Command::new("apt-get")
+            .args(["update", "-q"])
+            .status();
+        install();
+    }
+}
