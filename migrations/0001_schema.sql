@@ -1,7 +1,7 @@
--- syncq schema: tasks, datasets, the readiness signals producers append,
--- the rate log, workers and the per-attempt error history. The schedules
--- table is in 0006_schedules.sql; functions, triggers and views follow in
--- 0002..0006.
+-- syncq schema, the versioned part: types, tables, indexes and
+-- constraints (what must be versioned, because it holds data). Every
+-- function, trigger and view is in src/store/sql/, one file each, applied
+-- by `syncq migrate` after the versioned migrations (src/store/objects.rs).
 --
 -- Every constraint is named after the column it guards, so the message a
 -- producer sees ("violates check constraint tasks_max_attempts_at_least_1")
@@ -13,8 +13,9 @@
 -- claim's attempts + 1 stays in range), max_attempts at most 10,000,
 -- finite times. runs, the fencing token, wraps instead of overflowing.
 --
--- Columns are in the order that databases migrated before the squash have
--- them (tests/fixtures/pre_squash_migrations): the schemas must be the same.
+-- Columns are in the order that databases migrated by earlier builds have
+-- them (tests/fixtures/pre_squash_migrations, squashed_migrations): the
+-- schemas must be the same.
 --
 -- The roles and their grants are made by `syncq roles` (src/store/roles.rs),
 -- not here.
@@ -189,7 +190,7 @@ CREATE TABLE syncq.rate_log (
 CREATE INDEX rate_log_idx ON syncq.rate_log (dataset_id, started_at);
 
 -- Readiness that producers appended and no claim has absorbed yet: a
--- dataset has queued work from ready_at on (see 0002_readiness.sql).
+-- dataset has queued work from ready_at on (src/store/sql/functions/absorb_signals.sql).
 CREATE TABLE syncq.ready_signals (
     dataset_id text        NOT NULL,
     ready_at   timestamptz NOT NULL
@@ -201,3 +202,48 @@ CREATE TABLE syncq.ready_signals (
 -- deleted soon after it is written, and an index scan learns to skip the
 -- dead entries (a heap scan reads every dead row again until a vacuum).
 CREATE INDEX ready_signals_ready_at_idx ON syncq.ready_signals (ready_at);
+
+-- Periodic tasks in rows (SPEC §2 syncq.schedules). Every worker process
+-- runs the scheduler (src/schedule.rs), which takes the due schedules FOR
+-- UPDATE SKIP LOCKED, enqueues the tick's task and moves next_run_at on,
+-- in one transaction. The task carries (schedule_id, scheduled_for),
+-- unique together (tasks_schedule_tick_idx): however many processes race,
+-- restart or disagree about the time (the database's clock decides), a
+-- tick has at most one task; and since next_run_at only moves on in the
+-- transaction that enqueued, no tick is skipped while any worker runs.
+CREATE TABLE syncq.schedules (
+    schedule_id   text        PRIMARY KEY
+        CONSTRAINT schedules_schedule_id_not_empty CHECK (schedule_id <> ''),
+    dataset_id    text        NOT NULL
+        CONSTRAINT schedules_dataset_id_not_empty CHECK (dataset_id <> ''),
+    kind          text        NOT NULL
+        CONSTRAINT schedules_kind_not_empty CHECK (kind <> ''),
+    payload       jsonb       NOT NULL DEFAULT '{}',
+    -- 5 fields, or 6 with seconds first, or a macro (@hourly, @daily, …);
+    -- parsed by the workers (croner), shape-checked here.
+    cron          text
+        CONSTRAINT schedules_cron_has_5_or_6_fields
+        CHECK (cron ~ '^\s*(@[a-z]+|\S+(\s+\S+){4,5})\s*$'),
+    every         interval
+        CONSTRAINT schedules_every_positive CHECK (every > interval '0'),
+    timezone      text        NOT NULL DEFAULT 'UTC',
+    priority      smallint    NOT NULL DEFAULT 0,
+    max_attempts  int         NOT NULL DEFAULT 5
+        CONSTRAINT schedules_max_attempts_between_1_and_10000 CHECK (max_attempts BETWEEN 1 AND 10000),
+    paused        boolean     NOT NULL DEFAULT false,
+    -- Ticks missed while no worker ran: one catch-up task (true), or none.
+    catch_up      boolean     NOT NULL DEFAULT true,
+    -- Enqueue a tick even while the previous task is still queued or
+    -- running (false: skip it and count it in skipped_ticks).
+    overlap       boolean     NOT NULL DEFAULT false,
+    next_run_at   timestamptz
+        CONSTRAINT schedules_next_run_at_finite CHECK (isfinite(next_run_at)),
+    last_run_at   timestamptz,
+    last_task_id  bigint,
+    skipped_ticks bigint      NOT NULL DEFAULT 0,
+    -- Why the workers cannot compute the next tick (an expression the
+    -- shape check let through); cleared when cron, every or timezone change.
+    error         text,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT schedules_cron_or_every CHECK ((cron IS NULL) <> (every IS NULL))
+);

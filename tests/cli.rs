@@ -73,7 +73,7 @@ fn a_bad_url_exits_1() {
     assert_runtime_error(&out, "DATABASE_URL");
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn bad_json_is_a_usage_error_and_inserts_nothing(_: PgPoolOptions, opts: PgConnectOptions) {
     let db = common::connect(&opts).await;
     let out = syncq(
@@ -212,7 +212,7 @@ fn without_database_url_the_default_is_printed() {
     );
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn enqueue_prints_the_id_and_the_existing_id_for_a_duplicate(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -252,7 +252,7 @@ async fn enqueue_prints_the_id_and_the_existing_id_for_a_duplicate(
     assert!(delayed);
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn limit_pause_and_resume_change_only_what_they_name(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -308,7 +308,7 @@ async fn limit_pause_and_resume_change_only_what_they_name(
 /// and looks only at that one name — it exists while the bench runs and is
 /// gone once it exits — so a bench run by anyone else at the same time
 /// changes nothing here.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn bench_measures_in_a_scratch_database_and_drops_it(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -455,7 +455,7 @@ async fn before_migrate_commands_say_to_migrate_and_migrate_says_what_it_applied
 /// One rule: what names something the command cannot act on is a usage
 /// error (exit 2), said in one line without a field prefix, and changes
 /// nothing.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn naming_what_a_command_cannot_act_on_is_a_usage_error(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -495,7 +495,7 @@ async fn naming_what_a_command_cannot_act_on_is_a_usage_error(
 
 /// A reader that closes the pipe early (`syncq status | head -1`) ends
 /// the command normally: exit 0, nothing on stderr.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_closed_output_pipe_is_a_normal_end(_: PgPoolOptions, opts: PgConnectOptions) {
     let db = common::connect(&opts).await;
     // Enough output to fill the pipe's buffer several times.

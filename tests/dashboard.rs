@@ -86,7 +86,7 @@ fn live(page: &str, key: &str) -> String {
         .collect()
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn every_page_answers_with_the_numbers_the_rows_hold(db: PgPool) {
     let manager = TaskQueueManager::new(db.clone());
     for i in 0..3 {
@@ -162,7 +162,7 @@ async fn every_page_answers_with_the_numbers_the_rows_hold(db: PgPool) {
     );
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn the_overview_pages_and_filters_its_datasets(db: PgPool) {
     let manager = TaskQueueManager::new(db.clone());
     manager
@@ -191,7 +191,7 @@ async fn the_overview_pages_and_filters_its_datasets(db: PgPool) {
     assert!(sorted.contains("page 1 of 3"));
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_read_only_dashboard_refuses_every_action_and_changes_nothing(db: PgPool) {
     let manager = TaskQueueManager::new(db.clone());
     let id = manager
@@ -235,7 +235,7 @@ async fn a_read_only_dashboard_refuses_every_action_and_changes_nothing(db: PgPo
     );
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn actions_need_a_signed_in_operator_and_the_csrf_token(db: PgPool) {
     let manager = TaskQueueManager::new(db.clone());
     manager
@@ -289,7 +289,7 @@ async fn actions_need_a_signed_in_operator_and_the_csrf_token(db: PgPool) {
     assert!(common::paused(&db, "alpha").await);
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn each_action_leaves_the_rows_the_cli_would(db: PgPool) {
     let manager = TaskQueueManager::new(db.clone());
     let queued = manager
@@ -406,7 +406,7 @@ async fn each_action_leaves_the_rows_the_cli_would(db: PgPool) {
     assert!(bad.text().await.unwrap().contains("max_concurrency"));
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn hostile_ids_and_payloads_come_out_escaped(db: PgPool) {
     let manager = TaskQueueManager::new(db.clone());
     let evil = "<script>alert('id')</script>";
@@ -482,7 +482,7 @@ async fn start_command(
     (child, line, notes)
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn the_dashboard_command_serves_on_loopback_and_warns_when_asked_wider(
     _: sqlx::postgres::PgPoolOptions,
     opts: sqlx::postgres::PgConnectOptions,

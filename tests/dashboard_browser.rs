@@ -229,7 +229,7 @@ fn decode_base64(input: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn the_overview_is_live_in_a_browser_and_its_buttons_act(
     _: PgPoolOptions,
     opts: PgConnectOptions,

@@ -72,7 +72,7 @@ async fn starts(db: &PgPool) -> Vec<Span> {
 /// `started_at` is the time its claim logged), exactly. Only the pruning
 /// check depends on speed; see there. On a multi-thread runtime, so the
 /// three pools and the test's polling do not share one thread.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_rate_limit_holds_in_every_window_across_three_pools(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -154,7 +154,7 @@ async fn a_rate_limit_holds_in_every_window_across_three_pools(
     .await;
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn max_concurrency_holds_across_three_pools(_: PgPoolOptions, opts: PgConnectOptions) {
     let db = common::connect(&opts).await;
     let manager = TaskQueueManager::new(db.clone());
@@ -196,7 +196,7 @@ async fn max_concurrency_holds_across_three_pools(_: PgPoolOptions, opts: PgConn
     assert_eq!(most, 2, "the cap is also used, not just respected");
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_small_dataset_is_not_starved_by_a_big_one(_: PgPoolOptions, opts: PgConnectOptions) {
     let db = common::connect(&opts).await;
     let manager = TaskQueueManager::new(db.clone());
@@ -261,7 +261,7 @@ async fn a_small_dataset_is_not_starved_by_a_big_one(_: PgPoolOptions, opts: PgC
     );
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn starts_rotate_across_datasets(_: PgPoolOptions, opts: PgConnectOptions) {
     let db = common::connect(&opts).await;
     let tasks = ["a", "b", "c"]
@@ -311,7 +311,7 @@ async fn starts_rotate_across_datasets(_: PgPoolOptions, opts: PgConnectOptions)
 /// starts some 10–100 ms later, against a throttle of 1.5 s (15× or more);
 /// on a multi-thread runtime, so the test's polling does not hold up the
 /// pools.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn an_upstream_throttle_blocks_the_dataset_in_every_pool(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -413,7 +413,7 @@ fn most_at_once(spans: &[Span], from: DateTime<Utc>, to: DateTime<Utc>) -> usize
 /// each pool must claim then (a delayed task of its own kind, due a second
 /// after the pause): a claim that ran then saw the paused dataset ready.
 /// All compared on the database clock, on a multi-thread runtime.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn settings_changed_by_sql_take_effect_within_a_second(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -506,7 +506,7 @@ async fn settings_changed_by_sql_take_effect_within_a_second(
     .await;
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn absurd_settings_are_refused_naming_the_column(db: PgPool) {
     sqlx::query("INSERT INTO syncq.datasets (dataset_id) VALUES ('d')")
         .execute(&db)
@@ -541,7 +541,7 @@ async fn absurd_settings_are_refused_naming_the_column(db: PgPool) {
     assert!(err.contains("max_concurrency"), "{err}");
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn the_queue_api_reads_back_what_it_set(db: PgPool) {
     let queue = TaskQueueManager::new(db.clone()).queue("ünï 'q'");
     assert_eq!(queue.settings().await.unwrap(), None);
@@ -617,7 +617,7 @@ async fn within<T>(what: &str, step: impl Future<Output = T>) -> T {
 /// A claim that takes a dataset's last ready task marks the dataset idle.
 /// An insert into it that has not committed yet must not be lost by that:
 /// the dataset stays (or becomes again) claimable once the insert commits.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_claim_marking_a_dataset_idle_does_not_lose_an_uncommitted_insert(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -648,7 +648,7 @@ async fn a_claim_marking_a_dataset_idle_does_not_lose_an_uncommitted_insert(
 /// still open when an insert arrives. The insert does not wait for it
 /// (producers only append, SPEC §2), and once both have committed the
 /// dataset is claimable again: no lost wake-up.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn an_insert_beside_an_open_idle_marking_neither_waits_nor_is_lost(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -676,7 +676,7 @@ async fn an_insert_beside_an_open_idle_marking_neither_waits_nor_is_lost(
 /// Claimers of a dataset without cap or limit do not queue on its row: an
 /// open claim transaction does not stop another claim from taking the next
 /// tasks. A capped dataset is still counted by one claimer at a time.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn claims_share_an_unlimited_dataset_but_take_turns_on_a_capped_one(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -736,7 +736,7 @@ async fn claims_share_an_unlimited_dataset_but_take_turns_on_a_capped_one(
 /// then be told "ready now" until the delayed task is due. refresh_ready
 /// (called by a worker after a few such answers) puts it back to the
 /// delayed task's run_at.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_stale_ready_at_is_repaired_instead_of_spinning(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -812,7 +812,7 @@ async fn a_stale_ready_at_is_repaired_instead_of_spinning(
     assert_eq!(repaired, 0);
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn next_claim_in_says_nothing_to_wait_for_when_nothing_is_queued(
     _: PgPoolOptions,
     opts: PgConnectOptions,

@@ -30,7 +30,7 @@ async fn scalar(db: &PgPool, sql: &str) -> i64 {
         .unwrap()
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn the_demo_runs_every_scenario_and_can_be_run_again(
     _: PgPoolOptions,
     opts: PgConnectOptions,

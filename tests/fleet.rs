@@ -296,7 +296,7 @@ async fn wait_all_exit_0(workers: &mut [WorkerProcess]) {
 /// of the rows, the claims' database clock; each ran exactly once), the
 /// limit was reached, at least two processes shared the budget, and the
 /// drain took at least the 5 s that 60 starts at 10 per second need.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_rate_limit_holds_in_every_window_across_three_worker_processes(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -375,7 +375,7 @@ async fn rate_limit_across_processes(opts: PgConnectOptions) {
 /// (the audit of `runs`/`started_at`), cross-checked with the workers' own
 /// attempt logs: the same 60 (task, run) pairs, each started once in one
 /// process.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn every_attempt_counts_toward_the_rate_limit_across_three_worker_processes(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -462,7 +462,7 @@ async fn every_attempt_counts(opts: PgConnectOptions) {
 /// third one out): the number of its `running` rows, sampled every few
 /// milliseconds while they drain, is at most 2 — and 2 is reached, held
 /// by two processes at once.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_concurrency_cap_is_reached_and_never_exceeded_across_three_worker_processes(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -561,7 +561,7 @@ async fn cap_across_processes(opts: PgConnectOptions) {
 /// of the other — and both limits were reached. A claim that read a
 /// dataset as unlimited before the setting committed would show up here
 /// as a start not on the list, past the cap or the rate.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_cap_and_a_rate_limit_set_on_busy_datasets_hold_from_that_moment(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -700,7 +700,7 @@ async fn limits_set_on_busy_datasets(opts: PgConnectOptions) {
 /// most 4 tasks — the claims already past their choice of dataset when the
 /// insert committed (one per process: 3) plus the big dataset's own turn
 /// in the round (1 start at one slot). The big one still had a backlog.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn twenty_small_datasets_start_within_one_round_of_a_big_backlog_across_three_processes(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -799,7 +799,7 @@ async fn fairness_across_processes(opts: PgConnectOptions) {
 /// report — no task of the dataset started in any process, while the
 /// other dataset's did; afterwards the dataset's tasks ran, the throttled
 /// one's attempt uncounted.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn an_upstream_throttle_holds_back_every_process_until_it_ends(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -979,7 +979,7 @@ async fn held(db: &PgPool, id: i64) -> Held {
 /// written once A's attempt log says the attempt ended — changes nothing
 /// in the row (status, runs, attempts, holder, lease, result, errors).
 /// B, resumed, finishes it: succeeded, 2 attempts, B's result.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_worker_stopped_past_its_lease_cannot_overwrite_the_rescuers_hold(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -1108,7 +1108,7 @@ async fn stopped_past_lease(opts: PgConnectOptions) {
 /// exits 0; C resumes from exactly B's checkpoint and finishes it. The
 /// checkpoints written, run by run, are 1..=60 with no step lost or
 /// repeated.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn kill_9_then_sigterm_each_next_process_resumes_from_exactly_the_saved_checkpoint(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -1234,7 +1234,7 @@ async fn rescue_and_resume(opts: PgConnectOptions) {
 /// only when told to, each store their own time left — every task of A
 /// goes back to `queued` uncounted, and A exits 1 long before its grace
 /// would have run out. B's task, in another process, runs on untouched.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_fatal_error_checkpoints_the_other_handlers_of_its_process_only(
     _: PgPoolOptions,
     opts: PgConnectOptions,

@@ -88,7 +88,7 @@ async fn page(
     axum::Json(json!({ "items": items, "next": next })).into_response()
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn every_page_once_within_the_limit_and_each_answer_mapped(
     _: PgPoolOptions,
     opts: PgConnectOptions,

@@ -40,7 +40,7 @@ fn kinds() -> Vec<String> {
     vec!["noop".to_string()]
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn completion_is_fenced_against_a_holder_that_lost_its_lease(db: PgPool) {
     let id = common::insert(&db, "d", "noop", json!({})).await;
     let lease = Duration::from_secs(30);
@@ -155,7 +155,7 @@ async fn completion_is_fenced_against_a_holder_that_lost_its_lease(db: PgPool) {
     assert_eq!(row.checkpoint, None);
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn an_expired_lease_fails_the_task_when_no_attempt_is_left(db: PgPool) {
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO syncq.tasks (dataset_id, kind, max_attempts) VALUES ('d', 'noop', 1) RETURNING id",
@@ -205,7 +205,7 @@ impl SyncWorker for Done {
 /// On a multi-thread runtime: pool A must hold its 800 ms lease, renewed
 /// every 200 ms, until the test has seen it hold the task, and the test's
 /// own polling must not starve its heartbeat meanwhile.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_silent_pool_loses_its_task_to_another_pool(_: PgPoolOptions, opts: PgConnectOptions) {
     common::on_multi_thread(async move {
         let db = common::connect(&opts).await;
@@ -260,7 +260,7 @@ async fn a_silent_pool_loses_its_task_to_another_pool(_: PgPoolOptions, opts: Pg
     .await;
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_pool_whose_lease_was_taken_cannot_complete_the_task(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -338,7 +338,7 @@ async fn a_pool_whose_lease_was_taken_cannot_complete_the_task(
 /// every 300 ms, so the lease survives three missed beats in a row (each
 /// beat may take up to 300 ms itself). On a multi-thread runtime, so the
 /// test's polling does not delay the pool's beats.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn heartbeats_keep_a_long_task(_: PgPoolOptions, opts: PgConnectOptions) {
     common::on_multi_thread(async move {
         let db = common::connect(&opts).await;
@@ -397,7 +397,7 @@ async fn heartbeats_keep_a_long_task(_: PgPoolOptions, opts: PgConnectOptions) {
     .await;
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn checkpoint_on_shutdown_then_resume_in_another_pool(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -460,7 +460,7 @@ impl SyncWorker for Deaf {
     }
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_handler_that_ignores_the_grace_period_is_aborted_and_released(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -521,7 +521,7 @@ impl SyncWorker for Listener {
 /// The bound is the spec's 1 s, a margin of 3× over the fallback path and
 /// some 20× over the usual one; the body runs on a multi-thread runtime so
 /// that the test's polling does not hold up the pool.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_running_task_hears_cancel_within_a_second(_: PgPoolOptions, opts: PgConnectOptions) {
     common::on_multi_thread(async move {
         let db = common::connect(&opts).await;
@@ -562,7 +562,7 @@ async fn a_running_task_hears_cancel_within_a_second(_: PgPoolOptions, opts: PgC
 /// first in its dataset's order; it is cancelled before any worker looks,
 /// then a pool runs every other task of the dataset: none of its claims
 /// takes it.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_cancelled_queued_task_never_starts(_: PgPoolOptions, opts: PgConnectOptions) {
     let db = common::connect(&opts).await;
     let cancelled: i64 = sqlx::query_scalar(
@@ -626,7 +626,7 @@ async fn a_cancelled_queued_task_never_starts(_: PgPoolOptions, opts: PgConnectO
     assert_eq!(claimed, others, "the pool claimed exactly the other tasks");
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_completion_batch_skips_only_the_task_whose_lease_was_lost(db: PgPool) {
     for _ in 0..3 {
         common::insert(&db, "d", "noop", json!({})).await;
@@ -693,7 +693,7 @@ impl SyncWorker for CountedRuns {
 /// count may not). Only this test's sessions are killed (its database,
 /// its application name). On a multi-thread runtime: the pool must renew
 /// its 2 s leases through the kills while the test polls.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn connections_killed_mid_drain_lose_nothing(_: PgPoolOptions, opts: PgConnectOptions) {
     common::on_multi_thread(async move {
         let admin = common::connect(&opts).await;

@@ -51,7 +51,7 @@ async fn oldest_ready_age(db: &PgPool, dataset: &str) -> f64 {
     .unwrap()
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn metrics_are_served_and_move_and_logs_are_json(_: PgPoolOptions, opts: PgConnectOptions) {
     let db = common::connect(&opts).await;
     let manager = TaskQueueManager::new(db.clone());

@@ -54,7 +54,7 @@ fn pool(db: &PgPool, config: PoolConfig) -> WorkerPool {
 /// a multi-thread runtime, and the command runs as a child process the
 /// runtime awaits (`tokio::process`), so the worker pool keeps running
 /// while the test waits for it.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn cancel_by_cli_queued_running_and_finished(_: PgPoolOptions, opts: PgConnectOptions) {
     common::on_multi_thread(cancel_by_cli(opts)).await;
 }
@@ -118,7 +118,7 @@ async fn cancel_by_cli(opts: PgConnectOptions) {
     run.await.unwrap().unwrap();
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn cancel_a_whole_dataset(_: PgPoolOptions, opts: PgConnectOptions) {
     let db = common::connect(&opts).await;
     TaskQueueManager::new(db.clone())
@@ -138,7 +138,7 @@ async fn cancel_a_whole_dataset(_: PgPoolOptions, opts: PgConnectOptions) {
     assert_eq!(common::status(&db, other).await, "queued");
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn retry_keeps_attempts_and_errors_and_allows_one_more(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -206,7 +206,7 @@ async fn retry_keeps_attempts_and_errors_and_allows_one_more(
     assert_eq!(common::count(&db, "status = 'queued'").await, 2);
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn prune_deletes_only_old_finished_tasks(_: PgPoolOptions, opts: PgConnectOptions) {
     let db = common::connect(&opts).await;
     db.execute(
@@ -243,7 +243,7 @@ async fn prune_deletes_only_old_finished_tasks(_: PgPoolOptions, opts: PgConnect
     assert_eq!(left, vec!["queued", "running", "succeeded"]);
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_worker_with_a_retention_prunes_as_it_goes(_: PgPoolOptions, opts: PgConnectOptions) {
     let db = common::connect(&opts).await;
     db.execute(
@@ -277,7 +277,7 @@ async fn a_worker_with_a_retention_prunes_as_it_goes(_: PgPoolOptions, opts: PgC
     run.await.unwrap().unwrap();
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn status_tasks_and_show_describe_a_populated_database(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -394,7 +394,7 @@ async fn status_tasks_and_show_describe_a_populated_database(
     run.await.unwrap().unwrap();
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn unknown_ids_and_datasets_are_usage_errors_that_change_nothing(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -437,7 +437,7 @@ async fn unknown_ids_and_datasets_are_usage_errors_that_change_nothing(
     assert_eq!(common::count(&db, "status = 'queued'").await, 1);
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn the_library_cancels_retries_and_prunes(db: PgPool) {
     let manager = TaskQueueManager::new(db.clone());
     let id = manager
@@ -472,7 +472,7 @@ async fn vacuum_count(db: &PgPool) -> i64 {
 /// Dead rows in syncq.tasks past the threshold get vacuumed, by one
 /// process at a time: a sweep while another holds the vacuum lock does
 /// nothing.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn the_vacuumer_reclaims_dead_rows_one_process_at_a_time(db: PgPool) {
     sqlx::query("INSERT INTO syncq.tasks (dataset_id, kind) SELECT 'v', 'noop' FROM generate_series(1, 5000)")
         .execute(&db)
@@ -577,7 +577,7 @@ async fn has(db: &PgPool, check: &str) -> bool {
 /// nothing is granted on them before the command whatever the server
 /// holds. A LOGIN role of this test's own (named after its database) tries
 /// the producer role and is dropped at the end, also when the test fails.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn roles_grants_the_two_roles_their_rights_on_this_database(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -833,7 +833,7 @@ async fn roles_body(db: PgPool, opts: PgConnectOptions, login: String) {
 /// `syncq worker --datasets a,b` (a real worker process) runs the tasks of
 /// those datasets and leaves every other dataset's alone: they are never
 /// claimed, even after the worker has gone round its claim loop many times.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_worker_with_datasets_runs_only_those(_: PgPoolOptions, opts: PgConnectOptions) {
     let db = common::connect(&opts).await;
     // The other dataset's tasks first: a worker that ignored --datasets
@@ -891,7 +891,7 @@ async fn a_worker_with_datasets_runs_only_those(_: PgPoolOptions, opts: PgConnec
 /// whole time (a real process) does not start the task before it: every
 /// look at the row while the database clock is before `run_at` finds it
 /// `queued`, and its `started_at` is not before `run_at`.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn enqueue_run_at_sets_run_at_and_the_task_waits_for_it(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -980,7 +980,7 @@ async fn enqueue_run_at_sets_run_at_and_the_task_waits_for_it(
 /// schema's migration history is unchanged, the workers keep running (and
 /// still hear new inserts), and every task ends `succeeded` once, with no
 /// error recorded.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn migrate_on_a_live_database_breaks_nothing(_: PgPoolOptions, opts: PgConnectOptions) {
     let db = common::connect(&opts).await;
     let history = || {

@@ -93,7 +93,7 @@ async fn assert_each_succeeded_once(db: &PgPool, total: i64, workers: &[&WorkerP
 /// The reproduction: two workers, lease 8 s, 20 one-attempt tasks
 /// running when connections are refused for 5 s. Every handler returned
 /// `Ok`, so every task succeeds — none is failed by a lease that ran out.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn an_outage_shorter_than_the_lease_changes_no_outcome(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -147,7 +147,7 @@ async fn an_outage_shorter_than_the_lease_changes_no_outcome(
 
 /// Every session of the database terminated five times during a drain:
 /// the workers reconnect and the drain ends with every task succeeded once.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn backends_terminated_five_times_mid_drain_lose_and_fail_nothing(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -282,7 +282,7 @@ impl SyncWorker for ReportsStop {
 /// ran out unrenewed — while the database is still unreachable — instead
 /// of letting it run on a task another worker may own by then. Afterwards
 /// the task runs again and succeeds.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_long_outage_stops_the_handler_whose_lease_ran_out(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -329,7 +329,7 @@ async fn a_long_outage_stops_the_handler_whose_lease_ran_out(
 /// A task this pool lost (its lease taken back) and then claimed again is
 /// two runs here: the older one hears `LeaseLost` at once, the newer one
 /// nothing, and the newer one's outcome is the one written.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_task_claimed_again_here_stops_the_older_run_only(
     _: PgPoolOptions,
     opts: PgConnectOptions,

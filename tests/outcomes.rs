@@ -70,7 +70,7 @@ impl SyncWorker for TimedFail {
     }
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn retryable_errors_retry_with_backoff_until_success(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -131,7 +131,7 @@ async fn retryable_errors_retry_with_backoff_until_success(
     }
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn retryable_errors_end_failed_after_max_attempts(_: PgPoolOptions, opts: PgConnectOptions) {
     let db = common::connect(&opts).await;
     let id = TaskQueueManager::new(db.clone())
@@ -156,7 +156,7 @@ async fn retryable_errors_end_failed_after_max_attempts(_: PgPoolOptions, opts: 
     );
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn invalid_fails_at_once(_: PgPoolOptions, opts: PgConnectOptions) {
     let db = common::connect(&opts).await;
     let id = common::insert(&db, "d", "fail", json!({"error": "invalid"})).await;
@@ -191,7 +191,7 @@ async fn invalid_fails_at_once(_: PgPoolOptions, opts: PgConnectOptions) {
 /// while this one is throttled": its task starts some 10–100 ms after the
 /// throttle is seen, against a throttle of 1.5 s (a margin of 15× or more).
 /// Everything else is compared on the database clock, exactly.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn rate_limited_is_not_counted_and_throttles_the_dataset(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -279,7 +279,7 @@ async fn rate_limited_is_not_counted_and_throttles_the_dataset(
     .await;
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn fatal_releases_the_task_uncounted_and_stops_the_pool(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -340,7 +340,7 @@ impl SyncWorker for Panics {
     }
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_panic_is_retryable_and_the_worker_lives_on(_: PgPoolOptions, opts: PgConnectOptions) {
     let db = common::connect(&opts).await;
     let id = common::insert(&db, "d", "panics", json!({})).await;
@@ -384,7 +384,7 @@ impl SyncWorker for Recorder {
     }
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn within_a_dataset_priority_then_run_at_then_id(_: PgPoolOptions, opts: PgConnectOptions) {
     let db = common::connect(&opts).await;
     let manager = TaskQueueManager::new(db.clone());
@@ -438,7 +438,7 @@ async fn within_a_dataset_priority_then_run_at_then_id(_: PgPoolOptions, opts: P
 /// would be up to 5 s late. The 1 s bound leaves a loaded machine 20× the
 /// usual lateness, on a multi-thread runtime so the test's own polling
 /// does not delay the pool.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_delayed_task_starts_on_time_without_a_notify(_: PgPoolOptions, opts: PgConnectOptions) {
     common::on_multi_thread(async move {
         let db = common::connect(&opts).await;
@@ -482,7 +482,7 @@ async fn a_delayed_task_starts_on_time_without_a_notify(_: PgPoolOptions, opts: 
     .await;
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_worker_claims_only_kinds_it_has_handlers_for(_: PgPoolOptions, opts: PgConnectOptions) {
     let db = common::connect(&opts).await;
     // First in the dataset's order (priority, then id): one slot claiming
@@ -520,7 +520,7 @@ async fn listening_sessions(db: &PgPool) -> i64 {
     .unwrap()
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn poll_only_mode_still_runs_tasks(_: PgPoolOptions, opts: PgConnectOptions) {
     let db = common::connect(&opts).await;
     let config = PoolConfig {
@@ -559,7 +559,7 @@ async fn poll_only_mode_still_runs_tasks(_: PgPoolOptions, opts: PgConnectOption
     run.await.unwrap().unwrap();
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_paused_dataset_starts_nothing_until_resumed(_: PgPoolOptions, opts: PgConnectOptions) {
     let db = common::connect(&opts).await;
     let manager = TaskQueueManager::new(db.clone());
@@ -607,7 +607,7 @@ impl SyncWorker for UnstorableResult {
 /// Successes are written in batches; one whose result the database refuses
 /// must not take its batch down with it: the others succeed once, and it
 /// fails at once with the reason, instead of being retried by lease expiry.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_result_the_database_refuses_fails_alone_in_its_batch(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -661,7 +661,7 @@ async fn a_result_the_database_refuses_fails_alone_in_its_batch(
 /// task waiting for the slot goes back to `queued` unstarted and uncounted
 /// (its claim moved `runs` on; `attempts` is back where it was), as does
 /// the interrupted one; no task is left `running`.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_task_leased_ahead_waits_its_turn_and_goes_back_uncounted_at_a_checkpoint(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -754,7 +754,7 @@ impl SyncWorker for SlowRecorder {
 
 /// A task cancelled while it waits in the local queue (leased ahead of
 /// the pool's one slot) ends `cancelled` without its handler starting.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_task_cancelled_while_leased_ahead_never_starts(
     _: PgPoolOptions,
     opts: PgConnectOptions,

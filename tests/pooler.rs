@@ -144,7 +144,7 @@ async fn syncq(url: &str, args: &[&str]) -> (Option<i32>, String, String) {
     )
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn producers_and_workers_work_through_pgbouncer_in_transaction_mode(
     _: PgPoolOptions,
     opts: PgConnectOptions,

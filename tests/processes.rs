@@ -50,7 +50,7 @@ fn started_tasks(w: &WorkerProcess) -> Vec<i64> {
 /// and both processes ran a fair part of them. The datasets are paused
 /// until both processes are up, so that neither can drain the queue
 /// before the other has connected.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn two_processes_drain_2000_tasks_each_exactly_once(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -146,7 +146,7 @@ async fn two_processes_drain_2000_tasks_each_exactly_once(
     assert!(set_a.is_disjoint(&set_b));
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn sigterm_checkpoints_and_exits_0_and_the_next_process_resumes(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -180,7 +180,7 @@ async fn sigterm_checkpoints_and_exits_0_and_the_next_process_resumes(
 /// checkpoint the killed one saved (read once the killed process's
 /// sessions are gone, so no write of it can still land), and the killed
 /// attempt counts.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn kill_9_loses_only_work_since_the_last_checkpoint(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -215,7 +215,7 @@ async fn kill_9_loses_only_work_since_the_last_checkpoint(
     assert_eq!(row.attempts, 2, "the killed attempt counts");
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_fatal_error_stops_the_process_with_exit_1(_: PgPoolOptions, opts: PgConnectOptions) {
     let db = common::connect(&opts).await;
     let id = common::insert(&db, "d", "fail", json!({"error": "fatal", "times": 1})).await;
@@ -254,7 +254,7 @@ async fn status_json(opts: &PgConnectOptions) -> serde_json::Value {
 /// (300 ms here: well within 5 s, where it used to take 60 s), lists it
 /// as stale with the age of its last beat, and no longer counts its kinds
 /// as handled.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_killed_worker_stops_being_live_after_two_heartbeats(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -310,7 +310,7 @@ async fn a_killed_worker_stops_being_live_after_two_heartbeats(
 /// an operator, and says what is left: tasks in a paused dataset and a
 /// task delayed an hour stay queued; a task due in a second is waited for
 /// and runs.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn exit_when_idle_leaves_paused_and_far_delayed_tasks_and_says_so(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -352,7 +352,7 @@ async fn exit_when_idle_leaves_paused_and_far_delayed_tasks_and_says_so(
 
 /// A worker whose stderr was closed (its log reader went away) still
 /// stops cleanly on SIGTERM: exit 0, its registry row removed.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_worker_with_a_closed_stderr_stops_cleanly_on_sigterm(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -408,7 +408,7 @@ async fn a_worker_with_a_closed_stderr_stops_cleanly_on_sigterm(
 
 /// A `--datasets` name that matches nothing (a typo, most likely) is
 /// warned about once at start, not waited on in silence.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn an_unknown_dataset_in_datasets_is_warned_about(_: PgPoolOptions, opts: PgConnectOptions) {
     common::on_multi_thread(async move {
         let mut w = worker(&opts, &["--datasets", "nothing_here", "--exit-when-idle"]);

@@ -32,7 +32,7 @@ async fn insert(conn: &mut PgConnection, dataset: &str) {
 /// datasets — known ones and brand-new ones — in opposite orders, one
 /// statement at a time, while a worker drains. Nobody waits, nobody
 /// deadlocks, and every task runs once both commit.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn producers_in_open_transactions_never_wait_for_each_other_in_any_order(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -125,7 +125,7 @@ async fn producers_in_open_transactions_never_wait_for_each_other_in_any_order(
 /// open for 10 s — four leases long. The workers go on: no lease is lost,
 /// nothing is rescued, every other task succeeds once; the producer's own
 /// tasks run as soon as it commits.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_producer_idle_in_transaction_delays_no_worker(_: PgPoolOptions, opts: PgConnectOptions) {
     common::on_multi_thread(async move {
         let db = common::connect(&opts).await;

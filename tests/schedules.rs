@@ -119,7 +119,7 @@ async fn wait_ticks(db: &PgPool, schedule: &'static str, n: usize) {
 /// overlaps: the killed process may hold the latest tick's task, and
 /// without overlap the ticks would be skipped, by design, until that
 /// task's lease runs out and it is rescued.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn three_processes_enqueue_each_tick_once_even_when_the_enqueuer_is_killed(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -161,7 +161,7 @@ async fn three_processes_enqueue_each_tick_once_even_when_the_enqueuer_is_killed
 /// between become one catch-up task (for the latest of them), then the
 /// schedule ticks on as before. Pause stops the ticks; resume starts them
 /// again from the next tick after now, without a catch-up.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn missed_ticks_become_one_catch_up_task_and_pause_stops_ticking(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -215,7 +215,7 @@ async fn missed_ticks_become_one_catch_up_task_and_pause_stops_ticking(
 
 /// Bad expressions and zones are refused, naming the field: exit 2 from
 /// the CLI, a constraint or the trigger from SQL; nothing is saved.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn bad_schedules_are_refused_naming_the_field(_: PgPoolOptions, opts: PgConnectOptions) {
     let db = common::connect(&opts).await;
     for (args, field) in [
@@ -276,7 +276,7 @@ impl syncq::SyncWorker for TickRecorder {
 
 /// The Rust API: a declared set of schedules is reconciled with the rows
 /// (added, changed, removed), and a handler reads its task's tick.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn declared_schedules_are_reconciled_and_handlers_see_their_tick(
     _: PgPoolOptions,
     opts: PgConnectOptions,

@@ -1,7 +1,8 @@
 //! The schema as a reviewer reads it: `tests/fixtures/schema.sql` is what
 //! `pg_dump` prints of a migrated database, so a change to the schema or to
-//! any function shows in review as a change to that file; and a database
-//! migrated before the squash ends with the same schema and history.
+//! any function shows in review as a change to that file; a database
+//! migrated by an earlier build ends with the same schema and history; and
+//! `migrate` applies a function file again only when its text changed.
 
 mod common;
 
@@ -58,32 +59,64 @@ async fn history(db: &PgPool) -> Vec<(i64, String, Vec<u8>)> {
         .unwrap()
 }
 
-/// The history `migrate` leaves: every migration, squashed and after.
+/// The history `migrate` leaves: the versioned migrations (the function
+/// files are recorded in `syncq.sql_objects`, not there).
 fn migrated_history() -> Vec<(i64, String, Vec<u8>)> {
     syncq::MIGRATOR
         .iter()
+        .filter(|m| m.version != syncq::schema::SQL_OBJECTS_VERSION)
         .map(|m| (m.version, m.description.to_string(), m.checksum.to_vec()))
         .collect()
 }
 
-/// The pre-squash migrations, as a build before the squash applied them.
-async fn pre_squash(only_first: usize) -> sqlx::migrate::Migrator {
-    let dir = tempfile_dir();
-    let fixtures = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/pre_squash_migrations"
-    );
+/// The first `only_first` migrations of an earlier build
+/// (`tests/fixtures/DIR`), as that build applied them.
+async fn earlier(dir: &str, only_first: usize) -> sqlx::migrate::Migrator {
+    let tmp = tempfile_dir();
+    let fixtures = format!("{}/tests/fixtures/{dir}", env!("CARGO_MANIFEST_DIR"));
     let mut files: Vec<_> = std::fs::read_dir(fixtures)
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
     files.sort();
     for file in files.iter().take(only_first) {
-        std::fs::copy(file, dir.join(file.file_name().unwrap())).unwrap();
+        std::fs::copy(file, tmp.join(file.file_name().unwrap())).unwrap();
     }
-    let migrator = sqlx::migrate::Migrator::new(dir.as_path()).await.unwrap();
-    std::fs::remove_dir_all(&dir).unwrap();
+    let migrator = sqlx::migrate::Migrator::new(tmp.as_path()).await.unwrap();
+    std::fs::remove_dir_all(&tmp).unwrap();
     migrator
+}
+
+/// A few rows of every kind an earlier build's database holds: live and
+/// finished tasks, a configured dataset, an error, a schedule.
+async fn seed(db: &PgPool) -> String {
+    sqlx::raw_sql(
+        "INSERT INTO syncq.datasets (dataset_id, rate_limit, max_concurrency, weight) VALUES ('gh', 5, 2, 3);
+         INSERT INTO syncq.tasks (dataset_id, kind, payload, unique_key) VALUES
+             ('gh', 'noop', '{\"page\": 1}', 'p1'), ('gh', 'noop', '{}', NULL), ('other', 'sleep', '[1,2]', NULL);
+         UPDATE syncq.tasks SET status = 'succeeded', result = '{\"ok\": true}', finished_at = now()
+             WHERE id = 2;
+         INSERT INTO syncq.task_errors (task_id, attempt, error) VALUES (2, 1, 'boom');
+         INSERT INTO syncq.schedules (schedule_id, dataset_id, kind, every) VALUES ('tick', 'gh', 'noop', '1 minute');",
+    )
+    .execute(db)
+    .await
+    .unwrap();
+    rows(db).await
+}
+
+/// The seeded rows as text, to compare before and after a migration.
+async fn rows(db: &PgPool) -> String {
+    sqlx::query_scalar(
+        "SELECT concat_ws(E'\\n',
+             (SELECT string_agg(concat_ws('|', id, dataset_id, kind, payload, status, unique_key, result, attempts), ';' ORDER BY id) FROM syncq.tasks),
+             (SELECT string_agg(concat_ws('|', dataset_id, rate_limit, max_concurrency, weight), ';' ORDER BY dataset_id) FROM syncq.datasets),
+             (SELECT string_agg(concat_ws('|', task_id, attempt, error), ';') FROM syncq.task_errors),
+             (SELECT string_agg(concat_ws('|', schedule_id, every), ';') FROM syncq.schedules))",
+    )
+    .fetch_one(db)
+    .await
+    .unwrap()
 }
 
 fn tempfile_dir() -> std::path::PathBuf {
@@ -104,46 +137,151 @@ fn rand_suffix() -> u64 {
         .unwrap_or(0)
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_migrated_database_has_the_checked_in_schema(_: PgPoolOptions, opts: PgConnectOptions) {
     assert_same_schema(&snapshot(&opts));
 }
 
+/// An earlier build's complete history (the first `count` files of
+/// `tests/fixtures/DIR`), taken over by `syncq migrate`: it says what it
+/// did, the history and schema become the current ones, and the rows stay.
+async fn takes_over(opts: &PgConnectOptions, dir: &str, count: usize, build: &str) {
+    let db = common::connect(opts).await;
+    earlier(dir, count).await.run(&db).await.unwrap();
+    assert_eq!(history(&db).await.len(), count);
+    let before = seed(&db).await;
+
+    let out = migrate_command(opts);
+    assert!(
+        out.starts_with(&format!("rewrote the migration history of {build}")),
+        "{dir} ({count}): {out}"
+    );
+    assert!(
+        out.contains("applied migration 2: syncq schema is now at version 2"),
+        "{out}"
+    );
+    let files = syncq::schema::sql_objects().len();
+    assert!(
+        out.contains(&format!("applied {files} of {files} function")),
+        "{out}"
+    );
+    assert_eq!(history(&db).await, migrated_history(), "{dir} ({count})");
+    assert_same_schema(&snapshot(opts));
+    assert_eq!(rows(&db).await, before, "{dir} ({count}): rows changed");
+    // And from then on it is like any other database.
+    assert_eq!(
+        migrate_command(opts),
+        "syncq schema is up to date (version 2)\n"
+    );
+    assert_eq!(history(&db).await, migrated_history());
+}
+
 #[sqlx::test(migrations = false)]
-async fn a_database_migrated_before_the_squash_gets_the_squashed_history_and_the_same_schema(
+async fn a_database_migrated_before_the_squash_is_taken_over_with_its_rows(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    takes_over(&opts, "pre_squash_migrations", 8, "a pre-release syncq").await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_database_at_0_1_version_6_is_taken_over_with_its_rows(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    takes_over(
+        &opts,
+        "squashed_migrations",
+        6,
+        "syncq 0.1 (migrations 0001-0007)",
+    )
+    .await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_database_at_0_1_version_7_is_taken_over_with_its_rows(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    takes_over(
+        &opts,
+        "squashed_migrations",
+        7,
+        "syncq 0.1 (migrations 0001-0007)",
+    )
+    .await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn an_empty_database_migrated_three_times_at_once_has_the_checked_in_schema(
     _: PgPoolOptions,
     opts: PgConnectOptions,
 ) {
     let db = common::connect(&opts).await;
-    pre_squash(8).await.run(&db).await.unwrap();
-    assert_eq!(history(&db).await.len(), 8);
+    let runs =
+        futures_util::future::join_all((0..3).map(|_| syncq::schema::migrate_reporting(&db))).await;
+    let runs: Vec<_> = runs.into_iter().map(|r| r.unwrap()).collect();
+    // One of them did the work; the others found nothing left to do.
+    assert_eq!(
+        runs.iter().filter(|r| !r.applied.is_empty()).count(),
+        1,
+        "{runs:?}"
+    );
+    assert_eq!(
+        runs.iter().map(|r| r.objects.len()).sum::<usize>(),
+        syncq::schema::sql_objects().len(),
+        "{runs:?}"
+    );
+    assert_same_schema(&snapshot(&opts));
+    assert_eq!(history(&db).await, migrated_history());
+}
 
-    // `syncq migrate` says what it did: the history rewritten, then the
-    // migrations after the squash applied.
-    let out = migrate_command(&opts);
-    let squashed = 6;
-    let latest = syncq::MIGRATOR.iter().map(|m| m.version).max().unwrap();
+/// A function file whose text changed since it was applied (here: the
+/// database holds another build's text and checksum of `retry`) is applied
+/// again by the next `migrate`, and only it; an unchanged file is not.
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
+async fn migrate_applies_again_only_the_files_whose_text_changed(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let db = common::connect(&opts).await;
+    // The test's database (made by syncq::MIGRATOR) is taken over as is.
+    let first = syncq::schema::migrate_reporting(&db).await.unwrap();
     assert!(
-        out.starts_with("rewrote the migration history of a pre-release syncq"),
+        first.applied.is_empty() && first.objects.is_empty(),
+        "{first:?}"
+    );
+    assert_eq!(history(&db).await, migrated_history());
+
+    // Another build's text of one function, and its checksum.
+    sqlx::raw_sql(
+        "CREATE OR REPLACE FUNCTION syncq.retry(p_ids bigint[]) RETURNS SETOF bigint
+         LANGUAGE sql AS $$ SELECT 42::bigint $$;
+         UPDATE syncq.sql_objects SET checksum = 'an older text' WHERE name = 'functions/retry';",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    let out = migrate_command(&opts);
+    assert!(
+        out.contains(&format!(
+            "applied 1 of {} function",
+            syncq::schema::sql_objects().len()
+        )),
         "{out}"
     );
-    let applied = if latest == squashed + 1 {
-        format!("applied migration {latest}: syncq schema is now at version {latest}")
-    } else {
-        format!(
-            "applied migrations {}–{latest}: syncq schema is now at version {latest}",
-            squashed + 1
-        )
-    };
-    assert!(out.contains(&applied), "{out}");
-    assert_eq!(history(&db).await, migrated_history());
+    let body: String = sqlx::query_scalar("SELECT prosrc FROM pg_proc WHERE proname = 'retry'")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert!(body.contains("status IN ('failed', 'cancelled')"), "{body}");
     assert_same_schema(&snapshot(&opts));
-    // And from then on it is like any other database.
-    syncq::migrate(&db).await.unwrap();
-    assert_eq!(history(&db).await, migrated_history());
+
+    let again = syncq::schema::migrate_reporting(&db).await.unwrap();
+    assert!(again.objects.is_empty(), "{again:?}");
     assert_eq!(
         migrate_command(&opts),
-        format!("syncq schema is up to date (version {latest})\n")
+        "syncq schema is up to date (version 2)\n"
     );
 }
 
@@ -155,12 +293,16 @@ fn migrate_command(opts: &PgConnectOptions) -> String {
 }
 
 #[sqlx::test(migrations = false)]
-async fn a_database_half_migrated_before_the_squash_is_refused_untouched(
+async fn a_database_half_migrated_by_an_earlier_build_is_refused_untouched(
     _: PgPoolOptions,
     opts: PgConnectOptions,
 ) {
     let db = common::connect(&opts).await;
-    pre_squash(5).await.run(&db).await.unwrap();
+    earlier("pre_squash_migrations", 5)
+        .await
+        .run(&db)
+        .await
+        .unwrap();
     let before = history(&db).await;
 
     let error = syncq::migrate(&db).await.unwrap_err().to_string();
@@ -180,7 +322,7 @@ async fn a_database_half_migrated_before_the_squash_is_refused_untouched(
 /// `SET` clause, `STRICT` or `VOLATILE` on the function would make it a
 /// function scan that reads every claimable dataset before the first few
 /// are taken.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn the_claimable_rule_is_inlined_into_its_callers(db: PgPool) {
     let mut conn = db.acquire().await.unwrap();
     let query = "SELECT d.dataset_id
@@ -213,4 +355,40 @@ async fn the_claimable_rule_is_inlined_into_its_callers(db: PgPool) {
             "{plan}"
         );
     }
+}
+
+/// The cap's and the rate limit's counts have one text each
+/// (`syncq.running_count`, `syncq.rate_used`), and the planner expands them
+/// in place: no function scan, and each count a subplan that runs only for
+/// a dataset with that setting (the `OR` short-circuits). Wrapped in a
+/// `SET` clause or made `VOLATILE`, they would be function scans counting
+/// for every dataset.
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
+async fn the_cap_and_rate_counts_are_inlined_and_counted_only_where_read(db: PgPool) {
+    let plan: Vec<String> = sqlx::query_scalar(
+        "EXPLAIN SELECT d.dataset_id FROM syncq.datasets d
+         CROSS JOIN LATERAL syncq.running_count(d.dataset_id) AS r(running)
+         CROSS JOIN LATERAL syncq.rate_used(d.dataset_id, d.rate_window, now()) AS u(used)
+         CROSS JOIN LATERAL syncq.rate_room_at(d.dataset_id, d.rate_limit, d.rate_window, now()) AS w(at)
+         WHERE (d.max_concurrency IS NULL OR d.max_concurrency > r.running)
+           AND (d.rate_limit IS NULL OR d.rate_limit > u.used)
+           AND (d.rate_limit IS NULL OR w.at <= now())",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    let plan = plan.join("\n");
+    assert!(!plan.contains("Function Scan"), "not inlined:\n{plan}");
+    assert!(
+        plan.contains("(max_concurrency IS NULL) OR (max_concurrency > (SubPlan"),
+        "{plan}"
+    );
+    assert!(
+        plan.contains("(rate_limit IS NULL) OR (rate_limit > (SubPlan"),
+        "{plan}"
+    );
+    assert!(
+        plan.contains("tasks_running_idx") && plan.contains("rate_log_idx"),
+        "{plan}"
+    );
 }

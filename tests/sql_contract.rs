@@ -10,7 +10,7 @@ use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use syncq::{NewTask, TaskQueueManager, WorkerPool};
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_plain_sql_insert_with_defaults_is_processed(_: PgPoolOptions, opts: PgConnectOptions) {
     let db = common::connect(&opts).await;
     let id: i64 = sqlx::query_scalar("INSERT INTO syncq.tasks (dataset_id, kind, payload) VALUES ('github', 'noop', '{\"page\": 1}') RETURNING id")
@@ -63,7 +63,7 @@ async fn a_plain_sql_insert_with_defaults_is_processed(_: PgPoolOptions, opts: P
     assert_eq!((rate_limit, window, paused), (None, 1.0, false));
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn an_insert_wakes_an_idle_worker_without_waiting_for_a_poll(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -119,7 +119,7 @@ async fn an_insert_wakes_an_idle_worker_without_waiting_for_a_poll(
     run.await.unwrap().unwrap();
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn bad_rows_are_refused_with_the_column_named(db: PgPool) {
     let cases = [
         (
@@ -161,7 +161,7 @@ async fn bad_rows_are_refused_with_the_column_named(db: PgPool) {
     assert_eq!(common::count(&db, "true").await, 0);
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn unique_key_is_a_violation_for_sql_and_a_no_op_for_the_api(db: PgPool) {
     let manager = TaskQueueManager::new(db.clone());
     let first = manager
@@ -205,7 +205,7 @@ async fn unique_key_is_a_violation_for_sql_and_a_no_op_for_the_api(db: PgPool) {
     assert_eq!(common::count(&db, "true").await, 3);
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn enqueue_many_returns_ids_in_input_order_with_duplicates_resolved(db: PgPool) {
     let manager = TaskQueueManager::new(db.clone());
     let existing = manager
@@ -234,7 +234,7 @@ async fn enqueue_many_returns_ids_in_input_order_with_duplicates_resolved(db: Pg
     assert_eq!(common::count(&db, "true").await, 4);
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn the_api_rejects_bad_tasks_before_the_database(db: PgPool) {
     let manager = TaskQueueManager::new(db.clone());
     let err = manager
@@ -252,7 +252,7 @@ async fn the_api_rejects_bad_tasks_before_the_database(db: PgPool) {
     assert_eq!(common::count(&db, "true").await, 0);
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn api_cli_and_sql_produce_the_same_row(_: PgPoolOptions, opts: PgConnectOptions) {
     let db = common::connect(&opts).await;
     let payload = json!({"page": 7, "name": "ünï 'quoted'"});
@@ -324,7 +324,7 @@ async fn api_cli_and_sql_produce_the_same_row(_: PgPoolOptions, opts: PgConnectO
 /// The COPY path writes the same rows as the others, escapes what COPY's
 /// text format gives a meaning to, takes run_at from the database clock,
 /// wakes datasets like an INSERT, and is all or nothing.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn enqueue_bulk_copies_rows_exactly_and_all_or_nothing(db: PgPool) {
     let manager = TaskQueueManager::new(db.clone());
     let awkward = "tab\there, newline\nthere, back\\slash, \r, ü, \"quote\"";
@@ -414,7 +414,7 @@ async fn enqueue_bulk_copies_rows_exactly_and_all_or_nothing(db: PgPool) {
 /// *ready* task (queued and due; not a delayed one, not a finished or
 /// running one with an older `run_at`), and each setting as the datasets
 /// row holds it.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn dataset_stats_gives_each_column_per_dataset(db: PgPool) {
     sqlx::raw_sql(
         "INSERT INTO syncq.datasets (dataset_id, rate_limit, rate_window, max_concurrency, throttled_until)
@@ -559,7 +559,7 @@ async fn dataset_stats_gives_each_column_per_dataset(db: PgPool) {
 
 /// SPEC §2: `syncq.datasets` has a `weight` setting (int, default 1,
 /// 1–1000) and `dataset_stats` shows every setting under its column name.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn dataset_stats_shows_the_weight_setting(db: PgPool) {
     sqlx::raw_sql(
         "INSERT INTO syncq.datasets (dataset_id, weight) VALUES ('heavy', 7);
@@ -616,7 +616,7 @@ enum Got {
 /// deadlock, no other error. Between rounds the task finishes, freeing the
 /// key (SPEC §2: at most one *queued or running* task per key), so the
 /// next round makes one new task.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn concurrent_inserts_of_one_unique_key_make_one_task(
     _: PgPoolOptions,
     opts: PgConnectOptions,

@@ -24,7 +24,7 @@ fn blocks() -> Vec<String> {
     blocks
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn every_statement_of_the_sql_guide_runs(db: PgPool) {
     let blocks = blocks();
     assert!(blocks.len() >= 15, "found {} blocks", blocks.len());

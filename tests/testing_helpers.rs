@@ -33,7 +33,7 @@ impl SyncWorker for FetchPage {
     }
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn run_task_records_each_outcome_as_a_pool_would(db: PgPool) {
     let ok = run_task(
         &db,
@@ -80,7 +80,7 @@ async fn run_task_records_each_outcome_as_a_pool_would(db: PgPool) {
     assert_eq!(retry.last_error.as_deref(), Some("upstream 503"));
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 #[should_panic(
     expected = "no queued \"fetch_page\" task in dataset \"github\" with a payload containing {\"page\":7}"
 )]

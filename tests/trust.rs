@@ -129,7 +129,7 @@ async fn refused(admin: &PgPool, db: &PgPool, code: &str, statements: &[&str]) {
     }
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn the_producer_role_may_enqueue_and_cancel_and_nothing_more(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -278,7 +278,7 @@ async fn the_producer_role_may_enqueue_and_cancel_and_nothing_more(
     drop_login(&admin, &login_name(&opts, "producer")).await;
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn the_worker_role_runs_a_real_worker_but_cannot_change_settings(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -401,7 +401,7 @@ impl SyncWorker for Sleeps {
     }
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_notification_is_a_hint_and_only_the_row_cancels(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -459,7 +459,7 @@ async fn a_notification_is_a_hint_and_only_the_row_cancels(
     drop_login(&admin, &login_name(&opts, "nobody")).await;
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn no_row_that_can_be_written_makes_a_claim_fail(admin: PgPool) {
     // Bounded counters and finite times, refused with the column's name.
     for (sql, column) in [
@@ -560,7 +560,7 @@ fn collect_stderr(child: &mut tokio::process::Child) -> Arc<Mutex<String>> {
     text
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_dataset_whose_claims_fail_is_set_aside_and_the_others_drain(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -681,7 +681,7 @@ impl SyncWorker for Says {
     }
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn any_error_text_is_stored_and_an_invalid_task_fails_once(admin: PgPool) {
     use proptest::strategy::{Strategy, ValueTree};
     use proptest::test_runner::TestRunner;
@@ -792,7 +792,7 @@ async fn cli(opts: &PgConnectOptions, args: &[&str]) -> (i32, String) {
     )
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn duration_flags_out_of_range_are_usage_errors(_: PgPoolOptions, opts: PgConnectOptions) {
     for args in [
         &["worker", "--rescue-interval", "500000000000y"][..],
@@ -851,7 +851,7 @@ async fn duration_flags_out_of_range_are_usage_errors(_: PgPoolOptions, opts: Pg
     assert_eq!(code, 0, "a delay within range is taken");
 }
 
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_producer_holding_a_row_lock_delays_no_other_task(
     _: PgPoolOptions,
     opts: PgConnectOptions,

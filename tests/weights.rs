@@ -11,7 +11,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 /// Three backlogged datasets of weights 1, 2 and 4, drained by two worker
 /// processes for a while: their starts split 1:2:4, each within 10 %.
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn starts_split_in_proportion_to_weights_across_two_processes(
     _: PgPoolOptions,
     opts: PgConnectOptions,
@@ -66,7 +66,7 @@ async fn starts_split_in_proportion_to_weights_across_two_processes(
 /// round — also one that was served before and sat idle (its old place in
 /// the round is earlier than everyone's, and must not cost it its turn
 /// nor give it a burst).
-#[sqlx::test]
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn one_task_among_a_thousand_backlogged_datasets_starts_within_one_round(
     _: PgPoolOptions,
     opts: PgConnectOptions,

@@ -376,10 +376,10 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<(), CliError>
             let db = connect_creating(&options).await?;
             let done = crate::schema::migrate_reporting(&db).await?;
             let latest = done.version;
-            if done.rewrote_pre_squash {
+            if let Some(build) = done.rewrote_earlier {
                 writeln!(
                     out,
-                    "rewrote the migration history of a pre-release syncq to the squashed migrations (same schema)"
+                    "rewrote the migration history of {build} to the current baseline (same tables)"
                 )
                 .map_err(io_error)?;
             }
@@ -393,6 +393,17 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<(), CliError>
                     "applied migrations {first}–{last}: syncq schema is now at version {latest}"
                 ),
                 _ => writeln!(out, "syncq schema is up to date (version {latest})"),
+            }
+            .map_err(io_error)?;
+            if !done.objects.is_empty() {
+                writeln!(
+                    out,
+                    "applied {} of {} function, trigger and view files",
+                    done.objects.len(),
+                    crate::schema::sql_objects().len()
+                )
+            } else {
+                Ok(())
             }
             .map_err(io_error)?;
             Ok(())

@@ -20,7 +20,7 @@ pub(crate) const CHANNEL_INSERTED: &str = "syncq_task_inserted";
 /// The channel the cancel trigger notifies (payload: the task id).
 pub(crate) const CHANNEL_CANCEL: &str = "syncq_cancel";
 
-/// Schedules added or changed (`migrations/0006_schedules.sql`).
+/// Schedules added or changed (`src/store/sql/triggers/schedules_changed.sql`).
 pub(crate) const CHANNEL_SCHEDULES: &str = "syncq_schedules";
 
 /// LISTEN for inserts (wake the dispatcher) and cancels (tell the handler).

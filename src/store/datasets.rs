@@ -150,9 +150,10 @@ pub async fn counts(db: impl PgExecutor<'_>, dataset_id: &str) -> sqlx::Result<D
         r#"
         SELECT
           (SELECT count(*) FROM syncq.tasks WHERE dataset_id = $1 AND status = 'queued') AS "queued!",
-          (SELECT count(*) FROM syncq.tasks WHERE dataset_id = $1 AND status = 'running') AS "running!",
-          (SELECT count(*) FROM syncq.rate_log l JOIN syncq.datasets d USING (dataset_id)
-            WHERE l.dataset_id = $1 AND l.started_at > now() - d.rate_window) AS "starts!"
+          (SELECT r.running FROM syncq.running_count($1) AS r(running)) AS "running!",
+          coalesce((SELECT u.used FROM syncq.datasets d
+                    CROSS JOIN LATERAL syncq.rate_used(d.dataset_id, d.rate_window, now()) AS u(used)
+                    WHERE d.dataset_id = $1), 0) AS "starts!"
         "#,
         dataset_id
     )

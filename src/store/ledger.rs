@@ -2,12 +2,12 @@
 //! connection's `search_path`, as sqlx creates it). Runtime-checked
 //! statements: the table does not exist before the first `migrate`.
 
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
 
 /// The versions applied successfully (none if there is no history yet).
-pub(crate) async fn applied(db: &PgPool) -> sqlx::Result<Vec<i64>> {
+pub(crate) async fn applied(db: &mut PgConnection) -> sqlx::Result<Vec<i64>> {
     let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
-        .fetch_one(db)
+        .fetch_one(&mut *db)
         .await?;
     if !exists {
         return Ok(Vec::new());
@@ -61,5 +61,19 @@ pub(crate) async fn replace(
     .bind(&checksums)
     .execute(&mut *tx)
     .await?;
+    Ok(())
+}
+
+/// Deletes `version` from the history, if it is there.
+pub(crate) async fn forget(db: &mut PgConnection, version: i64) -> sqlx::Result<()> {
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+        .fetch_one(&mut *db)
+        .await?;
+    if exists {
+        sqlx::query("DELETE FROM _sqlx_migrations WHERE version = $1")
+            .bind(version)
+            .execute(&mut *db)
+            .await?;
+    }
     Ok(())
 }

@@ -308,8 +308,8 @@ pub async fn overview(
                    CASE $2::text
                        WHEN 'queued' THEN (SELECT count(*) FROM syncq.tasks t
                                            WHERE t.dataset_id = k.dataset_id AND t.status = 'queued')
-                       WHEN 'running' THEN (SELECT count(*) FROM syncq.tasks t
-                                            WHERE t.dataset_id = k.dataset_id AND t.status = 'running')
+                       WHEN 'running' THEN (SELECT r.running
+                                            FROM syncq.running_count(k.dataset_id) AS r(running))
                        ELSE 0 END AS rank
             FROM known k
             WHERE $1::text IS NULL OR strpos(lower(k.dataset_id), lower($1)) > 0
@@ -319,8 +319,7 @@ pub async fn overview(
         SELECT p.dataset_id AS "dataset_id!",
                (SELECT count(*) FROM syncq.tasks t
                 WHERE t.dataset_id = p.dataset_id AND t.status = 'queued') AS "queued!",
-               (SELECT count(*) FROM syncq.tasks t
-                WHERE t.dataset_id = p.dataset_id AND t.status = 'running') AS "running!",
+               (SELECT r.running FROM syncq.running_count(p.dataset_id) AS r(running)) AS "running!",
                d.max_concurrency,
                (SELECT extract(epoch FROM now() - min(t.run_at))::float8 FROM syncq.tasks t
                 WHERE t.dataset_id = p.dataset_id AND t.status = 'queued' AND t.run_at <= now())
@@ -328,8 +327,7 @@ pub async fn overview(
                d.rate_limit,
                coalesce(extract(epoch FROM d.rate_window)::float8, 1.0) AS "rate_window_secs!",
                CASE WHEN d.rate_limit IS NULL THEN 0
-                    ELSE (SELECT count(*) FROM syncq.rate_log l
-                          WHERE l.dataset_id = p.dataset_id AND l.started_at > now() - d.rate_window)
+                    ELSE (SELECT u.used FROM syncq.rate_used(p.dataset_id, d.rate_window, now()) AS u(used))
                END AS "rate_used!",
                coalesce(d.weight, 1) AS "weight!",
                coalesce(d.paused, false) AS "paused!",

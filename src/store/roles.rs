@@ -71,6 +71,9 @@ const ROLES: &[&str] = &[
     "GRANT EXECUTE ON FUNCTION
          syncq.claim(text, text[], text[], text[], int, float8),
          syncq.claimable_datasets(text[], text[], text[]),
+         syncq.running_count(text),
+         syncq.rate_used(text, interval, timestamptz),
+         syncq.rate_room_at(text, int, interval, timestamptz),
          syncq.absorb_signals(),
          syncq.next_claim_in(text[], text[], text[]),
          syncq.mark_idle(text[], timestamptz),

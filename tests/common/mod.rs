@@ -1,5 +1,5 @@
 //! Shared helpers for the integration tests: fresh databases come from
-//! `#[sqlx::test]` (migrations applied); these build pools on them, wait for
+//! `#[sqlx::test(migrator = "syncq::MIGRATOR")]` (migrations applied); these build pools on them, wait for
 //! conditions with timeouts, and read task rows.
 #![allow(dead_code)]
 
@@ -17,7 +17,7 @@ static PRIVATE_POSTGRES: std::sync::Mutex<Option<syncq::local_postgres::LocalPos
     std::sync::Mutex::new(None);
 
 /// Before any test: make `DATABASE_URL` name a server that answers, with
-/// its database created (`#[sqlx::test]` connects there to create each
+/// its database created (`#[sqlx::test(migrator = "syncq::MIGRATOR")]` connects there to create each
 /// test's database). Where nothing answers at the local default, a private
 /// cluster is started from the installed server programs.
 #[ctor::ctor(unsafe)]
@@ -387,7 +387,7 @@ pub async fn attempts_ended_by(
 }
 
 /// Runs `work` on a multi-thread runtime of its own (two worker threads)
-/// and waits for it. `#[sqlx::test]` runs a test on a current-thread
+/// and waits for it. `#[sqlx::test(migrator = "syncq::MIGRATOR")]` runs a test on a current-thread
 /// runtime, where pools, polling and the test share one thread; a test
 /// that measures time runs its body here instead.
 pub async fn on_multi_thread<F>(work: F) -> F::Output

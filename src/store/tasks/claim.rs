@@ -10,9 +10,8 @@ use crate::task::{ClaimedTask, TaskId};
 /// Claims up to `limit` ready tasks of the given kinds for `worker_id`,
 /// taking turns across datasets and honouring each dataset's pause,
 /// throttle, concurrency cap and rate limit. The heart of syncq: the SQL is
-/// `syncq.claim()`, its current text in `migrations/0007_claimable.sql`
-/// (first written, with each step's comments, in `0003_claim.sql`),
-/// explained in `docs/claim.md`. One round trip. Datasets in `skip` are left out (a
+/// `syncq.claim()`, `src/store/sql/functions/claim.sql`, explained in
+/// `docs/claim.md`. One round trip. Datasets in `skip` are left out (a
 /// worker sets aside a dataset whose claim fails, see [`crate::pool`]).
 pub async fn claim(
     db: impl PgExecutor<'_>,
@@ -122,7 +121,7 @@ pub async fn running_as(
 
 /// The datasets a claim of these kinds would pick first, in turn order:
 /// step 1 of `syncq.claim()`, read from the same rule
-/// (`syncq.claimable_datasets`, `migrations/0007_claimable.sql`), so the
+/// (`syncq.claimable_datasets`, `src/store/sql/functions/claimable_datasets.sql`), so the
 /// dataset that makes claims fail is among them.
 pub async fn claim_candidates(
     db: impl PgExecutor<'_>,
@@ -208,7 +207,7 @@ pub async fn leftover(
 }
 
 /// Repairs `ready_at` of datasets marked ready that have no ready task
-/// (`syncq.refresh_ready()`, in `migrations/0002_readiness.sql`); returns how many.
+/// (`syncq.refresh_ready()`, `src/store/sql/functions/refresh_ready.sql`); returns how many.
 pub async fn refresh_ready(
     db: impl PgExecutor<'_>,
     datasets: Option<&[String]>,

@@ -97,7 +97,7 @@ pub async fn prune_batch(
     statuses: &[String],
     batch: i64,
 ) -> sqlx::Result<u64> {
-    // A function running as its owner (`migrations/0005_operations.sql`): the worker role
+    // A function running as its owner (`src/store/sql/functions/prune_finished.sql`): the worker role
     // prunes without holding DELETE on syncq.tasks.
     let n = sqlx::query_scalar!(
         r#"SELECT syncq.prune_finished($1, $2, $3) AS "n!""#,

@@ -1,0 +1,22 @@
+-- A timezone must be one PostgreSQL knows (the IANA database); a change of
+-- what decides the ticks recomputes the next one and clears the error.
+CREATE OR REPLACE FUNCTION syncq.schedules_check() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    BEGIN
+        PERFORM now() AT TIME ZONE NEW.timezone;
+    EXCEPTION WHEN invalid_parameter_value THEN
+        RAISE EXCEPTION 'timezone: % is not an IANA time zone name', NEW.timezone
+            USING ERRCODE = 'check_violation', COLUMN = 'timezone';
+    END;
+    IF TG_OP = 'UPDATE' AND (NEW.cron IS DISTINCT FROM OLD.cron
+                             OR NEW.every IS DISTINCT FROM OLD.every
+                             OR NEW.timezone IS DISTINCT FROM OLD.timezone) THEN
+        NEW.next_run_at := NULL;
+        NEW.error := NULL;
+    END IF;
+    RETURN NEW;
+END;
+$$;
+CREATE OR REPLACE TRIGGER schedules_check BEFORE INSERT OR UPDATE ON syncq.schedules
+    FOR EACH ROW EXECUTE FUNCTION syncq.schedules_check();
