@@ -170,6 +170,9 @@ impl PoolConfig {
     /// `default_retry_after` (the longest throttle, as
     /// [`TaskError::MAX_RETRY_AFTER`](crate::TaskError::MAX_RETRY_AFTER)).
     pub const RETRY_AFTER_RANGE: DurationRange = range(Duration::ZERO, DAY);
+    /// `syncq worker --backoff`: the first retry's delay, up to the default
+    /// maximum of the doubling ([`Backoff::DEFAULT_MAX`](crate::Backoff::DEFAULT_MAX)).
+    pub const BACKOFF_BASE_RANGE: DurationRange = range(Duration::ZERO, HOUR);
     /// `backoff.base` and `backoff.max`.
     pub const BACKOFF_RANGE: DurationRange = range(Duration::ZERO, Duration::from_secs(7 * 86_400));
     /// `retention` (about 100 years at most).

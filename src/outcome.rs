@@ -1,7 +1,7 @@
 //! What an attempt ends in, in one place: the handler's word
 //! ([`TaskError`] in a [`TaskResult`]), the decision taken from it
 //! (`Outcome`, SPEC §3 in one `match`), what it did ([`OutcomeKind`]), and
-//! the fenced statement that writes it (`write_outcome`).
+//! what is written (`End`, through the one writer of outcomes).
 //!
 //!
 //! What each outcome does to the task is decided in one place,
@@ -25,7 +25,7 @@ use crate::config::PoolConfig;
 use crate::control::Stop;
 use crate::db::Db;
 use crate::store;
-use crate::store::tasks::Fence;
+use crate::store::tasks::{End, Fence};
 use serde_json::Value;
 use std::fmt;
 use std::time::Duration;
@@ -216,9 +216,32 @@ pub(crate) fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
     }
 }
 
-/// Writes one outcome with its fenced statement: SPEC §3's table, for the
-/// pool (which batches successes itself) and `syncq::testing`. `attempts`
-/// is the task's counted attempts at claim, for the backoff. False: fenced
+impl Outcome {
+    /// What the one writer of outcomes is to write (`None` for `Abandon`:
+    /// nothing). `attempts` is the task's counted attempts at claim, for
+    /// the backoff.
+    pub(crate) fn end(&self, attempts: i32, config: &PoolConfig) -> Option<End> {
+        Some(match self {
+            Outcome::Succeed(value) => End::Succeed(value.clone()),
+            Outcome::Retry(m) => End::Retry {
+                error: m.clone(),
+                backoff: config.backoff.delay(u32::try_from(attempts).unwrap_or(0)),
+            },
+            Outcome::Fail(m) => End::Fail(m.clone()),
+            Outcome::Throttle(m, retry_after) => End::Throttle {
+                error: m.clone(),
+                wait: retry_after.unwrap_or(config.default_retry_after),
+            },
+            Outcome::Cancel => End::Cancel,
+            Outcome::Release(error) => End::Release(error.clone()),
+            Outcome::Fatal(m) => End::Release(Some(format!("fatal: {m}"))),
+            Outcome::Abandon => return None,
+        })
+    }
+}
+
+/// Writes one outcome through the one writer (`syncq.complete_many`), for
+/// `syncq::testing`; the pool batches them in its completer. False: fenced
 /// out (or `Abandon`, which writes nothing).
 pub(crate) async fn write_outcome(
     db: &Db,
@@ -227,27 +250,8 @@ pub(crate) async fn write_outcome(
     attempts: i32,
     config: &PoolConfig,
 ) -> sqlx::Result<bool> {
-    match outcome {
-        Outcome::Succeed(value) => {
-            let row = [(fence.id, fence.runs, value.clone())];
-            let written = store::tasks::succeed_many(db, fence.worker_id, &row).await?;
-            Ok(written.contains(&fence.id))
-        }
-        Outcome::Retry(m) => {
-            let delay = config.backoff.delay(u32::try_from(attempts).unwrap_or(0));
-            store::tasks::fail_attempt(db, fence, m, true, delay).await
-        }
-        Outcome::Fail(m) => store::tasks::fail_attempt(db, fence, m, false, Duration::ZERO).await,
-        Outcome::Throttle(m, retry_after) => {
-            let wait = retry_after.unwrap_or(config.default_retry_after);
-            store::tasks::rate_limited(db, fence, m, wait).await
-        }
-        Outcome::Cancel => store::tasks::cancel_running(db, fence).await,
-        Outcome::Release(error) => store::tasks::release(db, fence, error.as_deref()).await,
-        Outcome::Fatal(m) => {
-            let error = format!("fatal: {m}");
-            store::tasks::release(db, fence, Some(&error)).await
-        }
-        Outcome::Abandon => Ok(false),
+    match outcome.end(attempts, config) {
+        Some(end) => store::tasks::complete_one(db, fence, end).await,
+        None => Ok(false),
     }
 }

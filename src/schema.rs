@@ -196,15 +196,9 @@ pub struct Migrated {
 /// ```
 pub async fn migrate_reporting(db: &sqlx::PgPool) -> Result<Migrated> {
     let mut conn = db.acquire().await?;
-    sqlx::query("SELECT pg_advisory_lock($1)")
-        .bind(MIGRATE_LOCK)
-        .execute(&mut *conn)
-        .await?;
+    store::ledger::lock(&mut conn, MIGRATE_LOCK).await?;
     let done = migrate_locked(&mut conn).await;
-    let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(MIGRATE_LOCK)
-        .execute(&mut *conn)
-        .await;
+    let unlocked = store::ledger::unlock(&mut conn, MIGRATE_LOCK).await;
     let done = done?;
     unlocked?;
     Ok(done)

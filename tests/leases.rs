@@ -11,12 +11,11 @@ use serde_json::json;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use syncq::maintenance::rescuer::Rescuer;
-use syncq::store::tasks::{self, Fence};
+use syncq::store::tasks::{self, End, Ended, Fence};
 
 /// `succeeded` with `result`, fenced: false when fenced out.
 async fn succeed(db: &PgPool, f: Fence<'_>, result: &serde_json::Value) -> sqlx::Result<bool> {
-    let written = tasks::succeed_many(db, f.worker_id, &[(f.id, f.runs, result.clone())]).await?;
-    Ok(written.contains(&f.id))
+    tasks::complete_one(db, f, End::Succeed(result.clone())).await
 }
 use syncq::{
     Event, OutcomeKind, PoolConfig, Stop, SyncTask, SyncWorker, TaskError, TaskResult, WorkerPool,
@@ -87,17 +86,40 @@ async fn completion_is_fenced_against_a_holder_that_lost_its_lease(db: PgPool) {
         .unwrap()
     );
     assert!(
-        !tasks::fail_attempt(&db, fence_a, "stale", true, Duration::ZERO)
-            .await
-            .unwrap()
+        !tasks::complete_one(
+            &db,
+            fence_a,
+            End::Retry {
+                error: "stale".into(),
+                backoff: Duration::ZERO
+            }
+        )
+        .await
+        .unwrap()
     );
     assert!(!tasks::release(&db, fence_a, None).await.unwrap());
     assert!(
-        !tasks::rate_limited(&db, fence_a, "stale", Duration::from_secs(60))
+        !tasks::complete_one(
+            &db,
+            fence_a,
+            End::Throttle {
+                error: "stale".into(),
+                wait: Duration::from_secs(60)
+            }
+        )
+        .await
+        .unwrap()
+    );
+    assert!(
+        !tasks::complete_one(&db, fence_a, End::Cancel)
             .await
             .unwrap()
     );
-    assert!(!tasks::cancel_running(&db, fence_a).await.unwrap());
+    assert!(
+        !tasks::complete_one(&db, fence_a, End::Fail("stale".into()))
+            .await
+            .unwrap()
+    );
     // Even the same worker id with the old token is refused.
     let same_worker_old_token = Fence {
         id: syncq::TaskId(id),
@@ -647,9 +669,15 @@ async fn a_completion_batch_skips_only_the_task_whose_lease_was_lost(db: PgPool)
         .unwrap();
     assert_eq!(theirs[0].id, stolen);
 
-    let batch: Vec<(syncq::TaskId, i32, serde_json::Value)> =
-        mine.iter().map(|t| (t.id, t.runs, json!("a"))).collect();
-    let mut written = tasks::succeed_many(&db, "worker-a", &batch).await.unwrap();
+    let batch: Vec<Ended> = mine
+        .iter()
+        .map(|t| Ended {
+            id: t.id,
+            runs: t.runs,
+            end: End::Succeed(json!("a")),
+        })
+        .collect();
+    let mut written = tasks::complete_many(&db, "worker-a", &batch).await.unwrap();
     written.sort();
     assert_eq!(written, vec![mine[0].id, mine[2].id]);
     for kept in [&mine[0], &mine[2]] {
@@ -666,7 +694,7 @@ async fn a_completion_batch_skips_only_the_task_whose_lease_was_lost(db: PgPool)
     );
     // Written again (a retry after a lost reply): nothing changes.
     assert!(
-        tasks::succeed_many(&db, "worker-a", &batch)
+        tasks::complete_many(&db, "worker-a", &batch)
             .await
             .unwrap()
             .is_empty()
@@ -767,4 +795,116 @@ async fn connections_killed_mid_drain_lose_nothing(_: PgPoolOptions, opts: PgCon
         assert_eq!(errors, 0, "an attempt failed or was rescued");
     })
     .await;
+}
+
+/// Every kind of outcome is data for the one writer: a batch of seven
+/// different ends, written in one statement, leaves each task as SPEC §3
+/// says, with its error history and its dataset's throttle — and a task
+/// this worker no longer holds is left alone.
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
+async fn one_statement_writes_every_kind_of_outcome(db: PgPool) {
+    sqlx::query(
+        "INSERT INTO syncq.tasks (dataset_id, kind, max_attempts)
+         SELECT 'd', 'noop', CASE WHEN n = 3 THEN 1 ELSE 5 END FROM generate_series(1, 8) n",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    let mut held = tasks::claim(
+        &db,
+        "worker-a",
+        &kinds(),
+        None,
+        &[],
+        8,
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    held.sort_by_key(|t| t.id);
+    assert_eq!(held.len(), 8);
+    // The last one is lost to another worker before the batch is written.
+    expire_lease(&db, held[7].id.into()).await;
+    Rescuer::new(Duration::from_secs(1))
+        .run_once(&syncq::Db::from(&db))
+        .await
+        .unwrap();
+    let ends = [
+        End::Succeed(json!({"ok": 1})),
+        End::Retry {
+            error: "flaky".into(),
+            backoff: Duration::from_secs(60),
+        },
+        End::Retry {
+            error: "flaky, last attempt".into(),
+            backoff: Duration::from_secs(60),
+        },
+        End::Fail("invalid: bad page".into()),
+        End::Throttle {
+            error: "rate limited".into(),
+            wait: Duration::from_secs(30),
+        },
+        End::Release(Some("fatal: disk full".into())),
+        End::Cancel,
+        End::Succeed(json!("stale")),
+    ];
+    let batch: Vec<Ended> = held
+        .iter()
+        .zip(ends)
+        .map(|(t, end)| Ended {
+            id: t.id,
+            runs: t.runs,
+            end,
+        })
+        .collect();
+    let mut written = tasks::complete_many(&db, "worker-a", &batch).await.unwrap();
+    written.sort();
+    let mine: Vec<syncq::TaskId> = held[..7].iter().map(|t| t.id).collect();
+    assert_eq!(written, mine);
+
+    let rows: Vec<(String, i32, Option<String>, bool, bool, i64)> = sqlx::query_as(
+        "SELECT t.status::text, t.attempts, t.last_error, t.run_at > now() + interval '50 seconds',
+                t.finished_at IS NOT NULL,
+                (SELECT count(*) FROM syncq.task_errors e WHERE e.task_id = t.id)
+         FROM syncq.tasks t ORDER BY t.id",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    // status, attempts, last_error, delayed by the backoff, finished, errors
+    type Row<'a> = (&'a str, i32, Option<&'a str>, bool, bool, i64);
+    let expected: Vec<Row> = vec![
+        ("succeeded", 1, None, false, true, 0),
+        ("queued", 1, Some("flaky"), true, false, 1),
+        ("failed", 1, Some("flaky, last attempt"), false, true, 1),
+        ("failed", 1, Some("invalid: bad page"), false, true, 1),
+        ("queued", 0, Some("rate limited"), false, false, 1),
+        ("queued", 0, Some("fatal: disk full"), false, false, 1),
+        ("cancelled", 1, None, false, true, 0),
+        // Rescued: back to queued with its attempt counted and the
+        // rescuer's error; the stale success wrote nothing.
+        (
+            "queued",
+            1,
+            Some("lease expired: worker worker-a stopped heartbeating"),
+            false,
+            false,
+            1,
+        ),
+    ];
+    let rows: Vec<_> = rows
+        .iter()
+        .map(|(s, a, e, later, done, errors)| {
+            (s.as_str(), *a, e.as_deref(), *later, *done, *errors)
+        })
+        .collect();
+    assert_eq!(rows, expected);
+    let throttled: Vec<String> = sqlx::query_scalar(
+        "SELECT dataset_id FROM syncq.datasets
+         WHERE throttled_until > now() + interval '20 seconds' ORDER BY 1",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    assert_eq!(throttled, vec!["d".to_string()]);
 }

@@ -994,8 +994,12 @@ async fn migrate_on_a_live_database_breaks_nothing(_: PgPoolOptions, opts: PgCon
             .expect("read the migration history")
         }
     };
-    let before = history().await;
+    // The versioned migrations' history (migrate drops the test
+    // migrator's one entry for the function files: they are recorded in
+    // syncq.sql_objects).
+    let mut before = history().await;
     assert!(!before.is_empty());
+    before.retain(|(v, _, _)| *v != syncq::schema::SQL_OBJECTS_VERSION);
     sqlx::query(
         "INSERT INTO syncq.tasks (dataset_id, kind, payload)
          SELECT 'live-' || (n % 3), 'sleep', '{\"ms\": 20}'::jsonb FROM generate_series(1, 600) n

@@ -233,6 +233,10 @@ pub struct WorkerArgs {
     /// vacuum lock. Without it, a worker behind a pooler polls.
     #[arg(long, env = "SYNCQ_LISTEN_URL", hide_env_values = true)]
     pub listen_url: Option<String>,
+    /// The first retry's delay; each further retry doubles it, with
+    /// jitter, up to 1h (0s to 1h).
+    #[arg(long, default_value = "1s", value_parser = |s: &str| PoolConfig::BACKOFF_BASE_RANGE.parse(s))]
+    pub backoff: Duration,
     /// How long handlers get to checkpoint on shutdown (0s to 1h).
     #[arg(long, default_value = "10s", value_parser = |s: &str| PoolConfig::SHUTDOWN_GRACE_RANGE.parse(s))]
     pub grace: Duration,
@@ -653,6 +657,10 @@ async fn worker(
         metrics_sample_interval: args.metrics_addr.map(|_| Duration::from_secs(5)),
         set_aside: args.set_aside,
         prefetch: args.prefetch as usize,
+        backoff: crate::backoff::Backoff {
+            base: args.backoff,
+            ..crate::backoff::Backoff::default()
+        },
         ..PoolConfig::default()
     };
     if let Some(addr) = args.metrics_addr {

@@ -1,9 +1,13 @@
-//! The completer: successes written in batches, one statement per batch.
+//! The completer: every attempt's outcome — success, retry, failure,
+//! throttle, cancel, release — handed over as a value and written in
+//! batches, one statement per batch (`syncq.complete_many`, fenced row by
+//! row), as River's completer does: a failed attempt costs a busy pool no
+//! more round trips than a success.
 
 use crate::lease::{self};
 use crate::store;
+use crate::store::tasks::{End, Ended};
 use crate::task::{ClaimedTask, TaskId};
-use serde_json::Value;
 use std::collections::HashSet;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
@@ -12,20 +16,20 @@ use tracing::{debug, warn};
 
 use super::{COALESCE, Shared};
 
-/// A success waiting to be written by the completer.
+/// An outcome waiting to be written by the completer.
 pub(super) struct Completion {
     pub(super) id: TaskId,
     pub(super) runs: i32,
-    pub(super) result: Value,
+    pub(super) end: End,
     /// Whether it was written (false: fenced out), or why not.
     pub(super) reply: oneshot::Sender<Result<bool, CompleteError>>,
 }
 
-/// Why a success was not written.
+/// Why an outcome was not written.
 #[derive(Debug, Clone)]
 pub(super) enum CompleteError {
-    /// The database refused this task's result (a data error): writing it
-    /// again cannot help.
+    /// The database refused this outcome (a data error, such as a result
+    /// it cannot store): writing it again cannot help.
     Refused(String),
     /// The write failed; `transient`: for want of a database (worth trying
     /// again while the lease lasts).
@@ -76,24 +80,24 @@ impl lease::Failure for CompleteError {
     }
 
     fn timed_out() -> Self {
-        CompleteError::again("writing the success timed out")
+        CompleteError::again("writing the outcome timed out")
     }
 }
 
-/// Most successes written by one statement.
+/// Most outcomes written by one statement.
 pub(super) const COMPLETION_BATCH: usize = 500;
 
-/// Hands a success to the completer and waits until it is written.
+/// Hands an outcome to the completer and waits until it is written.
 pub(super) async fn complete(
     shared: &Shared,
     task: &ClaimedTask,
-    result: Value,
+    end: End,
 ) -> Result<bool, CompleteError> {
     let (reply, written) = oneshot::channel();
     let request = Completion {
         id: task.id,
         runs: task.runs,
-        result,
+        end,
         reply,
     };
     let stopped = || CompleteError::again("the completer has stopped");
@@ -103,7 +107,7 @@ pub(super) async fn complete(
     written.await.unwrap_or_else(|_| Err(stopped()))
 }
 
-/// Writes successes in batches: whatever has arrived while the previous
+/// Writes outcomes in batches: whatever has arrived while the previous
 /// batch was being written goes in the next statement, so a busy pool
 /// commits once per batch and an idle one writes each success at once.
 pub(super) async fn complete_loop(
@@ -121,7 +125,7 @@ pub(super) async fn complete_loop(
         };
         let mut batch = vec![first];
         // While more tasks are running than this batch holds, give their
-        // successes a moment to arrive and share the write.
+        // outcomes a moment to arrive and share the write.
         let deadline = tokio::time::Instant::now() + COALESCE;
         while batch.len() < COMPLETION_BATCH {
             match requests.try_recv() {
@@ -135,20 +139,24 @@ pub(super) async fn complete_loop(
                 Err(_) => break,
             }
         }
-        let rows: Vec<(TaskId, i32, Value)> = batch
+        let rows: Vec<Ended> = batch
             .iter_mut()
-            .map(|r| (r.id, r.runs, std::mem::take(&mut r.result)))
+            .map(|r| Ended {
+                id: r.id,
+                runs: r.runs,
+                end: std::mem::replace(&mut r.end, End::Cancel),
+            })
             .collect();
         // The same task twice (a run that lost its lease and this pool's
         // newer claim of it): one statement cannot fence both, so the batch
         // goes one by one, as a refused batch does.
-        let distinct: HashSet<TaskId> = rows.iter().map(|r| r.0).collect();
+        let distinct: HashSet<TaskId> = rows.iter().map(|r| r.id).collect();
         let written = if distinct.len() == rows.len() {
-            store::tasks::succeed_many(&shared.db, &shared.worker_id, &rows).await
+            store::tasks::complete_many(&shared.db, &shared.worker_id, &rows).await
         } else {
             Err(sqlx::Error::Protocol("a task twice in one batch".into()))
         };
-        debug!(batch = batch.len(), "wrote successes");
+        debug!(batch = batch.len(), "wrote outcomes");
         match written {
             Ok(ids) => {
                 // Not written: fenced out, or skipped because another
@@ -181,16 +189,16 @@ pub(super) async fn complete_loop(
                 }
             }
             // One refused result fails the whole statement: write each
-            // success on its own, so only that task's write fails.
+            // outcome on its own, so only that task's write fails.
             Err(e)
                 if batch.len() > 1
                     && (distinct.len() < rows.len()
                         || matches!(CompleteError::of(&e), CompleteError::Refused(_))) =>
             {
-                warn!(error = %e, batch = batch.len(), "a batch of successes was refused; writing them one by one");
+                warn!(error = %e, batch = batch.len(), "a batch of outcomes was refused; writing them one by one");
                 for (request, row) in batch.into_iter().zip(rows) {
                     let one =
-                        store::tasks::succeed_many(&shared.db, &shared.worker_id, &[row]).await;
+                        store::tasks::complete_many(&shared.db, &shared.worker_id, &[row]).await;
                     let _ = request.reply.send(match one {
                         Ok(ids) => Ok(ids.contains(&request.id)),
                         Err(e) => Err(CompleteError::of(&e)),

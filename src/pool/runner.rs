@@ -3,11 +3,10 @@
 use crate::lease::{self, Lease};
 use crate::outcome::TaskError;
 use crate::store;
-use crate::store::tasks::Fence;
+use crate::store::tasks::{End, Fence};
 use crate::sync_task::{SyncTask, TaskContext};
 use crate::task::ClaimedTask;
 use std::sync::{Arc, PoisonError};
-use std::time::Duration;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -15,7 +14,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use super::completer::{CompleteError, complete};
 use super::held::Waiting;
 use super::{Event, Shared};
-use crate::outcome::{Outcome, write_outcome};
+use crate::outcome::Outcome;
 
 /// The log target of each attempt's start and end, at info (the worker's
 /// default level), inside the `task` span: task_id, dataset, kind,
@@ -148,47 +147,34 @@ pub(super) async fn record(
         fatal.get_or_insert((task.id, message.clone()));
         shared.shutdown.cancel();
     }
-    let written = match &outcome {
+    let Some(end) = outcome.end(task.attempts, &shared.config) else {
         // Lost to another worker (the release is fenced out), or given
         // up when the lease ran out in an outage: if the task is still in
         // this worker's name, it goes back uncounted, checkpoint kept.
-        Outcome::Abandon => {
-            match store::tasks::release(&shared.db, fence, None).await {
-                Ok(true) => {
-                    info!("lease ran out unrenewed: the task went back to queued, uncounted")
-                }
-                Ok(false) => info!("lease lost: another worker owns this task now"),
-                Err(e) => {
-                    debug!(error = %e, "handing back a task whose lease ran out failed; the rescuer will")
-                }
+        match store::tasks::release(&shared.db, fence, None).await {
+            Ok(true) => {
+                info!("lease ran out unrenewed: the task went back to queued, uncounted")
             }
-            return false;
-        }
-        Outcome::Succeed(value) => {
-            let completed =
-                lease::while_held(lease, || complete(shared, task, value.clone())).await;
-            match completed {
-                Ok(written) => Ok(written),
-                // Storing this result can never work: the attempt fails.
-                Err(CompleteError::Refused(reason)) => {
-                    let error = format!(
-                        "the handler succeeded but its result could not be stored: {reason}"
-                    );
-                    warn!(%error, "result refused by the database");
-                    lease::while_held(lease, || {
-                        store::tasks::fail_attempt(&shared.db, fence, &error, false, Duration::ZERO)
-                    })
-                    .await
-                }
-                Err(e) => Err(sqlx::Error::Protocol(e.to_string())),
+            Ok(false) => info!("lease lost: another worker owns this task now"),
+            Err(e) => {
+                debug!(error = %e, "handing back a task whose lease ran out failed; the rescuer will")
             }
         }
-        other => {
-            lease::while_held(lease, || {
-                write_outcome(&shared.db, fence, other, task.attempts, &shared.config)
-            })
-            .await
+        return false;
+    };
+    let is_success = matches!(end, End::Succeed(_));
+    let written = match lease::while_held(lease, || complete(shared, task, end.clone())).await {
+        Ok(written) => Ok(written),
+        // Storing this result can never work: the attempt fails.
+        Err(CompleteError::Refused(reason)) if is_success => {
+            let error =
+                format!("the handler succeeded but its result could not be stored: {reason}");
+            warn!(%error, "result refused by the database");
+            lease::while_held(lease, || complete(shared, task, End::Fail(error.clone())))
+                .await
+                .map_err(|e| sqlx::Error::Protocol(e.to_string()))
         }
+        Err(e) => Err(sqlx::Error::Protocol(e.to_string())),
     };
     match written {
         Ok(true) => {

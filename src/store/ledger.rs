@@ -77,3 +77,22 @@ pub(crate) async fn forget(db: &mut PgConnection, version: i64) -> sqlx::Result<
     }
     Ok(())
 }
+
+/// Takes the migration lock (a session advisory lock on `key`), waiting
+/// for another migrator to finish.
+pub(crate) async fn lock(db: &mut PgConnection, key: i64) -> sqlx::Result<()> {
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(key)
+        .execute(&mut *db)
+        .await?;
+    Ok(())
+}
+
+/// Releases the migration lock.
+pub(crate) async fn unlock(db: &mut PgConnection, key: i64) -> sqlx::Result<()> {
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(key)
+        .execute(&mut *db)
+        .await?;
+    Ok(())
+}

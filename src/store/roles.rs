@@ -80,7 +80,8 @@ const ROLES: &[&str] = &[
          syncq.refresh_ready(text[]),
          syncq.prune_rate_log(int),
          syncq.prune_finished(float8, text[], int),
-         syncq.succeed_many(text, bigint[], int[], jsonb[]),
+         syncq.complete_many(text, bigint[], int[], text[], jsonb[], text[], float8[]),
+         syncq.write_outcomes(text, bigint[], bigint[], int[], text[], jsonb[], text[], float8[]),
          syncq.limit_lock_key(),
          syncq.limit_bucket(text)
          TO syncq_worker",

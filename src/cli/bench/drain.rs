@@ -93,6 +93,14 @@ pub(super) async fn measure(
         base,
     );
     figures.add("fair drain / drain", fair / plain.max(1.0), "ratio", None);
+    reset(db).await?;
+    let retried = drain_of(db, scratch, args, Work::FailOnce).await?;
+    figures.add(
+        "drain: each task fails once, then succeeds",
+        retried,
+        "tasks/s",
+        Some(("drain, 1 dataset", plain)),
+    );
     if !args.no_scale {
         reset(db).await?;
         let many = drain(db, scratch, args, args.tasks, 10_000, false).await?;
@@ -137,9 +145,17 @@ pub(super) fn worker_command(
     Ok(cmd)
 }
 
-/// Queues `queued` noop tasks over `datasets` (half rate-limited far above
-/// what they can use, when `limited`), lets the worker processes run
-/// `args.tasks` of them, and returns tasks/s from the database's clock.
+/// What the tasks of a drain do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Work {
+    /// `noop`: succeed at once.
+    Noop,
+    /// `fail` with `{"error": "retryable", "times": 1}`: one counted
+    /// failure, retried at once (the workers run with `--backoff 0s`),
+    /// then a success — two attempts and two outcomes per task.
+    FailOnce,
+}
+
 async fn drain(
     db: &PgPool,
     scratch: &PgConnectOptions,
@@ -148,12 +164,42 @@ async fn drain(
     datasets: u32,
     limited: bool,
 ) -> Result<f64, CliError> {
+    drain_over(db, scratch, args, queued, datasets, limited, Work::Noop).await
+}
+
+async fn drain_of(
+    db: &PgPool,
+    scratch: &PgConnectOptions,
+    args: &BenchArgs,
+    work: Work,
+) -> Result<f64, CliError> {
+    drain_over(db, scratch, args, args.tasks, 1, false, work).await
+}
+
+/// Queues `queued` tasks over `datasets` (half rate-limited far above
+/// what they can use, when `limited`), lets the worker processes run
+/// `args.tasks` of them, and returns tasks/s from the database's clock.
+async fn drain_over(
+    db: &PgPool,
+    scratch: &PgConnectOptions,
+    args: &BenchArgs,
+    queued: u32,
+    datasets: u32,
+    limited: bool,
+    work: Work,
+) -> Result<f64, CliError> {
+    let (kind, payload, attempts) = match work {
+        Work::Noop => ("noop", "{}", 1),
+        Work::FailOnce => ("fail", r#"{"error": "retryable", "times": 1}"#, 2),
+    };
     sqlx::query(
-        "INSERT INTO syncq.tasks (dataset_id, kind)
-         SELECT 'bench-' || (i % $2), 'noop' FROM generate_series(1, $1) i",
+        "INSERT INTO syncq.tasks (dataset_id, kind, payload)
+         SELECT 'bench-' || (i % $2), $3, $4::jsonb FROM generate_series(1, $1) i",
     )
     .bind(i64::from(queued))
     .bind(i64::from(datasets))
+    .bind(kind)
+    .bind(payload)
     .execute(db)
     .await
     .map_err(bench_error("cannot queue tasks"))?;
@@ -178,6 +224,9 @@ async fn drain(
         let mut cmd = worker_command(scratch, args.concurrency)?;
         if all {
             cmd.arg("--exit-when-idle");
+        }
+        if work == Work::FailOnce {
+            cmd.args(["--backoff", "0s"]);
         }
         children.push(
             cmd.spawn()
@@ -206,15 +255,16 @@ async fn drain(
     let (n, secs, bad): (i64, Option<f64>, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE status = 'succeeded'),
                 extract(epoch FROM max(finished_at) - min(started_at))::float8,
-                count(*) FILTER (WHERE status = 'failed' OR attempts > 1 AND status = 'succeeded')
+                count(*) FILTER (WHERE status = 'failed' OR attempts <> $1 AND status = 'succeeded')
          FROM syncq.tasks",
     )
+    .bind(attempts)
     .fetch_one(db)
     .await
     .map_err(bench_error("cannot read the drain"))?;
     if bad > 0 || n < i64::from(args.tasks.min(queued)) {
         return Err(CliError::Runtime(format!(
-            "bench: drain check failed: {n} succeeded, {bad} failed or retried"
+            "bench: drain check failed: {n} succeeded, {bad} failed or not after {attempts} attempt(s)"
         )));
     }
     Ok(n as f64 / secs.unwrap_or(f64::INFINITY).max(1e-9))

@@ -29,7 +29,7 @@ pub async fn renew_leases(
         Renewed,
         r#"
         WITH held AS (
-            -- SKIP LOCKED, as succeed_many: one row locked elsewhere must
+            -- SKIP LOCKED, as complete_many: one row locked elsewhere must
             -- not hold up every other lease of this worker.
             SELECT l.id FROM syncq.tasks l
             WHERE l.id = ANY ($2) AND l.locked_by = $1 AND l.status = 'running'

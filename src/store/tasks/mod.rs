@@ -14,9 +14,7 @@ pub use claim::{
 pub use leases::{Rescued, renew_leases, rescue_expired, still_held};
 pub use operations::{cancel, cancel_dataset, prune_batch, retry, retry_dataset};
 pub(crate) use outcomes::MAX_THROTTLE;
-pub use outcomes::{
-    Fence, cancel_running, fail_attempt, rate_limited, release, save_checkpoint, succeed_many,
-};
+pub use outcomes::{End, Ended, Fence, complete_many, complete_one, release, save_checkpoint};
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;

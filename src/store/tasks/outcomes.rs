@@ -47,76 +47,146 @@ pub struct Fence<'a> {
     pub worker_id: &'a str,
 }
 
-/// Marks many tasks `succeeded` in one statement (one commit): the hot path
-/// of a busy pool. Each is fenced on its own `(id, runs)` and the holder, so
-/// a task whose lease was lost is left alone while the rest are written.
-/// Returns the ids written. Atomic: on error nothing was written.
-pub async fn succeed_many(
+/// What an attempt ended in, as the one writer of outcomes takes it
+/// (SPEC §3; `crate::outcome` decides which from the handler's result).
+#[derive(Debug, Clone)]
+pub enum End {
+    /// `succeeded`, the result stored.
+    Succeed(Value),
+    /// A counted failure: `queued` after `backoff` while attempts are left,
+    /// else `failed`.
+    Retry {
+        /// The attempt's error.
+        error: String,
+        /// The wait before the next attempt.
+        backoff: Duration,
+    },
+    /// `failed` at once.
+    Fail(String),
+    /// The upstream's rate limit: `queued` now, uncounted, the dataset
+    /// throttled for `wait` (at most [`MAX_THROTTLE`]).
+    Throttle {
+        /// The attempt's error.
+        error: String,
+        /// How long the dataset is held back.
+        wait: Duration,
+    },
+    /// `queued` now, uncounted, the checkpoint kept; the error recorded if
+    /// given.
+    Release(Option<String>),
+    /// `cancelled`, as the handler reported.
+    Cancel,
+}
+
+impl End {
+    /// Its name in `syncq.complete_many`'s `p_ends`.
+    fn as_str(&self) -> &'static str {
+        match self {
+            End::Succeed(_) => "succeed",
+            End::Retry { .. } => "retry",
+            End::Fail(_) => "fail",
+            End::Throttle { .. } => "throttle",
+            End::Release(_) => "release",
+            End::Cancel => "cancel",
+        }
+    }
+}
+
+/// One attempt's end, for the task a worker holds under `runs`.
+#[derive(Debug, Clone)]
+pub struct Ended {
+    /// The task.
+    pub id: TaskId,
+    /// Its `runs` when claimed: the fence.
+    pub runs: i32,
+    /// What the attempt ended in.
+    pub end: End,
+}
+
+/// Writes many attempts' outcomes, of any kinds, in one statement (one
+/// commit): `syncq.complete_many`, the one writer of SPEC §3. Each row is
+/// fenced on its own `(id, runs)` and the holder, so a task whose lease
+/// was lost is left alone while the rest are written. A row locked
+/// elsewhere (an operator's cancel in an open transaction) is waited for
+/// at most 100 ms, then left out: the caller tells such rows from lost ones
+/// (`still_held`) and writes them again. Returns the ids written. Atomic:
+/// on error nothing was written. A task may appear once.
+pub async fn complete_many(
     db: impl PgExecutor<'_>,
     worker_id: &str,
-    done: &[(TaskId, i32, Value)],
+    ended: &[Ended],
 ) -> sqlx::Result<Vec<TaskId>> {
-    let mut sorted: Vec<&(TaskId, i32, Value)> = done.iter().collect();
+    let mut sorted: Vec<&Ended> = ended.iter().collect();
     // One lock order for every writer of a batch: fewer deadlocks.
-    sorted.sort_by_key(|d| d.0);
-    let ids: Vec<i64> = sorted.iter().map(|d| d.0.0).collect();
-    let runs: Vec<i32> = sorted.iter().map(|d| d.1).collect();
-    let results: Vec<Value> = sorted.iter().map(|d| d.2.clone()).collect();
-    // A row locked elsewhere (an operator's cancel in an open transaction)
-    // is waited for at most 100 ms, then left out: the caller tells such
-    // rows from lost ones (still_held) and writes them again.
+    sorted.sort_by_key(|e| e.id);
+    let ids: Vec<i64> = sorted.iter().map(|e| e.id.0).collect();
+    let runs: Vec<i32> = sorted.iter().map(|e| e.runs).collect();
+    let ends: Vec<&str> = sorted.iter().map(|e| e.end.as_str()).collect();
+    let results: Vec<Option<Value>> = sorted
+        .iter()
+        .map(|e| match &e.end {
+            End::Succeed(v) => Some(v.clone()),
+            _ => None,
+        })
+        .collect();
+    let errors: Vec<Option<String>> = sorted
+        .iter()
+        .map(|e| match &e.end {
+            End::Retry { error, .. } | End::Fail(error) | End::Throttle { error, .. } => {
+                Some(storable_message(error).into_owned())
+            }
+            End::Release(error) => error.as_deref().map(|m| storable_message(m).into_owned()),
+            End::Succeed(_) | End::Cancel => None,
+        })
+        .collect();
+    let waits: Vec<f64> = sorted
+        .iter()
+        .map(|e| match &e.end {
+            End::Retry { backoff, .. } => secs(*backoff),
+            End::Throttle { wait, .. } => secs((*wait).min(MAX_THROTTLE)),
+            _ => 0.0,
+        })
+        .collect();
     sqlx::query_scalar!(
-        r#"SELECT id AS "id!: TaskId" FROM syncq.succeed_many($1, $2, $3, $4) AS s(id)"#,
+        r#"SELECT id AS "id!: TaskId" FROM syncq.complete_many($1, $2, $3, $4, $5, $6, $7) AS s(id)"#,
         worker_id,
         &ids,
         &runs,
-        &results,
+        &ends as &[&str],
+        &results as &[Option<Value>],
+        &errors as &[Option<String>],
+        &waits,
     )
     .fetch_all(db)
     .await
 }
 
-/// A counted failed attempt: back to `queued` after `backoff`, or `failed`
-/// when no attempt is left or `retry` is false. The error is recorded in
-/// `last_error` and `syncq.task_errors`. A task whose cancel was requested
-/// meanwhile ends `cancelled`. False: fenced out.
-pub async fn fail_attempt(
-    db: impl PgExecutor<'_>,
+/// One outcome through [`complete_many`]. A row locked elsewhere is tried
+/// again (for about 5 s) while this worker still holds the task. False:
+/// fenced out.
+pub async fn complete_one(
+    db: impl PgExecutor<'_> + Copy,
     f: Fence<'_>,
-    error: &str,
-    retry: bool,
-    backoff: Duration,
+    end: End,
 ) -> sqlx::Result<bool> {
-    let error = storable_message(error);
-    let done = sqlx::query!(
-        r#"
-        WITH done AS (
-            UPDATE syncq.tasks t
-            SET status = CASE
-                    WHEN t.cancel_requested THEN 'cancelled'
-                    WHEN $5 AND t.attempts < t.max_attempts THEN 'queued'
-                    ELSE 'failed' END::syncq.task_status,
-                run_at = CASE WHEN $5 AND t.attempts < t.max_attempts
-                              THEN now() + make_interval(secs => $6) ELSE t.run_at END,
-                finished_at = CASE WHEN t.cancel_requested OR NOT $5 OR t.attempts >= t.max_attempts
-                                   THEN now() END,
-                last_error = $4, locked_by = NULL, lease_expires_at = NULL
-            WHERE t.id = $1 AND t.runs = $2 AND t.locked_by = $3 AND t.status = 'running'
-            RETURNING t.id, t.attempts
-        )
-        INSERT INTO syncq.task_errors (task_id, attempt, worker_id, error)
-        SELECT id, attempts, $3, $4 FROM done
-        "#,
-        f.id.0,
-        f.runs,
-        f.worker_id,
-        error.as_ref(),
-        retry,
-        secs(backoff),
-    )
-    .execute(db)
-    .await?;
-    Ok(done.rows_affected() == 1)
+    let row = [Ended {
+        id: f.id,
+        runs: f.runs,
+        end,
+    }];
+    for _ in 0..50 {
+        if complete_many(db, f.worker_id, &row).await?.contains(&f.id) {
+            return Ok(true);
+        }
+        if super::still_held(db, f.worker_id, &[f.id], &[f.runs])
+            .await?
+            .is_empty()
+        {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(false)
 }
 
 /// An attempt that does not count: back to `queued` now, its checkpoint kept
@@ -124,83 +194,9 @@ pub async fn fail_attempt(
 /// `Fatal` (whose message is recorded as `error`), and aborted handlers.
 /// False: fenced out.
 pub async fn release(
-    db: impl PgExecutor<'_>,
+    db: impl PgExecutor<'_> + Copy,
     f: Fence<'_>,
     error: Option<&str>,
 ) -> sqlx::Result<bool> {
-    release_throttling(db, f, error, None).await
-}
-
-/// The upstream said "rate limit exceeded": the task goes back to `queued`
-/// with its attempt not counted, and its dataset is throttled until
-/// `now() + retry_after` (keeping a later existing throttle), for every
-/// process. The error is recorded. False: fenced out.
-pub async fn rate_limited(
-    db: impl PgExecutor<'_>,
-    f: Fence<'_>,
-    error: &str,
-    retry_after: Duration,
-) -> sqlx::Result<bool> {
-    release_throttling(db, f, Some(error), Some(retry_after.min(MAX_THROTTLE))).await
-}
-
-/// Both uncounted ends in one statement: back to `queued` (or `cancelled`
-/// if a cancel was requested meanwhile), `error` recorded if given, and
-/// with `throttle` the dataset held back that long.
-async fn release_throttling(
-    db: impl PgExecutor<'_>,
-    f: Fence<'_>,
-    error: Option<&str>,
-    throttle: Option<Duration>,
-) -> sqlx::Result<bool> {
-    let error = error.map(storable_message);
-    let done = sqlx::query_scalar!(
-        r#"
-        WITH released AS (
-            UPDATE syncq.tasks t
-            SET status = CASE WHEN t.cancel_requested THEN 'cancelled' ELSE 'queued' END::syncq.task_status,
-                finished_at = CASE WHEN t.cancel_requested THEN now() END,
-                attempts = greatest(t.attempts - 1, 0),
-                last_error = coalesce($4, t.last_error),
-                run_at = now(), locked_by = NULL, lease_expires_at = NULL
-            WHERE t.id = $1 AND t.runs = $2 AND t.locked_by = $3 AND t.status = 'running'
-            RETURNING t.id, t.dataset_id, t.attempts
-        ),
-        throttled AS (
-            UPDATE syncq.datasets d
-            SET throttled_until = greatest(d.throttled_until, now() + make_interval(secs => $5))
-            FROM released r WHERE $5::float8 IS NOT NULL AND d.dataset_id = r.dataset_id
-        ),
-        logged AS (
-            INSERT INTO syncq.task_errors (task_id, attempt, worker_id, error)
-            SELECT id, attempts + 1, $3, $4 FROM released WHERE $4 IS NOT NULL
-        )
-        SELECT count(*) AS "released!" FROM released
-        "#,
-        f.id.0,
-        f.runs,
-        f.worker_id,
-        error.as_deref(),
-        throttle.map(secs),
-    )
-    .fetch_one(db)
-    .await?;
-    Ok(done == 1)
-}
-
-/// `cancelled`, as the handler reported. False: fenced out.
-pub async fn cancel_running(db: impl PgExecutor<'_>, f: Fence<'_>) -> sqlx::Result<bool> {
-    let done = sqlx::query!(
-        r#"
-        UPDATE syncq.tasks
-        SET status = 'cancelled', finished_at = now(), locked_by = NULL, lease_expires_at = NULL
-        WHERE id = $1 AND runs = $2 AND locked_by = $3 AND status = 'running'
-        "#,
-        f.id.0,
-        f.runs,
-        f.worker_id,
-    )
-    .execute(db)
-    .await?;
-    Ok(done.rows_affected() == 1)
+    complete_one(db, f, End::Release(error.map(str::to_string))).await
 }
