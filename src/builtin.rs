@@ -108,10 +108,15 @@ impl SyncWorker for Fail {
         if payload.times.is_some_and(|times| runs >= times) {
             return Ok(json!({ "failed_runs": runs }));
         }
-        task.save_checkpoint(&json!({ "runs": runs + 1 })).await?;
+        // The count of runs that failed matters only to `times` (a
+        // checkpoint is a write per attempt: none when every run fails).
+        if payload.times.is_some() {
+            task.save_checkpoint(&json!({ "runs": runs + 1 })).await?;
+        }
         let message = match payload.times {
             Some(times) => format!("fail kind: run {} of {times} that fail", runs + 1),
-            None => format!("fail kind: run {} (fails every time)", runs + 1),
+            // Without a count of runs kept, the attempt's number.
+            None => format!("fail kind: run {} (fails every time)", task.attempt()),
         };
         Err(match payload.error {
             FailWith::Retryable => TaskError::Retryable(message),

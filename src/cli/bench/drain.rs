@@ -94,9 +94,9 @@ pub(super) async fn measure(
     );
     figures.add("fair drain / drain", fair / plain.max(1.0), "ratio", None);
     reset(db).await?;
-    let retried = drain_of(db, scratch, args, Work::FailOnce).await?;
+    let retried = drain_of(db, scratch, args, Work::FailTwice).await?;
     figures.add(
-        "drain: each task fails once, then succeeds",
+        "drain: each task fails twice (retried, then failed)",
         retried,
         "tasks/s",
         Some(("drain, 1 dataset", plain)),
@@ -150,10 +150,13 @@ pub(super) fn worker_command(
 enum Work {
     /// `noop`: succeed at once.
     Noop,
-    /// `fail` with `{"error": "retryable", "times": 1}`: one counted
-    /// failure, retried at once (the workers run with `--backoff 0s`),
-    /// then a success — two attempts and two outcomes per task.
-    FailOnce,
+    /// `fail` with `{"error": "retryable"}` and `max_attempts = 2`: a
+    /// counted failure, retried at once (the workers run with `--backoff
+    /// 0s`), then a failure that ends it — two attempts and two outcomes
+    /// per task, both failures. (Not `"times": 1`, which then succeeds: it
+    /// saves a checkpoint per attempt, one connection per running handler,
+    /// and a pool of 500 slots then measures waiting for connections.)
+    FailTwice,
 }
 
 async fn drain(
@@ -188,18 +191,19 @@ async fn drain_over(
     limited: bool,
     work: Work,
 ) -> Result<f64, CliError> {
-    let (kind, payload, attempts) = match work {
-        Work::Noop => ("noop", "{}", 1),
-        Work::FailOnce => ("fail", r#"{"error": "retryable", "times": 1}"#, 2),
+    let (kind, payload, attempts, ends) = match work {
+        Work::Noop => ("noop", "{}", 1, "succeeded"),
+        Work::FailTwice => ("fail", r#"{"error": "retryable"}"#, 2, "failed"),
     };
     sqlx::query(
-        "INSERT INTO syncq.tasks (dataset_id, kind, payload)
-         SELECT 'bench-' || (i % $2), $3, $4::jsonb FROM generate_series(1, $1) i",
+        "INSERT INTO syncq.tasks (dataset_id, kind, payload, max_attempts)
+         SELECT 'bench-' || (i % $2), $3, $4::jsonb, $5 FROM generate_series(1, $1) i",
     )
     .bind(i64::from(queued))
     .bind(i64::from(datasets))
     .bind(kind)
     .bind(payload)
+    .bind(if work == Work::FailTwice { 2 } else { 5 })
     .execute(db)
     .await
     .map_err(bench_error("cannot queue tasks"))?;
@@ -225,7 +229,7 @@ async fn drain_over(
         if all {
             cmd.arg("--exit-when-idle");
         }
-        if work == Work::FailOnce {
+        if work == Work::FailTwice {
             cmd.args(["--backoff", "0s"]);
         }
         children.push(
@@ -236,7 +240,8 @@ async fn drain_over(
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let done: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM syncq.tasks WHERE status = 'succeeded'")
+            sqlx::query_scalar("SELECT count(*) FROM syncq.tasks WHERE status::text = $1")
+                .bind(ends)
                 .fetch_one(db)
                 .await
                 .map_err(bench_error("cannot count"))?;
@@ -253,18 +258,20 @@ async fn drain_over(
         let _ = child.wait().await;
     }
     let (n, secs, bad): (i64, Option<f64>, i64) = sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE status = 'succeeded'),
+        "SELECT count(*) FILTER (WHERE status::text = $2),
                 extract(epoch FROM max(finished_at) - min(started_at))::float8,
-                count(*) FILTER (WHERE status = 'failed' OR attempts <> $1 AND status = 'succeeded')
+                count(*) FILTER (WHERE status IN ('succeeded', 'failed')
+                                   AND (status::text <> $2 OR attempts <> $1))
          FROM syncq.tasks",
     )
     .bind(attempts)
+    .bind(ends)
     .fetch_one(db)
     .await
     .map_err(bench_error("cannot read the drain"))?;
     if bad > 0 || n < i64::from(args.tasks.min(queued)) {
         return Err(CliError::Runtime(format!(
-            "bench: drain check failed: {n} succeeded, {bad} failed or not after {attempts} attempt(s)"
+            "bench: drain check failed: {n} {ends}, {bad} not {ends} after {attempts} attempt(s)"
         )));
     }
     Ok(n as f64 / secs.unwrap_or(f64::INFINITY).max(1e-9))

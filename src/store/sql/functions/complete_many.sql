@@ -23,7 +23,7 @@ DECLARE
     v_done bigint[];
 BEGIN
     BEGIN
-        v_done := ARRAY(SELECT syncq.write_outcomes(p_worker, p_ids, p_ids, p_runs, p_ends,
+        v_done := ARRAY(SELECT syncq.write_outcomes(p_worker, NULL, p_ids, p_runs, p_ends,
                                                     p_results, p_errors, p_secs));
     EXCEPTION WHEN lock_not_available THEN
         v_done := ARRAY(SELECT syncq.write_outcomes(

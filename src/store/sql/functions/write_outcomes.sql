@@ -20,12 +20,16 @@
 -- Every end but succeed and cancel ends cancelled instead when a cancel
 -- was requested meanwhile. `p_errors[i]`, when not NULL, becomes
 -- last_error (kept when NULL) and a row of syncq.task_errors.
--- Only `p_take` of the ids are written (complete_many's fallback takes
--- the rows it could lock).
+-- Only `p_take` of the ids are written when it is not NULL (complete_many's
+-- fallback takes the rows it could lock).
 --
--- By primary key, each row's values by its position in the arrays: no
--- join for stale statistics to plan badly. Planned once per connection,
--- as the claim (re-planning every call was most of a small call's cost).
+-- The rows are found by primary key (`id = ANY`), with no join for stale
+-- statistics to plan badly (a join with the arrays was planned as a scan
+-- of every running task, once per outcome: 80 ms for 500). Each row's
+-- values are looked up by its position in the arrays, sorted by id first,
+-- with width_bucket — a binary search — not array_position, a linear one
+-- (20 ms for 500 outcomes against 8). Planned once per connection, as the
+-- claim (re-planning every call was most of a small call's cost).
 CREATE OR REPLACE FUNCTION syncq.write_outcomes(p_worker text, p_take bigint[], p_ids bigint[],
                                                 p_runs int[], p_ends text[], p_results jsonb[],
                                                 p_errors text[], p_secs float8[])
@@ -35,54 +39,74 @@ SET enable_seqscan = off
 SET jit = off
 SET plan_cache_mode = force_generic_plan
 AS $$
+DECLARE
+    v_ids bigint[];
+    v_runs int[];
+    v_ends text[];
+    v_results jsonb[];
+    v_errors text[];
+    v_secs float8[];
 BEGIN
+    -- Sorted by id, for width_bucket; only those taken.
+    SELECT array_agg(e.id ORDER BY e.id), array_agg(e.runs ORDER BY e.id),
+           array_agg(e.end_ ORDER BY e.id), array_agg(e.result ORDER BY e.id),
+           array_agg(e.error ORDER BY e.id), array_agg(e.secs ORDER BY e.id)
+    INTO v_ids, v_runs, v_ends, v_results, v_errors, v_secs
+    FROM unnest(p_ids, p_runs, p_ends, p_results, p_errors, p_secs)
+         AS e(id, runs, end_, result, error, secs)
+    WHERE p_take IS NULL OR e.id = ANY (p_take);
+    IF v_ids IS NULL THEN
+        RETURN;
+    END IF;
     RETURN QUERY
     WITH done AS (
+        -- e(i) below is this row's position in the arrays:
+        -- width_bucket(t.id, v_ids), written out where it is needed.
         UPDATE syncq.tasks t
         SET status = (CASE
-                WHEN e.end_ = 'succeed' THEN 'succeeded'
-                WHEN e.end_ = 'cancel' OR t.cancel_requested THEN 'cancelled'
-                WHEN e.end_ IN ('throttle', 'release') THEN 'queued'
-                WHEN e.end_ = 'retry' AND t.attempts < t.max_attempts THEN 'queued'
+                WHEN v_ends[width_bucket(t.id, v_ids)] = 'succeed' THEN 'succeeded'
+                WHEN v_ends[width_bucket(t.id, v_ids)] = 'cancel' OR t.cancel_requested THEN 'cancelled'
+                WHEN v_ends[width_bucket(t.id, v_ids)] IN ('throttle', 'release') THEN 'queued'
+                WHEN v_ends[width_bucket(t.id, v_ids)] = 'retry' AND t.attempts < t.max_attempts THEN 'queued'
                 ELSE 'failed' END)::syncq.task_status,
-            result = CASE WHEN e.end_ = 'succeed' THEN p_results[e.i] ELSE t.result END,
+            result = CASE WHEN v_ends[width_bucket(t.id, v_ids)] = 'succeed'
+                          THEN v_results[width_bucket(t.id, v_ids)] ELSE t.result END,
             run_at = CASE
-                WHEN e.end_ IN ('succeed', 'cancel') OR t.cancel_requested THEN t.run_at
-                WHEN e.end_ IN ('throttle', 'release') THEN now()
-                WHEN e.end_ = 'retry' AND t.attempts < t.max_attempts
-                    THEN now() + make_interval(secs => p_secs[e.i])
+                WHEN v_ends[width_bucket(t.id, v_ids)] IN ('succeed', 'cancel') OR t.cancel_requested THEN t.run_at
+                WHEN v_ends[width_bucket(t.id, v_ids)] IN ('throttle', 'release') THEN now()
+                WHEN v_ends[width_bucket(t.id, v_ids)] = 'retry' AND t.attempts < t.max_attempts
+                    THEN now() + make_interval(secs => v_secs[width_bucket(t.id, v_ids)])
                 ELSE t.run_at END,
             -- An end that does not count gives its attempt back.
-            attempts = CASE WHEN e.end_ IN ('throttle', 'release')
+            attempts = CASE WHEN v_ends[width_bucket(t.id, v_ids)] IN ('throttle', 'release')
                             THEN greatest(t.attempts - 1, 0) ELSE t.attempts END,
             finished_at = CASE
-                WHEN e.end_ IN ('succeed', 'cancel', 'fail') OR t.cancel_requested THEN now()
-                WHEN e.end_ = 'retry' AND t.attempts >= t.max_attempts THEN now()
+                WHEN v_ends[width_bucket(t.id, v_ids)] IN ('succeed', 'cancel', 'fail') OR t.cancel_requested THEN now()
+                WHEN v_ends[width_bucket(t.id, v_ids)] = 'retry' AND t.attempts >= t.max_attempts THEN now()
                 END,
-            last_error = CASE WHEN e.end_ = 'succeed' THEN t.last_error
-                              ELSE coalesce(p_errors[e.i], t.last_error) END,
+            last_error = CASE WHEN v_ends[width_bucket(t.id, v_ids)] = 'succeed' THEN t.last_error
+                              ELSE coalesce(v_errors[width_bucket(t.id, v_ids)], t.last_error) END,
             locked_by = NULL, lease_expires_at = NULL
-        FROM (SELECT array_position(p_ids, x.id) AS i, p_ends[array_position(p_ids, x.id)] AS end_, x.id
-              FROM unnest(p_take) AS x(id)) e
-        WHERE t.id = ANY (p_take) AND t.id = e.id
-          AND t.runs = p_runs[e.i]
+        WHERE t.id = ANY (v_ids)
+          AND t.runs = v_runs[width_bucket(t.id, v_ids)]
           AND t.locked_by = p_worker AND t.status = 'running'
-        RETURNING t.id, t.dataset_id, t.attempts, e.i, e.end_
+        RETURNING t.id, t.dataset_id, t.attempts, width_bucket(t.id, v_ids) AS i,
+                  v_ends[width_bucket(t.id, v_ids)] AS end_
     ),
     logged AS (
         -- The attempt an error belongs to: the one that just ended (an end
         -- that does not count gave it back above).
         INSERT INTO syncq.task_errors (task_id, attempt, worker_id, error)
         SELECT d.id, CASE WHEN d.end_ IN ('throttle', 'release') THEN d.attempts + 1 ELSE d.attempts END,
-               p_worker, p_errors[d.i]
+               p_worker, v_errors[d.i]
         FROM done d
-        WHERE d.end_ <> 'succeed' AND p_errors[d.i] IS NOT NULL
+        WHERE d.end_ <> 'succeed' AND v_errors[d.i] IS NOT NULL
         ORDER BY d.id
     ),
     throttled AS (
         UPDATE syncq.datasets s
         SET throttled_until = greatest(s.throttled_until, now() + make_interval(secs => m.secs))
-        FROM (SELECT d.dataset_id, max(p_secs[d.i]) AS secs FROM done d
+        FROM (SELECT d.dataset_id, max(v_secs[d.i]) AS secs FROM done d
               WHERE d.end_ = 'throttle' GROUP BY d.dataset_id) m
         WHERE s.dataset_id = m.dataset_id
     )
