@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::db::Db;
-use crate::task::ClaimedTask;
 
 use crate::error::Result;
 use crate::queue::TaskQueue;
@@ -130,15 +129,18 @@ impl TaskQueueManager {
         who: &Claimer,
         skip: &[String],
         limit: usize,
-    ) -> sqlx::Result<Vec<ClaimedTask>> {
-        store::tasks::claim(
+        start: usize,
+    ) -> sqlx::Result<Vec<store::tasks::Claimed>> {
+        store::tasks::claim_ahead(
             &self.db,
             &who.worker_id,
             &who.kinds,
             who.datasets(),
             skip,
-            i64::try_from(limit).unwrap_or(i64::MAX),
+            limit,
+            start,
             who.lease,
+            crate::PoolConfig::AHEAD_LEASE,
         )
         .await
     }
