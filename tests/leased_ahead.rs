@@ -214,10 +214,11 @@ async fn no_handler_starts_after_its_dataset_is_paused(_: PgPoolOptions, opts: P
         .filter(|s| s.at > paused_at + chrono::Duration::seconds(1))
         .collect();
     assert!(late.is_empty(), "started after the pause: {late:?}");
-    let after = starts(&[&w])
+    let after: Vec<i64> = starts(&[&w])
         .into_iter()
         .filter(|s| s.at > paused_at)
-        .count();
+        .map(|s| (s.at - paused_at).num_milliseconds())
+        .collect();
     // Nothing of d is running or held by the worker a second on.
     assert_eq!(common::count(&db, "status = 'running'").await, 0);
     assert_eq!(
@@ -225,7 +226,9 @@ async fn no_handler_starts_after_its_dataset_is_paused(_: PgPoolOptions, opts: P
         0,
         "a task that never ran was counted"
     );
-    eprintln!("leased ahead at the pause: {leased_before}; handler starts after it: {after}");
+    eprintln!(
+        "leased ahead at the pause: {leased_before}; handler starts after it, ms after: {after:?}"
+    );
 }
 
 /// A task cancelled while a worker holds it leased ahead (behind a long
