@@ -4,5 +4,3 @@
 -- starts those when a slot frees. A new argument list is a new function,
 -- so the old claim is dropped here; the function files create the new one.
 DROP FUNCTION IF EXISTS syncq.claim(text, text[], text[], text[], int, float8);
--- (An unreleased draft of start_leased had one argument fewer.)
-DROP FUNCTION IF EXISTS syncq.start_leased(text, bigint[], int[], float8);

@@ -13,7 +13,7 @@ use futures_util::stream::FuturesUnordered;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -21,7 +21,6 @@ use tracing::{debug, error, info, warn};
 
 use super::held::{Held, Waiting};
 use super::runner::run_task;
-use super::starts::{StartRequest, Verdict, start_recorder};
 use super::{COALESCE, Event, Shared, retry_pause};
 
 /// The claim loop: wait for room, claim up to that many, hand each task to
@@ -113,10 +112,6 @@ impl Local<'_> {
         let now = tokio::time::Instant::now();
         for (claimed, room) in tasks.into_iter().zip(permits) {
             let store::tasks::Claimed { task, started } = claimed;
-            // A claim served it: whatever refused its starts has passed.
-            if shared.given_back.lock().is_ok_and(|g| !g.is_empty()) {
-                shared.given_back().remove(&task.dataset_id);
-            }
             let lease = if started {
                 Lease::new(asked_at, shared.config.lease)
             } else {
@@ -151,11 +146,6 @@ impl Local<'_> {
             // A started task has its slot; the claim started no more tasks
             // than it was sent with slots for.
             let slot = if started { slots.next() } else { None };
-            if slot.is_none() {
-                shared
-                    .leased_waiting
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
             // The starter outlives the claim loop: a send cannot fail.
             let _ = self.queue.send(Waiting {
                 task,
@@ -174,14 +164,16 @@ impl Local<'_> {
     }
 }
 
+/// The most tasks leased ahead one statement starts.
+const START_BATCH: usize = 256;
+
 /// The starter: runs each task its claim started at once (it came with
 /// its slot), and starts the local queue's tasks in claim order as slots
-/// free: each handler begins at once, its start written beside it by the
-/// start recorder ([`super::starts`]). A task that waits longer than
-/// [`PoolConfig::AHEAD_WAIT`] is given back to the fleet, as are those
-/// heard cancelled and those of a dataset the database just refused to
-/// start. Once the pool stops, starts nothing more: what waits is given
-/// back, unstarted and uncounted.
+/// free, as many per statement as slots are free (syncq.start_leased): the
+/// moment a task's row says it started is when its handler is about to.
+/// A task that waits longer than [`PoolConfig::AHEAD_WAIT`] is given back
+/// to the fleet. Once the pool stops, starts nothing more: what waits is
+/// given back, unstarted and uncounted.
 pub(super) async fn start_loop(
     shared: Arc<Shared>,
     slots: Arc<Semaphore>,
@@ -189,34 +181,25 @@ pub(super) async fn start_loop(
     running: TaskTracker,
     hard_stop: CancellationToken,
 ) {
-    let (starts, start_rx) = mpsc::unbounded_channel();
-    let recorder = tokio::spawn(start_recorder(shared.clone(), start_rx));
     let mut waiting: VecDeque<Waiting> = VecDeque::new();
     let mut open = true;
-    let run =
-        |w: Waiting, slot: OwnedSemaphorePermit, start: Option<oneshot::Receiver<Verdict>>| {
-            running.spawn(run_task(
-                shared.clone(),
-                w,
-                Some(slot),
-                start,
-                hard_stop.clone(),
-            ));
-        };
+    let run = |w: Waiting, slot: Option<OwnedSemaphorePermit>| {
+        running.spawn(run_task(shared.clone(), w, slot, hard_stop.clone()));
+    };
     loop {
         if shared.shutdown.is_cancelled() {
             break;
         }
         if waiting.is_empty() {
             if !open {
-                break;
+                return;
             }
             tokio::select! {
                 biased;
                 _ = shared.shutdown.cancelled() => break,
                 next = queued.recv() => match next {
                     Some(mut w) => match w.slot.take() {
-                        Some(slot) => run(w, slot, None),
+                        Some(slot) => run(w, Some(slot)),
                         None => waiting.push_back(w),
                     },
                     None => open = false,
@@ -233,41 +216,24 @@ pub(super) async fn start_loop(
             _ = shared.shutdown.cancelled() => break,
             next = queued.recv(), if open => match next {
                 Some(mut w) => match w.slot.take() {
-                    Some(slot) => run(w, slot, None),
+                    Some(slot) => run(w, Some(slot)),
                     None => waiting.push_back(w),
                 },
                 None => open = false,
             },
             slot = slots.clone().acquire_owned() => {
                 let Ok(slot) = slot else { break };
-                let Some(w) = waiting.pop_front() else { continue };
-                left_queue(&shared, 1);
-                let key = (w.task.id, w.task.runs);
-                let heard_cancel = shared.held().get(&key).is_none_or(|h| h.cancel_heard);
-                if heard_cancel || shared.given_back().contains(&w.task.dataset_id) {
-                    drop(slot);
-                    let mut back = vec![w];
-                    // The rest of a refused dataset's queue goes back too.
-                    let refused = shared.given_back().clone();
-                    let (out, keep): (Vec<Waiting>, Vec<Waiting>) = waiting
-                        .drain(..)
-                        .partition(|x| refused.contains(&x.task.dataset_id));
-                    waiting.extend(keep);
-                    left_queue(&shared, out.len());
-                    back.extend(out);
-                    give_back(&shared, back).await;
-                    continue;
+                let mut batch = vec![slot];
+                while batch.len() < waiting.len().min(START_BATCH) {
+                    match slots.clone().try_acquire_owned() {
+                        Ok(slot) => batch.push(slot),
+                        Err(_) => break,
+                    }
                 }
-                let (reply, verdict) = oneshot::channel();
-                // The recorder outlives the starter: a send cannot fail.
-                let _ = starts.send(StartRequest {
-                    id: w.task.id,
-                    runs: w.task.runs,
-                    dataset: w.task.dataset_id.clone(),
-                    began: tokio::time::Instant::now(),
-                    reply,
-                });
-                run(w, slot, Some(verdict));
+                let tasks: Vec<Waiting> = waiting.drain(..batch.len()).collect();
+                for (w, slot) in start_leased(&shared, tasks, batch).await {
+                    run(w, Some(slot));
+                }
             }
             _ = tokio::time::sleep_until(overdue_at) => {
                 let now = tokio::time::Instant::now();
@@ -276,32 +242,103 @@ pub(super) async fn start_loop(
                     .take_while(|w| w.leased_at + PoolConfig::AHEAD_WAIT <= now)
                     .count();
                 let tasks: Vec<Waiting> = waiting.drain(..overdue).collect();
-                left_queue(&shared, tasks.len());
                 debug!(tasks = tasks.len(), "leased ahead and still waiting for a slot: giving them back");
                 give_back(&shared, tasks).await;
             }
         }
     }
-    // Stopping (or the dispatcher is done): what waits is given back
-    // unstarted; what claims still in flight started goes to runs that
-    // hand it back (the attempt not counted), and what they leased ahead
-    // is given back, until the dispatcher has heard every claim (it then
-    // closes the queue).
-    left_queue(&shared, waiting.len());
+    // Stopping: what waits is given back unstarted; what claims still in
+    // flight started goes to runs that hand it back (the attempt not
+    // counted), and what they leased ahead is given back, until the
+    // dispatcher has heard every claim (it then closes the queue).
     give_back(&shared, waiting.drain(..).collect()).await;
     while open && let Some(mut w) = queued.recv().await {
         match w.slot.take() {
-            Some(slot) => run(w, slot, None),
-            None => {
-                left_queue(&shared, 1);
-                give_back(&shared, vec![w]).await;
+            Some(slot) => run(w, Some(slot)),
+            None => give_back(&shared, vec![w]).await,
+        }
+    }
+}
+
+/// Starts leased-ahead `tasks`, one slot each, in one statement; returns
+/// those started, with their slots, in order. The others — given back by
+/// the statement (paused, throttled, limited), cancelled, or taken by
+/// another worker once their lease ahead ran out — are let go here.
+async fn start_leased(
+    shared: &Arc<Shared>,
+    tasks: Vec<Waiting>,
+    slots: Vec<OwnedSemaphorePermit>,
+) -> Vec<(Waiting, OwnedSemaphorePermit)> {
+    let ids: Vec<_> = tasks.iter().map(|w| w.task.id).collect();
+    let runs: Vec<i32> = tasks.iter().map(|w| w.task.runs).collect();
+    let lease = shared.config.lease;
+    let mut failures = 0;
+    let answer = loop {
+        let sent_at = tokio::time::Instant::now();
+        match store::tasks::start_leased(&shared.db, &shared.worker_id, &ids, &runs, lease).await {
+            Ok(answer) => {
+                shared.outage.ok();
+                break Some((sent_at, answer));
+            }
+            Err(e) => {
+                shared.outage.failed("starting tasks leased ahead", &e);
+                failures += 1;
+                let pause = retry_pause(failures, shared.config.poll_interval);
+                // Past their lease ahead another worker may have them:
+                // they are let go, to whoever claims them next.
+                let expired = tasks.iter().all(|w| w.lease.expired())
+                    || tokio::time::Instant::now() + pause
+                        >= tasks
+                            .iter()
+                            .map(|w| w.leased_at)
+                            .min()
+                            .unwrap_or_else(tokio::time::Instant::now)
+                            + PoolConfig::AHEAD_LEASE;
+                if expired || shared.shutdown.is_cancelled() {
+                    warn!(error = %e, tasks = ids.len(), "could not start tasks leased ahead before their lease ran out: letting them go");
+                    break None;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = shared.shutdown.cancelled() => {}
+                }
+            }
+        }
+    };
+    let mut verdicts: std::collections::HashMap<_, _> = answer
+        .as_ref()
+        .map(|(_, a)| a.iter().copied().collect())
+        .unwrap_or_default();
+    let mut started = Vec::new();
+    for (mut w, slot) in tasks.into_iter().zip(slots) {
+        let key = (w.task.id, w.task.runs);
+        match (verdicts.remove(&w.task.id), &answer) {
+            (
+                Some(store::tasks::Start::Started {
+                    attempts,
+                    started_at,
+                }),
+                Some((sent_at, _)),
+            ) => {
+                w.task.attempts = attempts;
+                w.task.started_at = started_at;
+                w.lease.renewed(*sent_at, lease);
+                if let Some(held) = shared.held().get_mut(&key) {
+                    held.started = true;
+                }
+                started.push((w, slot));
+            }
+            (verdict, _) => {
+                debug!(
+                    task_id = w.task.id.0,
+                    given_back = verdict.is_some(),
+                    "leased ahead, not started"
+                );
+                not_started(shared, w);
             }
         }
     }
-    drop(starts);
-    if let Err(e) = recorder.await {
-        error!(error = %e, "the start recorder ended abnormally");
-    }
+    started
 }
 
 /// Gives back leased-ahead `tasks` that will not start here (one
@@ -322,13 +359,6 @@ async fn give_back(shared: &Arc<Shared>, tasks: Vec<Waiting>) {
     for w in tasks {
         not_started(shared, w);
     }
-}
-
-/// `n` tasks leased ahead left the local queue (started or given back).
-fn left_queue(shared: &Shared, n: usize) {
-    shared
-        .leased_waiting
-        .fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// A task leased ahead leaves this pool unstarted: no longer held, its
@@ -359,20 +389,6 @@ pub(super) async fn claim_loop(
                 Ok(first) => state.send(first, in_flight).await,
                 Err(_) => Step::Stop,
             },
-            // The local queue was full with a claim in flight: look again
-            // once a slot frees (or soon), not in a busy loop.
-            _ = local.shared.slot_freed.notified(), if state.full => {
-                state.full = false;
-                Step::Go
-            }
-            _ = local.shared.wake.notified(), if state.full => {
-                state.full = false;
-                Step::Go
-            }
-            _ = tokio::time::sleep(COALESCE * 5), if state.full => {
-                state.full = false;
-                Step::Go
-            }
         };
         if step == Step::Stop {
             return;
@@ -413,14 +429,6 @@ struct ClaimLoop<'l, 'a> {
     /// pool's next claim overlaps the previous one's round trip and
     /// commit).
     busy_claims: bool,
-    /// Tasks of limited datasets the last claim started (slots held for
-    /// the next one: this many plus one).
-    limited_started: usize,
-    /// Tasks asked for by the claims in flight.
-    asked_in_flight: usize,
-    /// The local queue is full and a claim is in flight: no claim is sent
-    /// until a slot frees, a wake-up or an answer.
-    full: bool,
 }
 
 impl<'l, 'a> ClaimLoop<'l, 'a> {
@@ -436,9 +444,6 @@ impl<'l, 'a> ClaimLoop<'l, 'a> {
             claim_unsure: false,
             nothing_due: false,
             busy_claims: false,
-            limited_started: 0,
-            asked_in_flight: 0,
-            full: false,
         }
     }
 
@@ -458,7 +463,6 @@ impl<'l, 'a> ClaimLoop<'l, 'a> {
                 && self.local.room.available_permits()
                     >= (concurrency + self.pace.last()).div_ceil(4)))
             && (!self.claim_unsure || in_flight.is_empty())
-            && !self.full
     }
 
     /// Room is free (`first`): gathers as much as is wanted and sends a
@@ -479,37 +483,15 @@ impl<'l, 'a> ClaimLoop<'l, 'a> {
         gather_permits(room, &mut permits, concurrency + ahead).await;
         // Held here beyond the running handlers (waiting for a slot, or
         // asked for by a claim in flight).
-        // Waiting for a slot: the local queue and what claims in flight
-        // asked for (not the tasks whose outcome is being written: they
-        // hold room, not slots).
-        let waiting = shared
-            .leased_waiting
-            .load(std::sync::atomic::Ordering::Relaxed)
-            + self.asked_in_flight;
+        let held_here = concurrency + prefetch - room.available_permits() - permits.len();
+        let busy = concurrency - slots.available_permits();
+        let waiting = held_here.saturating_sub(busy);
         let wanted = (slots.available_permits() + ahead).saturating_sub(waiting);
-        tracing::trace!(
-            ahead,
-            wanted,
-            free = slots.available_permits(),
-            waiting,
-            gathered = permits.len(),
-            "claim sizing"
-        );
-        // While tasks wait here, top the local queue up in batches of a
-        // quarter of its size at least, not a claim per few slots freed
-        // (a claim's fixed cost is most of a small one's).
-        let worth = (concurrency + ahead).div_ceil(4);
-        let wanted = if waiting > 0 && wanted < worth {
-            0
-        } else {
-            wanted
-        };
         if wanted == 0 {
             // Every slot busy and the local queue full enough: wait for a
             // run to end (each one wakes the dispatcher), or for the claim
             // in flight.
             drop(permits);
-            self.full = !in_flight.is_empty();
             if in_flight.is_empty() {
                 tokio::select! {
                     _ = shared.slot_freed.notified() => {}
@@ -521,22 +503,17 @@ impl<'l, 'a> ClaimLoop<'l, 'a> {
             return Step::Go;
         }
         permits.truncate(wanted);
-        // Free slots go with the claim for the tasks of limited datasets
-        // it starts (they run in them at once; an unlimited dataset's are
-        // leased ahead and started as slots free). Held only while the
-        // claim is in flight, and only slots no task of the local queue is
-        // waiting for — or, at least, as many as the last claim started
-        // plus one, so limited datasets are served beside a busy queue.
-        let free = slots.available_permits();
-        let reserve = free
-            .saturating_sub(waiting)
-            .max((self.limited_started + 1).min(free))
-            .min(permits.len());
+        // Free slots go with the claim: the tasks it starts run in them at
+        // once. Only while nothing waits in the local queue (the starter
+        // would take those slots first) and no other claim is in flight
+        // (its leased tasks would queue ahead of this claim's).
         let mut start_slots = Vec::new();
-        while start_slots.len() < reserve {
-            match slots.clone().try_acquire_owned() {
-                Ok(slot) => start_slots.push(slot),
-                Err(_) => break,
+        if waiting == 0 && in_flight.is_empty() {
+            while start_slots.len() < permits.len() {
+                match slots.clone().try_acquire_owned() {
+                    Ok(slot) => start_slots.push(slot),
+                    Err(_) => break,
+                }
             }
         }
         if self.claim_unsure {
@@ -561,7 +538,6 @@ impl<'l, 'a> ClaimLoop<'l, 'a> {
             }
         }
         let skip = self.set_aside.current();
-        self.asked_in_flight += permits.len();
         in_flight.push(tokio::spawn(send_claim(
             shared.clone(),
             skip,
@@ -591,12 +567,9 @@ impl<'l, 'a> ClaimLoop<'l, 'a> {
                 // may have claimed is found as orphans.
                 error!(error = %e, "a claim's task ended without an answer");
                 self.claim_unsure = true;
-                self.asked_in_flight = 0;
                 return Step::Go;
             }
         };
-        self.asked_in_flight = self.asked_in_flight.saturating_sub(permits.len());
-        self.full = false;
         let tasks = match result {
             Ok(tasks) => {
                 self.db_failures = 0;
@@ -611,7 +584,6 @@ impl<'l, 'a> ClaimLoop<'l, 'a> {
             }
         };
         self.busy_claims = tasks.len() == permits.len() && tasks.len() > 1;
-        self.limited_started = tasks.iter().filter(|t| t.started).count();
         if !tasks.is_empty() {
             self.lost_races = 0;
             self.empty_wakes = 0;

@@ -69,21 +69,6 @@ impl HeldRuns {
         self.newest.contains_key(&id)
     }
 
-    /// A cancel notification named the task: if its newest run is still
-    /// leased ahead (not started), it is given back rather than started —
-    /// a hint suffices there (a false one only returns the task to the
-    /// fleet). Returns whether it was.
-    pub(super) fn cancel_hinted(&mut self, id: TaskId) -> bool {
-        if let Some(runs) = self.newest.get(&id).copied()
-            && let Some(held) = self.runs.get_mut(&(id, runs))
-            && !held.started
-        {
-            held.cancel_heard = true;
-            return true;
-        }
-        false
-    }
-
     /// A cancel of the task was heard: marks its newest run.
     pub(super) fn cancel_heard(&mut self, id: TaskId) {
         if let Some(runs) = self.newest.get(&id).copied()

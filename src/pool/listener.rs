@@ -76,7 +76,6 @@ pub(super) async fn listen_loop(
                 Ok(Some(n)) if n.channel() == CHANNEL_CANCEL => {
                     if let Ok(id) = n.payload().parse::<TaskId>()
                         && shared.holds(id)
-                        && !shared.held().cancel_hinted(id)
                     {
                         shared.cancel_check.notify_one();
                     }

@@ -19,7 +19,6 @@ mod held;
 mod listener;
 mod runner;
 mod sampler;
-mod starts;
 mod sweeper;
 
 use crate::config::PoolConfig;
@@ -210,8 +209,6 @@ impl WorkerPoolBuilder {
             schedules_changed: Arc::new(Notify::new()),
             fatal: Mutex::new(None),
             completions,
-            given_back: Mutex::new(std::collections::HashSet::new()),
-            leased_waiting: std::sync::atomic::AtomicUsize::new(0),
         });
         Ok(WorkerPool {
             shared,
@@ -309,23 +306,11 @@ struct Shared {
     claimer: Claimer,
     /// Successes go to the completer, which writes them in batches.
     completions: mpsc::Sender<Completion>,
-    /// Datasets whose leased-ahead tasks the database just refused to
-    /// start (paused, throttled, limited): the starter gives back the rest
-    /// of their local queue unstarted, until a claim serves them again.
-    given_back: Mutex<std::collections::HashSet<String>>,
-    /// Tasks leased ahead in the local queue, not yet started or given back.
-    leased_waiting: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
     fn held(&self) -> std::sync::MutexGuard<'_, HeldRuns> {
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn given_back(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
-        self.given_back
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn emit(&self, event: Event) {

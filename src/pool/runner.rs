@@ -12,11 +12,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::completer::{CompleteError, complete};
-use super::held::{RunKey, Waiting};
-use super::starts::{MUST_WAIT_AFTER, Verdict};
+use super::held::Waiting;
 use super::{Event, Shared};
 use crate::outcome::Outcome;
-use tokio::sync::oneshot;
 
 /// The log target of each attempt's start and end, at info (the worker's
 /// default level), inside the `task` span: task_id, dataset, kind,
@@ -28,38 +26,15 @@ pub const ATTEMPT_LOG: &str = "syncq::attempt";
 /// Runs one claimed task in its slot to an outcome and records it,
 /// fenced. Without a slot (the pool stopped while it waited) it hands the
 /// task back, unstarted and uncounted.
-///
-/// A task leased ahead comes with `start`, the verdict on its start being
-/// written (super::starts): its handler begins without waiting for it
-/// (unless earlier runs ended unrecorded, [`MUST_WAIT_AFTER`]), is stopped
-/// as on a lost lease if the start is refused, and its outcome is written
-/// only once its start is.
 pub(super) async fn run_task(
     shared: Arc<Shared>,
     waiting: Waiting,
     slot: Option<OwnedSemaphorePermit>,
-    start: Option<oneshot::Receiver<Verdict>>,
     hard_stop: CancellationToken,
 ) {
     let Waiting {
-        mut task,
-        lease,
-        room,
-        leased_at,
-        ..
+        task, lease, room, ..
     } = waiting;
-    let mut start = start;
-    // The attempt this start makes, and when, as the handler sees them
-    // until the row says (the claim's clock plus the wait here).
-    if start.is_some() {
-        task.attempts += 1;
-        task.started_at += chrono::Duration::from_std(leased_at.elapsed()).unwrap_or_default();
-    }
-    let mut verdict: Option<Verdict> = None;
-    if let Some(rx) = start.take_if(|_| task.runs - task.attempts > MUST_WAIT_AFTER) {
-        let v = rx.await.unwrap_or(Verdict::NotStarted);
-        verdict = Some(v);
-    }
     let span = info_span!(
         "task",
         task_id = task.id.0,
@@ -70,18 +45,14 @@ pub(super) async fn run_task(
     );
     async {
         let key = (task.id, task.runs);
-        if let Some(v) = verdict {
-            on_start(&shared, key, &mut task, &lease, v);
-        }
         // Lost while it waited (the heartbeat could not renew it in an
         // outage, or this pool claimed it again): never started here.
         let (lost, cancelled) = shared.held().get(&key).map_or((true, false), |held| {
             (held.superseded || held.lease.expired(), held.cancel_heard)
         });
-        let refused = verdict == Some(Verdict::NotStarted);
         let began = std::time::Instant::now();
         let joined = match shared.handlers.get(&task.kind).cloned() {
-            _ if lost || refused => Ok(Err(TaskError::LeaseLost)),
+            _ if lost => Ok(Err(TaskError::LeaseLost)),
             // Cancelled while it waited in the local queue: never started.
             _ if cancelled => Ok(Err(TaskError::Cancelled)),
             // Claimed as the pool began to stop (a claim can race the
@@ -106,24 +77,12 @@ pub(super) async fn run_task(
                 let mut handle = tokio::spawn(
                     async move { handler.handle(&mut sync_task).await }.in_current_span(),
                 );
-                loop {
-                    tokio::select! {
-                        biased;
-                        joined = &mut handle => break joined,
-                        _ = hard_stop.cancelled() => {
-                            handle.abort();
-                            break handle.await;
-                        }
-                        v = async {
-                            match start.as_mut() {
-                                Some(rx) => rx.await.unwrap_or(Verdict::NotStarted),
-                                None => std::future::pending().await,
-                            }
-                        }, if start.is_some() => {
-                            start = None;
-                            verdict = Some(v);
-                            on_start(&shared, key, &mut task, &lease, v);
-                        }
+                tokio::select! {
+                    biased;
+                    joined = &mut handle => joined,
+                    _ = hard_stop.cancelled() => {
+                        handle.abort();
+                        handle.await
                     }
                 }
             }
@@ -144,20 +103,7 @@ pub(super) async fn run_task(
         // keeps its room, and its row stays `running`, until then.
         drop(slot);
         shared.slot_freed.notify_one();
-        // Its start is written before its outcome (the row must be
-        // running for the outcome to land); the slot is free meanwhile.
-        if let Some(rx) = start.take() {
-            let v = rx.await.unwrap_or(Verdict::NotStarted);
-            verdict = Some(v);
-            on_start(&shared, key, &mut task, &lease, v);
-        }
-        let recorded = if verdict == Some(Verdict::NotStarted) {
-            // Refused at its start: the row is not this run's to write.
-            debug!("its start was refused: nothing to record");
-            false
-        } else {
-            record(&shared, &task, &lease, outcome).await
-        };
+        let recorded = record(&shared, &task, &lease, outcome).await;
         shared.held().finished(key);
         shared
             .finished
@@ -180,37 +126,6 @@ pub(super) async fn run_task(
     }
     .instrument(span)
     .await
-}
-
-/// A leased-ahead task's start was written, or refused: the pool holds it
-/// as started (its lease renewed by the heartbeat from now on), or tells
-/// its handler to stop, as on a lost lease.
-fn on_start(shared: &Shared, key: RunKey, task: &mut ClaimedTask, lease: &Lease, verdict: Verdict) {
-    match verdict {
-        Verdict::Started {
-            attempts,
-            started_at,
-        } => {
-            task.attempts = attempts;
-            task.started_at = started_at;
-            lease.renewed(tokio::time::Instant::now(), shared.config.lease);
-            if let Some(held) = shared.held().get_mut(&key) {
-                held.started = true;
-            }
-        }
-        Verdict::NotStarted => {
-            if let Some(held) = shared.held().get_mut(&key) {
-                held.superseded = true;
-            }
-            warn!(
-                "its start was refused (cancelled, paused, limited or taken meanwhile): stopping its handler"
-            );
-            let _ = shared.commands.send(crate::control::Command::LeaseLost {
-                task_id: key.0,
-                runs: key.1,
-            });
-        }
-    }
 }
 
 /// Writes an outcome, fenced. While the database is unreachable it keeps

@@ -71,7 +71,7 @@ const ROLES: &[&str] = &[
     "GRANT EXECUTE ON FUNCTION
          syncq.claim(text, text[], text[], text[], int, float8, int, float8),
          syncq.give_back(text, bigint[], int[]),
-         syncq.start_leased(text, bigint[], int[], float8, float8[]),
+         syncq.start_leased(text, bigint[], int[], float8),
          syncq.claimable_datasets(text[], text[], text[]),
          syncq.running_count(text),
          syncq.rate_used(text, interval, timestamptz),

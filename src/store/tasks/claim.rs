@@ -133,8 +133,7 @@ pub enum Start {
 }
 
 /// Starts tasks this worker leased ahead (`ids` with their `runs`), one
-/// statement (`syncq.start_leased`); `ago[i]` is how long ago the task's
-/// handler began (its `started_at` is the database's clock less that). A task missing from the answer is no
+/// statement (`syncq.start_leased`). A task missing from the answer is no
 /// longer this worker's to start: cancelled, or taken by another worker
 /// after its lease ahead ran out.
 pub async fn start_leased(
@@ -142,20 +141,17 @@ pub async fn start_leased(
     worker_id: &str,
     ids: &[TaskId],
     runs: &[i32],
-    ago: &[Duration],
     lease: Duration,
 ) -> sqlx::Result<Vec<(TaskId, Start)>> {
-    let ago: Vec<f64> = ago.iter().map(|d| d.as_secs_f64()).collect();
     let rows = sqlx::query!(
         r#"
         SELECT id AS "id!: TaskId", started AS "started!", attempts, started_at
-        FROM syncq.start_leased($1, $2, $3, $4, $5)
+        FROM syncq.start_leased($1, $2, $3, $4)
         "#,
         worker_id,
         &ids_of(ids),
         runs,
         secs(lease),
-        &ago,
     )
     .fetch_all(db)
     .await?;

@@ -19,15 +19,16 @@
 -- its free concurrency and its rate budget; tasks go in (priority, run_at,
 -- id) order; the tasks themselves are taken FOR UPDATE SKIP LOCKED, and
 -- returned in the order picked.
--- Tasks of datasets with a cap or rate limit start now, up to `p_start`
--- (the slots the pool holds free for them): they are attempts (counted,
--- `started_at` set, logged for the rate limit) as the rows say, counted by
--- the statement that checks their budget under its lock. Tasks of
--- unlimited datasets are leased ahead for the pool's local queue: they
--- stay `queued`, not counted, held for `p_ahead_secs` by `locked_by` and
--- `lease_expires_at`, and start when the pool has a slot for them
--- (syncq.start_leased, which finds them still startable: not cancelled,
--- their dataset not paused). NULL `p_start` starts them all.
+-- The first `p_start` tasks, in the order picked, start now: the pool has
+-- a free slot for each, so they are attempts (counted, `started_at` set,
+-- logged for the rate limit) as the rows say. The rest, up to `p_limit`,
+-- are leased ahead for the pool's local queue: they stay `queued`, not
+-- counted, held for `p_ahead_secs` by `locked_by` and `lease_expires_at`,
+-- and start only when the pool has a slot for them and syncq.start_leased
+-- finds them still startable (not cancelled, their dataset not paused).
+-- Only unlimited datasets are leased ahead: a start of a limited one is
+-- counted by the statement that checks its budget, under its lock.
+-- NULL `p_start` starts them all.
 -- Step 3 records, for each dataset left without ready work, when it may
 -- next have some (ready_at), so idle datasets drop out of step 1's scan
 -- (syncq.mark_idle).
@@ -204,18 +205,12 @@ BEGIN
         FROM candidates c
         ORDER BY (c.rank - 1) / c.weight, c.turn, c.rank LIMIT p_limit
     ),
-    ranked AS (
-        SELECT o.*, row_number() OVER (PARTITION BY o.limited ORDER BY o.n) AS k FROM ordered o
-    ),
     picked AS (
-        -- Limited datasets' tasks start now, up to v_start (the slots the
-        -- pool holds free for them); the rest of them stay queued.
-        -- Unlimited datasets' tasks are leased ahead (all of them started
-        -- now when p_start is NULL).
-        SELECT r.id, r.dataset_id, r.n,
-               (p_start IS NULL OR (r.limited AND r.k <= v_start)) AS start_now
-        FROM ranked r
-        WHERE NOT r.limited OR r.k <= v_start
+        -- The first v_start start now; the rest of unlimited datasets are
+        -- leased ahead; the rest of limited ones are left queued.
+        SELECT o.id, o.dataset_id, o.n, o.n <= v_start AS start_now
+        FROM ordered o
+        WHERE o.n <= v_start OR NOT o.limited
     ),
     started AS (
         UPDATE syncq.tasks t

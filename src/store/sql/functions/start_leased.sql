@@ -4,9 +4,7 @@
 -- worker's name —
 --   startable (its dataset not paused, not throttled, still without a cap
 --   or rate limit, its run_at not moved later): `running`, the attempt
---   counted, `started_at` when its handler began (`p_ago[i]` seconds
---   before this statement's clock: the worker writes starts just after its
---   handlers begin), leased for `p_lease_secs`;
+--   counted, `started_at` now, leased for `p_lease_secs`;
 --   not startable: given back (syncq.give_back), never started.
 -- A task cancelled meanwhile is `cancelled` already (the cancel trigger)
 -- and, as one lost to another worker, is not in the answer: its holder
@@ -18,7 +16,7 @@
 -- or this start sees it and gives the task back (a bucket being set is
 -- given back too).
 CREATE OR REPLACE FUNCTION syncq.start_leased(p_worker text, p_ids bigint[], p_runs int[],
-                                              p_lease_secs float8, p_ago float8[] DEFAULT NULL)
+                                              p_lease_secs float8)
 RETURNS TABLE (id bigint, started boolean, attempts int, started_at timestamptz)
 LANGUAGE plpgsql
 SET enable_seqscan = off
@@ -29,19 +27,15 @@ AS $$
 DECLARE
     v_ids bigint[];
     v_runs int[];
-    v_ago float8[];
-    -- Read first: `p_ago` was measured just before this call was sent.
-    v_now timestamptz := clock_timestamp();
     v_busy int[];
     v_go bigint[];
     v_back bigint[];
 BEGIN
     -- Sorted by id, each row's runs found by binary search (width_bucket),
     -- as in write_outcomes.
-    SELECT array_agg(e.id ORDER BY e.id), array_agg(e.runs ORDER BY e.id),
-           array_agg(coalesce(e.ago, 0) ORDER BY e.id)
-    INTO v_ids, v_runs, v_ago
-    FROM unnest(p_ids, p_runs, p_ago) AS e(id, runs, ago);
+    SELECT array_agg(e.id ORDER BY e.id), array_agg(e.runs ORDER BY e.id)
+    INTO v_ids, v_runs
+    FROM unnest(p_ids, p_runs) AS e(id, runs);
     IF v_ids IS NULL THEN
         RETURN;
     END IF;
@@ -76,9 +70,7 @@ BEGIN
         UPDATE syncq.tasks t
         SET status = 'running',
             attempts = t.attempts + 1,
-            -- When its handler began: this statement's clock, less how
-            -- long ago that was by the worker's own (monotonic) clock.
-            started_at = v_now - make_interval(secs => greatest(v_ago[width_bucket(t.id, v_ids)], 0)),
+            started_at = (SELECT clk.now FROM clock clk),
             finished_at = NULL,
             lease_expires_at = (SELECT clk.now FROM clock clk) + make_interval(secs => p_lease_secs)
         -- Fenced again: a cancel may have committed since the read above.

@@ -13,10 +13,6 @@ BEGIN
         NEW.finished_at := now();
         NEW.locked_by := NULL;
         NEW.lease_expires_at := NULL;
-        -- Leased ahead: its worker must not start it.
-        IF OLD.locked_by IS NOT NULL THEN
-            PERFORM pg_notify('syncq_cancel', NEW.id::text);
-        END IF;
     ELSIF NEW.status = 'running' THEN
         PERFORM pg_notify('syncq_cancel', NEW.id::text);
     END IF;
