@@ -214,11 +214,10 @@ async fn no_handler_starts_after_its_dataset_is_paused(_: PgPoolOptions, opts: P
         .filter(|s| s.at > paused_at + chrono::Duration::seconds(1))
         .collect();
     assert!(late.is_empty(), "started after the pause: {late:?}");
-    let after: Vec<i64> = starts(&[&w])
+    let after = starts(&[&w])
         .into_iter()
         .filter(|s| s.at > paused_at)
-        .map(|s| (s.at - paused_at).num_milliseconds())
-        .collect();
+        .count();
     // Nothing of d is running or held by the worker a second on.
     assert_eq!(common::count(&db, "status = 'running'").await, 0);
     assert_eq!(
@@ -226,9 +225,7 @@ async fn no_handler_starts_after_its_dataset_is_paused(_: PgPoolOptions, opts: P
         0,
         "a task that never ran was counted"
     );
-    eprintln!(
-        "leased ahead at the pause: {leased_before}; handler starts after it, ms after: {after:?}"
-    );
+    eprintln!("leased ahead at the pause: {leased_before}; handler starts after it: {after}");
 }
 
 /// A task cancelled while a worker holds it leased ahead (behind a long
