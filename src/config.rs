@@ -60,15 +60,9 @@ pub struct PoolConfig {
     /// served; then the pool tries it again.
     pub set_aside: Duration,
     /// The most tasks this pool leases ahead of its free slots (its local
-    /// queue), started in claim order as slots free. A task leased ahead
-    /// is not started: it stays `queued` (in this worker's name, for
-    /// [`AHEAD_LEASE`](Self::AHEAD_LEASE)), is no attempt, and starts only
-    /// if, once a slot is free, it is not cancelled and its dataset not
-    /// paused; one that waits longer than [`AHEAD_WAIT`](Self::AHEAD_WAIT)
-    /// is given back to the fleet. Only datasets without a cap or rate
-    /// limit are leased ahead: a limited dataset's tasks are claimed for
-    /// free slots and start at once, so their limits hold where the
-    /// handlers run. How many it actually takes follows its own pace: about
+    /// queue), started in claim order as slots free. Leased ahead, they
+    /// count against caps and rate limits like running ones. How many it
+    /// actually takes follows its own pace: about
     /// [`PREFETCH_HORIZON`](Self::PREFETCH_HORIZON) of its recent
     /// completions, so short tasks drain in few, large claims while a pool
     /// of slow tasks keeps nothing waiting. 0: claim only for free slots.
@@ -161,15 +155,6 @@ impl PoolConfig {
     /// How long, at its recent pace, a pool's prefetched tasks may take to
     /// reach a slot: the local queue holds about this much work.
     pub const PREFETCH_HORIZON: Duration = Duration::from_millis(50);
-    /// The longest a task leased ahead waits here for a slot: then it is
-    /// given back (claimable by any worker, idle ones woken), so no task
-    /// waits behind a long one in one process while a slot is free
-    /// elsewhere. Well under the default poll interval.
-    pub const AHEAD_WAIT: Duration = Duration::from_millis(500);
-    /// How long a task leased ahead stays this worker's without being
-    /// started: if the worker dies (kill -9), its local queue is claimable
-    /// again after this, uncounted.
-    pub const AHEAD_LEASE: Duration = Duration::from_secs(2);
 
     /// `lease`: long enough to be renewed, short enough that a dead
     /// worker's tasks come back the same day.

@@ -101,10 +101,7 @@ BEGIN
 END;
 $$;
 CREATE TRIGGER fleet_audit_start AFTER UPDATE ON syncq.tasks FOR EACH ROW
-    -- A start: a task becomes running (a task leased ahead is started
-    -- later than its claim, its runs unchanged then).
-    WHEN (NEW.status = 'running'
-          AND (OLD.status <> 'running' OR NEW.runs IS DISTINCT FROM OLD.runs))
+    WHEN (NEW.status = 'running' AND NEW.runs IS DISTINCT FROM OLD.runs)
     EXECUTE FUNCTION fleet_audit.record_start();
 CREATE TABLE fleet_audit.checkpoints (
     seq        bigint GENERATED ALWAYS AS IDENTITY,

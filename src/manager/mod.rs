@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::db::Db;
+use crate::task::ClaimedTask;
 
 use crate::error::Result;
 use crate::queue::TaskQueue;
@@ -129,18 +130,15 @@ impl TaskQueueManager {
         who: &Claimer,
         skip: &[String],
         limit: usize,
-        start: usize,
-    ) -> sqlx::Result<Vec<store::tasks::Claimed>> {
-        store::tasks::claim_ahead(
+    ) -> sqlx::Result<Vec<ClaimedTask>> {
+        store::tasks::claim(
             &self.db,
             &who.worker_id,
             &who.kinds,
             who.datasets(),
             skip,
-            limit,
-            start,
+            i64::try_from(limit).unwrap_or(i64::MAX),
             who.lease,
-            crate::PoolConfig::AHEAD_LEASE,
         )
         .await
     }

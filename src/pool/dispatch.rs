@@ -8,9 +8,9 @@ use crate::lease::Lease;
 use crate::manager::set_aside::{self, SetAside};
 use crate::store;
 use crate::store::tasks::Fence;
+use crate::task::ClaimedTask;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -72,10 +72,9 @@ pub(super) async fn dispatch(
             Ok(Claimed {
                 asked_at,
                 permits,
-                slots,
                 result: Ok(tasks),
                 ..
-            }) => local.take(tasks, permits, slots, asked_at),
+            }) => local.take(tasks, permits, asked_at),
             _ => unsure = true,
         }
     }
@@ -97,26 +96,16 @@ pub(super) struct Local<'a> {
 }
 
 impl Local<'_> {
-    /// Registers claimed tasks as held and queues them, in claim order:
-    /// those the claim started with the slots it was sent for, the others
-    /// leased ahead.
+    /// Registers claimed tasks as held and queues them, in claim order.
     pub(super) fn take(
         &self,
-        tasks: Vec<store::tasks::Claimed>,
+        tasks: Vec<ClaimedTask>,
         permits: Vec<OwnedSemaphorePermit>,
-        slots: Vec<OwnedSemaphorePermit>,
         asked_at: tokio::time::Instant,
     ) {
         let shared = self.shared;
-        let mut slots = slots.into_iter();
-        let now = tokio::time::Instant::now();
-        for (claimed, room) in tasks.into_iter().zip(permits) {
-            let store::tasks::Claimed { task, started } = claimed;
-            let lease = if started {
-                Lease::new(asked_at, shared.config.lease)
-            } else {
-                Lease::new(asked_at, PoolConfig::AHEAD_LEASE)
-            };
+        for (task, room) in tasks.into_iter().zip(permits) {
+            let lease = Lease::new(asked_at, shared.config.lease);
             let older = shared.held().claimed(
                 (task.id, task.runs),
                 Held {
@@ -124,7 +113,6 @@ impl Local<'_> {
                     superseded: false,
                     finishing: false,
                     cancel_heard: false,
-                    started,
                 },
             );
             if let Some(runs) = older {
@@ -143,17 +131,8 @@ impl Local<'_> {
                 dataset_id: task.dataset_id.clone(),
                 kind: task.kind.clone(),
             });
-            // A started task has its slot; the claim started no more tasks
-            // than it was sent with slots for.
-            let slot = if started { slots.next() } else { None };
             // The starter outlives the claim loop: a send cannot fail.
-            let _ = self.queue.send(Waiting {
-                task,
-                lease,
-                room,
-                slot,
-                leased_at: now,
-            });
+            let _ = self.queue.send(Waiting { task, lease, room });
         }
     }
 
@@ -164,16 +143,10 @@ impl Local<'_> {
     }
 }
 
-/// The most tasks leased ahead one statement starts.
-const START_BATCH: usize = 256;
-
-/// The starter: runs each task its claim started at once (it came with
-/// its slot), and starts the local queue's tasks in claim order as slots
-/// free, as many per statement as slots are free (syncq.start_leased): the
-/// moment a task's row says it started is when its handler is about to.
-/// A task that waits longer than [`PoolConfig::AHEAD_WAIT`] is given back
-/// to the fleet. Once the pool stops, starts nothing more: what waits is
-/// given back, unstarted and uncounted.
+/// Starts the local queue's tasks in claim order, each as a slot frees
+/// (the slots semaphore is first come, first served, and this is its one
+/// waiter). Once the pool stops, starts nothing more: the rest go to runs
+/// that hand them back unstarted and uncounted.
 pub(super) async fn start_loop(
     shared: Arc<Shared>,
     slots: Arc<Semaphore>,
@@ -181,193 +154,14 @@ pub(super) async fn start_loop(
     running: TaskTracker,
     hard_stop: CancellationToken,
 ) {
-    let mut waiting: VecDeque<Waiting> = VecDeque::new();
-    let mut open = true;
-    let run = |w: Waiting, slot: Option<OwnedSemaphorePermit>| {
-        running.spawn(run_task(shared.clone(), w, slot, hard_stop.clone()));
-    };
-    loop {
-        if shared.shutdown.is_cancelled() {
-            break;
-        }
-        if waiting.is_empty() {
-            if !open {
-                return;
-            }
-            tokio::select! {
-                biased;
-                _ = shared.shutdown.cancelled() => break,
-                next = queued.recv() => match next {
-                    Some(mut w) => match w.slot.take() {
-                        Some(slot) => run(w, Some(slot)),
-                        None => waiting.push_back(w),
-                    },
-                    None => open = false,
-                },
-            }
-            continue;
-        }
-        let overdue_at = waiting
-            .front()
-            .map_or_else(tokio::time::Instant::now, |w| w.leased_at)
-            + PoolConfig::AHEAD_WAIT;
-        tokio::select! {
+    while let Some(waiting) = queued.recv().await {
+        let slot = tokio::select! {
             biased;
-            _ = shared.shutdown.cancelled() => break,
-            next = queued.recv(), if open => match next {
-                Some(mut w) => match w.slot.take() {
-                    Some(slot) => run(w, Some(slot)),
-                    None => waiting.push_back(w),
-                },
-                None => open = false,
-            },
-            slot = slots.clone().acquire_owned() => {
-                let Ok(slot) = slot else { break };
-                let mut batch = vec![slot];
-                while batch.len() < waiting.len().min(START_BATCH) {
-                    match slots.clone().try_acquire_owned() {
-                        Ok(slot) => batch.push(slot),
-                        Err(_) => break,
-                    }
-                }
-                let tasks: Vec<Waiting> = waiting.drain(..batch.len()).collect();
-                for (w, slot) in start_leased(&shared, tasks, batch).await {
-                    run(w, Some(slot));
-                }
-            }
-            _ = tokio::time::sleep_until(overdue_at) => {
-                let now = tokio::time::Instant::now();
-                let overdue = waiting
-                    .iter()
-                    .take_while(|w| w.leased_at + PoolConfig::AHEAD_WAIT <= now)
-                    .count();
-                let tasks: Vec<Waiting> = waiting.drain(..overdue).collect();
-                debug!(tasks = tasks.len(), "leased ahead and still waiting for a slot: giving them back");
-                give_back(&shared, tasks).await;
-            }
-        }
+            slot = slots.clone().acquire_owned() => slot.ok(),
+            _ = shared.shutdown.cancelled() => None,
+        };
+        running.spawn(run_task(shared.clone(), waiting, slot, hard_stop.clone()));
     }
-    // Stopping: what waits is given back unstarted; what claims still in
-    // flight started goes to runs that hand it back (the attempt not
-    // counted), and what they leased ahead is given back, until the
-    // dispatcher has heard every claim (it then closes the queue).
-    give_back(&shared, waiting.drain(..).collect()).await;
-    while open && let Some(mut w) = queued.recv().await {
-        match w.slot.take() {
-            Some(slot) => run(w, Some(slot)),
-            None => give_back(&shared, vec![w]).await,
-        }
-    }
-}
-
-/// Starts leased-ahead `tasks`, one slot each, in one statement; returns
-/// those started, with their slots, in order. The others — given back by
-/// the statement (paused, throttled, limited), cancelled, or taken by
-/// another worker once their lease ahead ran out — are let go here.
-async fn start_leased(
-    shared: &Arc<Shared>,
-    tasks: Vec<Waiting>,
-    slots: Vec<OwnedSemaphorePermit>,
-) -> Vec<(Waiting, OwnedSemaphorePermit)> {
-    let ids: Vec<_> = tasks.iter().map(|w| w.task.id).collect();
-    let runs: Vec<i32> = tasks.iter().map(|w| w.task.runs).collect();
-    let lease = shared.config.lease;
-    let mut failures = 0;
-    let answer = loop {
-        let sent_at = tokio::time::Instant::now();
-        match store::tasks::start_leased(&shared.db, &shared.worker_id, &ids, &runs, lease).await {
-            Ok(answer) => {
-                shared.outage.ok();
-                break Some((sent_at, answer));
-            }
-            Err(e) => {
-                shared.outage.failed("starting tasks leased ahead", &e);
-                failures += 1;
-                let pause = retry_pause(failures, shared.config.poll_interval);
-                // Past their lease ahead another worker may have them:
-                // they are let go, to whoever claims them next.
-                let expired = tasks.iter().all(|w| w.lease.expired())
-                    || tokio::time::Instant::now() + pause
-                        >= tasks
-                            .iter()
-                            .map(|w| w.leased_at)
-                            .min()
-                            .unwrap_or_else(tokio::time::Instant::now)
-                            + PoolConfig::AHEAD_LEASE;
-                if expired || shared.shutdown.is_cancelled() {
-                    warn!(error = %e, tasks = ids.len(), "could not start tasks leased ahead before their lease ran out: letting them go");
-                    break None;
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(pause) => {}
-                    _ = shared.shutdown.cancelled() => {}
-                }
-            }
-        }
-    };
-    let mut verdicts: std::collections::HashMap<_, _> = answer
-        .as_ref()
-        .map(|(_, a)| a.iter().copied().collect())
-        .unwrap_or_default();
-    let mut started = Vec::new();
-    for (mut w, slot) in tasks.into_iter().zip(slots) {
-        let key = (w.task.id, w.task.runs);
-        match (verdicts.remove(&w.task.id), &answer) {
-            (
-                Some(store::tasks::Start::Started {
-                    attempts,
-                    started_at,
-                }),
-                Some((sent_at, _)),
-            ) => {
-                w.task.attempts = attempts;
-                w.task.started_at = started_at;
-                w.lease.renewed(*sent_at, lease);
-                if let Some(held) = shared.held().get_mut(&key) {
-                    held.started = true;
-                }
-                started.push((w, slot));
-            }
-            (verdict, _) => {
-                debug!(
-                    task_id = w.task.id.0,
-                    given_back = verdict.is_some(),
-                    "leased ahead, not started"
-                );
-                not_started(shared, w);
-            }
-        }
-    }
-    started
-}
-
-/// Gives back leased-ahead `tasks` that will not start here (one
-/// statement, syncq.give_back); if that fails, their lease ahead runs out
-/// on its own soon.
-async fn give_back(shared: &Arc<Shared>, tasks: Vec<Waiting>) {
-    if tasks.is_empty() {
-        return;
-    }
-    let ids: Vec<_> = tasks.iter().map(|w| w.task.id).collect();
-    let runs: Vec<i32> = tasks.iter().map(|w| w.task.runs).collect();
-    match store::tasks::give_back(&shared.db, &shared.worker_id, &ids, &runs).await {
-        Ok(n) => debug!(given_back = n, "tasks leased ahead given back unstarted"),
-        Err(e) => {
-            warn!(error = %e, tasks = ids.len(), "giving back tasks leased ahead failed; their lease ahead runs out on its own")
-        }
-    }
-    for w in tasks {
-        not_started(shared, w);
-    }
-}
-
-/// A task leased ahead leaves this pool unstarted: no longer held, its
-/// room free for the next claim.
-fn not_started(shared: &Arc<Shared>, w: Waiting) {
-    shared.held().finished((w.task.id, w.task.runs));
-    shared.emit(Event::NotStarted { task_id: w.task.id });
-    drop(w.room);
-    shared.wake.notify_one();
 }
 
 /// The claim loop: wait for room, claim up to that much, queue the tasks.
@@ -503,19 +297,6 @@ impl<'l, 'a> ClaimLoop<'l, 'a> {
             return Step::Go;
         }
         permits.truncate(wanted);
-        // Free slots go with the claim: the tasks it starts run in them at
-        // once. Only while nothing waits in the local queue (the starter
-        // would take those slots first) and no other claim is in flight
-        // (its leased tasks would queue ahead of this claim's).
-        let mut start_slots = Vec::new();
-        if waiting == 0 && in_flight.is_empty() {
-            while start_slots.len() < permits.len() {
-                match slots.clone().try_acquire_owned() {
-                    Ok(slot) => start_slots.push(slot),
-                    Err(_) => break,
-                }
-            }
-        }
         if self.claim_unsure {
             match release_orphans(shared).await {
                 Ok(released) => {
@@ -532,18 +313,12 @@ impl<'l, 'a> ClaimLoop<'l, 'a> {
                         .outage
                         .failed("looking for tasks of a lost claim", &e);
                     drop(permits);
-                    drop(start_slots);
                     return self.pause_after_failure().await;
                 }
             }
         }
         let skip = self.set_aside.current();
-        in_flight.push(tokio::spawn(send_claim(
-            shared.clone(),
-            skip,
-            permits,
-            start_slots,
-        )));
+        in_flight.push(tokio::spawn(send_claim(shared.clone(), skip, permits)));
         Step::Go
     }
 
@@ -558,7 +333,6 @@ impl<'l, 'a> ClaimLoop<'l, 'a> {
             asked_at,
             skip,
             permits,
-            slots,
             result,
         } = match answer {
             Ok(answer) => answer,
@@ -579,7 +353,6 @@ impl<'l, 'a> ClaimLoop<'l, 'a> {
             Err(e) => {
                 let asked = permits.len();
                 drop(permits);
-                drop(slots);
                 return self.on_claim_error(e, &skip, asked).await;
             }
         };
@@ -594,11 +367,10 @@ impl<'l, 'a> ClaimLoop<'l, 'a> {
                 micros = u64::try_from(asked_at.elapsed().as_micros()).unwrap_or(u64::MAX),
                 "claimed tasks"
             );
-            self.local.take(tasks, permits, slots, asked_at);
+            self.local.take(tasks, permits, asked_at);
             return Step::Go;
         }
         drop(permits);
-        drop(slots);
         if !in_flight.is_empty() {
             // Another claim is on its way: its answer decides what next.
             return Step::Go;
@@ -746,32 +518,26 @@ impl<'l, 'a> ClaimLoop<'l, 'a> {
 pub(super) struct Claimed {
     pub(super) asked_at: tokio::time::Instant,
     pub(super) skip: Vec<String>,
-    /// Room for each task asked for.
     pub(super) permits: Vec<OwnedSemaphorePermit>,
-    /// A free slot for each task the claim may start.
-    pub(super) slots: Vec<OwnedSemaphorePermit>,
-    pub(super) result: sqlx::Result<Vec<store::tasks::Claimed>>,
+    pub(super) result: sqlx::Result<Vec<ClaimedTask>>,
 }
 
-/// Sends one claim for as many tasks as `permits` hold room for, starting
-/// as many as `slots` are free and leasing the rest ahead.
+/// Sends one claim for as many tasks as `permits` hold room for.
 pub(super) async fn send_claim(
     shared: Arc<Shared>,
     skip: Vec<String>,
     permits: Vec<OwnedSemaphorePermit>,
-    slots: Vec<OwnedSemaphorePermit>,
 ) -> Claimed {
     let asked_at = tokio::time::Instant::now();
     let result = shared
         .manager
-        .claim(&shared.claimer, &skip, permits.len(), slots.len())
+        .claim(&shared.claimer, &skip, permits.len())
         .await;
     crate::metrics::claim_round_trip(asked_at.elapsed());
     Claimed {
         asked_at,
         skip,
         permits,
-        slots,
         result,
     }
 }
@@ -904,11 +670,8 @@ impl Pace {
             self.since = std::time::Instant::now();
             self.at = now;
         }
-        // Rounded down: a task is leased ahead only if, at this pace, a
-        // slot frees for it within the horizon (a pool of slow tasks
-        // leases nothing ahead: its next task would wait a task's length).
         let ahead = self.rate.max(current) * PoolConfig::PREFETCH_HORIZON.as_secs_f64();
-        self.last = (ahead.floor() as usize).min(most);
+        self.last = (ahead.ceil() as usize).min(most);
         self.last
     }
 }

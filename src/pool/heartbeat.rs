@@ -45,14 +45,12 @@ pub(super) async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken)
             Ok(()) => shared.outage.ok(),
             Err(e) => shared.outage.failed("the worker heartbeat", &e),
         }
-        // The current run of each started task (an older one was
-        // superseded by a newer claim here and is not renewed; one leased
-        // ahead is not renewed either: it is started or given back within
-        // AHEAD_WAIT, well inside its AHEAD_LEASE).
+        // The current run of each task (an older one was superseded by a
+        // newer claim here and is not renewed).
         let current: Vec<(RunKey, Lease)> = shared
             .held()
             .iter()
-            .filter(|(_, h)| h.started && !h.superseded)
+            .filter(|(_, h)| !h.superseded)
             .map(|(key, h)| (*key, h.lease.clone()))
             .collect();
         if current.is_empty() {

@@ -25,9 +25,6 @@ pub(super) struct Held {
     /// A cancel was heard for it: a task still in the local queue then
     /// ends cancelled without starting its handler.
     pub(super) cancel_heard: bool,
-    /// Its attempt began (`running`): false while it is leased ahead in
-    /// the local queue, `queued` in this worker's name and not renewed.
-    pub(super) started: bool,
 }
 
 /// The runs this pool holds, with each task's newest run at hand (a claim
@@ -93,16 +90,9 @@ impl std::ops::DerefMut for HeldRuns {
     }
 }
 
-/// A claimed task on its way to a slot: started by its claim (with the
-/// slot the claim was sent for), or leased ahead and waiting in the local
-/// queue.
+/// A claimed task in the local queue, waiting for a slot.
 pub(super) struct Waiting {
     pub(super) task: ClaimedTask,
     pub(super) lease: Lease,
     pub(super) room: OwnedSemaphorePermit,
-    /// The slot of a task its claim started; None while leased ahead.
-    pub(super) slot: Option<OwnedSemaphorePermit>,
-    /// When it was leased ahead (it is given back after
-    /// [`PoolConfig::AHEAD_WAIT`](crate::PoolConfig::AHEAD_WAIT)).
-    pub(super) leased_at: tokio::time::Instant,
 }

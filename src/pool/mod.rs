@@ -53,8 +53,7 @@ use sweeper::rescue_loop;
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum Event {
-    /// A task was claimed by this pool: started, or leased ahead into its
-    /// local queue.
+    /// A task was claimed by this pool.
     Claimed {
         /// The task.
         task_id: TaskId,
@@ -71,13 +70,6 @@ pub enum Event {
         outcome: OutcomeKind,
         /// Whether it was written (false: fenced out, or the database failed).
         recorded: bool,
-    },
-    /// A task leased ahead was given back unstarted (it waited too long,
-    /// its dataset was paused or limited, the pool stopped), or was found
-    /// cancelled or taken by another worker when its slot came.
-    NotStarted {
-        /// The task.
-        task_id: TaskId,
     },
     /// The rescuer of this pool took back a task whose lease expired.
     Rescued {

@@ -32,9 +32,7 @@ pub(super) async fn run_task(
     slot: Option<OwnedSemaphorePermit>,
     hard_stop: CancellationToken,
 ) {
-    let Waiting {
-        task, lease, room, ..
-    } = waiting;
+    let Waiting { task, lease, room } = waiting;
     let span = info_span!(
         "task",
         task_id = task.id.0,
@@ -50,6 +48,8 @@ pub(super) async fn run_task(
         let (lost, cancelled) = shared.held().get(&key).map_or((true, false), |held| {
             (held.superseded || held.lease.expired(), held.cancel_heard)
         });
+        crate::metrics::task_started(&task);
+        info!(target: ATTEMPT_LOG, "attempt started");
         let began = std::time::Instant::now();
         let joined = match shared.handlers.get(&task.kind).cloned() {
             _ if lost => Ok(Err(TaskError::LeaseLost)),
@@ -62,10 +62,6 @@ pub(super) async fn run_task(
                 Ok(Err(TaskError::Interrupted))
             }
             Some(handler) => {
-                // Logged here, as the handler begins, and nowhere else: a
-                // task given back before this line never started.
-                crate::metrics::task_started(&task);
-                info!(target: ATTEMPT_LOG, "attempt started");
                 let ctx = TaskContext {
                     db: shared.db.clone(),
                     worker_id: shared.worker_id.clone(),

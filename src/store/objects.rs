@@ -50,8 +50,6 @@ pub static OBJECTS: &[SqlObject] = objects![
     "functions/rate_room_at",
     "functions/claimable_datasets",
     "functions/claim",
-    "functions/give_back",
-    "functions/start_leased",
     "functions/next_claim_in",
     "functions/prune_rate_log",
     "functions/write_outcomes",

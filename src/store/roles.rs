@@ -69,9 +69,7 @@ const ROLES: &[&str] = &[
     "GRANT INSERT, UPDATE, DELETE ON syncq.workers TO syncq_worker",
     "GRANT UPDATE (throttled_until, last_claimed_at, served_at, ready_at) ON syncq.datasets TO syncq_worker",
     "GRANT EXECUTE ON FUNCTION
-         syncq.claim(text, text[], text[], text[], int, float8, int, float8),
-         syncq.give_back(text, bigint[], int[]),
-         syncq.start_leased(text, bigint[], int[], float8),
+         syncq.claim(text, text[], text[], text[], int, float8),
          syncq.claimable_datasets(text[], text[], text[]),
          syncq.running_count(text),
          syncq.rate_used(text, interval, timestamptz),

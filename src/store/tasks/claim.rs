@@ -4,9 +4,8 @@
 use sqlx::PgExecutor;
 use std::time::Duration;
 
-use crate::store::{ids_of, secs};
+use crate::store::secs;
 use crate::task::{ClaimedTask, TaskId};
-use chrono::{DateTime, Utc};
 
 /// Claims up to `limit` ready tasks of the given kinds for `worker_id`,
 /// taking turns across datasets and honouring each dataset's pause,
@@ -42,152 +41,6 @@ pub async fn claim(
     )
     .fetch_all(db)
     .await
-}
-
-/// One task of a claim that leases ahead ([`claim_ahead`]).
-#[derive(Debug, Clone)]
-pub struct Claimed {
-    /// The task as claimed. For one leased ahead, `attempts` and
-    /// `started_at` are still its last attempt's, until
-    /// [`start_leased`] starts it.
-    pub task: ClaimedTask,
-    /// Started by the claim (an attempt, `running`); otherwise leased
-    /// ahead (`queued` in this worker's name, not an attempt).
-    pub started: bool,
-}
-
-/// Claims as [`claim`] does, but starts only the first `start` tasks (the
-/// free slots); the rest, up to `limit`, of unlimited datasets only, are
-/// leased ahead for `ahead` without being started: they stay `queued` in
-/// this worker's name until [`start_leased`] starts them or
-/// [`give_back`] returns them (docs/claim.md, "Leased ahead").
-#[allow(clippy::too_many_arguments)]
-pub async fn claim_ahead(
-    db: impl PgExecutor<'_>,
-    worker_id: &str,
-    kinds: &[String],
-    datasets: Option<&[String]>,
-    skip: &[String],
-    limit: usize,
-    start: usize,
-    lease: Duration,
-    ahead: Duration,
-) -> sqlx::Result<Vec<Claimed>> {
-    let limit = i32::try_from(limit).unwrap_or(i32::MAX);
-    let start = i32::try_from(start).unwrap_or(i32::MAX);
-    let rows = sqlx::query!(
-        r#"
-        SELECT id AS "id!: TaskId", dataset_id AS "dataset_id!", kind AS "kind!", payload AS "payload!",
-               priority AS "priority!", attempts AS "attempts!", max_attempts AS "max_attempts!",
-               runs AS "runs!", checkpoint, created_at AS "created_at!",
-               started_at, started AS "started!"
-        FROM syncq.claim($1, $2, $3, $4, $5, $6, $7, $8)
-        "#,
-        worker_id,
-        kinds,
-        datasets,
-        skip,
-        limit,
-        secs(lease),
-        start,
-        secs(ahead),
-    )
-    .fetch_all(db)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| Claimed {
-            task: ClaimedTask {
-                id: r.id,
-                dataset_id: r.dataset_id,
-                kind: r.kind,
-                payload: r.payload,
-                priority: r.priority,
-                attempts: r.attempts,
-                max_attempts: r.max_attempts,
-                runs: r.runs,
-                checkpoint: r.checkpoint,
-                created_at: r.created_at,
-                // A task leased ahead that never ran has no start yet; its
-                // start replaces this.
-                started_at: r.started_at.unwrap_or(r.created_at),
-            },
-            started: r.started,
-        })
-        .collect())
-}
-
-/// A task leased ahead, as [`start_leased`] left it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Start {
-    /// Started: its attempt (counted) and `started_at`.
-    Started {
-        /// `attempts`, this one included.
-        attempts: i32,
-        /// When its handler starts (the database clock).
-        started_at: DateTime<Utc>,
-    },
-    /// Given back, never started: its dataset was paused, throttled or
-    /// given a limit, or its `run_at` moved later.
-    GivenBack,
-}
-
-/// Starts tasks this worker leased ahead (`ids` with their `runs`), one
-/// statement (`syncq.start_leased`). A task missing from the answer is no
-/// longer this worker's to start: cancelled, or taken by another worker
-/// after its lease ahead ran out.
-pub async fn start_leased(
-    db: impl PgExecutor<'_>,
-    worker_id: &str,
-    ids: &[TaskId],
-    runs: &[i32],
-    lease: Duration,
-) -> sqlx::Result<Vec<(TaskId, Start)>> {
-    let rows = sqlx::query!(
-        r#"
-        SELECT id AS "id!: TaskId", started AS "started!", attempts, started_at
-        FROM syncq.start_leased($1, $2, $3, $4)
-        "#,
-        worker_id,
-        &ids_of(ids),
-        runs,
-        secs(lease),
-    )
-    .fetch_all(db)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| {
-            let start = match (r.started, r.attempts, r.started_at) {
-                (true, Some(attempts), Some(started_at)) => Start::Started {
-                    attempts,
-                    started_at,
-                },
-                _ => Start::GivenBack,
-            };
-            (r.id, start)
-        })
-        .collect())
-}
-
-/// Gives back tasks this worker leased ahead and will not start
-/// (`syncq.give_back`): claimable again at once, uncounted, and idle
-/// workers woken. Returns how many were given back.
-pub async fn give_back(
-    db: impl PgExecutor<'_>,
-    worker_id: &str,
-    ids: &[TaskId],
-    runs: &[i32],
-) -> sqlx::Result<usize> {
-    let back = sqlx::query_scalar!(
-        r#"SELECT id AS "id!" FROM syncq.give_back($1, $2, $3) AS g(id)"#,
-        worker_id,
-        &ids_of(ids),
-        runs,
-    )
-    .fetch_all(db)
-    .await?;
-    Ok(back.len())
 }
 
 /// Claims one queued task by id, whatever its dataset's turn, limits or
@@ -305,7 +158,7 @@ pub struct Leftover {
     pub paused: i64,
     pub paused_datasets: Vec<String>,
     pub later: i64,
-    pub later_from: Option<DateTime<Utc>>,
+    pub later_from: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// See [`Leftover`].

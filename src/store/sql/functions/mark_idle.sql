@@ -1,7 +1,6 @@
 -- Marks idle those of `p_candidates` left without a task ready at `p_now`:
--- ready_at becomes the earliest time a queued task is claimable — its
--- run_at, or for a task a worker leased ahead, when that lease runs out —
--- (NULL if none), so they drop out of the claim's scan. Each is locked FOR UPDATE SKIP LOCKED first (a
+-- ready_at becomes the earliest queued run_at (NULL if none), so they drop
+-- out of the claim's scan. Each is locked FOR UPDATE SKIP LOCKED first (a
 -- dataset row another claimer holds is left alone) and looked at again by
 -- a later statement, whose snapshot sees every change committed before the
 -- lock. A task whose producer has not committed yet is not lost: its
@@ -22,7 +21,6 @@ BEGIN
         WHERE d.dataset_id = ANY (p_candidates)
           AND (SELECT true FROM syncq.tasks t
                WHERE t.dataset_id = d.dataset_id AND t.status = 'queued' AND t.run_at <= p_now
-                 AND (t.locked_by IS NULL OR t.lease_expires_at <= p_now)
                ORDER BY t.priority, t.run_at, t.id
                LIMIT 1) IS NULL
         FOR UPDATE OF d SKIP LOCKED);
@@ -30,14 +28,11 @@ BEGIN
         RETURN 0;
     END IF;
     UPDATE syncq.datasets d
-    SET ready_at = (SELECT min(CASE WHEN t.locked_by IS NULL THEN t.run_at
-                                    ELSE greatest(t.run_at, t.lease_expires_at) END)
-                    FROM syncq.tasks t
+    SET ready_at = (SELECT min(t.run_at) FROM syncq.tasks t
                     WHERE t.dataset_id = d.dataset_id AND t.status = 'queued')
     WHERE d.dataset_id = ANY (v_idle)
       AND (SELECT true FROM syncq.tasks t
            WHERE t.dataset_id = d.dataset_id AND t.status = 'queued' AND t.run_at <= p_now
-             AND (t.locked_by IS NULL OR t.lease_expires_at <= p_now)
            ORDER BY t.priority, t.run_at, t.id
            LIMIT 1) IS NULL;
     GET DIAGNOSTICS v_done = ROW_COUNT;
