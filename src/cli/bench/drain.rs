@@ -191,10 +191,12 @@ async fn drain_over(
     limited: bool,
     work: Work,
 ) -> Result<f64, CliError> {
+    // What each task runs, its max_attempts, and how every task ends.
     let (kind, payload, attempts, ends) = match work {
         Work::Noop => ("noop", "{}", 1, "succeeded"),
         Work::FailTwice => ("fail", r#"{"error": "retryable"}"#, 2, "failed"),
     };
+    let max_attempts = if ends == "failed" { attempts } else { 5 };
     sqlx::query(
         "INSERT INTO syncq.tasks (dataset_id, kind, payload, max_attempts)
          SELECT 'bench-' || (i % $2), $3, $4::jsonb, $5 FROM generate_series(1, $1) i",
@@ -203,7 +205,7 @@ async fn drain_over(
     .bind(i64::from(datasets))
     .bind(kind)
     .bind(payload)
-    .bind(if work == Work::FailTwice { 2 } else { 5 })
+    .bind(max_attempts)
     .execute(db)
     .await
     .map_err(bench_error("cannot queue tasks"))?;

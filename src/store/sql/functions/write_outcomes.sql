@@ -60,33 +60,35 @@ BEGIN
     END IF;
     RETURN QUERY
     WITH done AS (
-        -- e(i) below is this row's position in the arrays:
-        -- width_bucket(t.id, v_ids), written out where it is needed.
         UPDATE syncq.tasks t
-        SET status = (CASE
-                WHEN v_ends[width_bucket(t.id, v_ids)] = 'succeed' THEN 'succeeded'
-                WHEN v_ends[width_bucket(t.id, v_ids)] = 'cancel' OR t.cancel_requested THEN 'cancelled'
-                WHEN v_ends[width_bucket(t.id, v_ids)] IN ('throttle', 'release') THEN 'queued'
-                WHEN v_ends[width_bucket(t.id, v_ids)] = 'retry' AND t.attempts < t.max_attempts THEN 'queued'
-                ELSE 'failed' END)::syncq.task_status,
-            result = CASE WHEN v_ends[width_bucket(t.id, v_ids)] = 'succeed'
-                          THEN v_results[width_bucket(t.id, v_ids)] ELSE t.result END,
-            run_at = CASE
-                WHEN v_ends[width_bucket(t.id, v_ids)] IN ('succeed', 'cancel') OR t.cancel_requested THEN t.run_at
-                WHEN v_ends[width_bucket(t.id, v_ids)] IN ('throttle', 'release') THEN now()
-                WHEN v_ends[width_bucket(t.id, v_ids)] = 'retry' AND t.attempts < t.max_attempts
-                    THEN now() + make_interval(secs => v_secs[width_bucket(t.id, v_ids)])
-                ELSE t.run_at END,
-            -- An end that does not count gives its attempt back.
-            attempts = CASE WHEN v_ends[width_bucket(t.id, v_ids)] IN ('throttle', 'release')
-                            THEN greatest(t.attempts - 1, 0) ELSE t.attempts END,
-            finished_at = CASE
-                WHEN v_ends[width_bucket(t.id, v_ids)] IN ('succeed', 'cancel', 'fail') OR t.cancel_requested THEN now()
-                WHEN v_ends[width_bucket(t.id, v_ids)] = 'retry' AND t.attempts >= t.max_attempts THEN now()
-                END,
-            last_error = CASE WHEN v_ends[width_bucket(t.id, v_ids)] = 'succeed' THEN t.last_error
-                              ELSE coalesce(v_errors[width_bucket(t.id, v_ids)], t.last_error) END,
-            locked_by = NULL, lease_expires_at = NULL
+        SET (status, result, run_at, attempts, finished_at, last_error, locked_by, lease_expires_at) = (
+            SELECT
+                (CASE
+                    WHEN e.end_ = 'succeed' THEN 'succeeded'
+                    WHEN e.end_ = 'cancel' OR t.cancel_requested THEN 'cancelled'
+                    WHEN e.end_ IN ('throttle', 'release') THEN 'queued'
+                    WHEN e.end_ = 'retry' AND t.attempts < t.max_attempts THEN 'queued'
+                    ELSE 'failed' END)::syncq.task_status,
+                CASE WHEN e.end_ = 'succeed' THEN v_results[e.i] ELSE t.result END,
+                CASE
+                    WHEN e.end_ IN ('succeed', 'cancel') OR t.cancel_requested THEN t.run_at
+                    WHEN e.end_ IN ('throttle', 'release') THEN now()
+                    WHEN e.end_ = 'retry' AND t.attempts < t.max_attempts
+                        THEN now() + make_interval(secs => v_secs[e.i])
+                    ELSE t.run_at END,
+                -- An end that does not count gives its attempt back.
+                CASE WHEN e.end_ IN ('throttle', 'release')
+                     THEN greatest(t.attempts - 1, 0) ELSE t.attempts END,
+                CASE
+                    WHEN e.end_ IN ('succeed', 'cancel', 'fail') OR t.cancel_requested THEN now()
+                    WHEN e.end_ = 'retry' AND t.attempts >= t.max_attempts THEN now()
+                    END,
+                CASE WHEN e.end_ = 'succeed' THEN t.last_error
+                     ELSE coalesce(v_errors[e.i], t.last_error) END,
+                NULL::text, NULL::timestamptz
+            -- The row's position in the arrays, looked up once.
+            FROM (SELECT w.i, v_ends[w.i] AS end_
+                  FROM (SELECT width_bucket(t.id, v_ids) AS i) w) e)
         WHERE t.id = ANY (v_ids)
           AND t.runs = v_runs[width_bucket(t.id, v_ids)]
           AND t.locked_by = p_worker AND t.status = 'running'
