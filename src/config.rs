@@ -60,9 +60,17 @@ pub struct PoolConfig {
     /// served; then the pool tries it again.
     pub set_aside: Duration,
     /// The most tasks this pool leases ahead of its free slots (its local
-    /// queue), started in claim order as slots free. Leased ahead, they
-    /// count against caps and rate limits like running ones. How many it
-    /// actually takes follows its own pace: about
+    /// queue), started in claim order as slots free. A task leased ahead
+    /// is not started: it stays `queued` (in this worker's name, its lease
+    /// renewed as a running task's), is no attempt, and starts only if,
+    /// once a slot is free, this pool has not heard it cancelled or its
+    /// dataset paused; one that waits longer than
+    /// [`AHEAD_WAIT`](Self::AHEAD_WAIT) is given back to the fleet. Its
+    /// start is written with its end, or after
+    /// [`START_WRITE_DELAY`](Self::START_WRITE_DELAY) if it runs longer. Only datasets without a cap or rate
+    /// limit are leased ahead: a limited dataset's tasks are claimed for
+    /// free slots and start at once, so their limits hold where the
+    /// handlers run. How many it actually takes follows its own pace: about
     /// [`PREFETCH_HORIZON`](Self::PREFETCH_HORIZON) of its recent
     /// completions, so short tasks drain in few, large claims while a pool
     /// of slow tasks keeps nothing waiting. 0: claim only for free slots.
@@ -155,6 +163,17 @@ impl PoolConfig {
     /// How long, at its recent pace, a pool's prefetched tasks may take to
     /// reach a slot: the local queue holds about this much work.
     pub const PREFETCH_HORIZON: Duration = Duration::from_millis(50);
+    /// The longest a task leased ahead waits here for a slot: then it is
+    /// given back (claimable by any worker, idle ones woken), so no task
+    /// waits behind a long one in one process while a slot is free
+    /// elsewhere. Well under the default poll interval.
+    pub const AHEAD_WAIT: Duration = Duration::from_millis(500);
+    /// How long the handler of a task leased ahead runs before its start
+    /// (`running`, the attempt counted, `started_at` when the handler
+    /// began) is written on its own: a shorter one has its start written
+    /// with its end, in the same statement, so a drain of short tasks
+    /// writes each row twice (lease, end), as when the claim started them.
+    pub const START_WRITE_DELAY: Duration = Duration::from_millis(10);
 
     /// `lease`: long enough to be renewed, short enough that a dead
     /// worker's tasks come back the same day.

@@ -96,12 +96,16 @@ CREATE TABLE fleet_audit.starts (
 CREATE FUNCTION fleet_audit.record_start() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO fleet_audit.starts (task_id, dataset_id, runs, attempts, worker, started_at)
-    VALUES (NEW.id, NEW.dataset_id, NEW.runs, NEW.attempts, NEW.locked_by, NEW.started_at);
+    VALUES (NEW.id, NEW.dataset_id, NEW.runs, NEW.attempts,
+            coalesce(NEW.locked_by, OLD.locked_by), NEW.started_at);
     RETURN NULL;
 END;
 $$;
 CREATE TRIGGER fleet_audit_start AFTER UPDATE ON syncq.tasks FOR EACH ROW
-    WHEN (NEW.status = 'running' AND NEW.runs IS DISTINCT FROM OLD.runs)
+    -- A start: its started_at written — by the claim (a limited dataset's
+    -- task), or for a task leased ahead after its handler began, on its
+    -- own or with its end (then the row goes from queued to its end).
+    WHEN (NEW.started_at IS NOT NULL AND NEW.started_at IS DISTINCT FROM OLD.started_at)
     EXECUTE FUNCTION fleet_audit.record_start();
 CREATE TABLE fleet_audit.checkpoints (
     seq        bigint GENERATED ALWAYS AS IDENTITY,
@@ -128,7 +132,7 @@ async fn install_audit(db: &PgPool) {
         .expect("install the audit triggers");
 }
 
-/// One attempt's start, as the claim wrote it.
+/// One attempt's start, as the rows recorded it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 struct Start {
     task_id: i64,
@@ -162,7 +166,7 @@ async fn checkpoints(db: &PgPool, id: i64) -> Vec<(i32, Value)> {
     .expect("read the audited checkpoints")
 }
 
-async fn db_now(db: &PgPool) -> DateTime<Utc> {
+async fn db_now(db: impl sqlx::PgExecutor<'_>) -> DateTime<Utc> {
     sqlx::query_scalar("SELECT clock_timestamp()")
         .fetch_one(db)
         .await
@@ -570,8 +574,14 @@ async fn a_cap_and_a_rate_limit_set_on_busy_datasets_hold_from_that_moment(
 }
 
 /// Sets `set` on `dataset` in a transaction; returns the tasks of the
-/// dataset started before the setting committed.
-async fn set_limit_listing_starts(db: &PgPool, dataset: &str, set: &'static str) -> Vec<i64> {
+/// dataset started before the setting committed, and the database's clock
+/// once it has: a task leased ahead whose handler began before then has
+/// its start written a few milliseconds later, with that `started_at`.
+async fn set_limit_listing_starts(
+    db: &PgPool,
+    dataset: &str,
+    set: &'static str,
+) -> (Vec<i64>, DateTime<Utc>) {
     let mut tx = db.begin().await.unwrap();
     let changed = sqlx::query(sqlx::AssertSqlSafe(format!(
         "UPDATE syncq.datasets SET {set} WHERE dataset_id = $1"
@@ -590,8 +600,13 @@ async fn set_limit_listing_starts(db: &PgPool, dataset: &str, set: &'static str)
     .await
     .unwrap();
     tx.commit().await.unwrap();
-    started
+    (started, db_now(db).await)
 }
+
+/// How soon after a limit commits every process applies it to the tasks
+/// it leased ahead: they hear it by NOTIFY (syncq_dataset_held) within
+/// milliseconds; SPEC §2 allows a second. Claims apply it at once.
+const HEARD: TimeDelta = TimeDelta::milliseconds(100);
 
 async fn limits_set_on_busy_datasets(opts: PgConnectOptions) {
     let db = common::observer(&opts, OBSERVER, 6).await;
@@ -626,8 +641,8 @@ async fn limits_set_on_busy_datasets(opts: PgConnectOptions) {
         }
     })
     .await;
-    let before_cap = set_limit_listing_starts(&db, "to-cap", "max_concurrency = 3").await;
-    let before_rate = set_limit_listing_starts(
+    let (before_cap, cap_at) = set_limit_listing_starts(&db, "to-cap", "max_concurrency = 3").await;
+    let (before_rate, rate_at) = set_limit_listing_starts(
         &db,
         "to-rate",
         "rate_limit = 50, rate_window = interval '1 second'",
@@ -652,14 +667,17 @@ async fn limits_set_on_busy_datasets(opts: PgConnectOptions) {
 
     // The cap: each later start, with the tasks running at that instant
     // (itself included), by the rows' own clock.
-    let crowded: Vec<(i64, i64)> = sqlx::query_as(
+    let crowded: Vec<(i64, i64, f64)> = sqlx::query_as(
         "SELECT s.id, (SELECT count(*) FROM syncq.tasks r
                        WHERE r.dataset_id = 'to-cap' AND r.started_at <= s.started_at
-                         AND r.finished_at > s.started_at)
+                         AND r.finished_at > s.started_at),
+                (extract(epoch FROM s.started_at - $2) * 1000)::float8
          FROM syncq.tasks s
-         WHERE s.dataset_id = 'to-cap' AND NOT (s.id = ANY ($1))",
+         WHERE s.dataset_id = 'to-cap' AND NOT (s.id = ANY ($1)) AND s.started_at > $2 + $3",
     )
     .bind(&before_cap)
+    .bind(cap_at)
+    .bind(HEARD)
     .fetch_all(&db)
     .await
     .unwrap();
@@ -668,19 +686,22 @@ async fn limits_set_on_busy_datasets(opts: PgConnectOptions) {
         "only {} starts after the cap",
         crowded.len()
     );
-    let over: Vec<&(i64, i64)> = crowded.iter().filter(|(_, n)| *n > 3).collect();
+    let over: Vec<&(i64, i64, f64)> = crowded.iter().filter(|(_, n, _)| *n > 3).collect();
     assert!(over.is_empty(), "starts past the cap of 3: {over:?}");
     assert!(
-        crowded.iter().any(|(_, n)| *n == 3),
+        crowded.iter().any(|(_, n, _)| *n == 3),
         "the cap was never reached after it was set"
     );
 
     // The rate: the later starts, in every one-second window.
     let times: Vec<DateTime<Utc>> = sqlx::query_scalar(
         "SELECT started_at FROM syncq.tasks
-         WHERE dataset_id = 'to-rate' AND NOT (id = ANY ($1)) ORDER BY started_at",
+         WHERE dataset_id = 'to-rate' AND NOT (id = ANY ($1)) AND started_at > $2 + $3
+         ORDER BY started_at",
     )
     .bind(&before_rate)
+    .bind(rate_at)
+    .bind(HEARD)
     .fetch_all(&db)
     .await
     .unwrap();
@@ -911,10 +932,37 @@ async fn throttle_across_processes(opts: PgConnectOptions) {
         .iter()
         .filter(|s| s.dataset_id == "upstream" && s.started_at >= until)
         .collect();
+    // Every task of the dataset that had not started when the throttle
+    // was seen started after it (the `queued` count the watcher read also
+    // holds tasks leased ahead whose handler had just begun: their start
+    // is written within milliseconds, with its `started_at`).
+    let upstream: Vec<i64> =
+        sqlx::query_scalar("SELECT id FROM syncq.tasks WHERE dataset_id = 'upstream'")
+            .fetch_all(&db)
+            .await
+            .unwrap();
+    let before: BTreeSet<i64> = all
+        .iter()
+        .filter(|s| s.dataset_id == "upstream" && s.started_at < seen_at && s.task_id != throttler)
+        .map(|s| s.task_id)
+        .collect();
+    let started_after: BTreeSet<i64> = after.iter().map(|s| s.task_id).collect();
+    let not_yet: Vec<i64> = upstream
+        .iter()
+        .copied()
+        .filter(|id| !before.contains(id))
+        .collect();
     assert!(
-        after.len() >= waiting as usize,
-        "{} starts after the throttle, {waiting} were waiting",
-        after.len()
+        !not_yet.is_empty(),
+        "every task had started when the throttle was seen ({waiting} queued)"
+    );
+    let missing: Vec<&i64> = not_yet
+        .iter()
+        .filter(|id| !started_after.contains(id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "waiting when the throttle was seen, and not started after it: {missing:?}"
     );
     let processes: BTreeSet<&str> = after.iter().map(|s| s.worker.as_str()).collect();
     assert!(
@@ -1030,10 +1078,15 @@ async fn stopped_past_lease(opts: PgConnectOptions) {
             "50ms",
         ],
     );
+    // Its row says so (the start of a task leased ahead is written within
+    // milliseconds of its handler's).
     common::wait_for("B rescued the task and runs it", WAIT, || {
         let db = db.clone();
         let ran = started_here(&b, id, 2);
-        async move { ran && common::task(&db, id).await.runs == 2 }
+        async move {
+            let row = common::task(&db, id).await;
+            ran && row.runs == 2 && row.status == "running"
+        }
     })
     .await;
     b.signal("-STOP").await;

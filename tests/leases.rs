@@ -250,6 +250,9 @@ async fn a_silent_pool_loses_its_task_to_another_pool(_: PgPoolOptions, opts: Pg
         tokio::time::timeout(WAIT, stuck.started.notified())
             .await
             .expect("pool A never started the task");
+        // Its start written (within milliseconds of the handler's: a pool
+        // that dies sooner leaves the attempt uncounted, docs/claim.md).
+        common::wait_status(&db, id, "running").await;
         a_run.abort();
         let _ = a_run.await;
         assert_eq!(common::task(&db, id).await.locked_by, Some(a_id.clone()));
@@ -675,6 +678,7 @@ async fn a_completion_batch_skips_only_the_task_whose_lease_was_lost(db: PgPool)
             id: t.id,
             runs: t.runs,
             end: End::Succeed(json!("a")),
+            began_ago: None,
         })
         .collect();
     let mut written = tasks::complete_many(&db, "worker-a", &batch).await.unwrap();
@@ -855,6 +859,7 @@ async fn one_statement_writes_every_kind_of_outcome(db: PgPool) {
             id: t.id,
             runs: t.runs,
             end,
+            began_ago: None,
         })
         .collect();
     let mut written = tasks::complete_many(&db, "worker-a", &batch).await.unwrap();

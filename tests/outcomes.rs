@@ -654,13 +654,10 @@ async fn a_result_the_database_refuses_fails_alone_in_its_batch(
     assert!(error.contains("result could not be stored"), "{error}");
 }
 
-/// The local queue (SPEC §4 "nothing is lost", §6 caps count `running`
-/// rows): one slot, 30 `sleep` tasks of 100 ms. The pool leases one task
-/// ahead of its slot once it knows its pace — two `running` rows, one
-/// handler — never more than its room, and in order. At a checkpoint the
-/// task waiting for the slot goes back to `queued` unstarted and uncounted
-/// (its claim moved `runs` on; `attempts` is back where it was), as does
-/// the interrupted one; no task is left `running`.
+/// The local queue (SPEC §2, §4): one slot, short tasks, then a long one,
+/// then more short ones. While the long one runs, tasks leased ahead wait
+/// `queued` in the pool's name, not started — and at a checkpoint they go back unstarted and uncounted, as
+/// does the interrupted long one; no task is left `running` or held.
 #[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_task_leased_ahead_waits_its_turn_and_goes_back_uncounted_at_a_checkpoint(
     _: PgPoolOptions,
@@ -670,7 +667,8 @@ async fn a_task_leased_ahead_waits_its_turn_and_goes_back_uncounted_at_a_checkpo
         let db = common::connect(&opts).await;
         sqlx::query(
             r#"INSERT INTO syncq.tasks (dataset_id, kind, payload)
-               SELECT 'd', 'sleep', '{"ms": 100}' FROM generate_series(1, 30)"#,
+               SELECT 'd', 'sleep', CASE WHEN i = 101 THEN '{"ms": 5000}' ELSE '{"ms": 1}' END::jsonb
+               FROM generate_series(1, 200) i ORDER BY i"#,
         )
         .execute(&db)
         .await
@@ -685,14 +683,13 @@ async fn a_task_leased_ahead_waits_its_turn_and_goes_back_uncounted_at_a_checkpo
             .unwrap();
         let (handle, run) = common::spawn(pool);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        let mut ahead_seen = false;
-        while !ahead_seen {
-            let running = common::count(&db, "status = 'running'").await;
-            assert!(
-                running <= 2,
-                "{running} running with one slot and one ahead"
-            );
-            ahead_seen = running == 2;
+        loop {
+            let ahead = common::count(&db, "status = 'queued' AND locked_by IS NOT NULL").await;
+            let long_runs =
+                common::count(&db, "status = 'running' AND payload->>'ms' = '5000'").await;
+            if ahead > 0 && long_runs == 1 {
+                break;
+            }
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "the pool never leased a task ahead of its slot"
@@ -703,9 +700,13 @@ async fn a_task_leased_ahead_waits_its_turn_and_goes_back_uncounted_at_a_checkpo
         run.await.unwrap().unwrap();
 
         assert_eq!(common::count(&db, "status = 'running'").await, 0);
-        let (done, handed_back, counted_wrongly): (i64, i64, i64) = sqlx::query_as(
+        assert_eq!(
+            common::count(&db, "locked_by IS NOT NULL").await,
+            0,
+            "a task is still held"
+        );
+        let (done, counted_wrongly): (i64, i64) = sqlx::query_as(
             "SELECT count(*) FILTER (WHERE status = 'succeeded'),
-                    count(*) FILTER (WHERE status = 'queued' AND runs >= 1),
                     count(*) FILTER (WHERE status = 'queued' AND attempts <> 0
                                         OR status = 'succeeded' AND attempts <> 1)
              FROM syncq.tasks",
@@ -713,11 +714,7 @@ async fn a_task_leased_ahead_waits_its_turn_and_goes_back_uncounted_at_a_checkpo
         .fetch_one(&db)
         .await
         .unwrap();
-        assert!(done >= 1, "nothing ran before the checkpoint");
-        assert!(
-            (1..=2).contains(&handed_back),
-            "{handed_back} tasks went back after being leased"
-        );
+        assert!(done >= 100, "the short tasks before the long one ran");
         assert_eq!(
             counted_wrongly, 0,
             "an attempt counted for a task never finished"
@@ -726,34 +723,33 @@ async fn a_task_leased_ahead_waits_its_turn_and_goes_back_uncounted_at_a_checkpo
         let out_of_order: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM syncq.tasks s WHERE s.status = 'succeeded'
                AND EXISTS (SELECT 1 FROM syncq.tasks q
-                           WHERE q.status = 'queued' AND q.runs = 0 AND q.id < s.id)",
+                           WHERE q.status = 'queued' AND q.id < s.id)",
         )
         .fetch_one(&db)
         .await
         .unwrap();
-        assert_eq!(
-            out_of_order, 0,
-            "a later task ran before an earlier one was claimed"
-        );
+        assert_eq!(out_of_order, 0, "a later task ran before an earlier one");
     })
     .await;
 }
 
-/// A handler that records each start, then takes a second.
+/// A handler that records each start, then sleeps `{"ms": N}`.
 #[derive(Clone, Default)]
-struct SlowRecorder(Arc<Mutex<Vec<i64>>>);
+struct StartRecorder(Arc<Mutex<Vec<i64>>>);
 
 #[async_trait]
-impl SyncWorker for SlowRecorder {
+impl SyncWorker for StartRecorder {
     async fn handle(&self, task: &mut SyncTask) -> TaskResult {
         self.0.lock().unwrap().push(task.id().into());
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        let ms = task.payload()["ms"].as_u64().unwrap_or(0);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
         Ok(json!(null))
     }
 }
 
 /// A task cancelled while it waits in the local queue (leased ahead of
-/// the pool's one slot) ends `cancelled` without its handler starting.
+/// the pool's one slot, busy with a long task) ends `cancelled` without
+/// its handler starting.
 #[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_task_cancelled_while_leased_ahead_never_starts(
     _: PgPoolOptions,
@@ -762,13 +758,19 @@ async fn a_task_cancelled_while_leased_ahead_never_starts(
     common::on_multi_thread(async move {
         let db = common::connect(&opts).await;
         let manager = TaskQueueManager::new(db.clone());
-        manager
-            .enqueue_many((0..6).map(|_| NewTask::new("d", "slow")))
+        // Short tasks set the pool's pace (it leases ahead), then a long
+        // one holds its only slot while the next ones wait leased ahead.
+        let short = |_| NewTask::new("d", "rec").payload(json!({"ms": 1}));
+        manager.enqueue_many((0..100).map(short)).await.unwrap();
+        let long: i64 = manager
+            .enqueue(NewTask::new("d", "rec").payload(json!({"ms": 3000})))
             .await
-            .unwrap();
-        let recorder = SlowRecorder::default();
+            .unwrap()
+            .into();
+        manager.enqueue_many((0..100).map(short)).await.unwrap();
+        let recorder = StartRecorder::default();
         let pool = WorkerPool::builder(db.clone())
-            .register("slow", recorder.clone())
+            .register("rec", recorder.clone())
             .config(PoolConfig {
                 concurrency: 1,
                 ..common::fast_config()
@@ -776,26 +778,29 @@ async fn a_task_cancelled_while_leased_ahead_never_starts(
             .build()
             .unwrap();
         let (handle, run) = common::spawn(pool);
-        // One running, one leased ahead of the slot: the later id waits.
         let mut waiting = None;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while waiting.is_none() {
-            let running: Vec<i64> = sqlx::query_scalar(
-                "SELECT id FROM syncq.tasks WHERE status = 'running' ORDER BY id",
+            let leased: Option<i64> = sqlx::query_scalar(
+                "SELECT id FROM syncq.tasks WHERE status = 'queued' AND locked_by IS NOT NULL
+                   AND lease_expires_at > now() AND id > $1 ORDER BY id DESC LIMIT 1",
             )
-            .fetch_all(&db)
+            .bind(long)
+            .fetch_optional(&db)
             .await
             .unwrap();
             let started = recorder.0.lock().unwrap().clone();
-            if running.len() == 2 && started.contains(&running[0]) && !started.contains(&running[1])
+            // Behind the long task, in the slot now.
+            if let Some(id) = leased
+                && started.last() == Some(&long)
             {
-                waiting = Some(running[1]);
+                waiting = Some(id);
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "nothing waited ahead"
             );
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let waiting = waiting.unwrap();
         sqlx::query("UPDATE syncq.tasks SET cancel_requested = true WHERE id = $1")

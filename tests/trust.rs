@@ -571,8 +571,8 @@ async fn a_dataset_whose_claims_fail_is_set_aside_and_the_others_drain(
     sqlx::raw_sql(
         "CREATE FUNCTION public.refuse() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN RAISE EXCEPTION 'the upstream mirror of % is gone', NEW.dataset_id; END $$;
-         CREATE TRIGGER refuse BEFORE UPDATE OF status ON syncq.tasks FOR EACH ROW
-             WHEN (NEW.dataset_id = 'a-broken' AND NEW.status = 'running')
+         CREATE TRIGGER refuse BEFORE UPDATE OF locked_by ON syncq.tasks FOR EACH ROW
+             WHEN (NEW.dataset_id = 'a-broken' AND NEW.locked_by IS NOT NULL)
              EXECUTE FUNCTION public.refuse();
          INSERT INTO syncq.tasks (dataset_id, kind) SELECT 'a-broken', 'noop' FROM generate_series(1, 5);
          -- Ahead of it in turn order, datasets the claim passes over: one

@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::db::Db;
-use crate::task::ClaimedTask;
 
 use crate::error::Result;
 use crate::queue::TaskQueue;
@@ -123,21 +122,24 @@ impl TaskQueueManager {
     /// Hands out up to `limit` tasks to `who`, taking turns across the
     /// datasets with ready work (fleet-wide round robin, weighted; caps and
     /// rate limits counted in rows), leaving out the datasets in `skip`.
-    /// The tasks come back `running` in `who`'s name, leased, in the order
-    /// they were picked.
+    /// The tasks come back in `who`'s name, leased, in the order they were
+    /// picked: up to `start` of limited datasets started (`running`), the
+    /// rest leased ahead (`queued`, not yet started).
     pub(crate) async fn claim(
         &self,
         who: &Claimer,
         skip: &[String],
         limit: usize,
-    ) -> sqlx::Result<Vec<ClaimedTask>> {
-        store::tasks::claim(
+        start: usize,
+    ) -> sqlx::Result<Vec<store::tasks::Claimed>> {
+        store::tasks::claim_ahead(
             &self.db,
             &who.worker_id,
             &who.kinds,
             who.datasets(),
             skip,
-            i64::try_from(limit).unwrap_or(i64::MAX),
+            limit,
+            start,
             who.lease,
         )
         .await

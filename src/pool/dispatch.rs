@@ -8,9 +8,9 @@ use crate::lease::Lease;
 use crate::manager::set_aside::{self, SetAside};
 use crate::store;
 use crate::store::tasks::Fence;
-use crate::task::ClaimedTask;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -72,9 +72,10 @@ pub(super) async fn dispatch(
             Ok(Claimed {
                 asked_at,
                 permits,
+                slots,
                 result: Ok(tasks),
                 ..
-            }) => local.take(tasks, permits, asked_at),
+            }) => local.take(tasks, permits, slots, asked_at),
             _ => unsure = true,
         }
     }
@@ -96,15 +97,27 @@ pub(super) struct Local<'a> {
 }
 
 impl Local<'_> {
-    /// Registers claimed tasks as held and queues them, in claim order.
+    /// Registers claimed tasks as held and queues them, in claim order:
+    /// those the claim started with the slots it was sent for, the others
+    /// leased ahead.
     pub(super) fn take(
         &self,
-        tasks: Vec<ClaimedTask>,
+        tasks: Vec<store::tasks::Claimed>,
         permits: Vec<OwnedSemaphorePermit>,
+        slots: Vec<OwnedSemaphorePermit>,
         asked_at: tokio::time::Instant,
     ) {
         let shared = self.shared;
-        for (task, room) in tasks.into_iter().zip(permits) {
+        let mut slots = slots.into_iter();
+        let now = tokio::time::Instant::now();
+        for (claimed, room) in tasks.into_iter().zip(permits) {
+            let store::tasks::Claimed { task, started } = claimed;
+            // A claim served it: whatever refused its starts has passed.
+            if shared.given_back.lock().is_ok_and(|g| !g.is_empty()) {
+                shared.given_back().remove(&task.dataset_id);
+            }
+            // Leased ahead or started, the same lease, renewed by the
+            // heartbeat: no other worker takes it while this one lives.
             let lease = Lease::new(asked_at, shared.config.lease);
             let older = shared.held().claimed(
                 (task.id, task.runs),
@@ -113,6 +126,7 @@ impl Local<'_> {
                     superseded: false,
                     finishing: false,
                     cancel_heard: false,
+                    started,
                 },
             );
             if let Some(runs) = older {
@@ -131,8 +145,22 @@ impl Local<'_> {
                 dataset_id: task.dataset_id.clone(),
                 kind: task.kind.clone(),
             });
+            // A started task has its slot; the claim started no more tasks
+            // than it was sent with slots for.
+            let slot = if started { slots.next() } else { None };
+            if slot.is_none() {
+                shared
+                    .leased_waiting
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             // The starter outlives the claim loop: a send cannot fail.
-            let _ = self.queue.send(Waiting { task, lease, room });
+            let _ = self.queue.send(Waiting {
+                task,
+                lease,
+                room,
+                slot,
+                leased_at: now,
+            });
         }
     }
 
@@ -143,10 +171,14 @@ impl Local<'_> {
     }
 }
 
-/// Starts the local queue's tasks in claim order, each as a slot frees
-/// (the slots semaphore is first come, first served, and this is its one
-/// waiter). Once the pool stops, starts nothing more: the rest go to runs
-/// that hand them back unstarted and uncounted.
+/// The starter: runs each task its claim started at once (it came with
+/// its slot), and starts the local queue's tasks in claim order as slots
+/// free: each handler begins at once, its start written by the completer
+/// (with its end if it ends soon). A task that waits longer than
+/// [`PoolConfig::AHEAD_WAIT`] is given back to the fleet, as are those
+/// heard cancelled and those of a dataset heard paused, throttled or
+/// limited (`Shared::given_back`). Once the pool stops, starts nothing
+/// more: what waits is given back, unstarted and uncounted.
 pub(super) async fn start_loop(
     shared: Arc<Shared>,
     slots: Arc<Semaphore>,
@@ -154,14 +186,160 @@ pub(super) async fn start_loop(
     running: TaskTracker,
     hard_stop: CancellationToken,
 ) {
-    while let Some(waiting) = queued.recv().await {
-        let slot = tokio::select! {
+    let mut waiting: VecDeque<Waiting> = VecDeque::new();
+    let mut open = true;
+    let run = |w: Waiting, slot: OwnedSemaphorePermit, leased: bool| {
+        running.spawn(run_task(
+            shared.clone(),
+            w,
+            Some(slot),
+            leased,
+            hard_stop.clone(),
+        ));
+    };
+    // Given back off the starter's path: its round trip holds no start up.
+    let back = |tasks: Vec<Waiting>| {
+        if !tasks.is_empty() {
+            left_queue(&shared, tasks.len());
+            running.spawn(give_back(shared.clone(), tasks));
+        }
+    };
+    loop {
+        if shared.shutdown.is_cancelled() {
+            break;
+        }
+        if waiting.is_empty() {
+            if !open {
+                break;
+            }
+            tokio::select! {
+                biased;
+                _ = shared.shutdown.cancelled() => break,
+                next = queued.recv() => match next {
+                    Some(mut w) => match w.slot.take() {
+                        Some(slot) => run(w, slot, false),
+                        None => waiting.push_back(w),
+                    },
+                    None => open = false,
+                },
+            }
+            continue;
+        }
+        let overdue_at = waiting
+            .front()
+            .map_or_else(tokio::time::Instant::now, |w| w.leased_at)
+            + PoolConfig::AHEAD_WAIT;
+        tokio::select! {
             biased;
-            slot = slots.clone().acquire_owned() => slot.ok(),
-            _ = shared.shutdown.cancelled() => None,
-        };
-        running.spawn(run_task(shared.clone(), waiting, slot, hard_stop.clone()));
+            _ = shared.shutdown.cancelled() => break,
+            _ = shared.held_back.notified() => {
+                back(take_held_back(&shared, &mut waiting));
+            }
+            next = queued.recv(), if open => match next {
+                Some(mut w) => match w.slot.take() {
+                    Some(slot) => run(w, slot, false),
+                    None => waiting.push_back(w),
+                },
+                None => open = false,
+            },
+            slot = slots.clone().acquire_owned() => {
+                let Ok(slot) = slot else { break };
+                // Heard meanwhile: what must not start goes back first.
+                let mut out = take_held_back(&shared, &mut waiting);
+                let Some(w) = waiting.pop_front() else {
+                    back(out);
+                    continue;
+                };
+                let key = (w.task.id, w.task.runs);
+                if shared.held().get(&key).is_none_or(|h| h.cancel_heard) {
+                    drop(slot);
+                    out.push(w);
+                    back(out);
+                    continue;
+                }
+                back(out);
+                left_queue(&shared, 1);
+                run(w, slot, true);
+            }
+            _ = tokio::time::sleep_until(overdue_at) => {
+                let now = tokio::time::Instant::now();
+                let overdue = waiting
+                    .iter()
+                    .take_while(|w| w.leased_at + PoolConfig::AHEAD_WAIT <= now)
+                    .count();
+                let tasks: Vec<Waiting> = waiting.drain(..overdue).collect();
+                debug!(tasks = tasks.len(), "leased ahead and still waiting for a slot: giving them back");
+                back(tasks);
+            }
+        }
     }
+    // Stopping (or the dispatcher is done): what waits is given back
+    // unstarted; what claims still in flight started goes to runs that
+    // hand it back (the attempt not counted), and what they leased ahead
+    // is given back, until the dispatcher has heard every claim (it then
+    // closes the queue).
+    back(waiting.drain(..).collect());
+    while open && let Some(mut w) = queued.recv().await {
+        match w.slot.take() {
+            Some(slot) => run(w, slot, false),
+            None => back(vec![w]),
+        }
+    }
+}
+
+/// Takes out of the local queue the tasks of datasets heard paused,
+/// throttled or limited ("" in `given_back`: of every dataset).
+fn take_held_back(shared: &Shared, waiting: &mut VecDeque<Waiting>) -> Vec<Waiting> {
+    let held = {
+        let mut given_back = shared.given_back();
+        if given_back.is_empty() {
+            return Vec::new();
+        }
+        let all = given_back.remove("");
+        (all, given_back.clone())
+    };
+    let (all, datasets) = held;
+    let (out, keep): (Vec<Waiting>, Vec<Waiting>) = waiting
+        .drain(..)
+        .partition(|w| all || datasets.contains(&w.task.dataset_id));
+    waiting.extend(keep);
+    out
+}
+
+/// Gives back leased-ahead `tasks` that will not start here (one
+/// statement, syncq.give_back); if that fails, their lease ahead runs out
+/// on its own soon.
+async fn give_back(shared: Arc<Shared>, tasks: Vec<Waiting>) {
+    if tasks.is_empty() {
+        return;
+    }
+    let ids: Vec<_> = tasks.iter().map(|w| w.task.id).collect();
+    let runs: Vec<i32> = tasks.iter().map(|w| w.task.runs).collect();
+    match store::tasks::give_back(&shared.db, &shared.worker_id, &ids, &runs).await {
+        Ok(n) => debug!(given_back = n, "tasks leased ahead given back unstarted"),
+        Err(e) => {
+            warn!(error = %e, tasks = ids.len(), "giving back tasks leased ahead failed; their lease ahead runs out on its own")
+        }
+    }
+    for w in tasks {
+        not_started(&shared, w);
+    }
+}
+
+/// `n` tasks leased ahead left the local queue (started or given back).
+fn left_queue(shared: &Shared, n: usize) {
+    shared
+        .leased_waiting
+        .fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// A task leased ahead leaves this pool unstarted: no longer held, its
+/// room free for the next claim.
+fn not_started(shared: &Arc<Shared>, w: Waiting) {
+    shared.held().finished((w.task.id, w.task.runs));
+    shared.emit(Event::NotStarted { task_id: w.task.id });
+    drop(w.room);
+    shared.wake.notify_one();
 }
 
 /// The claim loop: wait for room, claim up to that much, queue the tasks.
@@ -183,6 +361,20 @@ pub(super) async fn claim_loop(
                 Ok(first) => state.send(first, in_flight).await,
                 Err(_) => Step::Stop,
             },
+            // The local queue was full with a claim in flight: look again
+            // once a slot frees (or soon), not in a busy loop.
+            _ = local.shared.slot_freed.notified(), if state.full => {
+                state.full = false;
+                Step::Go
+            }
+            _ = local.shared.wake.notified(), if state.full => {
+                state.full = false;
+                Step::Go
+            }
+            _ = tokio::time::sleep(COALESCE * 5), if state.full => {
+                state.full = false;
+                Step::Go
+            }
         };
         if step == Step::Stop {
             return;
@@ -223,6 +415,14 @@ struct ClaimLoop<'l, 'a> {
     /// pool's next claim overlaps the previous one's round trip and
     /// commit).
     busy_claims: bool,
+    /// Tasks of limited datasets the last claim started (slots held for
+    /// the next one: this many plus one).
+    limited_started: usize,
+    /// Tasks asked for by the claims in flight.
+    asked_in_flight: usize,
+    /// The local queue is full and a claim is in flight: no claim is sent
+    /// until a slot frees, a wake-up or an answer.
+    full: bool,
 }
 
 impl<'l, 'a> ClaimLoop<'l, 'a> {
@@ -238,6 +438,9 @@ impl<'l, 'a> ClaimLoop<'l, 'a> {
             claim_unsure: false,
             nothing_due: false,
             busy_claims: false,
+            limited_started: 0,
+            asked_in_flight: 0,
+            full: false,
         }
     }
 
@@ -257,6 +460,7 @@ impl<'l, 'a> ClaimLoop<'l, 'a> {
                 && self.local.room.available_permits()
                     >= (concurrency + self.pace.last()).div_ceil(4)))
             && (!self.claim_unsure || in_flight.is_empty())
+            && !self.full
     }
 
     /// Room is free (`first`): gathers as much as is wanted and sends a
@@ -277,15 +481,37 @@ impl<'l, 'a> ClaimLoop<'l, 'a> {
         gather_permits(room, &mut permits, concurrency + ahead).await;
         // Held here beyond the running handlers (waiting for a slot, or
         // asked for by a claim in flight).
-        let held_here = concurrency + prefetch - room.available_permits() - permits.len();
-        let busy = concurrency - slots.available_permits();
-        let waiting = held_here.saturating_sub(busy);
+        // Waiting for a slot: the local queue and what claims in flight
+        // asked for (not the tasks whose outcome is being written: they
+        // hold room, not slots).
+        let waiting = shared
+            .leased_waiting
+            .load(std::sync::atomic::Ordering::Relaxed)
+            + self.asked_in_flight;
         let wanted = (slots.available_permits() + ahead).saturating_sub(waiting);
+        tracing::trace!(
+            ahead,
+            wanted,
+            free = slots.available_permits(),
+            waiting,
+            gathered = permits.len(),
+            "claim sizing"
+        );
+        // While tasks wait here, top the local queue up in batches of a
+        // quarter of its size at least, not a claim per few slots freed
+        // (a claim's fixed cost is most of a small one's).
+        let worth = (concurrency + ahead).div_ceil(4);
+        let wanted = if waiting > 0 && wanted < worth {
+            0
+        } else {
+            wanted
+        };
         if wanted == 0 {
             // Every slot busy and the local queue full enough: wait for a
             // run to end (each one wakes the dispatcher), or for the claim
             // in flight.
             drop(permits);
+            self.full = !in_flight.is_empty();
             if in_flight.is_empty() {
                 tokio::select! {
                     _ = shared.slot_freed.notified() => {}
@@ -297,6 +523,24 @@ impl<'l, 'a> ClaimLoop<'l, 'a> {
             return Step::Go;
         }
         permits.truncate(wanted);
+        // Free slots go with the claim for the tasks of limited datasets
+        // it starts (they run in them at once; an unlimited dataset's are
+        // leased ahead and started as slots free). Held only while the
+        // claim is in flight, and only slots no task of the local queue is
+        // waiting for — or, at least, as many as the last claim started
+        // plus one, so limited datasets are served beside a busy queue.
+        let free = slots.available_permits();
+        let reserve = free
+            .saturating_sub(waiting)
+            .max((self.limited_started + 1).min(free))
+            .min(permits.len());
+        let mut start_slots = Vec::new();
+        while start_slots.len() < reserve {
+            match slots.clone().try_acquire_owned() {
+                Ok(slot) => start_slots.push(slot),
+                Err(_) => break,
+            }
+        }
         if self.claim_unsure {
             match release_orphans(shared).await {
                 Ok(released) => {
@@ -313,12 +557,19 @@ impl<'l, 'a> ClaimLoop<'l, 'a> {
                         .outage
                         .failed("looking for tasks of a lost claim", &e);
                     drop(permits);
+                    drop(start_slots);
                     return self.pause_after_failure().await;
                 }
             }
         }
         let skip = self.set_aside.current();
-        in_flight.push(tokio::spawn(send_claim(shared.clone(), skip, permits)));
+        self.asked_in_flight += permits.len();
+        in_flight.push(tokio::spawn(send_claim(
+            shared.clone(),
+            skip,
+            permits,
+            start_slots,
+        )));
         Step::Go
     }
 
@@ -333,6 +584,7 @@ impl<'l, 'a> ClaimLoop<'l, 'a> {
             asked_at,
             skip,
             permits,
+            slots,
             result,
         } = match answer {
             Ok(answer) => answer,
@@ -341,9 +593,12 @@ impl<'l, 'a> ClaimLoop<'l, 'a> {
                 // may have claimed is found as orphans.
                 error!(error = %e, "a claim's task ended without an answer");
                 self.claim_unsure = true;
+                self.asked_in_flight = 0;
                 return Step::Go;
             }
         };
+        self.asked_in_flight = self.asked_in_flight.saturating_sub(permits.len());
+        self.full = false;
         let tasks = match result {
             Ok(tasks) => {
                 self.db_failures = 0;
@@ -353,10 +608,12 @@ impl<'l, 'a> ClaimLoop<'l, 'a> {
             Err(e) => {
                 let asked = permits.len();
                 drop(permits);
+                drop(slots);
                 return self.on_claim_error(e, &skip, asked).await;
             }
         };
         self.busy_claims = tasks.len() == permits.len() && tasks.len() > 1;
+        self.limited_started = tasks.iter().filter(|t| t.started).count();
         if !tasks.is_empty() {
             self.lost_races = 0;
             self.empty_wakes = 0;
@@ -367,10 +624,11 @@ impl<'l, 'a> ClaimLoop<'l, 'a> {
                 micros = u64::try_from(asked_at.elapsed().as_micros()).unwrap_or(u64::MAX),
                 "claimed tasks"
             );
-            self.local.take(tasks, permits, asked_at);
+            self.local.take(tasks, permits, slots, asked_at);
             return Step::Go;
         }
         drop(permits);
+        drop(slots);
         if !in_flight.is_empty() {
             // Another claim is on its way: its answer decides what next.
             return Step::Go;
@@ -518,26 +776,32 @@ impl<'l, 'a> ClaimLoop<'l, 'a> {
 pub(super) struct Claimed {
     pub(super) asked_at: tokio::time::Instant,
     pub(super) skip: Vec<String>,
+    /// Room for each task asked for.
     pub(super) permits: Vec<OwnedSemaphorePermit>,
-    pub(super) result: sqlx::Result<Vec<ClaimedTask>>,
+    /// A free slot for each task the claim may start.
+    pub(super) slots: Vec<OwnedSemaphorePermit>,
+    pub(super) result: sqlx::Result<Vec<store::tasks::Claimed>>,
 }
 
-/// Sends one claim for as many tasks as `permits` hold room for.
+/// Sends one claim for as many tasks as `permits` hold room for, starting
+/// as many as `slots` are free and leasing the rest ahead.
 pub(super) async fn send_claim(
     shared: Arc<Shared>,
     skip: Vec<String>,
     permits: Vec<OwnedSemaphorePermit>,
+    slots: Vec<OwnedSemaphorePermit>,
 ) -> Claimed {
     let asked_at = tokio::time::Instant::now();
     let result = shared
         .manager
-        .claim(&shared.claimer, &skip, permits.len())
+        .claim(&shared.claimer, &skip, permits.len(), slots.len())
         .await;
     crate::metrics::claim_round_trip(asked_at.elapsed());
     Claimed {
         asked_at,
         skip,
         permits,
+        slots,
         result,
     }
 }
@@ -670,8 +934,11 @@ impl Pace {
             self.since = std::time::Instant::now();
             self.at = now;
         }
+        // Rounded down: a task is leased ahead only if, at this pace, a
+        // slot frees for it within the horizon (a pool of slow tasks
+        // leases nothing ahead: its next task would wait a task's length).
         let ahead = self.rate.max(current) * PoolConfig::PREFETCH_HORIZON.as_secs_f64();
-        self.last = (ahead.ceil() as usize).min(most);
+        self.last = (ahead.floor() as usize).min(most);
         self.last
     }
 }

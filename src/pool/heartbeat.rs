@@ -45,8 +45,8 @@ pub(super) async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken)
             Ok(()) => shared.outage.ok(),
             Err(e) => shared.outage.failed("the worker heartbeat", &e),
         }
-        // The current run of each task (an older one was superseded by a
-        // newer claim here and is not renewed).
+        // The current run of each task, running or leased ahead (an older
+        // one was superseded by a newer claim here and is not renewed).
         let current: Vec<(RunKey, Lease)> = shared
             .held()
             .iter()

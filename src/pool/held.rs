@@ -25,6 +25,9 @@ pub(super) struct Held {
     /// A cancel was heard for it: a task still in the local queue then
     /// ends cancelled without starting its handler.
     pub(super) cancel_heard: bool,
+    /// Its handler began (or its claim started it): false while it is
+    /// leased ahead in the local queue, `queued` in this worker's name.
+    pub(super) started: bool,
 }
 
 /// The runs this pool holds, with each task's newest run at hand (a claim
@@ -66,6 +69,21 @@ impl HeldRuns {
         self.newest.contains_key(&id)
     }
 
+    /// A cancel notification named the task: if its newest run is still
+    /// leased ahead (not started), it is given back rather than started —
+    /// a hint suffices there (a false one only returns the task to the
+    /// fleet). Returns whether it was.
+    pub(super) fn cancel_hinted(&mut self, id: TaskId) -> bool {
+        if let Some(runs) = self.newest.get(&id).copied()
+            && let Some(held) = self.runs.get_mut(&(id, runs))
+            && !held.started
+        {
+            held.cancel_heard = true;
+            return true;
+        }
+        false
+    }
+
     /// A cancel of the task was heard: marks its newest run.
     pub(super) fn cancel_heard(&mut self, id: TaskId) {
         if let Some(runs) = self.newest.get(&id).copied()
@@ -90,9 +108,16 @@ impl std::ops::DerefMut for HeldRuns {
     }
 }
 
-/// A claimed task in the local queue, waiting for a slot.
+/// A claimed task on its way to a slot: started by its claim (with the
+/// slot the claim was sent for), or leased ahead and waiting in the local
+/// queue.
 pub(super) struct Waiting {
     pub(super) task: ClaimedTask,
     pub(super) lease: Lease,
     pub(super) room: OwnedSemaphorePermit,
+    /// The slot of a task its claim started; None while leased ahead.
+    pub(super) slot: Option<OwnedSemaphorePermit>,
+    /// When it was leased ahead (it is given back after
+    /// [`PoolConfig::AHEAD_WAIT`](crate::PoolConfig::AHEAD_WAIT)).
+    pub(super) leased_at: tokio::time::Instant,
 }

@@ -20,6 +20,14 @@ pub(crate) const CHANNEL_INSERTED: &str = "syncq_task_inserted";
 /// The channel the cancel trigger notifies (payload: the task id).
 pub(crate) const CHANNEL_CANCEL: &str = "syncq_cancel";
 
+/// A dataset paused, throttled or given a limit (payload: its id, or
+/// empty for any; `src/store/sql/triggers/datasets_held.sql`).
+pub(crate) const CHANNEL_HELD: &str = "syncq_dataset_held";
+
+/// The most dataset names held back at once; past it, every dataset's
+/// tasks leased ahead are given back.
+const HELD_NAMES: usize = 1000;
+
 /// Schedules added or changed (`src/store/sql/triggers/schedules_changed.sql`).
 pub(crate) const CHANNEL_SCHEDULES: &str = "syncq_schedules";
 
@@ -73,9 +81,24 @@ pub(super) async fn listen_loop(
                 Ok(Some(n)) if n.channel() == CHANNEL_SCHEDULES => {
                     shared.schedules_changed.notify_one();
                 }
+                // A false hint only gives tasks leased ahead back to the
+                // fleet.
+                Ok(Some(n)) if n.channel() == CHANNEL_HELD => {
+                    let mut given_back = shared.given_back();
+                    if given_back.len() >= HELD_NAMES {
+                        // A flood of names (anyone may NOTIFY): any dataset.
+                        given_back.clear();
+                        given_back.insert(String::new());
+                    } else {
+                        given_back.insert(n.payload().to_string());
+                    }
+                    drop(given_back);
+                    shared.held_back.notify_one();
+                }
                 Ok(Some(n)) if n.channel() == CHANNEL_CANCEL => {
                     if let Ok(id) = n.payload().parse::<TaskId>()
                         && shared.holds(id)
+                        && !shared.held().cancel_hinted(id)
                     {
                         shared.cancel_check.notify_one();
                     }
@@ -147,7 +170,12 @@ pub(super) async fn connect_listener(options: &PgConnectOptions) -> sqlx::Result
     let mut listener = PgListener::connect_with(&session).await?;
     listener.ignore_pool_close_event(true);
     listener
-        .listen_all([CHANNEL_INSERTED, CHANNEL_CANCEL, CHANNEL_SCHEDULES])
+        .listen_all([
+            CHANNEL_INSERTED,
+            CHANNEL_CANCEL,
+            CHANNEL_SCHEDULES,
+            CHANNEL_HELD,
+        ])
         .await?;
     Ok(listener)
 }

@@ -40,7 +40,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::outcome::OutcomeKind;
-use completer::{COMPLETION_BATCH, Completion, complete_loop};
+use completer::{COMPLETION_BATCH, Request, complete_loop};
 use dispatch::dispatch;
 use heartbeat::heartbeat_loop;
 use held::HeldRuns;
@@ -53,7 +53,8 @@ use sweeper::rescue_loop;
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum Event {
-    /// A task was claimed by this pool.
+    /// A task was claimed by this pool: started, or leased ahead into its
+    /// local queue.
     Claimed {
         /// The task.
         task_id: TaskId,
@@ -70,6 +71,13 @@ pub enum Event {
         outcome: OutcomeKind,
         /// Whether it was written (false: fenced out, or the database failed).
         recorded: bool,
+    },
+    /// A task leased ahead was given back unstarted (it waited too long,
+    /// its dataset was paused or limited, the pool stopped), or was found
+    /// cancelled or taken by another worker when its slot came.
+    NotStarted {
+        /// The task.
+        task_id: TaskId,
     },
     /// The rescuer of this pool took back a task whose lease expired.
     Rescued {
@@ -201,6 +209,9 @@ impl WorkerPoolBuilder {
             schedules_changed: Arc::new(Notify::new()),
             fatal: Mutex::new(None),
             completions,
+            given_back: Mutex::new(std::collections::HashSet::new()),
+            held_back: Notify::new(),
+            leased_waiting: std::sync::atomic::AtomicUsize::new(0),
         });
         Ok(WorkerPool {
             shared,
@@ -257,7 +268,7 @@ pub struct WorkerPool {
     /// Everything its loops share, made whole by the builder.
     shared: Arc<Shared>,
     /// The completer's end of the successes channel.
-    completion_rx: mpsc::Receiver<Completion>,
+    completion_rx: mpsc::Receiver<Request>,
 }
 
 /// What the pool's tasks share.
@@ -296,13 +307,29 @@ struct Shared {
     manager: TaskQueueManager,
     /// This pool's side of its claims: its name, kinds, datasets, lease.
     claimer: Claimer,
-    /// Successes go to the completer, which writes them in batches.
-    completions: mpsc::Sender<Completion>,
+    /// Outcomes, and starts of tasks leased ahead, go to the completer,
+    /// which writes them in batches.
+    completions: mpsc::Sender<Request>,
+    /// Datasets heard paused, throttled or limited (NOTIFY
+    /// syncq_dataset_held; "" for any), or throttled by a handler here:
+    /// the starter gives back their tasks in the local queue unstarted,
+    /// until a claim serves them again.
+    given_back: Mutex<std::collections::HashSet<String>>,
+    /// Wakes the starter to give back what `given_back` names at once.
+    held_back: Notify,
+    /// Tasks leased ahead in the local queue, not yet started or given back.
+    leased_waiting: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
     fn held(&self) -> std::sync::MutexGuard<'_, HeldRuns> {
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn given_back(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.given_back
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn emit(&self, event: Event) {
@@ -384,7 +411,7 @@ impl WorkerPool {
     }
 }
 
-async fn run_pool(shared: Arc<Shared>, completion_rx: mpsc::Receiver<Completion>) -> Result<()> {
+async fn run_pool(shared: Arc<Shared>, completion_rx: mpsc::Receiver<Request>) -> Result<()> {
     let concurrency = i32::try_from(shared.config.concurrency).unwrap_or(i32::MAX);
     store::workers::register(
         &shared.db,

@@ -11,10 +11,16 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use super::completer::{CompleteError, complete};
+use super::completer::{self, CompleteError, complete};
 use super::held::Waiting;
 use super::{Event, Shared};
 use crate::outcome::Outcome;
+
+/// Claims of a task beyond its counted attempts from which its start is
+/// written before its handler begins: a handler that kills its process at
+/// once (before the completer wrote its start) still has its attempts
+/// counted, so it cannot be claimed again forever.
+pub(super) const MUST_WAIT_AFTER: i32 = 2;
 
 /// The log target of each attempt's start and end, at info (the worker's
 /// default level), inside the `task` span: task_id, dataset, kind,
@@ -26,13 +32,32 @@ pub const ATTEMPT_LOG: &str = "syncq::attempt";
 /// Runs one claimed task in its slot to an outcome and records it,
 /// fenced. Without a slot (the pool stopped while it waited) it hands the
 /// task back, unstarted and uncounted.
+///
+/// A task `leased` ahead is still `queued` in this worker's name: its
+/// handler begins without a round trip, and the completer writes its
+/// start — with its end if it ends soon (super::completer). Only a task
+/// whose earlier runs ended unrecorded ([`MUST_WAIT_AFTER`]) waits for its
+/// start to be written before its handler begins.
 pub(super) async fn run_task(
     shared: Arc<Shared>,
     waiting: Waiting,
     slot: Option<OwnedSemaphorePermit>,
+    leased: bool,
     hard_stop: CancellationToken,
 ) {
-    let Waiting { task, lease, room } = waiting;
+    let Waiting {
+        mut task,
+        lease,
+        room,
+        leased_at,
+        ..
+    } = waiting;
+    // The attempt this start makes, and when, as the handler sees them
+    // (the claim's clock plus the wait here; the row gets the database's).
+    if leased {
+        task.attempts += 1;
+        task.started_at += chrono::Duration::from_std(leased_at.elapsed()).unwrap_or_default();
+    }
     let span = info_span!(
         "task",
         task_id = task.id.0,
@@ -48,9 +73,10 @@ pub(super) async fn run_task(
         let (lost, cancelled) = shared.held().get(&key).map_or((true, false), |held| {
             (held.superseded || held.lease.expired(), held.cancel_heard)
         });
-        crate::metrics::task_started(&task);
-        info!(target: ATTEMPT_LOG, "attempt started");
         let began = std::time::Instant::now();
+        // For a task leased ahead: when its handler began (its start is
+        // written with its end, or on its own once it has run a while).
+        let mut began_leased: Option<tokio::time::Instant> = None;
         let joined = match shared.handlers.get(&task.kind).cloned() {
             _ if lost => Ok(Err(TaskError::LeaseLost)),
             // Cancelled while it waited in the local queue: never started.
@@ -61,7 +87,32 @@ pub(super) async fn run_task(
             _ if shared.shutdown.is_cancelled() || slot.is_none() => {
                 Ok(Err(TaskError::Interrupted))
             }
+            // Its earlier runs ended unrecorded (a handler that kills its
+            // process?): its start is written before its handler begins,
+            // so its attempts are counted.
+            Some(_)
+                if leased
+                    && task.runs - task.attempts >= MUST_WAIT_AFTER
+                    && !completer::began(&shared, &task, tokio::time::Instant::now(), true)
+                        .await =>
+            {
+                Ok(Err(TaskError::LeaseLost))
+            }
             Some(handler) => {
+                if leased {
+                    let at = tokio::time::Instant::now();
+                    if task.runs - task.attempts < MUST_WAIT_AFTER {
+                        completer::began(&shared, &task, at, false).await;
+                    }
+                    began_leased = Some(at);
+                }
+                if let Some(held) = shared.held().get_mut(&key) {
+                    held.started = true;
+                }
+                // Logged here, as the handler begins, and nowhere else: a
+                // task given back before this line never started.
+                crate::metrics::task_started(&task);
+                info!(target: ATTEMPT_LOG, "attempt started");
                 let ctx = TaskContext {
                     db: shared.db.clone(),
                     worker_id: shared.worker_id.clone(),
@@ -99,7 +150,7 @@ pub(super) async fn run_task(
         // keeps its room, and its row stays `running`, until then.
         drop(slot);
         shared.slot_freed.notify_one();
-        let recorded = record(&shared, &task, &lease, outcome).await;
+        let recorded = record(&shared, &task, &lease, outcome, began_leased).await;
         shared.held().finished(key);
         shared
             .finished
@@ -135,6 +186,7 @@ pub(super) async fn record(
     task: &ClaimedTask,
     lease: &Lease,
     outcome: Outcome,
+    began: Option<tokio::time::Instant>,
 ) -> bool {
     let fence = Fence {
         id: task.id,
@@ -163,19 +215,22 @@ pub(super) async fn record(
         return false;
     };
     let is_success = matches!(end, End::Succeed(_));
-    let written = match lease::while_held(lease, || complete(shared, task, end.clone())).await {
-        Ok(written) => Ok(written),
-        // Storing this result can never work: the attempt fails.
-        Err(CompleteError::Refused(reason)) if is_success => {
-            let error =
-                format!("the handler succeeded but its result could not be stored: {reason}");
-            warn!(%error, "result refused by the database");
-            lease::while_held(lease, || complete(shared, task, End::Fail(error.clone())))
+    let written =
+        match lease::while_held(lease, || complete(shared, task, end.clone(), began)).await {
+            Ok(written) => Ok(written),
+            // Storing this result can never work: the attempt fails.
+            Err(CompleteError::Refused(reason)) if is_success => {
+                let error =
+                    format!("the handler succeeded but its result could not be stored: {reason}");
+                warn!(%error, "result refused by the database");
+                lease::while_held(lease, || {
+                    complete(shared, task, End::Fail(error.clone()), began)
+                })
                 .await
                 .map_err(|e| sqlx::Error::Protocol(e.to_string()))
-        }
-        Err(e) => Err(sqlx::Error::Protocol(e.to_string())),
-    };
+            }
+            Err(e) => Err(sqlx::Error::Protocol(e.to_string())),
+        };
     match written {
         Ok(true) => {
             shared.outage.ok();

@@ -69,7 +69,8 @@ const ROLES: &[&str] = &[
     "GRANT INSERT, UPDATE, DELETE ON syncq.workers TO syncq_worker",
     "GRANT UPDATE (throttled_until, last_claimed_at, served_at, ready_at) ON syncq.datasets TO syncq_worker",
     "GRANT EXECUTE ON FUNCTION
-         syncq.claim(text, text[], text[], text[], int, float8),
+         syncq.claim(text, text[], text[], text[], int, float8, int),
+         syncq.give_back(text, bigint[], int[]),
          syncq.claimable_datasets(text[], text[], text[]),
          syncq.running_count(text),
          syncq.rate_used(text, interval, timestamptz),
@@ -80,8 +81,9 @@ const ROLES: &[&str] = &[
          syncq.refresh_ready(text[]),
          syncq.prune_rate_log(int),
          syncq.prune_finished(float8, text[], int),
-         syncq.complete_many(text, bigint[], int[], text[], jsonb[], text[], float8[]),
-         syncq.write_outcomes(text, bigint[], bigint[], int[], text[], jsonb[], text[], float8[]),
+         syncq.complete_many(text, bigint[], int[], text[], jsonb[], text[], float8[], float8[]),
+         syncq.write_outcomes(text, bigint[], bigint[], int[], text[], jsonb[], text[], float8[],
+                              float8[]),
          syncq.limit_lock_key(),
          syncq.limit_bucket(text)
          TO syncq_worker",

@@ -4,8 +4,9 @@
 use sqlx::PgExecutor;
 use std::time::Duration;
 
-use crate::store::secs;
+use crate::store::{ids_of, secs};
 use crate::task::{ClaimedTask, TaskId};
+use chrono::{DateTime, Utc};
 
 /// Claims up to `limit` ready tasks of the given kinds for `worker_id`,
 /// taking turns across datasets and honouring each dataset's pause,
@@ -41,6 +42,98 @@ pub async fn claim(
     )
     .fetch_all(db)
     .await
+}
+
+/// One task of a claim that leases ahead ([`claim_ahead`]).
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// The task as claimed. For one leased ahead, `attempts` and
+    /// `started_at` are still its last attempt's until its handler begins
+    /// (its start is written by [`complete_many`](super::complete_many)).
+    pub task: ClaimedTask,
+    /// Started by the claim (an attempt, `running`); otherwise leased
+    /// ahead (`queued` in this worker's name, not an attempt).
+    pub started: bool,
+}
+
+/// Claims as [`claim`] does, but starts only up to `start` tasks of
+/// limited datasets (the slots held free for them); the tasks of unlimited
+/// datasets, up to `limit` in all, are leased ahead without being started:
+/// they stay `queued` in this worker's name, under `lease`, until their
+/// start is written ([`End::Start`](super::End::Start) or with their end)
+/// or [`give_back`] returns them (docs/claim.md, "Leased ahead").
+#[allow(clippy::too_many_arguments)]
+pub async fn claim_ahead(
+    db: impl PgExecutor<'_>,
+    worker_id: &str,
+    kinds: &[String],
+    datasets: Option<&[String]>,
+    skip: &[String],
+    limit: usize,
+    start: usize,
+    lease: Duration,
+) -> sqlx::Result<Vec<Claimed>> {
+    let limit = i32::try_from(limit).unwrap_or(i32::MAX);
+    let start = i32::try_from(start).unwrap_or(i32::MAX);
+    let rows = sqlx::query!(
+        r#"
+        SELECT id AS "id!: TaskId", dataset_id AS "dataset_id!", kind AS "kind!", payload AS "payload!",
+               priority AS "priority!", attempts AS "attempts!", max_attempts AS "max_attempts!",
+               runs AS "runs!", checkpoint, created_at AS "created_at!",
+               started_at, started AS "started!"
+        FROM syncq.claim($1, $2, $3, $4, $5, $6, $7)
+        "#,
+        worker_id,
+        kinds,
+        datasets,
+        skip,
+        limit,
+        secs(lease),
+        start,
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| Claimed {
+            task: ClaimedTask {
+                id: r.id,
+                dataset_id: r.dataset_id,
+                kind: r.kind,
+                payload: r.payload,
+                priority: r.priority,
+                attempts: r.attempts,
+                max_attempts: r.max_attempts,
+                runs: r.runs,
+                checkpoint: r.checkpoint,
+                created_at: r.created_at,
+                // A task leased ahead that never ran has no start yet; its
+                // start replaces this.
+                started_at: r.started_at.unwrap_or(r.created_at),
+            },
+            started: r.started,
+        })
+        .collect())
+}
+
+/// Gives back tasks this worker leased ahead and will not start
+/// (`syncq.give_back`): claimable again at once, uncounted, and idle
+/// workers woken. Returns how many were given back.
+pub async fn give_back(
+    db: impl PgExecutor<'_>,
+    worker_id: &str,
+    ids: &[TaskId],
+    runs: &[i32],
+) -> sqlx::Result<usize> {
+    let back = sqlx::query_scalar!(
+        r#"SELECT id AS "id!" FROM syncq.give_back($1, $2, $3) AS g(id)"#,
+        worker_id,
+        &ids_of(ids),
+        runs,
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(back.len())
 }
 
 /// Claims one queued task by id, whatever its dataset's turn, limits or
@@ -110,7 +203,7 @@ pub async fn running_as(
     let rows = sqlx::query!(
         r#"
         SELECT id, runs FROM syncq.tasks
-        WHERE status = 'running' AND locked_by = $1
+        WHERE status IN ('running', 'queued') AND locked_by = $1
         "#,
         worker_id,
     )
@@ -158,7 +251,7 @@ pub struct Leftover {
     pub paused: i64,
     pub paused_datasets: Vec<String>,
     pub later: i64,
-    pub later_from: Option<chrono::DateTime<chrono::Utc>>,
+    pub later_from: Option<DateTime<Utc>>,
 }
 
 /// See [`Leftover`].

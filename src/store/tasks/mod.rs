@@ -8,8 +8,8 @@ mod operations;
 mod outcomes;
 
 pub use claim::{
-    Leftover, absorb_signals, claim, claim_by_id, claim_candidates, leftover, next_claim_in,
-    refresh_ready, running_as,
+    Claimed, Leftover, absorb_signals, claim, claim_ahead, claim_by_id, claim_candidates,
+    give_back, leftover, next_claim_in, refresh_ready, running_as,
 };
 pub use leases::{Rescued, renew_leases, rescue_expired, still_held};
 pub use operations::{cancel, cancel_dataset, prune_batch, retry, retry_dataset};

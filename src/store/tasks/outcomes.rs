@@ -24,7 +24,7 @@ pub async fn save_checkpoint(
     let done = sqlx::query!(
         r#"
         UPDATE syncq.tasks SET checkpoint = $4
-        WHERE id = $1 AND runs = $2 AND locked_by = $3 AND status = 'running'
+        WHERE id = $1 AND runs = $2 AND locked_by = $3 AND status IN ('running', 'queued')
         "#,
         id.0,
         runs,
@@ -76,6 +76,9 @@ pub enum End {
     Release(Option<String>),
     /// `cancelled`, as the handler reported.
     Cancel,
+    /// Not an end: the start of a task leased ahead whose handler has
+    /// been running a while (`running`, the attempt counted).
+    Start,
 }
 
 impl End {
@@ -88,6 +91,7 @@ impl End {
             End::Throttle { .. } => "throttle",
             End::Release(_) => "release",
             End::Cancel => "cancel",
+            End::Start => "start",
         }
     }
 }
@@ -101,6 +105,10 @@ pub struct Ended {
     pub runs: i32,
     /// What the attempt ended in.
     pub end: End,
+    /// For a task leased ahead whose start is not written yet: how long
+    /// ago its handler began (written with this end). None: its start is
+    /// written already, or its handler never began.
+    pub began_ago: Option<Duration>,
 }
 
 /// Writes many attempts' outcomes, of any kinds, in one statement (one
@@ -136,7 +144,7 @@ pub async fn complete_many(
                 Some(storable_message(error).into_owned())
             }
             End::Release(error) => error.as_deref().map(|m| storable_message(m).into_owned()),
-            End::Succeed(_) | End::Cancel => None,
+            End::Succeed(_) | End::Cancel | End::Start => None,
         })
         .collect();
     let waits: Vec<f64> = sorted
@@ -147,8 +155,9 @@ pub async fn complete_many(
             _ => 0.0,
         })
         .collect();
+    let ago: Vec<Option<f64>> = sorted.iter().map(|e| e.began_ago.map(secs)).collect();
     sqlx::query_scalar!(
-        r#"SELECT id AS "id!: TaskId" FROM syncq.complete_many($1, $2, $3, $4, $5, $6, $7) AS s(id)"#,
+        r#"SELECT id AS "id!: TaskId" FROM syncq.complete_many($1, $2, $3, $4, $5, $6, $7, $8) AS s(id)"#,
         worker_id,
         &ids,
         &runs,
@@ -156,6 +165,7 @@ pub async fn complete_many(
         &results as &[Option<Value>],
         &errors as &[Option<String>],
         &waits,
+        &ago as &[Option<f64>],
     )
     .fetch_all(db)
     .await
@@ -173,6 +183,7 @@ pub async fn complete_one(
         id: f.id,
         runs: f.runs,
         end,
+        began_ago: None,
     }];
     for _ in 0..50 {
         if complete_many(db, f.worker_id, &row).await?.contains(&f.id) {

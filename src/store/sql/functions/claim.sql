@@ -19,6 +19,18 @@
 -- its free concurrency and its rate budget; tasks go in (priority, run_at,
 -- id) order; the tasks themselves are taken FOR UPDATE SKIP LOCKED, and
 -- returned in the order picked.
+-- Tasks of datasets with a cap or rate limit start now, up to `p_start`
+-- (the slots the pool holds free for them): they are attempts (counted,
+-- `started_at` set, logged for the rate limit) as the rows say, counted by
+-- the statement that checks their budget under its lock. Tasks of
+-- unlimited datasets are leased ahead for the pool's local queue: they
+-- stay `queued`, not counted, held in the worker's name (`locked_by`,
+-- `lease_expires_at`, renewed by its heartbeat like a running task's),
+-- and start when the pool has a slot for them and has not heard them
+-- cancelled or their dataset paused; their start is written by the one
+-- outcome writer (write_outcomes), with their end when they end soon.
+-- Another claim takes one only once that lease ran out (its worker died:
+-- nothing to rescue, no attempt counted). NULL `p_start` starts them all.
 -- Step 3 records, for each dataset left without ready work, when it may
 -- next have some (ready_at), so idle datasets drop out of step 1's scan
 -- (syncq.mark_idle).
@@ -42,10 +54,11 @@
 -- round) and an idle check: 70–90 ms a claim against 10 ms for one
 -- dataset. With 4 it visits 125.
 CREATE OR REPLACE FUNCTION syncq.claim(p_worker text, p_kinds text[], p_datasets text[], p_skip text[],
-                            p_limit int, p_lease_secs float8)
+                            p_limit int, p_lease_secs float8,
+                            p_start int DEFAULT NULL)
 RETURNS TABLE (id bigint, dataset_id text, kind text, payload jsonb, priority smallint,
                attempts int, max_attempts int, runs int, checkpoint jsonb,
-               created_at timestamptz, started_at timestamptz)
+               created_at timestamptz, started_at timestamptz, started boolean)
 LANGUAGE plpgsql
 -- Every statement here is built for index access. The datasets table is
 -- small but churns (a new row version per turn), so between vacuums the
@@ -71,6 +84,7 @@ DECLARE
     v_row record;
     -- The round's start: the earliest place among the turn's datasets.
     v_base timestamptz;
+    v_start int := least(coalesce(p_start, p_limit), p_limit);
 BEGIN
     -- Step 0: readiness that producers appended since the last claim.
     PERFORM syncq.absorb_signals();
@@ -134,6 +148,7 @@ BEGIN
     WITH clock AS MATERIALIZED (SELECT clock_timestamp() AS now),
     turns AS (
         SELECT d.dataset_id, u.turn, d.rate_limit, d.weight, d.last_claimed_at,
+               (d.max_concurrency IS NOT NULL OR d.rate_limit IS NOT NULL) AS limited,
                -- CASE, not coalesce: no counting for a dataset without
                -- that setting.
                greatest(0, least(
@@ -143,6 +158,10 @@ BEGIN
                              AND NOT (d.dataset_id = ANY (coalesce(v_locked, '{}')))
                         THEN 0 END,
                    ceil(p_limit::float8 * d.weight / sum(d.weight) OVER ())::int,
+                   -- A limited dataset's tasks are only started, never
+                   -- leased ahead.
+                   CASE WHEN d.max_concurrency IS NOT NULL OR d.rate_limit IS NOT NULL
+                        THEN v_start END,
                    CASE WHEN d.max_concurrency IS NULL THEN p_limit
                         ELSE d.max_concurrency - r.running::int
                    END,
@@ -165,7 +184,7 @@ BEGIN
         WHERE NOT d.paused AND (d.throttled_until IS NULL OR d.throttled_until <= (SELECT clk.now FROM clock clk))
     ),
     candidates AS (
-        SELECT c.id, turns.dataset_id, turns.turn, turns.weight,
+        SELECT c.id, turns.dataset_id, turns.turn, turns.weight, turns.limited,
                row_number() OVER (PARTITION BY turns.dataset_id
                                   ORDER BY c.priority, c.run_at, c.id) AS rank
         FROM turns
@@ -174,18 +193,35 @@ BEGIN
             FROM syncq.tasks t
             WHERE t.dataset_id = turns.dataset_id AND t.status = 'queued'
               AND t.run_at <= (SELECT clk.now FROM clock clk) AND t.kind = ANY (p_kinds) AND NOT t.cancel_requested
+              -- Not leased ahead by a worker (one whose worker died is
+              -- freed by the rescuer once its lease runs out).
+              AND t.locked_by IS NULL
             ORDER BY t.priority, t.run_at, t.id
             LIMIT turns.share
             FOR UPDATE SKIP LOCKED
         ) c
     ),
-    picked AS (
+    ordered AS (
         -- Weight at a time: a dataset of weight 2 gives two tasks per pass.
-        SELECT c.id, c.dataset_id, (c.rank - 1) / c.weight AS pass, c.turn, c.rank
+        SELECT c.id, c.dataset_id, c.limited,
+               row_number() OVER (ORDER BY (c.rank - 1) / c.weight, c.turn, c.rank) AS n
         FROM candidates c
-        ORDER BY (c.rank - 1) / c.weight, c.turn LIMIT p_limit
+        ORDER BY (c.rank - 1) / c.weight, c.turn, c.rank LIMIT p_limit
     ),
-    claimed AS (
+    ranked AS (
+        SELECT o.*, row_number() OVER (PARTITION BY o.limited ORDER BY o.n) AS k FROM ordered o
+    ),
+    picked AS (
+        -- Limited datasets' tasks start now, up to v_start (the slots the
+        -- pool holds free for them); the rest of them stay queued.
+        -- Unlimited datasets' tasks are leased ahead (all of them started
+        -- now when p_start is NULL).
+        SELECT r.id, r.dataset_id, r.n,
+               (p_start IS NULL OR (r.limited AND r.k <= v_start)) AS start_now
+        FROM ranked r
+        WHERE NOT r.limited OR r.k <= v_start
+    ),
+    started AS (
         UPDATE syncq.tasks t
         SET status = 'running',
             attempts = t.attempts + 1,
@@ -196,15 +232,35 @@ BEGIN
             started_at = (SELECT clk.now FROM clock clk),
             finished_at = NULL
         -- By primary key: a join here was planned as a hash of the table.
-        WHERE t.id = ANY (ARRAY(SELECT p.id FROM picked p))
+        WHERE t.id = ANY (ARRAY(SELECT p.id FROM picked p WHERE p.start_now))
         RETURNING t.id, t.dataset_id, t.kind, t.payload, t.priority, t.attempts,
                   t.max_attempts, t.runs, t.checkpoint, t.created_at, t.started_at
+    ),
+    leased AS (
+        -- Leased ahead: still queued and uncounted, its last attempt's
+        -- times kept; only this worker may start it while its lease lasts.
+        UPDATE syncq.tasks t
+        SET runs = t.runs % 2147483647 + 1,
+            locked_by = p_worker,
+            lease_expires_at = (SELECT clk.now FROM clock clk)
+                               + make_interval(secs => p_lease_secs)
+        WHERE t.id = ANY (ARRAY(SELECT p.id FROM picked p WHERE NOT p.start_now))
+        -- The claim's clock, not the row's started_at (its last attempt's):
+        -- the handler's start follows it by the wait in the local queue.
+        RETURNING t.id, t.dataset_id, t.kind, t.payload, t.priority, t.attempts,
+                  t.max_attempts, t.runs, t.checkpoint, t.created_at,
+                  (SELECT clk.now FROM clock clk) AS started_at
+    ),
+    claimed AS (
+        SELECT s.*, true AS started FROM started s
+        UNION ALL
+        SELECT l.*, false FROM leased l
     ),
     logged AS (
         INSERT INTO syncq.rate_log (dataset_id, started_at)
         SELECT p.dataset_id, (SELECT clk.now FROM clock clk)
         FROM picked p JOIN turns ON turns.dataset_id = p.dataset_id
-        WHERE turns.rate_limit IS NOT NULL
+        WHERE turns.rate_limit IS NOT NULL AND p.start_now
     ),
     turned AS (
         -- A dataset locked by someone else is being claimed, paused or
@@ -231,12 +287,12 @@ BEGIN
             FOR NO KEY UPDATE SKIP LOCKED))
     )
     SELECT c.id, c.dataset_id, c.kind, c.payload, c.priority, c.attempts,
-           c.max_attempts, c.runs, c.checkpoint, c.created_at, c.started_at
+           c.max_attempts, c.runs, c.checkpoint, c.created_at, c.started_at, c.started
     FROM claimed c JOIN picked p ON p.id = c.id
     -- In the order picked: the pool starts them in this order (its local
     -- queue), so within a dataset by priority, run_at, id, and across
     -- datasets in turn.
-    ORDER BY p.pass, p.turn, p.rank;
+    ORDER BY p.n;
 
     PERFORM syncq.mark_idle(v_turns, clock_timestamp());
 END;

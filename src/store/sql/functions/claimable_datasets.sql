@@ -6,7 +6,7 @@
 -- paused, not throttled, in the worker's dataset filter (p_datasets, NULL
 -- for all) and not set aside by it (p_skip), apparently under its cap and
 -- its rate budget (step 2 counts again under the lock), and it has a ready
--- task of a kind the worker handles.
+-- task of a kind the worker handles that no worker has leased ahead.
 --
 -- Written to be inlined: one SELECT, LANGUAGE sql, STABLE, not STRICT, no
 -- SET clause. The planner expands it in the caller's query, so each caller
@@ -36,6 +36,8 @@ AS $$
       AND (SELECT true FROM syncq.tasks t
            WHERE t.dataset_id = d.dataset_id AND t.status = 'queued'
              AND t.run_at <= now() AND t.kind = ANY (p_kinds) AND NOT t.cancel_requested
+             -- Not leased ahead by a worker.
+             AND t.locked_by IS NULL
            ORDER BY t.priority, t.run_at, t.id
            LIMIT 1)
 $$;

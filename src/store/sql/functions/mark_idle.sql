@@ -1,6 +1,8 @@
 -- Marks idle those of `p_candidates` left without a task ready at `p_now`:
--- ready_at becomes the earliest queued run_at (NULL if none), so they drop
--- out of the claim's scan. Each is locked FOR UPDATE SKIP LOCKED first (a
+-- ready_at becomes the earliest run_at of a queued task no worker leased
+-- ahead (NULL if none), so they drop out of the claim's scan; a task
+-- leased ahead that comes back unstarted signals its dataset again
+-- (tasks_requeued). Each is locked FOR UPDATE SKIP LOCKED first (a
 -- dataset row another claimer holds is left alone) and looked at again by
 -- a later statement, whose snapshot sees every change committed before the
 -- lock. A task whose producer has not committed yet is not lost: its
@@ -21,6 +23,7 @@ BEGIN
         WHERE d.dataset_id = ANY (p_candidates)
           AND (SELECT true FROM syncq.tasks t
                WHERE t.dataset_id = d.dataset_id AND t.status = 'queued' AND t.run_at <= p_now
+                 AND t.locked_by IS NULL
                ORDER BY t.priority, t.run_at, t.id
                LIMIT 1) IS NULL
         FOR UPDATE OF d SKIP LOCKED);
@@ -29,10 +32,12 @@ BEGIN
     END IF;
     UPDATE syncq.datasets d
     SET ready_at = (SELECT min(t.run_at) FROM syncq.tasks t
-                    WHERE t.dataset_id = d.dataset_id AND t.status = 'queued')
+                    WHERE t.dataset_id = d.dataset_id AND t.status = 'queued'
+                      AND t.locked_by IS NULL)
     WHERE d.dataset_id = ANY (v_idle)
       AND (SELECT true FROM syncq.tasks t
            WHERE t.dataset_id = d.dataset_id AND t.status = 'queued' AND t.run_at <= p_now
+             AND t.locked_by IS NULL
            ORDER BY t.priority, t.run_at, t.id
            LIMIT 1) IS NULL;
     GET DIAGNOSTICS v_done = ROW_COUNT;

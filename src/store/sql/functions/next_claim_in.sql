@@ -34,6 +34,7 @@ AS $$
           AND (d.max_concurrency IS NULL OR d.max_concurrency > r.running)
           AND (SELECT true FROM syncq.tasks t
                WHERE t.dataset_id = d.dataset_id AND t.status = 'queued'
+                 AND t.locked_by IS NULL
                  AND t.kind = ANY (p_kinds) AND NOT t.cancel_requested
                ORDER BY t.priority, t.run_at, t.id
                LIMIT 1)

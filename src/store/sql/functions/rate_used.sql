@@ -6,6 +6,12 @@
 -- RateLimiter (src/rate_limit.rs) on the Rust side. rate_room_at answers
 -- the other question about the same rows: from when there is room.
 --
+-- The window is counted a little long — by a twentieth, 25 ms at most —
+-- because a start is logged at its claim's clock while the upstream sees
+-- the handler begin a few milliseconds later, by a delay that varies from
+-- claim to claim: the guard keeps the handlers' starts, not only the
+-- rows', within the limit in every window.
+--
 -- Inlined as running_count is (one SELECT, STABLE, no SET clause, called
 -- in FROM): the count runs only where the caller reads it, so a dataset
 -- without a rate limit costs no probe. One range scan of rate_log_idx.
@@ -14,5 +20,6 @@ RETURNS SETOF bigint
 LANGUAGE sql STABLE
 AS $$
     SELECT (SELECT count(*) FROM syncq.rate_log l
-            WHERE l.dataset_id = p_dataset AND l.started_at > p_at - p_window)
+            WHERE l.dataset_id = p_dataset
+              AND l.started_at > p_at - p_window - least(p_window / 20, interval '25 milliseconds'))
 $$;

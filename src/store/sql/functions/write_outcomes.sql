@@ -1,11 +1,23 @@
--- Writes the outcomes of attempts (SPEC §3), each fenced on (id, runs),
--- the holder and status = 'running', in one statement: the tasks' rows,
--- their error history and the throttles of their datasets. Returns the ids
--- written; a task whose lease was lost is left alone while the rest are
--- written. Called by complete_many, which handles rows locked elsewhere.
+-- Writes the outcomes of attempts (SPEC §3), and the starts of attempts
+-- of tasks leased ahead, each fenced on (id, runs) and the holder, in one
+-- statement: the tasks' rows, their error history and the throttles of
+-- their datasets. Returns the ids written; a task whose lease was lost is
+-- left alone while the rest are written. Called by complete_many, which
+-- handles rows locked elsewhere.
+--
+-- A task the holder leased ahead (its local queue) is `queued` in its
+-- name until its start is written: `p_ago[i]` is then how long ago its
+-- handler began, in seconds, by the worker's clock, and the row gets its
+-- start — the attempt counted, `started_at` this statement's clock less
+-- that — with its end, in the same write. NULL: the start is written
+-- already (the row is `running`), or the handler never began (a task
+-- leased ahead and released unstarted: its attempts stay as they are).
 --
 -- One row per task, the arrays side by side: `p_ends[i]` says what the
 -- attempt of `p_ids[i]` (its claim's `p_runs[i]`) ended in —
+--   start     only the start: `running`, the attempt counted (a task
+--             leased ahead whose handler runs longer than the pool
+--             waits to write its start with its end);
 --   succeed   succeeded, `p_results[i]` stored;
 --   retry     a counted failure: queued again after `p_secs[i]` (the
 --             backoff) while attempts are left, else failed;
@@ -32,7 +44,7 @@
 -- claim (re-planning every call was most of a small call's cost).
 CREATE OR REPLACE FUNCTION syncq.write_outcomes(p_worker text, p_take bigint[], p_ids bigint[],
                                                 p_runs int[], p_ends text[], p_results jsonb[],
-                                                p_errors text[], p_secs float8[])
+                                                p_errors text[], p_secs float8[], p_ago float8[])
 RETURNS SETOF bigint
 LANGUAGE plpgsql
 SET enable_seqscan = off
@@ -46,14 +58,18 @@ DECLARE
     v_results jsonb[];
     v_errors text[];
     v_secs float8[];
+    v_ago float8[];
+    -- Read first: `p_ago` was measured just before this call was sent.
+    v_now timestamptz := clock_timestamp();
 BEGIN
     -- Sorted by id, for width_bucket; only those taken.
     SELECT array_agg(e.id ORDER BY e.id), array_agg(e.runs ORDER BY e.id),
            array_agg(e.end_ ORDER BY e.id), array_agg(e.result ORDER BY e.id),
-           array_agg(e.error ORDER BY e.id), array_agg(e.secs ORDER BY e.id)
-    INTO v_ids, v_runs, v_ends, v_results, v_errors, v_secs
-    FROM unnest(p_ids, p_runs, p_ends, p_results, p_errors, p_secs)
-         AS e(id, runs, end_, result, error, secs)
+           array_agg(e.error ORDER BY e.id), array_agg(e.secs ORDER BY e.id),
+           array_agg(e.ago ORDER BY e.id)
+    INTO v_ids, v_runs, v_ends, v_results, v_errors, v_secs, v_ago
+    FROM unnest(p_ids, p_runs, p_ends, p_results, p_errors, p_secs, p_ago)
+         AS e(id, runs, end_, result, error, secs, ago)
     WHERE p_take IS NULL OR e.id = ANY (p_take);
     IF v_ids IS NULL THEN
         RETURN;
@@ -61,37 +77,57 @@ BEGIN
     RETURN QUERY
     WITH done AS (
         UPDATE syncq.tasks t
-        SET (status, result, run_at, attempts, finished_at, last_error, locked_by, lease_expires_at) = (
+        SET (status, result, run_at, attempts, started_at, finished_at, last_error,
+             locked_by, lease_expires_at) = (
             SELECT
                 (CASE
+                    WHEN e.end_ = 'start' THEN 'running'
                     WHEN e.end_ = 'succeed' THEN 'succeeded'
                     WHEN e.end_ = 'cancel' OR t.cancel_requested THEN 'cancelled'
                     WHEN e.end_ IN ('throttle', 'release') THEN 'queued'
-                    WHEN e.end_ = 'retry' AND t.attempts < t.max_attempts THEN 'queued'
+                    WHEN e.end_ = 'retry' AND e.a < t.max_attempts THEN 'queued'
                     ELSE 'failed' END)::syncq.task_status,
                 CASE WHEN e.end_ = 'succeed' THEN v_results[e.i] ELSE t.result END,
                 CASE
-                    WHEN e.end_ IN ('succeed', 'cancel') OR t.cancel_requested THEN t.run_at
+                    WHEN e.end_ IN ('start', 'succeed', 'cancel') OR t.cancel_requested THEN t.run_at
                     WHEN e.end_ IN ('throttle', 'release') THEN now()
-                    WHEN e.end_ = 'retry' AND t.attempts < t.max_attempts
+                    WHEN e.end_ = 'retry' AND e.a < t.max_attempts
                         THEN now() + make_interval(secs => v_secs[e.i])
                     ELSE t.run_at END,
-                -- An end that does not count gives its attempt back.
-                CASE WHEN e.end_ IN ('throttle', 'release')
-                     THEN greatest(t.attempts - 1, 0) ELSE t.attempts END,
+                -- An end that does not count gives its attempt back (one
+                -- whose handler never began has none to give).
+                CASE WHEN e.end_ IN ('throttle', 'release') AND e.began
+                     THEN greatest(e.a - 1, 0) ELSE e.a END,
+                -- When the handler began: this statement's clock less how
+                -- long ago that was by the worker's monotonic clock (never
+                -- after the end written with it).
+                CASE WHEN e.starts
+                     THEN least(v_now - make_interval(secs => greatest(v_ago[e.i], 0)), now())
+                     ELSE t.started_at END,
                 CASE
+                    WHEN e.end_ = 'start' THEN NULL
                     WHEN e.end_ IN ('succeed', 'cancel', 'fail') OR t.cancel_requested THEN now()
-                    WHEN e.end_ = 'retry' AND t.attempts >= t.max_attempts THEN now()
+                    WHEN e.end_ = 'retry' AND e.a >= t.max_attempts THEN now()
                     END,
-                CASE WHEN e.end_ = 'succeed' THEN t.last_error
+                CASE WHEN e.end_ IN ('succeed', 'start') THEN t.last_error
                      ELSE coalesce(v_errors[e.i], t.last_error) END,
-                NULL::text, NULL::timestamptz
-            -- The row's position in the arrays, looked up once.
-            FROM (SELECT w.i, v_ends[w.i] AS end_
-                  FROM (SELECT width_bucket(t.id, v_ids) AS i) w) e)
+                CASE WHEN e.end_ = 'start' THEN t.locked_by END,
+                CASE WHEN e.end_ = 'start' THEN t.lease_expires_at END
+            -- The row's position in the arrays, looked up once; whether
+            -- its start is written now (leased ahead, its handler begun),
+            -- whether its handler began at all, its attempts with it.
+            FROM (SELECT x.i, x.end_, x.starts, x.starts OR t.status = 'running' AS began,
+                         t.attempts + x.starts::int AS a
+                  FROM (SELECT w.i, v_ends[w.i] AS end_,
+                               (t.status = 'queued' AND v_ago[w.i] IS NOT NULL) AS starts
+                        FROM (SELECT width_bucket(t.id, v_ids) AS i) w) x) e)
         WHERE t.id = ANY (v_ids)
           AND t.runs = v_runs[width_bucket(t.id, v_ids)]
-          AND t.locked_by = p_worker AND t.status = 'running'
+          AND t.locked_by = p_worker
+          -- Held: running, or leased ahead (queued in this worker's name;
+          -- a cancel clears the name). Only the latter can start.
+          AND (t.status = 'running' OR (t.status = 'queued' AND NOT t.cancel_requested))
+          AND (t.status = 'queued' OR v_ends[width_bucket(t.id, v_ids)] <> 'start')
         RETURNING t.id, t.dataset_id, t.attempts, width_bucket(t.id, v_ids) AS i,
                   v_ends[width_bucket(t.id, v_ids)] AS end_
     ),
@@ -102,7 +138,7 @@ BEGIN
         SELECT d.id, CASE WHEN d.end_ IN ('throttle', 'release') THEN d.attempts + 1 ELSE d.attempts END,
                p_worker, v_errors[d.i]
         FROM done d
-        WHERE d.end_ <> 'succeed' AND v_errors[d.i] IS NOT NULL
+        WHERE d.end_ NOT IN ('succeed', 'start') AND v_errors[d.i] IS NOT NULL
         ORDER BY d.id
     ),
     throttled AS (
