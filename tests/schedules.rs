@@ -157,6 +157,66 @@ async fn three_processes_enqueue_each_tick_once_even_when_the_enqueuer_is_killed
     .await;
 }
 
+/// Poison schedules beside a good one, three worker processes, about
+/// 10 s: one whose ticks the tasks table refuses (a trigger of the
+/// operator's raises, as a value no constraint foresaw would), one with a
+/// payload nested 300 levels deep and one with a number past f64 (valid
+/// jsonb this process cannot decode). The good 1-second schedule ticks
+/// with no gap; the refused one is marked with its error, which
+/// `syncq schedule list` shows; the odd payloads are copied as they are.
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
+async fn a_poison_schedule_stops_no_other_schedule(_: PgPoolOptions, opts: PgConnectOptions) {
+    let _turn = SERIAL.lock().await;
+    common::on_multi_thread(async move {
+        let db = common::observer(&opts, OBSERVER, 2).await;
+        sqlx::raw_sql(
+            r#"CREATE FUNCTION public.refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN RAISE EXCEPTION 'the mirror of % is gone', NEW.dataset_id; END $$;
+               CREATE TRIGGER refuse BEFORE INSERT ON syncq.tasks FOR EACH ROW
+                   WHEN (NEW.schedule_id = 'a-refused') EXECUTE FUNCTION public.refuse();
+               INSERT INTO syncq.schedules (schedule_id, dataset_id, kind, every, payload) VALUES
+                   ('a-refused', 'p', 'noop', '1 second', '{}'),
+                   ('a-deep', 'p', 'noop', '1 second',
+                    (repeat('[', 300) || repeat(']', 300))::jsonb),
+                   ('a-huge', 'p', 'noop', '1 second', '{"n": 1e400}');"#,
+        )
+        .execute(&db)
+        .await
+        .unwrap();
+        add_every_second(&opts, "tick", &["--overlap"]).await;
+        let workers: Vec<WorkerProcess> = (0..3).map(|_| worker(&opts)).collect();
+        wait_ticks(&db, "tick", 9).await;
+        assert_no_gap(&ticks(&db, "tick").await, TimeDelta::seconds(1));
+        let error: Option<String> =
+            sqlx::query_scalar("SELECT error FROM syncq.schedules WHERE schedule_id = 'a-refused'")
+                .fetch_one(&db)
+                .await
+                .unwrap();
+        let error = error.expect("the refused schedule is marked with its error");
+        assert!(error.contains("the mirror of p is gone"), "{error}");
+        assert!(ticks(&db, "a-refused").await.is_empty());
+        // The odd payloads tick, copied byte for byte.
+        let copied: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM syncq.tasks t JOIN syncq.schedules s USING (schedule_id)
+             WHERE s.schedule_id IN ('a-deep', 'a-huge') AND t.payload = s.payload",
+        )
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        assert!(copied >= 2, "{copied} ticks of the odd payloads");
+        let out = syncq(&opts, &["schedule", "list"]).await;
+        let listed = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(listed.contains("the mirror of p is gone"), "{listed}");
+        drop(workers);
+    })
+    .await;
+}
+
 /// Workers stopped for 5 s, then one restarted: the ticks missed in
 /// between become one catch-up task (for the latest of them), then the
 /// schedule ticks on as before. Pause stops the ticks; resume starts them

@@ -37,8 +37,15 @@ pub(crate) async fn schedule_loop(
     }
 }
 
-/// One pass: if a schedule is due, enqueue its ticks. Returns how long
-/// until the next one is due.
+/// Most schedules one pass ticks before it looks at the time again.
+const PASS_MOST: usize = 100;
+
+/// One pass: enqueues the ticks of every due schedule, each in a
+/// transaction of its own. A schedule whose tick cannot be enqueued — its
+/// row holds something the tasks table refuses, or a trigger of the
+/// operator's fails — is marked with the error (`error`, shown by
+/// `syncq schedule list` and the dashboard) and left out until changed;
+/// the others tick. Returns how long until the next one is due.
 async fn pass(db: &Db) -> sqlx::Result<Duration> {
     let until = store::schedules::next_due_in(db).await?;
     match until {
@@ -46,54 +53,90 @@ async fn pass(db: &Db) -> sqlx::Result<Duration> {
         Some(secs) => return Ok(Duration::from_secs_f64(secs)),
         None => return Ok(LOOK_AT_LEAST_EVERY),
     }
-    let mut tx = db.begin().await?;
-    let (now, rows) = store::schedules::take_due(tx.ex()).await?;
-    for row in rows {
-        let ticks = match Ticks::new(row.cron.as_deref(), row.every, &row.timezone) {
-            Ok(t) => t,
-            Err((field, message)) => {
-                warn!(schedule = %row.schedule_id, field, error = %message, "schedule cannot tick");
-                store::schedules::set_error(
-                    tx.ex(),
-                    &row.schedule_id,
-                    &format!("{field}: {message}"),
-                )
-                .await?;
-                continue;
-            }
+    // Schedules this pass failed on: not taken again before it ends.
+    let mut failed: Vec<String> = Vec::new();
+    for _ in 0..PASS_MOST {
+        let mut tx = db.begin().await?;
+        let Some((now, row)) = store::schedules::take_due(tx.ex(), &failed).await? else {
+            tx.rollback().await?;
+            return Ok(Duration::ZERO);
         };
-        let Some(from) = row.next_run_at else {
-            // New, or its timing changed: the first tick after now.
-            let next = ticks.next_after(now);
-            store::schedules::advance(tx.ex(), &row.schedule_id, next, None, None, 0).await?;
-            continue;
-        };
-        let due = due(&ticks, from, now, row.catch_up);
-        let mut skipped = due.missed;
-        let mut last_task = None;
-        for tick in &due.enqueue {
-            if !row.overlap && store::schedules::has_active_task(tx.ex(), &row.schedule_id).await? {
-                skipped += 1;
-                continue;
-            }
-            if let Some(id) = store::schedules::enqueue_tick(tx.ex(), &row, *tick).await? {
-                last_task = Some(id);
+        let id = row.schedule_id.clone();
+        match tick(&mut tx, now, &row).await {
+            Ok(()) => tx.commit().await?,
+            Err(e) => {
+                // The database is gone: the pass fails, and is retried.
+                if crate::db::is_transient(&e) {
+                    return Err(e);
+                }
+                let _ = tx.rollback().await;
+                let message = format!("enqueueing its tick failed: {}", database_message(&e));
+                warn!(schedule = %id, error = %message, "schedule cannot tick: marked, the others go on");
+                store::schedules::set_error(db, &id, &message).await?;
+                failed.push(id);
             }
         }
-        if due.enqueue.len() > 1 || due.missed > 0 {
-            info!(schedule = %row.schedule_id, ticks = due.enqueue.len(), skipped, "schedule caught up");
-        }
-        debug!(schedule = %row.schedule_id, tick = %due.latest, next = ?due.next, "schedule ticked");
-        store::schedules::advance(
-            tx.ex(),
-            &row.schedule_id,
-            due.next,
-            Some(due.latest),
-            last_task,
-            i64::try_from(skipped).unwrap_or(i64::MAX),
-        )
-        .await?;
     }
-    tx.commit().await?;
     Ok(Duration::ZERO)
+}
+
+/// A database error's own message (and, for a constraint, its name).
+fn database_message(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(d) => match d.constraint() {
+            Some(c) => format!("{} (constraint {c})", d.message()),
+            None => d.message().to_string(),
+        },
+        e => e.to_string(),
+    }
+}
+
+/// Enqueues the due ticks of one schedule, locked in `tx`, and moves it on.
+async fn tick(
+    tx: &mut crate::db::Tx,
+    now: chrono::DateTime<chrono::Utc>,
+    row: &store::schedules::DueRow,
+) -> sqlx::Result<()> {
+    let ticks = match Ticks::new(row.cron.as_deref(), row.every, &row.timezone) {
+        Ok(t) => t,
+        Err((field, message)) => {
+            warn!(schedule = %row.schedule_id, field, error = %message, "schedule cannot tick");
+            return store::schedules::set_error(
+                tx.ex(),
+                &row.schedule_id,
+                &format!("{field}: {message}"),
+            )
+            .await;
+        }
+    };
+    let Some(from) = row.next_run_at else {
+        // New, or its timing changed: the first tick after now.
+        let next = ticks.next_after(now);
+        return store::schedules::advance(tx.ex(), &row.schedule_id, next, None, None, 0).await;
+    };
+    let due = due(&ticks, from, now, row.catch_up);
+    let mut skipped = due.missed;
+    let mut last_task = None;
+    for tick in &due.enqueue {
+        if !row.overlap && store::schedules::has_active_task(tx.ex(), &row.schedule_id).await? {
+            skipped += 1;
+            continue;
+        }
+        if let Some(id) = store::schedules::enqueue_tick(tx.ex(), row, *tick).await? {
+            last_task = Some(id);
+        }
+    }
+    if due.enqueue.len() > 1 || due.missed > 0 {
+        info!(schedule = %row.schedule_id, ticks = due.enqueue.len(), skipped, "schedule caught up");
+    }
+    debug!(schedule = %row.schedule_id, tick = %due.latest, next = ?due.next, "schedule ticked");
+    store::schedules::advance(
+        tx.ex(),
+        &row.schedule_id,
+        due.next,
+        Some(due.latest),
+        last_task,
+        i64::try_from(skipped).unwrap_or(i64::MAX),
+    )
+    .await
 }

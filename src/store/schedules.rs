@@ -2,7 +2,6 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use serde_json::Value;
 use sqlx::PgExecutor;
 
 use crate::schedule::{Schedule, Timing};
@@ -12,14 +11,9 @@ use crate::task::{TaskId, TaskStatus};
 #[derive(Debug, Clone)]
 pub(crate) struct DueRow {
     pub schedule_id: String,
-    pub dataset_id: String,
-    pub kind: String,
-    pub payload: Value,
     pub cron: Option<String>,
     pub every: Option<std::time::Duration>,
     pub timezone: String,
-    pub priority: i16,
-    pub max_attempts: i32,
     pub catch_up: bool,
     pub overlap: bool,
     pub next_run_at: Option<DateTime<Utc>>,
@@ -38,51 +32,51 @@ pub(crate) async fn next_due_in(db: impl PgExecutor<'_>) -> sqlx::Result<Option<
     .await
 }
 
-/// Locks the due schedules no other scheduler holds; with the database's
-/// clock, which decides what is due.
+/// Locks the most overdue schedule no other scheduler holds, with the
+/// database's clock, which decides what is due. One at a time: each is
+/// ticked in a transaction of its own, so one that cannot be enqueued
+/// fails alone. Its payload is not read here: the tick's INSERT copies it
+/// in SQL (a payload this process could not decode — nested 300 deep, a
+/// number past f64 — is still a valid jsonb, and the handler's to judge).
 pub(crate) async fn take_due(
     db: impl PgExecutor<'_>,
-) -> sqlx::Result<(DateTime<Utc>, Vec<DueRow>)> {
-    let rows = sqlx::query!(
+    skip: &[String],
+) -> sqlx::Result<Option<(DateTime<Utc>, DueRow)>> {
+    let row = sqlx::query!(
         r#"
-        SELECT now() AS "now!", schedule_id, dataset_id, kind, payload, cron,
-               extract(epoch FROM every)::float8 AS every_secs, timezone, priority,
-               max_attempts, catch_up, overlap, next_run_at
+        SELECT now() AS "now!", schedule_id, cron,
+               extract(epoch FROM every)::float8 AS every_secs, timezone,
+               catch_up, overlap, next_run_at
         FROM syncq.schedules
         WHERE NOT paused AND error IS NULL AND (next_run_at IS NULL OR next_run_at <= now())
+          AND NOT (schedule_id = ANY ($1))
         ORDER BY next_run_at NULLS FIRST
-        LIMIT 100
+        LIMIT 1
         FOR UPDATE SKIP LOCKED
-        "#
+        "#,
+        skip,
     )
-    .fetch_all(db)
+    .fetch_optional(db)
     .await?;
-    let now = rows.first().map_or_else(Utc::now, |r| r.now);
-    Ok((
-        now,
-        rows.into_iter()
-            .map(|r| DueRow {
+    Ok(row.map(|r| {
+        (
+            r.now,
+            DueRow {
                 schedule_id: r.schedule_id,
-                dataset_id: r.dataset_id,
-                kind: r.kind,
-                payload: r.payload,
                 cron: r.cron,
                 every: r
                     .every_secs
                     .filter(|s| s.is_finite() && *s > 0.0)
                     .map(std::time::Duration::from_secs_f64),
                 timezone: r.timezone,
-                priority: r.priority,
-                max_attempts: r.max_attempts,
                 catch_up: r.catch_up,
                 overlap: r.overlap,
                 next_run_at: r.next_run_at,
-            })
-            .collect(),
-    ))
+            },
+        )
+    }))
 }
 
-/// Whether the schedule's previous task is still queued or running.
 pub(crate) async fn has_active_task(
     db: impl PgExecutor<'_>,
     schedule_id: &str,
@@ -96,7 +90,8 @@ pub(crate) async fn has_active_task(
     .await
 }
 
-/// Enqueues the task of one tick; None if that tick already has one.
+/// Enqueues the task of one tick, its payload copied from the schedule's
+/// row; None if that tick already has one.
 pub(crate) async fn enqueue_tick(
     db: impl PgExecutor<'_>,
     row: &DueRow,
@@ -105,15 +100,11 @@ pub(crate) async fn enqueue_tick(
     sqlx::query_scalar!(
         r#"
         INSERT INTO syncq.tasks (dataset_id, kind, payload, priority, max_attempts, schedule_id, scheduled_for)
-        VALUES ($1, $2, $3, $4, $5, $6, $7)
+        SELECT s.dataset_id, s.kind, s.payload, s.priority, s.max_attempts, s.schedule_id, $2
+        FROM syncq.schedules s WHERE s.schedule_id = $1
         ON CONFLICT (schedule_id, scheduled_for) WHERE schedule_id IS NOT NULL DO NOTHING
         RETURNING id AS "id: TaskId"
         "#,
-        row.dataset_id,
-        row.kind,
-        row.payload,
-        row.priority,
-        row.max_attempts,
         row.schedule_id,
         tick,
     )
