@@ -902,3 +902,59 @@ async fn a_producer_holding_a_row_lock_delays_no_other_task(
     run.await.unwrap().unwrap();
     drop_login(&admin, &login_name(&opts, "producer")).await;
 }
+
+/// A producer's payload that is valid jsonb but that no handler can be
+/// given (nested 300 levels deep; a number past f64), beside ordinary
+/// tasks of its dataset and another: each such task fails once, as
+/// invalid, with an error naming the payload, uncounted (no handler
+/// began) — it does not cycle through claims — and every other task runs.
+/// A real worker process, until idle.
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
+async fn an_undecodable_payload_fails_its_own_task_once(_: PgPoolOptions, opts: PgConnectOptions) {
+    let admin = common::connect(&opts).await;
+    sqlx::raw_sql(
+        r#"INSERT INTO syncq.tasks (dataset_id, kind, payload)
+           VALUES ('p', 'noop', (repeat('[', 300) || repeat(']', 300))::jsonb),
+                  ('p', 'noop', '{"n": 1e400}');
+           INSERT INTO syncq.tasks (dataset_id, kind)
+           SELECT d, 'noop' FROM unnest(ARRAY['p', 'q']) d, generate_series(1, 50);"#,
+    )
+    .execute(&admin)
+    .await
+    .unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_syncq"))
+        .env("DATABASE_URL", common::url(&opts))
+        .env("RUST_LOG", "syncq=warn")
+        .args(["worker", "--exit-when-idle", "--poll-interval", "50ms"])
+        .output();
+    let out = tokio::time::timeout(WAIT, out)
+        .await
+        .expect("the worker exits when idle")
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let poison: Vec<(String, i32, i32, Option<String>)> = sqlx::query_as(
+        "SELECT status::text, attempts, runs, last_error FROM syncq.tasks
+         WHERE dataset_id = 'p' AND payload <> '{}' ORDER BY id",
+    )
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    assert_eq!(poison.len(), 2);
+    for (status, attempts, runs, error) in &poison {
+        assert_eq!(
+            (status.as_str(), *attempts, *runs),
+            ("failed", 0, 1),
+            "{poison:?}"
+        );
+        let error = error.as_deref().unwrap_or_default();
+        assert!(error.contains("payload: cannot be read"), "{error}");
+    }
+    assert_eq!(
+        common::count(&admin, "payload = '{}' AND status = 'succeeded'").await,
+        100
+    );
+}

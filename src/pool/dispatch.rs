@@ -111,7 +111,11 @@ impl Local<'_> {
         let mut slots = slots.into_iter();
         let now = tokio::time::Instant::now();
         for (claimed, room) in tasks.into_iter().zip(permits) {
-            let store::tasks::Claimed { task, started } = claimed;
+            let store::tasks::Claimed {
+                task,
+                started,
+                unreadable,
+            } = claimed;
             // A claim served it: whatever refused its starts has passed.
             if shared.given_back.lock().is_ok_and(|g| !g.is_empty()) {
                 shared.given_back().remove(&task.dataset_id);
@@ -160,6 +164,7 @@ impl Local<'_> {
                 room,
                 slot,
                 leased_at: now,
+                unreadable,
             });
         }
     }

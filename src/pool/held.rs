@@ -120,4 +120,7 @@ pub(super) struct Waiting {
     /// When it was leased ahead (it is given back after
     /// [`PoolConfig::AHEAD_WAIT`](crate::PoolConfig::AHEAD_WAIT)).
     pub(super) leased_at: tokio::time::Instant,
+    /// Its payload or checkpoint cannot be decoded here: it fails as
+    /// invalid, its handler never started.
+    pub(super) unreadable: Option<String>,
 }

@@ -50,6 +50,7 @@ pub(super) async fn run_task(
         lease,
         room,
         leased_at,
+        unreadable,
         ..
     } = waiting;
     // The attempt this start makes, and when, as the handler sees them
@@ -79,6 +80,12 @@ pub(super) async fn run_task(
         let mut began_leased: Option<tokio::time::Instant> = None;
         let joined = match shared.handlers.get(&task.kind).cloned() {
             _ if lost => Ok(Err(TaskError::LeaseLost)),
+            // A payload or checkpoint this process cannot decode (valid
+            // jsonb past serde_json's limits): invalid, once, naming the
+            // column; no handler could be given it.
+            _ if unreadable.is_some() => Ok(Err(TaskError::Invalid(
+                unreadable.clone().unwrap_or_default(),
+            ))),
             // Cancelled while it waited in the local queue: never started.
             _ if cancelled => Ok(Err(TaskError::Cancelled)),
             // Claimed as the pool began to stop (a claim can race the

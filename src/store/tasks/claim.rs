@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::store::{ids_of, secs};
 use crate::task::{ClaimedTask, TaskId};
 use chrono::{DateTime, Utc};
+use serde_json::Value;
 
 /// Claims up to `limit` ready tasks of the given kinds for `worker_id`,
 /// taking turns across datasets and honouring each dataset's pause,
@@ -54,6 +55,9 @@ pub struct Claimed {
     /// Started by the claim (an attempt, `running`); otherwise leased
     /// ahead (`queued` in this worker's name, not an attempt).
     pub started: bool,
+    /// Its payload or checkpoint cannot be decoded here, and why: the task
+    /// fails as invalid without a handler.
+    pub unreadable: Option<String>,
 }
 
 /// Claims as [`claim`] does, but starts only up to `start` tasks of
@@ -77,9 +81,9 @@ pub async fn claim_ahead(
     let start = i32::try_from(start).unwrap_or(i32::MAX);
     let rows = sqlx::query!(
         r#"
-        SELECT id AS "id!: TaskId", dataset_id AS "dataset_id!", kind AS "kind!", payload AS "payload!",
+        SELECT id AS "id!: TaskId", dataset_id AS "dataset_id!", kind AS "kind!", payload::text AS "payload!",
                priority AS "priority!", attempts AS "attempts!", max_attempts AS "max_attempts!",
-               runs AS "runs!", checkpoint, created_at AS "created_at!",
+               runs AS "runs!", checkpoint::text AS checkpoint, created_at AS "created_at!",
                started_at, started AS "started!"
         FROM syncq.claim($1, $2, $3, $4, $5, $6, $7)
         "#,
@@ -95,25 +99,56 @@ pub async fn claim_ahead(
     .await?;
     Ok(rows
         .into_iter()
-        .map(|r| Claimed {
-            task: ClaimedTask {
-                id: r.id,
-                dataset_id: r.dataset_id,
-                kind: r.kind,
-                payload: r.payload,
-                priority: r.priority,
-                attempts: r.attempts,
-                max_attempts: r.max_attempts,
-                runs: r.runs,
-                checkpoint: r.checkpoint,
-                created_at: r.created_at,
-                // A task leased ahead that never ran has no start yet; its
-                // start replaces this.
-                started_at: r.started_at.unwrap_or(r.created_at),
-            },
-            started: r.started,
+        .map(|r| {
+            // Read here, row by row: a value this process cannot decode
+            // (valid jsonb nested past serde_json's 128 levels, a number
+            // past f64) fails its own task, not the claim of every task.
+            let (payload, checkpoint, unreadable) = read_json(&r.payload, r.checkpoint.as_deref());
+            Claimed {
+                task: ClaimedTask {
+                    id: r.id,
+                    dataset_id: r.dataset_id,
+                    kind: r.kind,
+                    payload,
+                    priority: r.priority,
+                    attempts: r.attempts,
+                    max_attempts: r.max_attempts,
+                    runs: r.runs,
+                    checkpoint,
+                    created_at: r.created_at,
+                    // A task leased ahead that never ran has no start yet; its
+                    // start replaces this.
+                    started_at: r.started_at.unwrap_or(r.created_at),
+                },
+                started: r.started,
+                unreadable,
+            }
         })
         .collect())
+}
+
+/// A claimed task's payload and checkpoint, decoded from their text; when
+/// one cannot be, why (naming the column), the payload then `null`.
+fn read_json(payload: &str, checkpoint: Option<&str>) -> (Value, Option<Value>, Option<String>) {
+    let payload = match serde_json::from_str(payload) {
+        Ok(v) => v,
+        Err(e) => {
+            return (
+                Value::Null,
+                None,
+                Some(format!("payload: cannot be read: {e}")),
+            );
+        }
+    };
+    match checkpoint.map(serde_json::from_str::<Value>) {
+        None => (payload, None, None),
+        Some(Ok(v)) => (payload, Some(v), None),
+        Some(Err(e)) => (
+            payload,
+            None,
+            Some(format!("checkpoint: cannot be read: {e}")),
+        ),
+    }
 }
 
 /// Gives back tasks this worker leased ahead and will not start
