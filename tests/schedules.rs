@@ -173,7 +173,8 @@ async fn a_poison_schedule_stops_no_other_schedule(_: PgPoolOptions, opts: PgCon
             r#"CREATE FUNCTION public.refuse() RETURNS trigger LANGUAGE plpgsql AS $$
                BEGIN RAISE EXCEPTION 'the mirror of % is gone', NEW.dataset_id; END $$;
                CREATE TRIGGER refuse BEFORE INSERT ON syncq.tasks FOR EACH ROW
-                   WHEN (NEW.schedule_id = 'a-refused') EXECUTE FUNCTION public.refuse();
+                   WHEN (NEW.schedule_id = 'a-refused' AND NEW.dataset_id = 'p')
+                   EXECUTE FUNCTION public.refuse();
                INSERT INTO syncq.schedules (schedule_id, dataset_id, kind, every, payload) VALUES
                    ('a-refused', 'p', 'noop', '1 second', '{}'),
                    ('a-deep', 'p', 'noop', '1 second',
@@ -212,6 +213,12 @@ async fn a_poison_schedule_stops_no_other_schedule(_: PgPoolOptions, opts: PgCon
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(listed.contains("the mirror of p is gone"), "{listed}");
+        // Fixed: another dataset, and it ticks again.
+        sqlx::query("UPDATE syncq.schedules SET dataset_id = 'p2' WHERE schedule_id = 'a-refused'")
+            .execute(&db)
+            .await
+            .unwrap();
+        wait_ticks(&db, "a-refused", 1).await;
         drop(workers);
     })
     .await;
