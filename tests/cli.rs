@@ -552,3 +552,51 @@ fn ranges_are_in_the_help_and_in_the_errors() {
         stderr(&out)
     );
 }
+
+/// Producer text is printed, not obeyed: a dataset id holding terminal
+/// escapes (`ESC ]0;pwned BEL` retitles a terminal, `ESC [2J` clears it)
+/// and one of 70,000 characters (which once overflowed the table's width
+/// and panicked) — every listing exits 0, with no control character but
+/// newlines and no line longer than a few hundred characters.
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
+async fn producer_text_reaches_the_terminal_escaped_and_cut(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let db = common::connect(&opts).await;
+    sqlx::raw_sql(
+        r#"INSERT INTO syncq.tasks (dataset_id, kind, last_error) VALUES
+               (E'evil\u001b]0;pwned\u0007\u001b[2J', 'noop', E'line\nfake line'),
+               (repeat('x', 70000), repeat('k', 70000), NULL);
+           INSERT INTO syncq.schedules (schedule_id, dataset_id, kind, every)
+           VALUES (E'sched\u001b[2J', repeat('y', 70000), 'noop', '1 hour');"#,
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    let url = common::url(&opts);
+    let first: i64 = sqlx::query_scalar("SELECT min(id) FROM syncq.tasks")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    let first = first.to_string();
+    for args in [
+        &["status"][..],
+        &["tasks"],
+        &["schedule", "list"],
+        &["show", &first],
+    ] {
+        let out = syncq(Some(&url), args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "{args:?} printed a control character: {text:?}"
+        );
+        let longest = text.lines().map(|l| l.chars().count()).max().unwrap_or(0);
+        assert!(longest < 5000, "{args:?}: a line of {longest} characters");
+    }
+    let shown = String::from_utf8_lossy(&syncq(Some(&url), &["show", &first]).stdout).into_owned();
+    assert!(shown.contains("\\u{1b}"), "{shown}");
+    assert!(!shown.contains("\nfake line"), "{shown}");
+}

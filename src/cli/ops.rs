@@ -315,7 +315,14 @@ pub(super) async fn status(
     if !stale.is_empty() {
         let list: Vec<String> = stale
             .iter()
-            .map(|w| format!("{}:{} (last beat {:.0}s ago)", w.host, w.pid, w.silent_secs))
+            .map(|w| {
+                format!(
+                    "{}:{} (last beat {:.0}s ago)",
+                    printable(&w.host, CELL_MAX),
+                    w.pid,
+                    w.silent_secs
+                )
+            })
             .collect();
         text.push_str(&format!(
             "\nstale workers (no heartbeat for two intervals; their tasks come back when their leases expire): {}\n",
@@ -325,7 +332,11 @@ pub(super) async fn status(
     if !unhandled.is_empty() {
         text.push_str(&format!(
             "\nqueued kinds no live worker handles: {}\n",
-            unhandled.join(", ")
+            unhandled
+                .iter()
+                .map(|k| printable(k, CELL_MAX))
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
     if !schedules.is_empty() {
@@ -466,12 +477,15 @@ pub(super) async fn show(
             "  attempt {} at {} by {}: {}\n",
             e.attempt,
             e.at.format("%Y-%m-%d %H:%M:%S%.3f"),
-            e.worker_id.as_deref().unwrap_or("-"),
-            e.error
+            printable(e.worker_id.as_deref().unwrap_or("-"), CELL_MAX),
+            printable(&e.error, SHOWN_MAX)
         ));
     }
     write!(out, "{text}").map_err(io_error)
 }
+
+/// The longest value `syncq show` prints (longer ones end in "…").
+const SHOWN_MAX: usize = 4000;
 
 fn describe_task(t: &TaskInfo) -> String {
     let time = |v: Option<chrono::DateTime<chrono::Utc>>| {
@@ -479,15 +493,18 @@ fn describe_task(t: &TaskInfo) -> String {
             t.format("%Y-%m-%d %H:%M:%S%.3f").to_string()
         })
     };
-    let json_or_dash =
-        |v: &Option<serde_json::Value>| v.as_ref().map_or("-".to_string(), |v| v.to_string());
+    let json_or_dash = |v: &Option<serde_json::Value>| {
+        v.as_ref()
+            .map_or("-".to_string(), |v| printable(&v.to_string(), SHOWN_MAX))
+    };
+    let text = |v: &str| printable(v, SHOWN_MAX);
     format!(
         "task {}\n  dataset:    {}\n  kind:       {}\n  status:     {}{}\n  priority:   {}\n  attempts:   {}/{}\n  \
          unique key: {}\n  created:    {}\n  run at:     {}\n  started:    {}\n  finished:   {}\n  \
          locked by:  {}\n  lease till: {}\n  payload:    {}\n  checkpoint: {}\n  result:     {}\n  last error: {}\n",
         t.id,
-        t.dataset_id,
-        t.kind,
+        text(&t.dataset_id),
+        text(&t.kind),
         t.status,
         if t.cancel_requested {
             " (cancel requested)"
@@ -497,20 +514,22 @@ fn describe_task(t: &TaskInfo) -> String {
         t.priority,
         t.attempts,
         t.max_attempts,
-        t.unique_key.as_deref().unwrap_or("-"),
+        text(t.unique_key.as_deref().unwrap_or("-")),
         time(Some(t.created_at)),
         time(Some(t.run_at)),
         time(t.started_at),
         time(t.finished_at),
-        t.locked_by.as_deref().unwrap_or("-"),
+        text(t.locked_by.as_deref().unwrap_or("-")),
         time(t.lease_expires_at),
-        t.payload,
+        text(&t.payload.to_string()),
         json_or_dash(&t.checkpoint),
         json_or_dash(&t.result),
         match (t.last_error.as_deref(), t.status.as_str()) {
             (None, _) => "-".to_string(),
-            (Some(e), "succeeded") => format!("{e} (an earlier attempt's; the last succeeded)"),
-            (Some(e), _) => e.to_string(),
+            (Some(e), "succeeded") => {
+                format!("{} (an earlier attempt's; the last succeeded)", text(e))
+            }
+            (Some(e), _) => text(e),
         },
     )
 }
@@ -524,8 +543,43 @@ fn truncate(s: &str, max: usize) -> String {
     }
 }
 
-/// A plain aligned table.
+/// The longest cell a table prints (longer ones end in "…").
+const CELL_MAX: usize = 120;
+
+/// Text a producer wrote, safe for an operator's terminal: control and
+/// bidirectional-override characters shown escaped (`\u{1b}`), never
+/// sent raw (an `ESC ]0;…` in a dataset id would retitle the terminal,
+/// `ESC [2J` clear it), and at most `max` characters, then "…".
+pub(super) fn printable(s: &str, max: usize) -> String {
+    let mut out = String::new();
+    let mut n = 0;
+    for c in s.chars() {
+        let hidden = c.is_control()
+            || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        let piece = if hidden {
+            c.escape_unicode().to_string()
+        } else {
+            c.to_string()
+        };
+        let len = piece.chars().count();
+        if n + len > max {
+            out.push('…');
+            return out;
+        }
+        out.push_str(&piece);
+        n += len;
+    }
+    out
+}
+
+/// A plain aligned table; every cell [`printable`], at most [`CELL_MAX`]
+/// characters (a 65,536-character value once overflowed the width).
 pub(super) fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|c| printable(c, CELL_MAX)).collect())
+        .collect();
+    let rows = &rows;
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {
