@@ -564,8 +564,14 @@ async fn producer_text_reaches_the_terminal_escaped_and_cut(
     opts: PgConnectOptions,
 ) {
     let db = common::connect(&opts).await;
+    // Rows from before the length bounds (migrations/0005): dropped here
+    // to write them.
     sqlx::raw_sql(
-        r#"INSERT INTO syncq.tasks (dataset_id, kind, last_error) VALUES
+        r#"ALTER TABLE syncq.tasks DROP CONSTRAINT tasks_dataset_id_at_most_1000_bytes,
+               DROP CONSTRAINT tasks_kind_at_most_1000_bytes;
+           ALTER TABLE syncq.schedules DROP CONSTRAINT schedules_dataset_id_at_most_1000_bytes;
+           ALTER TABLE syncq.datasets DROP CONSTRAINT datasets_dataset_id_at_most_1000_bytes;
+           INSERT INTO syncq.tasks (dataset_id, kind, last_error) VALUES
                (E'evil\u001b]0;pwned\u0007\u001b[2J', 'noop', E'line\nfake line'),
                (repeat('x', 70000), repeat('k', 70000), NULL);
            INSERT INTO syncq.schedules (schedule_id, dataset_id, kind, every)

@@ -150,6 +150,28 @@ async fn bad_rows_are_refused_with_the_column_named(db: PgPool) {
             "INSERT INTO syncq.tasks (dataset_id, kind, payload) VALUES ('d', 'k', NULL)",
             "payload",
         ),
+        // Past what the code can represent (chrono stops at year 262143).
+        (
+            "INSERT INTO syncq.tasks (dataset_id, kind, run_at) VALUES ('d', 'k', '290000-01-01')",
+            "run_at",
+        ),
+        (
+            "INSERT INTO syncq.tasks (dataset_id, kind) VALUES (repeat('x', 4000), 'k')",
+            "dataset_id",
+        ),
+        (
+            "INSERT INTO syncq.tasks (dataset_id, kind) VALUES ('d', repeat('k', 70000))",
+            "kind",
+        ),
+        (
+            "INSERT INTO syncq.datasets (dataset_id, throttled_until) VALUES ('d', '290000-01-01')",
+            "throttled_until",
+        ),
+        (
+            "INSERT INTO syncq.schedules (schedule_id, dataset_id, kind, every)
+             VALUES ('s', repeat('x', 4000), 'k', '1 hour')",
+            "dataset_id",
+        ),
     ];
     for (sql, column) in cases {
         let err = sqlx::query(sql).execute(&db).await.unwrap_err().to_string();
