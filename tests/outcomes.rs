@@ -818,3 +818,32 @@ async fn a_task_cancelled_while_leased_ahead_never_starts(
     })
     .await;
 }
+
+/// A handler answering `rate_limited` with a Retry-After of 1 ms, 60
+/// times before it succeeds: its uncounted ends keep at most 20 error rows
+/// for that attempt (the history is bounded, however long the loop), and
+/// the task then succeeds at its first counted attempt.
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
+async fn a_throttle_loop_keeps_a_bounded_error_history(_: PgPoolOptions, opts: PgConnectOptions) {
+    let db = common::connect(&opts).await;
+    let id = TaskQueueManager::new(db.clone())
+        .enqueue(
+            NewTask::new("d", "fail")
+                .payload(json!({"error": "rate_limited", "times": 60, "retry_after_ms": 1})),
+        )
+        .await
+        .unwrap();
+    let (handle, run) = common::spawn(builtin_pool(&db, common::fast_config()));
+    common::wait_status(&db, id, "succeeded").await;
+    handle.checkpoint();
+    run.await.unwrap().unwrap();
+    let row = common::task(&db, id).await;
+    assert_eq!(row.attempts, 1);
+    assert!(row.runs > 60, "runs {}", row.runs);
+    let errors = errors_of(&db, id.0).await;
+    assert_eq!(errors.len(), 20, "{errors:?}");
+    assert!(
+        errors.iter().all(|(attempt, _)| *attempt == 1),
+        "{errors:?}"
+    );
+}

@@ -139,6 +139,15 @@ BEGIN
                p_worker, v_errors[d.i]
         FROM done d
         WHERE d.end_ NOT IN ('succeed', 'start') AND v_errors[d.i] IS NOT NULL
+          -- An end that does not count keeps its attempt's number: at most
+          -- 20 of its errors are kept per attempt, so a handler that is
+          -- throttled or released in a loop (a 429 with a Retry-After of
+          -- 1 ms) cannot grow the history without bound; last_error still
+          -- says the latest.
+          AND (d.end_ NOT IN ('throttle', 'release')
+               OR (SELECT count(*) FROM (SELECT 1 FROM syncq.task_errors e
+                                         WHERE e.task_id = d.id AND e.attempt = d.attempts + 1
+                                         LIMIT 20) k) < 20)
         ORDER BY d.id
     ),
     throttled AS (
