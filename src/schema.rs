@@ -154,7 +154,7 @@ const EARLIER: [Earlier; 2] = [
 /// A key of its own for the migration lock (`pg_advisory_lock`): held
 /// while the history is read and rewritten, the versioned migrations run
 /// (sqlx takes its own lock too) and the function files are applied.
-const MIGRATE_LOCK: i64 = 0x7379_6e63_715f_6d69; // "syncq_mi"
+pub(crate) const MIGRATE_LOCK: i64 = 0x7379_6e63_715f_6d69; // "syncq_mi"
 
 /// Creates or upgrades the `syncq` schema. Safe to run concurrently and
 /// repeatedly: one migrator at a time (an advisory lock), and only what is

@@ -90,8 +90,17 @@ const ROLES: &[&str] = &[
 ];
 
 /// Creates the roles if missing and (re)grants exactly their privileges.
+///
+/// One at a time, and never beside a migration: two transactions granting
+/// on the same objects at once fail with "tuple concurrently updated", so
+/// this one first takes the migration lock (an advisory lock held until it
+/// commits).
 pub async fn create(db: &crate::db::Db) -> sqlx::Result<()> {
     let mut tx = db.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(crate::schema::MIGRATE_LOCK)
+        .execute(tx.ex())
+        .await?;
     for statement in ROLES {
         sqlx::raw_sql(sqlx::AssertSqlSafe(*statement))
             .execute(tx.ex())
