@@ -17,6 +17,7 @@
 
 use crate::error::{Error, Result};
 use crate::store;
+use crate::store::ledger::MIGRATE_LOCK;
 
 pub use crate::store::objects::SqlObject;
 
@@ -150,11 +151,6 @@ const EARLIER: [Earlier; 2] = [
         finish_with: "commit 2cbfbf5 or earlier",
     },
 ];
-
-/// A key of its own for the migration lock (`pg_advisory_lock`): held
-/// while the history is read and rewritten, the versioned migrations run
-/// (sqlx takes its own lock too) and the function files are applied.
-pub(crate) const MIGRATE_LOCK: i64 = 0x7379_6e63_715f_6d69; // "syncq_mi"
 
 /// Creates or upgrades the `syncq` schema. Safe to run concurrently and
 /// repeatedly: one migrator at a time (an advisory lock), and only what is

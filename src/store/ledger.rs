@@ -96,3 +96,8 @@ pub(crate) async fn unlock(db: &mut PgConnection, key: i64) -> sqlx::Result<()> 
         .await?;
     Ok(())
 }
+
+/// A key of its own for the migration lock (`pg_advisory_lock`): held
+/// while the history is read and rewritten, the versioned migrations run
+/// (sqlx takes its own lock too) and the function files are applied.
+pub(crate) const MIGRATE_LOCK: i64 = 0x7379_6e63_715f_6d69; // "syncq_mi"

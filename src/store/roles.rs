@@ -98,7 +98,7 @@ const ROLES: &[&str] = &[
 pub async fn create(db: &crate::db::Db) -> sqlx::Result<()> {
     let mut tx = db.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(crate::schema::MIGRATE_LOCK)
+        .bind(super::ledger::MIGRATE_LOCK)
         .execute(tx.ex())
         .await?;
     for statement in ROLES {
