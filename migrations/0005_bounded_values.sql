@@ -33,3 +33,13 @@ ALTER TABLE syncq.schedules
     ADD CONSTRAINT schedules_schedule_id_at_most_1000_bytes CHECK (octet_length(schedule_id) <= 1000),
     ADD CONSTRAINT schedules_dataset_id_at_most_1000_bytes CHECK (octet_length(dataset_id) <= 1000),
     ADD CONSTRAINT schedules_kind_at_most_1000_bytes CHECK (octet_length(kind) <= 1000);
+
+-- What the scheduler refuses, the table refuses (the CLI's bounds): an
+-- interval of at least a second (one of a microsecond, set by SQL,
+-- enqueued 2,451 tasks in 10 s) and at most 100 years, and without months
+-- or years, whose length varies (it meant 30 days): use cron for those.
+ALTER TABLE syncq.schedules
+    ADD CONSTRAINT schedules_every_at_least_1_second CHECK (every >= interval '1 second'),
+    ADD CONSTRAINT schedules_every_at_most_100_years CHECK (every <= interval '36500 days'),
+    ADD CONSTRAINT schedules_every_without_months
+        CHECK (extract(month FROM every) = 0 AND extract(year FROM every) = 0);

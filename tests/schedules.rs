@@ -314,6 +314,29 @@ async fn bad_schedules_are_refused_naming_the_field(_: PgPoolOptions, opts: PgCo
             "INSERT INTO syncq.schedules (schedule_id, dataset_id, kind, cron, timezone) VALUES ('x', 'd', 'k', '* * * * *', 'Mars/Olympus')",
             "timezone",
         ),
+        // What PostgreSQL reads as a time zone but the scheduler does not:
+        // such a schedule would never tick.
+        (
+            "INSERT INTO syncq.schedules (schedule_id, dataset_id, kind, cron, timezone) VALUES ('x', 'd', 'k', '* * * * *', 'europe/berlin')",
+            "timezone",
+        ),
+        (
+            "INSERT INTO syncq.schedules (schedule_id, dataset_id, kind, cron, timezone) VALUES ('x', 'd', 'k', '* * * * *', 'PST')",
+            "timezone",
+        ),
+        (
+            "INSERT INTO syncq.schedules (schedule_id, dataset_id, kind, cron, timezone) VALUES ('x', 'd', 'k', '* * * * *', 'UTC+5')",
+            "timezone",
+        ),
+        // The CLI's floor is the table's.
+        (
+            "INSERT INTO syncq.schedules (schedule_id, dataset_id, kind, every) VALUES ('x', 'd', 'k', '1 microsecond')",
+            "schedules_every_at_least_1_second",
+        ),
+        (
+            "INSERT INTO syncq.schedules (schedule_id, dataset_id, kind, every) VALUES ('x', 'd', 'k', '1 month')",
+            "schedules_every_without_months",
+        ),
     ] {
         let err = sqlx::query(sql).execute(&db).await.unwrap_err().to_string();
         assert!(err.contains(names), "{sql}: {err}");

@@ -1,15 +1,18 @@
--- A timezone must be one PostgreSQL knows (the IANA database); a change of
+-- A timezone must be an IANA name (as the scheduler reads them); a change of
 -- what decides the ticks recomputes the next one and clears the error, as
 -- does, after a refused tick, a change of what a tick enqueues.
 CREATE OR REPLACE FUNCTION syncq.schedules_check() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    BEGIN
-        PERFORM now() AT TIME ZONE NEW.timezone;
-    EXCEPTION WHEN invalid_parameter_value THEN
+    -- An IANA name as the scheduler reads it, exactly: PostgreSQL also
+    -- takes abbreviations (PST), POSIX specs (UTC+5) and any case
+    -- (europe/berlin), which the scheduler refuses, and such a schedule
+    -- would never tick.
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_timezone_names z WHERE z.name = NEW.timezone)
+       OR NEW.timezone ~ '^(posix|right)/|^(posixrules|localtime|Factory)$' THEN
         RAISE EXCEPTION 'timezone: % is not an IANA time zone name', NEW.timezone
             USING ERRCODE = 'check_violation', COLUMN = 'timezone';
-    END;
+    END IF;
     IF TG_OP = 'UPDATE' AND (NEW.cron IS DISTINCT FROM OLD.cron
                              OR NEW.every IS DISTINCT FROM OLD.every
                              OR NEW.timezone IS DISTINCT FROM OLD.timezone) THEN
