@@ -237,6 +237,18 @@ pub async fn create_roles(db: impl Into<crate::Db>) -> Result<()> {
     Ok(store::roles::create(&db.into()).await?)
 }
 
+/// Versions applied to this database that this build does not know: a
+/// newer build migrated it (its functions and columns may not be what this
+/// one expects).
+pub(crate) async fn newer_versions(db: &crate::Db) -> Result<Vec<i64>> {
+    let mut conn = db.pool().acquire().await?;
+    let applied = store::ledger::applied(&mut conn).await?;
+    Ok(applied
+        .into_iter()
+        .filter(|v| *v != SQL_OBJECTS_VERSION && !VERSIONED.iter().any(|m| m.version == *v))
+        .collect())
+}
+
 /// The migration versions applied to this database (none before the first
 /// `migrate`).
 pub async fn applied_versions(db: &sqlx::PgPool) -> Result<Vec<i64>> {

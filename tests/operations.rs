@@ -1104,3 +1104,25 @@ async fn roles_and_migrate_are_safe_to_run_at_once(_: PgPoolOptions, opts: PgCon
         }
     }
 }
+
+/// A worker of this build on a database a newer build migrated (a version
+/// it lacks in the history) starts, and says loudly that it should be
+/// upgraded.
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
+async fn a_worker_on_a_newer_schema_says_to_upgrade_it(_: PgPoolOptions, opts: PgConnectOptions) {
+    let db = common::connect(&opts).await;
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         VALUES (999999, 'from a newer build', true, '\\x00', 0)",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    let out = syncq(&opts, &["worker", "--exit-when-idle"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("newer than this build of syncq knows") && stderr.contains("999999"),
+        "{stderr}"
+    );
+}

@@ -37,7 +37,7 @@ use tokio::sync::{Notify, broadcast, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::outcome::OutcomeKind;
 use completer::{COMPLETION_BATCH, Request, complete_loop};
@@ -427,6 +427,16 @@ async fn run_pool(shared: Arc<Shared>, completion_rx: mpsc::Receiver<Request>) -
     )
     .await?;
     info!(kinds = %shared.kinds.join(","), concurrency, "worker pool started");
+    // A rolling upgrade migrates before every worker is replaced: this one
+    // goes on, but says so loudly (README, "Upgrading").
+    match crate::schema::newer_versions(&shared.db).await {
+        Ok(newer) if !newer.is_empty() => error!(
+            versions = ?newer,
+            "the database's schema is newer than this build of syncq knows: upgrade this worker"
+        ),
+        Ok(_) => {}
+        Err(e) => debug!(error = %e, "could not read the schema's versions"),
+    }
     // A typo in --datasets would otherwise wait in silence.
     for dataset in shared.datasets().unwrap_or_default() {
         match store::datasets::known(&shared.db, dataset).await {
