@@ -18,9 +18,14 @@
 //! | `syncq_running_tasks` | gauge (sampled from SQL) | dataset |
 //! | `syncq_oldest_ready_age_seconds` | gauge (sampled from SQL) | dataset |
 //!
-//! Labels carry dataset names: with many thousands of datasets, mind your
-//! metrics backend's series limits.
+//! Labels carry dataset names, for the first [`DATASET_SERIES`] datasets
+//! a process records (sampled queues first, by depth); every later one is
+//! counted under `dataset="(other)"`, so a fleet of thousands of datasets
+//! serves a bounded page (3,000 datasets of one task each once made every
+//! scrape 69,074 lines). Names are cut to 200 characters.
 
+use std::collections::HashSet;
+use std::sync::{LazyLock, Mutex, PoisonError};
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
@@ -37,14 +42,44 @@ pub const CLAIM_DURATION_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 ];
 
+/// The most datasets with series of their own in one process.
+pub const DATASET_SERIES: usize = 100;
+
+/// The label of the datasets past [`DATASET_SERIES`].
+pub const OTHER_DATASETS: &str = "(other)";
+
+/// The datasets given series of their own so far.
+static LABELLED: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(|| Mutex::new(HashSet::new()));
+
+/// The `dataset` label for `dataset`: itself while there is room for its
+/// series, else [`OTHER_DATASETS`].
+fn dataset_label(dataset: &str) -> String {
+    let name: String = dataset.chars().take(200).collect();
+    let mut labelled = LABELLED.lock().unwrap_or_else(PoisonError::into_inner);
+    if labelled.contains(&name) {
+        return name;
+    }
+    if labelled.len() < DATASET_SERIES {
+        labelled.insert(name.clone());
+        return name;
+    }
+    OTHER_DATASETS.to_string()
+}
+
+/// Whether `dataset` has series of its own (it is labelled, or there is
+/// room for it).
+pub(crate) fn has_own_series(dataset: &str) -> bool {
+    dataset_label(dataset) != OTHER_DATASETS
+}
+
 pub(crate) fn task_started(task: &ClaimedTask) {
-    counter!("syncq_tasks_started_total", "dataset" => task.dataset_id.clone(), "kind" => task.kind.clone())
+    counter!("syncq_tasks_started_total", "dataset" => dataset_label(&task.dataset_id), "kind" => task.kind.clone())
         .increment(1);
 }
 
 pub(crate) fn task_finished(task: &ClaimedTask, outcome: OutcomeKind, took: Duration) {
     let labels = [
-        ("dataset", task.dataset_id.clone()),
+        ("dataset", dataset_label(&task.dataset_id)),
         ("kind", task.kind.clone()),
     ];
     histogram!("syncq_task_duration_seconds", &labels).record(took.as_secs_f64());
@@ -66,6 +101,9 @@ pub(crate) fn claim_round_trip(took: Duration) {
     histogram!("syncq_claim_duration_seconds").record(took.as_secs_f64());
 }
 
+/// Sets the sampled gauges of one dataset (its own, or the sums of the
+/// datasets past [`DATASET_SERIES`] under [`OTHER_DATASETS`]: the caller
+/// adds those up).
 pub(crate) fn queue_sample(dataset: &str, queued: i64, running: i64, oldest_ready_age: f64) {
     let dataset = dataset.to_string();
     gauge!("syncq_queue_depth", "dataset" => dataset.clone()).set(queued as f64);

@@ -238,3 +238,49 @@ async fn metrics_are_served_and_move_and_logs_are_json(_: PgPoolOptions, opts: P
         "{started_line}"
     );
 }
+
+/// 300 datasets of one task each: the worker's page holds series of their
+/// own for at most 100 datasets, the rest counted under
+/// `dataset="(other)"`, and every task is counted.
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
+async fn dataset_series_are_bounded(_: PgPoolOptions, opts: PgConnectOptions) {
+    let db = common::connect(&opts).await;
+    sqlx::query(
+        "INSERT INTO syncq.tasks (dataset_id, kind)
+         SELECT 'd-' || g, 'noop' FROM generate_series(1, 300) g",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    let port = free_port();
+    let metrics_addr = format!("127.0.0.1:{port}");
+    let _worker = common::WorkerProcess::start(
+        &common::url(&opts),
+        &["--poll-interval", "100ms", "--metrics-addr", &metrics_addr],
+        &[],
+    );
+    let page = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    common::wait_for("every task counted", WAIT, || {
+        let page = page.clone();
+        async move {
+            let Some(p) = scrape(port).await else {
+                return false;
+            };
+            let started: f64 = p
+                .lines()
+                .filter(|l| l.starts_with("syncq_tasks_succeeded_total{"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            *page.lock().unwrap() = p;
+            started == 300.0
+        }
+    })
+    .await;
+    let page = page.lock().unwrap().clone();
+    let datasets: BTreeSet<&str> = page
+        .lines()
+        .filter_map(|l| l.split("dataset=\"").nth(1)?.split('"').next())
+        .collect();
+    assert!(datasets.contains("(other)"), "{datasets:?}");
+    assert!(datasets.len() <= 101, "{} dataset labels", datasets.len());
+}
