@@ -515,3 +515,36 @@ async fn the_dashboard_command_serves_on_loopback_and_warns_when_asked_wider(
     let (_admin, line, _) = start_command(&url, "127.0.0.1:0", Some(TOKEN)).await;
     assert!(line.contains("actions allowed"), "{line}");
 }
+
+/// A dashboard told its names answers only them (a page whose DNS name is
+/// rebound to the dashboard's address sends its own name as `Host`: 400),
+/// and every answer carries a content security policy that names the
+/// page's own style and script by hash and forbids framing, with nosniff.
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
+async fn it_answers_only_its_own_names_with_security_headers(db: PgPool) {
+    let base = serve(&db, DashboardOptions::default().hosts(["127.0.0.1"])).await;
+    let (status, _) = get(&base, false).await;
+    assert_eq!(status, StatusCode::OK);
+    let rebound = client()
+        .get(&base)
+        .header("Host", "evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rebound.status(), StatusCode::BAD_REQUEST);
+    let body = rebound.text().await.unwrap();
+    assert!(!body.contains("syncq.tasks"), "{body}");
+
+    let response = client().get(&base).send().await.unwrap();
+    let headers = response.headers().clone();
+    let csp = headers["content-security-policy"].to_str().unwrap();
+    for part in [
+        "default-src 'none'",
+        "script-src 'sha256-",
+        "frame-ancestors 'none'",
+    ] {
+        assert!(csp.contains(part), "{csp}");
+    }
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    assert_eq!(headers["x-frame-options"], "DENY");
+}

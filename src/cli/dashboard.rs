@@ -23,7 +23,25 @@ pub(super) async fn run(
     args: DashboardArgs,
     out: &mut (dyn Write + Send),
 ) -> Result<(), CliError> {
-    let options = DashboardOptions::from_env();
+    let mut options = DashboardOptions::from_env();
+    // Only its own names: a page whose DNS name is rebound to this address
+    // cannot read it (SYNCQ_DASHBOARD_HOSTS adds names, e.g. behind a proxy).
+    let mut hosts: Vec<String> = std::env::var("SYNCQ_DASHBOARD_HOSTS")
+        .unwrap_or_default()
+        .split(',')
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .collect();
+    if args.addr.ip().is_loopback() || !hosts.is_empty() {
+        hosts.extend(["localhost", "127.0.0.1", "[::1]"].map(String::from));
+        if !args.addr.ip().is_unspecified() {
+            hosts.push(match args.addr.ip() {
+                std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+                ip => ip.to_string(),
+            });
+        }
+        options = options.hosts(hosts);
+    }
     if !args.addr.ip().is_loopback() {
         if options.is_read_only() {
             note(&format!(

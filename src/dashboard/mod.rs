@@ -54,6 +54,7 @@ use crate::manager::inspect::Activity;
 pub struct DashboardOptions {
     token: Option<String>,
     refresh: Option<Duration>,
+    hosts: Option<Vec<String>>,
 }
 
 impl std::fmt::Debug for DashboardOptions {
@@ -61,6 +62,7 @@ impl std::fmt::Debug for DashboardOptions {
         f.debug_struct("DashboardOptions")
             .field("token", &self.token.as_ref().map(|_| "…"))
             .field("refresh", &self.refresh)
+            .field("hosts", &self.hosts)
             .finish()
     }
 }
@@ -85,6 +87,21 @@ impl DashboardOptions {
     /// How often a visible page refreshes its numbers (default 2 s).
     pub fn refresh(mut self, every: Duration) -> Self {
         self.refresh = Some(every);
+        self
+    }
+
+    /// The only `Host` names (without port) requests may carry; any other
+    /// is answered 400. A dashboard on loopback should list its own names:
+    /// otherwise a web page whose DNS name is rebound to 127.0.0.1 can read
+    /// it, payloads included. Unset (the default for a mounted router):
+    /// every host.
+    pub fn hosts(mut self, hosts: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.hosts = Some(
+            hosts
+                .into_iter()
+                .map(|h| h.into().to_ascii_lowercase())
+                .collect(),
+        );
         self
     }
 
@@ -221,6 +238,7 @@ pub fn router(db: impl Into<Db>, options: DashboardOptions) -> Router {
         refresh: options.refresh.unwrap_or(Duration::from_secs(2)),
         activity: tokio::sync::Mutex::new(None),
     });
+    let hosts = Arc::new(options.hosts);
     Router::new()
         .route("/", get(pages::overview))
         .route("/datasets/{id}", get(pages::dataset))
@@ -237,6 +255,77 @@ pub fn router(db: impl Into<Db>, options: DashboardOptions) -> Router {
         .route("/tasks/{id}/cancel", post(actions::cancel_task))
         .route("/tasks/{id}/retry", post(actions::retry_task))
         .with_state(app)
+        .layer(axum::middleware::map_response(secure_headers))
+        .layer(axum::middleware::from_fn(move |request, next| {
+            known_host(hosts.clone(), request, next)
+        }))
+}
+
+/// Refuses a request whose `Host` is not one of `hosts` (when set).
+async fn known_host(
+    hosts: Arc<Option<Vec<String>>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(hosts) = hosts.as_ref() {
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(host_name)
+            .unwrap_or_default();
+        if !hosts.contains(&host) {
+            return Failure::BadRequest(
+                "unknown Host: this dashboard answers only its own names".into(),
+            )
+            .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// A `Host` header's name, lowercase, without its port (`[::1]:8080` →
+/// `[::1]`).
+fn host_name(host: &str) -> String {
+    let host = host.trim().to_ascii_lowercase();
+    match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !name.is_empty() => {
+            name.to_string()
+        }
+        _ => host,
+    }
+}
+
+/// The headers every answer carries: a content security policy that
+/// allows only the dashboard's own style and script (by hash) and no
+/// framing, no MIME sniffing, no referrer.
+async fn secure_headers(mut response: Response) -> Response {
+    static CSP: std::sync::LazyLock<Option<header::HeaderValue>> = std::sync::LazyLock::new(|| {
+        header::HeaderValue::from_str(&format!(
+            "default-src 'none'; style-src '{}'; script-src '{}'; connect-src 'self'; img-src 'self' data:; \
+             form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+            pages::style_hash(),
+            pages::script_hash()
+        ))
+        .ok()
+    });
+    let headers = response.headers_mut();
+    if let Some(csp) = CSP.as_ref() {
+        headers.insert(header::CONTENT_SECURITY_POLICY, csp.clone());
+    }
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::X_FRAME_OPTIONS,
+        header::HeaderValue::from_static("DENY"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        header::HeaderValue::from_static("no-referrer"),
+    );
+    response
 }
 
 /// Serves the dashboard on `listener` until `shutdown` completes.

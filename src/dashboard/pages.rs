@@ -15,6 +15,26 @@ use crate::task::{TaskId, TaskStatus};
 const STYLE: &str = include_str!("assets/style.css");
 const SCRIPT: &str = include_str!("assets/live.js");
 
+/// `sha256-…` of a text, as a content security policy names it.
+fn csp_hash(text: &str) -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    format!(
+        "sha256-{}",
+        base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(text.as_bytes()))
+    )
+}
+
+/// The hash of the inline style, for the content security policy.
+pub(super) fn style_hash() -> String {
+    csp_hash(STYLE)
+}
+
+/// The hash of the inline script, for the content security policy.
+pub(super) fn script_hash() -> String {
+    csp_hash(SCRIPT)
+}
+
 /// Datasets and tasks per page.
 const PAGE: u32 = 50;
 
