@@ -548,3 +548,33 @@ async fn it_answers_only_its_own_names_with_security_headers(db: PgPool) {
     assert_eq!(headers["x-content-type-options"], "nosniff");
     assert_eq!(headers["x-frame-options"], "DENY");
 }
+
+/// The dataset page lists tasks without reading their payloads: a task of
+/// 5 MB is listed, and neither its payload nor anything of it is on the
+/// page (the task's own page shows it).
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
+async fn the_dataset_page_reads_no_payload(db: PgPool) {
+    let big = "p".repeat(5_000_000);
+    let id = TaskQueueManager::new(db.clone())
+        .enqueue(NewTask::new("big", "noop").payload(json!({ "blob": big })))
+        .await
+        .unwrap();
+    let listed = TaskQueueManager::new(db.clone())
+        .tasks(&syncq::inspect::TaskFilter {
+            dataset_id: Some("big".into()),
+            without_values: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].payload, serde_json::Value::Null);
+    let base = serve(&db, DashboardOptions::default()).await;
+    let (status, page) = get(&format!("{base}/datasets/big"), false).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains(&id.to_string()));
+    assert!(page.len() < 1_000_000, "a page of {} bytes", page.len());
+    let (status, task_page) = get(&format!("{base}/tasks/{id}"), false).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(task_page.len() > 5_000_000);
+}

@@ -326,6 +326,8 @@ pub(super) async fn dataset(
         error_contains: non_empty(&params.error),
         limit: Some(PAGE),
         offset: Some(page.saturating_mul(PAGE)),
+        // The list shows no payload: it reads none.
+        without_values: true,
     };
     let tasks = app.manager.tasks(&filter).await?;
     let errors = app.manager.failures_by_error(&id).await?;

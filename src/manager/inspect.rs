@@ -54,6 +54,10 @@ pub struct TaskFilter {
     pub limit: Option<u32>,
     /// Skip this many first (paging).
     pub offset: Option<u32>,
+    /// Leave `payload` (null), `checkpoint` and `result` out: a list that
+    /// does not show them reads none of them (a page of 20 tasks of 20 MB
+    /// each once took 3.6 s and 2 GB with four viewers).
+    pub without_values: bool,
 }
 
 /// One page of datasets, as the dashboard's overview asks for it.
@@ -113,6 +117,7 @@ impl TaskQueueManager {
             error_contains: filter.error_contains.as_deref(),
             limit: i64::from(filter.limit.unwrap_or(50)),
             offset: i64::from(filter.offset.unwrap_or(0)),
+            values: !filter.without_values,
         };
         Ok(store::reports::tasks(&self.db, query).await?)
     }

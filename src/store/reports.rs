@@ -205,6 +205,8 @@ pub struct TaskQuery<'a> {
     pub limit: i64,
     /// After skipping this many.
     pub offset: i64,
+    /// With payload, checkpoint and result (false: null, never read).
+    pub values: bool,
 }
 
 /// Tasks, newest first, by `q`.
@@ -214,7 +216,11 @@ pub async fn tasks(db: impl PgExecutor<'_>, q: TaskQuery<'_>) -> sqlx::Result<Ve
         r#"
         SELECT id AS "id: TaskId", dataset_id, kind, status::text AS "status!: TaskStatus", priority, attempts,
                max_attempts, run_at, created_at, started_at, finished_at, locked_by,
-               lease_expires_at, unique_key, cancel_requested, payload, checkpoint, result,
+               lease_expires_at, unique_key, cancel_requested,
+               -- Not read (not detoasted) unless asked for.
+               CASE WHEN $7 THEN payload ELSE 'null'::jsonb END AS "payload!",
+               CASE WHEN $7 THEN checkpoint END AS checkpoint,
+               CASE WHEN $7 THEN result END AS result,
                last_error
         FROM syncq.tasks
         WHERE ($1::text IS NULL OR dataset_id = $1) AND ($2::text IS NULL OR status::text = $2)
@@ -229,6 +235,7 @@ pub async fn tasks(db: impl PgExecutor<'_>, q: TaskQuery<'_>) -> sqlx::Result<Ve
         q.error_contains,
         q.limit,
         q.offset,
+        q.values,
     )
     .fetch_all(db)
     .await
