@@ -578,3 +578,22 @@ async fn the_dataset_page_reads_no_payload(db: PgPool) {
     assert_eq!(status, StatusCode::OK);
     assert!(task_page.len() > 5_000_000);
 }
+
+/// A NUL in a URL (which no text column can hold) is the visitor's bad
+/// input: 400, with none of the database's words on the page.
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
+async fn a_nul_in_a_url_is_a_bad_request_without_the_databases_words(db: PgPool) {
+    TaskQueueManager::new(db.clone())
+        .enqueue(NewTask::new("d", "noop"))
+        .await
+        .unwrap();
+    let base = serve(&db, DashboardOptions::default()).await;
+    for path in ["/datasets/a%00b", "/datasets/d?error=a%00b"] {
+        let (status, page) = get(&format!("{base}{path}"), false).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {page}");
+        assert!(
+            !page.contains("0x00") && !page.contains("UTF8"),
+            "{path}: {page}"
+        );
+    }
+}

@@ -359,9 +359,21 @@ impl From<crate::Error> for Failure {
             crate::Error::Config { .. } | crate::Error::InvalidTask(_) => {
                 Failure::BadRequest(e.to_string())
             }
+            // Bad input the database refused (a NUL in a URL, SQLSTATE
+            // class 22): the visitor's mistake, answered 400 with a fixed
+            // text, not the database's message.
+            crate::Error::Database(sqlx::Error::Database(d))
+                if d.code().is_some_and(|c| c.starts_with("22")) =>
+            {
+                Failure::BadRequest("that is not a valid value for this page".into())
+            }
             other => {
+                // The database's own words stay in the log: a visitor sees
+                // that it failed, not its internals.
                 tracing::warn!(error = %other, "dashboard: a query failed");
-                Failure::Database(other.to_string())
+                Failure::Database(
+                    "the database did not answer; the dashboard's log says why".into(),
+                )
             }
         }
     }
