@@ -116,10 +116,8 @@ impl Local<'_> {
                 started,
                 unreadable,
             } = claimed;
-            // A claim served it: whatever refused its starts has passed.
-            if shared.given_back.lock().is_ok_and(|g| !g.is_empty()) {
-                shared.given_back().remove(&task.dataset_id);
-            }
+            // A claim served it: whatever held its tasks back has passed.
+            shared.given_back().remove(&task.dataset_id);
             // Leased ahead or started, the same lease, renewed by the
             // heartbeat: no other worker takes it while this one lives.
             let lease = Lease::new(asked_at, shared.config.lease);
@@ -295,15 +293,13 @@ pub(super) async fn start_loop(
 /// Takes out of the local queue the tasks of datasets heard paused,
 /// throttled or limited ("" in `given_back`: of every dataset).
 fn take_held_back(shared: &Shared, waiting: &mut VecDeque<Waiting>) -> Vec<Waiting> {
-    let held = {
+    let (all, datasets) = {
         let mut given_back = shared.given_back();
         if given_back.is_empty() {
             return Vec::new();
         }
-        let all = given_back.remove("");
-        (all, given_back.clone())
+        (given_back.remove(""), given_back.clone())
     };
-    let (all, datasets) = held;
     let (out, keep): (Vec<Waiting>, Vec<Waiting>) = waiting
         .drain(..)
         .partition(|w| all || datasets.contains(&w.task.dataset_id));
