@@ -731,6 +731,60 @@ async fn claims_share_an_unlimited_dataset_but_take_turns_on_a_capped_one(
     );
 }
 
+/// Two claims serving one unlimited dataset side by side both move its
+/// place in the round (SPEC §6: starts split by weight). The second cannot
+/// lock the row the first holds, and does not wait: it owes the move,
+/// which the next claim adds. Before, the second claim's tasks were served
+/// for free (weights 1:2:4 split 217:358:845 across two loaded workers).
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
+async fn a_turn_a_claim_could_not_move_is_owed_not_lost(_: PgPoolOptions, opts: PgConnectOptions) {
+    let db = common::connect(&opts).await;
+    sqlx::query("INSERT INTO syncq.datasets (dataset_id, weight) VALUES ('heavy', 2)")
+        .execute(&db)
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        common::insert(&db, "heavy", "noop", json!({})).await;
+    }
+    absorb(&db).await;
+    assert_eq!(claim_ids(&db, 1).await.len(), 1);
+    let place = || async {
+        sqlx::query_scalar::<_, DateTime<Utc>>(
+            "SELECT last_claimed_at FROM syncq.datasets WHERE dataset_id = 'heavy'",
+        )
+        .fetch_one(&db)
+        .await
+        .unwrap()
+    };
+    let before = place().await;
+    let mut first = db.begin().await.unwrap();
+    assert_eq!(
+        within("the first claim", claim_ids(&mut *first, 2))
+            .await
+            .len(),
+        2
+    );
+    let second = within(
+        "a second claim beside the open first one",
+        claim_ids(&db, 4),
+    )
+    .await;
+    assert_eq!(second.len(), 4, "the second claim was blocked by the first");
+    within("the first claim's commit", first.commit())
+        .await
+        .unwrap();
+    // The next claim (of one more task) adds what the second one owed.
+    assert_eq!(claim_ids(&db, 1).await.len(), 1);
+    let moved = (place().await - before).num_microseconds().unwrap();
+    // 2 + 4 + 1 tasks × 1 ms / weight 2.
+    assert_eq!(moved, 3500, "the place moved {moved} µs, not 3,500 µs");
+    let owed: i64 = sqlx::query_scalar("SELECT count(*) FROM syncq.turn_debts")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(owed, 0, "a debt was left after a claim could add it");
+}
+
 /// Two claimers taking a dataset's last ready tasks side by side can leave
 /// its ready_at in the past while only delayed tasks remain; workers would
 /// then be told "ready now" until the delayed task is due. refresh_ready

@@ -66,6 +66,8 @@ const ROLES: &[&str] = &[
     "GRANT INSERT ON syncq.task_errors TO syncq_worker",
     "GRANT INSERT, DELETE ON syncq.rate_log TO syncq_worker",
     "GRANT SELECT ON syncq.ready_signals TO syncq_worker",
+    // A turn a claim served but could not move (the claim writes it).
+    "GRANT INSERT ON syncq.turn_debts TO syncq_worker",
     "GRANT INSERT, UPDATE, DELETE ON syncq.workers TO syncq_worker",
     "GRANT UPDATE (throttled_until, last_claimed_at, served_at, ready_at) ON syncq.datasets TO syncq_worker",
     "GRANT EXECUTE ON FUNCTION
@@ -76,6 +78,7 @@ const ROLES: &[&str] = &[
          syncq.rate_used(text, interval, timestamptz),
          syncq.rate_room_at(text, int, interval, timestamptz),
          syncq.absorb_signals(),
+         syncq.absorb_turn_debts(),
          syncq.next_claim_in(text[], text[], text[]),
          syncq.mark_idle(text[], timestamptz),
          syncq.refresh_ready(text[]),

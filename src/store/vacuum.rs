@@ -10,7 +10,7 @@ pub async fn churn(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<(String, i64, i6
         r#"
         SELECT relname AS "table!", n_dead_tup AS "dead!", n_live_tup AS "live!"
         FROM pg_stat_user_tables
-        WHERE schemaname = 'syncq' AND relname IN ('tasks', 'datasets', 'rate_log', 'ready_signals')
+        WHERE schemaname = 'syncq' AND relname IN ('tasks', 'datasets', 'rate_log', 'ready_signals', 'turn_debts')
         "#
     )
     .fetch_all(db)
@@ -48,6 +48,8 @@ pub async fn vacuum(conn: &mut sqlx::PgConnection, table: &str) -> sqlx::Result<
         // Every signal is deleted soon after it is written: the claim reads
         // the whole table, so its dead rows must not pile up.
         "ready_signals" => "VACUUM (ANALYZE) syncq.ready_signals",
+        // As the signals: each debt is deleted soon after it is written.
+        "turn_debts" => "VACUUM (ANALYZE) syncq.turn_debts",
         _ => return Ok(()),
     };
     sqlx::raw_sql(statement).execute(conn).await?;

@@ -165,7 +165,7 @@ fn rate(n: u32, took: Duration) -> f64 {
 
 async fn reset(db: &PgPool) -> Result<(), CliError> {
     db.execute(
-        "TRUNCATE syncq.tasks, syncq.task_errors, syncq.rate_log, syncq.ready_signals, bench_raw, bench_same;
+        "TRUNCATE syncq.tasks, syncq.task_errors, syncq.rate_log, syncq.ready_signals, syncq.turn_debts, bench_raw, bench_same;
          DELETE FROM syncq.datasets; DELETE FROM syncq.workers;",
     )
     .await

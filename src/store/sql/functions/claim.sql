@@ -40,7 +40,8 @@
 -- virtual time: serving n tasks moves it n × 1 ms / weight past the
 -- round's start (the earliest place of any ready dataset, so a dataset
 -- back from idle starts at the round, not ahead with an old place, nor
--- behind by its idle time); at equal places the one served longest ago
+-- behind by its idle time); a claim that cannot lock the row at once owes
+-- the move (syncq.turn_debts), added by the next claim that can; at equal places the one served longest ago
 -- (served_at) goes first. Within one claim each dataset's share is
 -- ceil(limit × weight / the weights of the claim's turn), its tasks picked
 -- weight at a time. Over claims a dataset of weight w is served w times as
@@ -86,8 +87,10 @@ DECLARE
     v_base timestamptz;
     v_start int := least(coalesce(p_start, p_limit), p_limit);
 BEGIN
-    -- Step 0: readiness that producers appended since the last claim.
+    -- Step 0: readiness that producers appended since the last claim, and
+    -- turns earlier claims served but could not move.
     PERFORM syncq.absorb_signals();
+    PERFORM syncq.absorb_turn_debts();
     FOR v_row IN
         SELECT d.dataset_id, (d.max_concurrency IS NOT NULL OR d.rate_limit IS NOT NULL) AS limited,
                d.last_claimed_at
@@ -264,7 +267,7 @@ BEGIN
     ),
     turned AS (
         -- A dataset locked by someone else is being claimed, paused or
-        -- filled right now; its turn moves without us.
+        -- filled right now: its turn is owed instead (below).
         UPDATE syncq.datasets d
         SET last_claimed_at = greatest(coalesce(d.last_claimed_at, b.base), b.base)
                               + make_interval(secs => n.picked * 0.001 / d.weight),
@@ -285,6 +288,16 @@ BEGIN
             SELECT s.dataset_id FROM syncq.datasets s
             WHERE s.dataset_id = ANY (ARRAY(SELECT DISTINCT p.dataset_id FROM picked p))
             FOR NO KEY UPDATE SKIP LOCKED))
+        RETURNING d.dataset_id
+    ),
+    owed AS (
+        -- The turns not moved, for a later claim to add
+        -- (syncq.absorb_turn_debts): no dataset is served for free.
+        INSERT INTO syncq.turn_debts (dataset_id, secs)
+        SELECT n.dataset_id, n.picked * 0.001 / turns.weight
+        FROM (SELECT p.dataset_id, count(*) AS picked FROM picked p GROUP BY p.dataset_id) n
+        JOIN turns ON turns.dataset_id = n.dataset_id
+        WHERE NOT EXISTS (SELECT 1 FROM turned t WHERE t.dataset_id = n.dataset_id)
     )
     SELECT c.id, c.dataset_id, c.kind, c.payload, c.priority, c.attempts,
            c.max_attempts, c.runs, c.checkpoint, c.created_at, c.started_at, c.started
