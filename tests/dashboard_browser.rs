@@ -305,7 +305,7 @@ async fn the_overview_is_live_in_a_browser_and_its_buttons_act(
         common::paused(&db, "feed-3").await
     })
     .await;
-    assert!(browser.text("p.flash").await.contains("paused"));
+    assert!(browser.text("p.flash").await.contains("Paused"));
 
     browser.close().await;
     drop(worker);

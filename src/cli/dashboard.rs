@@ -24,6 +24,9 @@ pub(super) async fn run(
     out: &mut (dyn Write + Send),
 ) -> Result<(), CliError> {
     let mut options = DashboardOptions::from_env();
+    options
+        .check()
+        .map_err(|e| CliError::Usage(format!("SYNCQ_DASHBOARD_TOKEN: {e}")))?;
     // Only its own names: a page whose DNS name is rebound to this address
     // cannot read it (SYNCQ_DASHBOARD_HOSTS adds names, e.g. behind a proxy).
     let mut hosts: Vec<String> = std::env::var("SYNCQ_DASHBOARD_HOSTS")
@@ -51,7 +54,7 @@ pub(super) async fn run(
             ));
         } else {
             note(&format!(
-                "listening on {} beyond loopback over plain HTTP: put TLS in front of it, the admin token travels in a cookie",
+                "listening on {} beyond loopback over plain HTTP: put TLS in front of it, the sign-in token and session cookie travel in the clear",
                 args.addr
             ));
         }

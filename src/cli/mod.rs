@@ -465,20 +465,9 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<(), CliError>
         Command::Show(args) => ops::show(&connect(&options, 1).await?, args, out).await,
         Command::Bench(args) => bench::run(&options, args, out).await,
         Command::Dashboard(args) => {
-            // Its own pool, and no query of a visitor's runs longer than
-            // DASHBOARD_STATEMENT_TIMEOUT: ten slow pages at once cannot
-            // hold every connection (the overview went from 6 ms to 4 s).
-            // A startup parameter, so not through a transaction pooler
-            // (PgBouncer refuses unknown ones): set it on the pooler's
-            // pool there.
-            let options = if pooler == Pooler::None {
-                options
-                    .clone()
-                    .options([("statement_timeout", DASHBOARD_STATEMENT_TIMEOUT)])
-            } else {
-                options.clone()
-            };
-            dashboard::run(connect(&options, 8).await?, args, out).await
+            // The dashboard opens a pool of its own (statement timeout
+            // included); this one only checks the database first.
+            dashboard::run(connect(&options, 1).await?, args, out).await
         }
     }
 }
@@ -505,9 +494,6 @@ fn install_metrics(addr: std::net::SocketAddr) -> Result<(), CliError> {
     tracing::info!(%addr, "serving Prometheus metrics at /metrics");
     Ok(())
 }
-
-/// The longest a query of `syncq dashboard` may run.
-const DASHBOARD_STATEMENT_TIMEOUT: &str = "5s";
 
 pub(crate) fn io_error(e: std::io::Error) -> CliError {
     if e.kind() == std::io::ErrorKind::BrokenPipe {

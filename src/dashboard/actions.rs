@@ -8,8 +8,9 @@ use axum::http::{HeaderMap, HeaderValue, Uri, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use serde::Deserialize;
 
-use super::pages::{base, urlencode};
-use super::{Failure, SESSION_COOKIE, Shared, same};
+use super::pages::{Done, base, urlencode};
+use super::session::{Caller, LOGIN_COOKIE, SESSION_COOKIE, SESSION_LIFETIME};
+use super::{Failure, Shared};
 use crate::queue::{LimitsUpdate, TaskMatch};
 use crate::rate_limit::RateLimit;
 use crate::task::{TaskId, TaskStatus};
@@ -28,29 +29,26 @@ pub(super) struct ActionForm {
 }
 
 /// Refuses unless this dashboard allows actions, the request comes from a
-/// signed-in operator, and it carries this dashboard's CSRF token.
-fn allow(app: &Shared, headers: &HeaderMap, form: &ActionForm) -> Result<(), Failure> {
-    if app.token.is_none() {
+/// signed-in operator, and a session's request carries its CSRF token.
+fn allow(app: &Shared, headers: &HeaderMap, form: &ActionForm) -> Result<Caller, Failure> {
+    if app.sessions.is_read_only() {
         return Err(Failure::Forbidden(
             "this dashboard is read-only: no admin token is configured (SYNCQ_DASHBOARD_TOKEN)"
                 .into(),
         ));
     }
-    if !app.is_admin(headers) {
+    let caller = app.caller(headers);
+    if !caller.is_admin() {
         return Err(Failure::Forbidden(
             "sign in with the admin token first".into(),
         ));
     }
-    let csrf_ok = form
-        .csrf
-        .as_deref()
-        .is_some_and(|c| same(c.as_bytes(), app.csrf.as_bytes()));
-    if !csrf_ok {
+    if !app.sessions.csrf_ok(&caller, form.csrf.as_deref()) {
         return Err(Failure::Forbidden(
             "missing or wrong CSRF token: act from the dashboard's own pages".into(),
         ));
     }
-    Ok(())
+    Ok(caller)
 }
 
 /// An action's request, once [`allow`]ed: where the dashboard is mounted
@@ -59,6 +57,7 @@ fn allow(app: &Shared, headers: &HeaderMap, form: &ActionForm) -> Result<(), Fai
 pub(super) struct Allowed {
     root: String,
     form: ActionForm,
+    caller: Caller,
 }
 
 impl FromRequest<Shared> for Allowed {
@@ -74,20 +73,36 @@ impl FromRequest<Shared> for Allowed {
         let Form(form) = Form::<ActionForm>::from_request(Request::from_parts(parts, body), app)
             .await
             .map_err(IntoResponse::into_response)?;
-        allow(app, &headers, &form).map_err(IntoResponse::into_response)?;
-        Ok(Allowed { root, form })
+        let caller = allow(app, &headers, &form).map_err(IntoResponse::into_response)?;
+        Ok(Allowed { root, form, caller })
     }
 }
 
 impl Allowed {
     /// Back to `path` under the dashboard's root, saying what was done.
-    fn back(&self, path: &str, done: &str) -> Response {
+    fn back(&self, path: &str, done: Done) -> Response {
         back(&self.root, path, done)
     }
 }
 
-fn back(root: &str, path: &str, done: &str) -> Response {
-    Redirect::to(&format!("{root}{path}?done={}", urlencode(done))).into_response()
+/// A redirect to `path`, its flash message named by code (the page prints
+/// a fixed text for it: nothing a link's author can write).
+fn back(root: &str, path: &str, done: Done) -> Response {
+    let query = match done.count() {
+        Some(n) => format!("done={}&n={n}", done.code()),
+        None => format!("done={}", done.code()),
+    };
+    Redirect::to(&format!("{root}{path}?{query}")).into_response()
+}
+
+/// Refuses an action on a dataset that does not exist: like the CLI
+/// without `--create`, the dashboard configures only datasets it lists.
+async fn known_dataset(app: &Shared, id: &str) -> Result<(), Failure> {
+    if app.manager.dataset_exists(id).await? {
+        Ok(())
+    } else {
+        Err(Failure::NotFound(format!("no dataset {id:?}")))
+    }
 }
 
 fn text(s: &Option<String>) -> Option<String> {
@@ -97,41 +112,67 @@ fn text(s: &Option<String>) -> Option<String> {
         .map(str::to_string)
 }
 
+fn cookie_path(root: &str) -> &str {
+    if root.is_empty() { "/" } else { root }
+}
+
+fn set_cookie(response: &mut Response, cookie: &str) {
+    if let Ok(value) = HeaderValue::from_str(cookie) {
+        response.headers_mut().append(header::SET_COOKIE, value);
+    }
+}
+
 pub(super) async fn login(
     State(app): State<Shared>,
     OriginalUri(original): OriginalUri,
     uri: Uri,
+    headers: HeaderMap,
     Form(form): Form<ActionForm>,
 ) -> Result<Response, Failure> {
     let root = base(&original, &uri);
-    let Some(token) = &app.token else {
+    if app.sessions.is_read_only() {
         return Err(Failure::Forbidden("this dashboard is read-only".into()));
+    }
+    if app.sessions.throttled() {
+        return Err(Failure::Throttled(
+            "too many failed sign-ins: try again in a minute".into(),
+        ));
+    }
+    if !app.sessions.login_form_ok(&headers, form.csrf.as_deref()) {
+        return Ok(Redirect::to(&format!("{root}/login?failed=form")).into_response());
+    }
+    let Some(session) = app.sessions.sign_in(&form.token.unwrap_or_default()) else {
+        return Ok(Redirect::to(&format!("{root}/login?failed=token")).into_response());
     };
-    let csrf_ok = form
-        .csrf
-        .as_deref()
-        .is_some_and(|c| same(c.as_bytes(), app.csrf.as_bytes()));
-    let given = form.token.unwrap_or_default();
-    if !csrf_ok || !same(given.as_bytes(), token.as_bytes()) {
-        return Ok(Redirect::to(&format!("{root}/login?failed=1")).into_response());
-    }
-    let path = if root.is_empty() { "/" } else { root.as_str() };
-    let cookie = format!("{SESSION_COOKIE}={given}; Path={path}; HttpOnly; SameSite=Strict");
-    let mut response = back(&root, "/", "signed in");
-    if let Ok(value) = HeaderValue::from_str(&cookie) {
-        response.headers_mut().insert(header::SET_COOKIE, value);
-    }
+    let path = cookie_path(&root);
+    let mut response = back(&root, "/", Done::SignedIn);
+    set_cookie(
+        &mut response,
+        &format!(
+            "{SESSION_COOKIE}={session}; Path={path}; Max-Age={}; HttpOnly; SameSite=Strict",
+            SESSION_LIFETIME.as_secs()
+        ),
+    );
+    set_cookie(
+        &mut response,
+        &format!("{LOGIN_COOKIE}=; Path={path}; Max-Age=0; HttpOnly; SameSite=Strict"),
+    );
     Ok(response)
 }
 
-pub(super) async fn logout(action: Allowed) -> Result<Response, Failure> {
-    let root = &action.root;
-    let path = if root.is_empty() { "/" } else { root.as_str() };
-    let mut response = action.back("/", "signed out");
-    let cookie = format!("{SESSION_COOKIE}=; Path={path}; Max-Age=0; HttpOnly; SameSite=Strict");
-    if let Ok(value) = HeaderValue::from_str(&cookie) {
-        response.headers_mut().insert(header::SET_COOKIE, value);
+pub(super) async fn logout(
+    State(app): State<Shared>,
+    action: Allowed,
+) -> Result<Response, Failure> {
+    if let Caller::Session { id, .. } = &action.caller {
+        app.sessions.sign_out(id);
     }
+    let path = cookie_path(&action.root);
+    let mut response = action.back("/", Done::SignedOut);
+    set_cookie(
+        &mut response,
+        &format!("{SESSION_COOKIE}=; Path={path}; Max-Age=0; HttpOnly; SameSite=Strict"),
+    );
     Ok(response)
 }
 
@@ -145,8 +186,9 @@ pub(super) async fn pause(
     Path(id): Path<String>,
     action: Allowed,
 ) -> Result<Response, Failure> {
+    known_dataset(&app, &id).await?;
     app.manager.queue(&id).pause().await?;
-    Ok(action.back(&dataset_page(&id), "paused"))
+    Ok(action.back(&dataset_page(&id), Done::Paused))
 }
 
 pub(super) async fn resume(
@@ -154,8 +196,9 @@ pub(super) async fn resume(
     Path(id): Path<String>,
     action: Allowed,
 ) -> Result<Response, Failure> {
+    known_dataset(&app, &id).await?;
     app.manager.queue(&id).resume().await?;
-    Ok(action.back(&dataset_page(&id), "resumed"))
+    Ok(action.back(&dataset_page(&id), Done::Resumed))
 }
 
 /// `none` clears; empty leaves alone; anything else is parsed.
@@ -178,6 +221,7 @@ pub(super) async fn limits(
     Path(id): Path<String>,
     action: Allowed,
 ) -> Result<Response, Failure> {
+    known_dataset(&app, &id).await?;
     let form = &action.form;
     let rate = setting("rate", &form.rate, |v| v.parse::<RateLimit>().ok())?;
     let concurrency = setting("concurrency", &form.concurrency, |v| v.parse::<u32>().ok())?;
@@ -194,7 +238,7 @@ pub(super) async fn limits(
         weight,
     };
     app.manager.queue(&id).update_limits(update).await?;
-    Ok(action.back(&dataset_page(&id), "limits changed"))
+    Ok(action.back(&dataset_page(&id), Done::Limits))
 }
 
 fn matching(form: &ActionForm) -> TaskMatch {
@@ -209,6 +253,7 @@ pub(super) async fn retry_matching(
     Path(id): Path<String>,
     action: Allowed,
 ) -> Result<Response, Failure> {
+    known_dataset(&app, &id).await?;
     let form = &action.form;
     let status = match text(&form.status).as_deref() {
         None | Some("failed") => TaskStatus::Failed,
@@ -224,10 +269,7 @@ pub(super) async fn retry_matching(
         .queue(&id)
         .retry_matching(status, &matching(form))
         .await?;
-    Ok(action.back(
-        &dataset_page(&id),
-        &format!("{n} {status} task(s) queued again"),
-    ))
+    Ok(action.back(&dataset_page(&id), Done::Retried(n)))
 }
 
 pub(super) async fn cancel_matching(
@@ -235,16 +277,14 @@ pub(super) async fn cancel_matching(
     Path(id): Path<String>,
     action: Allowed,
 ) -> Result<Response, Failure> {
+    known_dataset(&app, &id).await?;
     let form = &action.form;
     let n = app
         .manager
         .queue(&id)
         .cancel_matching(&matching(form))
         .await?;
-    Ok(action.back(
-        &dataset_page(&id),
-        &format!("cancel requested for {n} task(s)"),
-    ))
+    Ok(action.back(&dataset_page(&id), Done::CancelRequested(n)))
 }
 
 fn task_id(id: &str) -> Result<TaskId, Failure> {
@@ -259,9 +299,9 @@ pub(super) async fn cancel_task(
 ) -> Result<Response, Failure> {
     let id = task_id(&id)?;
     let done = match app.manager.cancel(id).await? {
-        Some(TaskStatus::Cancelled) => "cancelled",
-        Some(_) => "cancel requested: its handler was told",
-        None => "nothing to cancel: the task is not queued or running",
+        Some(TaskStatus::Cancelled) => Done::Cancelled,
+        Some(_) => Done::HandlerTold,
+        None => Done::NothingToCancel,
     };
     Ok(action.back(&format!("/tasks/{id}"), done))
 }
@@ -273,9 +313,9 @@ pub(super) async fn retry_task(
 ) -> Result<Response, Failure> {
     let id = task_id(&id)?;
     let done = if app.manager.retry(id).await? {
-        "queued again"
+        Done::Requeued
     } else {
-        "nothing to retry: only failed or cancelled tasks can be retried"
+        Done::NothingToRetry
     };
     Ok(action.back(&format!("/tasks/{id}"), done))
 }

@@ -3,11 +3,12 @@
 //! inject markup.
 
 use axum::extract::{OriginalUri, Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, Uri};
-use axum::response::Html;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::response::{Html, IntoResponse, Response};
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 use serde::Deserialize;
 
+use super::session::{LOGIN_COOKIE, LOGIN_LIFETIME};
 use super::{Failure, Shared, chart};
 use crate::manager::inspect::{OverviewQuery, OverviewSort, TaskFilter};
 use crate::task::{TaskId, TaskStatus};
@@ -60,11 +61,12 @@ pub(super) struct Ctx {
 
 impl Ctx {
     pub(super) fn new(app: &Shared, original: &Uri, seen: &Uri, headers: &HeaderMap) -> Self {
+        let caller = app.caller(headers);
         Ctx {
             base: base(original, seen),
-            admin: app.is_admin(headers),
-            read_only: app.token.is_none(),
-            csrf: app.csrf.clone(),
+            admin: caller.is_admin(),
+            read_only: app.sessions.is_read_only(),
+            csrf: caller.csrf().to_string(),
             refresh_ms: app.refresh.as_millis(),
         }
     }
@@ -186,6 +188,7 @@ pub(super) struct OverviewParams {
     sort: Option<String>,
     page: Option<u32>,
     done: Option<String>,
+    n: Option<String>,
 }
 
 pub(super) async fn overview(
@@ -275,7 +278,8 @@ pub(super) async fn overview(
             @if page + 1 < pages { a href=(page_link(page + 1)) { "next →" } }
         }
     };
-    Ok(layout(&ctx, "Overview", params.done.as_deref(), body))
+    let flash = Done::text(&params.done, &params.n);
+    Ok(layout(&ctx, "Overview", flash.as_deref(), body))
 }
 
 /// Query of a dataset's page.
@@ -286,6 +290,7 @@ pub(super) struct DatasetParams {
     error: Option<String>,
     page: Option<u32>,
     done: Option<String>,
+    n: Option<String>,
 }
 
 fn non_empty(s: &Option<String>) -> Option<String> {
@@ -425,10 +430,11 @@ pub(super) async fn dataset(
             }
         }
     };
+    let flash = Done::text(&params.done, &params.n);
     Ok(layout(
         &ctx,
         &format!("Dataset {id}"),
-        params.done.as_deref(),
+        flash.as_deref(),
         body,
     ))
 }
@@ -437,6 +443,7 @@ pub(super) async fn dataset(
 #[derive(Debug, Default, Deserialize)]
 pub(super) struct TaskParams {
     done: Option<String>,
+    n: Option<String>,
 }
 
 pub(super) async fn task(
@@ -498,12 +505,8 @@ pub(super) async fn task(
             }
         }
     };
-    Ok(layout(
-        &ctx,
-        &format!("Task {id}"),
-        params.done.as_deref(),
-        body,
-    ))
+    let flash = Done::text(&params.done, &params.n);
+    Ok(layout(&ctx, &format!("Task {id}"), flash.as_deref(), body))
 }
 
 pub(super) async fn workers(
@@ -581,27 +584,147 @@ pub(super) struct LoginParams {
     failed: Option<String>,
 }
 
+/// The sign-in page. Its form carries a CSRF token tied to a cookie set
+/// here (see `session.rs`): a form another site posts cannot sign in.
 pub(super) async fn login(
     State(app): State<Shared>,
     OriginalUri(original): OriginalUri,
     uri: Uri,
     headers: HeaderMap,
     Query(params): Query<LoginParams>,
-) -> Html<String> {
+) -> Response {
     let ctx = Ctx::new(&app, &original, &uri, &headers);
+    let (cookie, csrf) = app.sessions.login_form();
+    let failed = match params.failed.as_deref() {
+        Some("form") => Some("That sign-in form had expired: sign in again."),
+        Some(_) => Some("That is not the admin token."),
+        None => None,
+    };
     let body = html! {
         @if ctx.read_only {
             p { "This dashboard is read-only: no admin token is configured (SYNCQ_DASHBOARD_TOKEN)." }
         } @else {
-            @if params.failed.is_some() { p.flash.bad role="alert" { "That is not the admin token." } }
+            @if let Some(failed) = failed { p.flash.bad role="alert" { (failed) } }
             form.login method="post" action=(ctx.link("/login")) {
-                input type="hidden" name="csrf" value=(ctx.csrf);
+                input type="hidden" name="csrf" value=(csrf);
                 label { "Admin token " input #token type="password" name="token" autocomplete="current-password" required; }
                 button #sign-in type="submit" { "Sign in" }
             }
         }
     };
-    layout(&ctx, "Sign in", None, body)
+    let mut response = layout(&ctx, "Sign in", None, body).into_response();
+    if !ctx.read_only {
+        let path = if ctx.base.is_empty() {
+            "/"
+        } else {
+            ctx.base.as_str()
+        };
+        let cookie = format!(
+            "{LOGIN_COOKIE}={cookie}; Path={path}; Max-Age={}; HttpOnly; SameSite=Strict",
+            LOGIN_LIFETIME.as_secs()
+        );
+        if let Ok(value) = HeaderValue::from_str(&cookie) {
+            response.headers_mut().append(header::SET_COOKIE, value);
+        }
+    }
+    response
+}
+
+/// What an action did, named in the redirect back by a code: the page
+/// shows a fixed text for each (a link cannot make the dashboard say
+/// anything else), and a count where there is one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Done {
+    SignedIn,
+    SignedOut,
+    Paused,
+    Resumed,
+    Limits,
+    Retried(u64),
+    CancelRequested(u64),
+    Cancelled,
+    HandlerTold,
+    NothingToCancel,
+    Requeued,
+    NothingToRetry,
+}
+
+impl Done {
+    const ALL: [Done; 12] = [
+        Done::SignedIn,
+        Done::SignedOut,
+        Done::Paused,
+        Done::Resumed,
+        Done::Limits,
+        Done::Retried(0),
+        Done::CancelRequested(0),
+        Done::Cancelled,
+        Done::HandlerTold,
+        Done::NothingToCancel,
+        Done::Requeued,
+        Done::NothingToRetry,
+    ];
+
+    pub(super) fn code(self) -> &'static str {
+        match self {
+            Done::SignedIn => "signed-in",
+            Done::SignedOut => "signed-out",
+            Done::Paused => "paused",
+            Done::Resumed => "resumed",
+            Done::Limits => "limits",
+            Done::Retried(_) => "retried",
+            Done::CancelRequested(_) => "cancel-requested",
+            Done::Cancelled => "cancelled",
+            Done::HandlerTold => "handler-told",
+            Done::NothingToCancel => "nothing-to-cancel",
+            Done::Requeued => "requeued",
+            Done::NothingToRetry => "nothing-to-retry",
+        }
+    }
+
+    pub(super) fn count(self) -> Option<u64> {
+        match self {
+            Done::Retried(n) | Done::CancelRequested(n) => Some(n),
+            _ => None,
+        }
+    }
+
+    fn message(self) -> String {
+        match self {
+            Done::SignedIn => "Signed in.".into(),
+            Done::SignedOut => "Signed out.".into(),
+            Done::Paused => "Paused.".into(),
+            Done::Resumed => "Resumed.".into(),
+            Done::Limits => "Limits changed.".into(),
+            Done::Retried(n) => format!("{n} task(s) queued again."),
+            Done::CancelRequested(n) => format!("Cancel requested for {n} task(s)."),
+            Done::Cancelled => "Cancelled.".into(),
+            Done::HandlerTold => "Cancel requested: its handler was told.".into(),
+            Done::NothingToCancel => "Nothing to cancel: the task is not queued or running.".into(),
+            Done::Requeued => "Queued again.".into(),
+            Done::NothingToRetry => {
+                "Nothing to retry: only failed or cancelled tasks can be retried.".into()
+            }
+        }
+    }
+
+    /// The flash text for `?done=…&n=…`: None for a code it does not know.
+    pub(super) fn text(code: &Option<String>, n: &Option<String>) -> Option<String> {
+        let code = code.as_deref()?;
+        let n = n
+            .as_deref()
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+        let done = Done::ALL.into_iter().find(|d| d.code() == code)?;
+        Some(
+            match done {
+                Done::Retried(_) => Done::Retried(n),
+                Done::CancelRequested(_) => Done::CancelRequested(n),
+                other => other,
+            }
+            .message(),
+        )
+    }
 }
 
 fn truncate(s: &str, n: usize) -> String {
