@@ -606,3 +606,48 @@ async fn producer_text_reaches_the_terminal_escaped_and_cut(
     assert!(shown.contains("\\u{1b}"), "{shown}");
     assert!(!shown.contains("\nfake line"), "{shown}");
 }
+
+/// Valid jsonb a JSON decoder refuses — a payload nested 300 levels, a
+/// number past f64 (`1e400`) in a checkpoint — is shown, not failed on:
+/// `syncq show` and `tasks` exit 0 and say which value cannot be read
+/// (before, `show` failed and the dashboard's task page answered 503).
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
+async fn values_no_decoder_reads_are_shown_as_text(_: PgPoolOptions, opts: PgConnectOptions) {
+    let db = common::connect(&opts).await;
+    let ids: Vec<i64> = sqlx::query_scalar(
+        r#"INSERT INTO syncq.tasks (dataset_id, kind, payload, checkpoint) VALUES
+               ('poison', 'noop', (repeat('[', 300) || repeat(']', 300))::jsonb, NULL),
+               ('poison', 'noop', '{}', '{"n": 1e400}')
+           RETURNING id"#,
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    let url = common::url(&opts);
+    for (id, column) in ids.iter().zip(["payload", "checkpoint"]) {
+        let out = syncq(Some(&url), &["show", &id.to_string()]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(&format!("unreadable: {column}: cannot be read")),
+            "{text}"
+        );
+    }
+    let out = syncq(Some(&url), &["tasks", "--dataset", "poison"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // The dashboard's task page, too.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = syncq::dashboard::router(db.clone(), syncq::dashboard::DashboardOptions::default());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let page = reqwest::get(format!("http://{addr}/tasks/{}", ids[1]))
+        .await
+        .unwrap();
+    assert_eq!(page.status(), reqwest::StatusCode::OK);
+    assert!(
+        page.text()
+            .await
+            .unwrap()
+            .contains("checkpoint: cannot be read")
+    );
+}

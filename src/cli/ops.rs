@@ -501,7 +501,7 @@ fn describe_task(t: &TaskInfo) -> String {
     format!(
         "task {}\n  dataset:    {}\n  kind:       {}\n  status:     {}{}\n  priority:   {}\n  attempts:   {}/{}\n  \
          unique key: {}\n  created:    {}\n  run at:     {}\n  started:    {}\n  finished:   {}\n  \
-         locked by:  {}\n  lease till: {}\n  payload:    {}\n  checkpoint: {}\n  result:     {}\n  last error: {}\n",
+         locked by:  {}\n  lease till: {}\n  payload:    {}\n  checkpoint: {}\n  result:     {}\n  last error: {}\n{}",
         t.id,
         text(&t.dataset_id),
         text(&t.kind),
@@ -531,6 +531,11 @@ fn describe_task(t: &TaskInfo) -> String {
             }
             (Some(e), _) => text(e),
         },
+        // A value a JSON decoder refuses is shown as its text, and why.
+        t.unreadable.as_deref().map_or(String::new(), |why| format!(
+            "  unreadable: {} (shown as text)\n",
+            text(why)
+        )),
     )
 }
 

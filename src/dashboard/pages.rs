@@ -479,6 +479,9 @@ pub(super) async fn task(
                 dt { "Held by" } dd { (t.locked_by.as_deref().unwrap_or("-")) }
                 dt { "Unique key" } dd { (t.unique_key.as_deref().unwrap_or("-")) }
             }
+            @if let Some(why) = &t.unreadable {
+                p.flash.bad role="alert" { (why) " — shown as text." }
+            }
             h2 { "Payload" } pre { (pretty(Some(&t.payload))) }
             h2 { "Checkpoint" } pre { (pretty(t.checkpoint.as_ref())) }
             h2 { "Result" } pre { (pretty(t.result.as_ref())) }

@@ -188,6 +188,81 @@ pub struct TaskInfo {
     pub result: Option<Value>,
     /// The error of its last failed attempt.
     pub last_error: Option<String>,
+    /// Why a value of the row (payload, checkpoint or result) cannot be
+    /// decoded here (naming the column): valid jsonb that a JSON decoder
+    /// refuses, such as `{"n": 1e400}` or nesting past 128 levels. That
+    /// value then holds its text, as a JSON string.
+    pub unreadable: Option<String>,
+}
+
+/// A task row as read, its values as text (see [`TaskInfo::unreadable`]).
+struct TaskRow {
+    id: TaskId,
+    dataset_id: String,
+    kind: String,
+    status: TaskStatus,
+    priority: i16,
+    attempts: i32,
+    max_attempts: i32,
+    run_at: DateTime<Utc>,
+    created_at: DateTime<Utc>,
+    started_at: Option<DateTime<Utc>>,
+    finished_at: Option<DateTime<Utc>>,
+    locked_by: Option<String>,
+    lease_expires_at: Option<DateTime<Utc>>,
+    unique_key: Option<String>,
+    cancel_requested: bool,
+    payload: String,
+    checkpoint: Option<String>,
+    result: Option<String>,
+    last_error: Option<String>,
+}
+
+/// Decodes a value read as text; one that cannot be is kept as its text,
+/// and `why` names its column.
+fn decode(column: &str, text: String, why: &mut Option<String>) -> Value {
+    match serde_json::from_str(&text) {
+        Ok(v) => v,
+        Err(e) => {
+            if why.is_none() {
+                *why = Some(format!("{column}: cannot be read: {e}"));
+            }
+            Value::String(text)
+        }
+    }
+}
+
+impl From<TaskRow> for TaskInfo {
+    fn from(r: TaskRow) -> Self {
+        let mut unreadable = None;
+        let payload = decode("payload", r.payload, &mut unreadable);
+        let checkpoint = r
+            .checkpoint
+            .map(|c| decode("checkpoint", c, &mut unreadable));
+        let result = r.result.map(|c| decode("result", c, &mut unreadable));
+        TaskInfo {
+            id: r.id,
+            dataset_id: r.dataset_id,
+            kind: r.kind,
+            status: r.status,
+            priority: r.priority,
+            attempts: r.attempts,
+            max_attempts: r.max_attempts,
+            run_at: r.run_at,
+            created_at: r.created_at,
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+            locked_by: r.locked_by,
+            lease_expires_at: r.lease_expires_at,
+            unique_key: r.unique_key,
+            cancel_requested: r.cancel_requested,
+            payload,
+            checkpoint,
+            result,
+            last_error: r.last_error,
+            unreadable,
+        }
+    }
 }
 
 /// Which tasks [`tasks`] lists: each `None` matches all.
@@ -211,16 +286,17 @@ pub struct TaskQuery<'a> {
 
 /// Tasks, newest first, by `q`.
 pub async fn tasks(db: impl PgExecutor<'_>, q: TaskQuery<'_>) -> sqlx::Result<Vec<TaskInfo>> {
-    sqlx::query_as!(
-        TaskInfo,
+    let rows = sqlx::query_as!(
+        TaskRow,
         r#"
         SELECT id AS "id: TaskId", dataset_id, kind, status::text AS "status!: TaskStatus", priority, attempts,
                max_attempts, run_at, created_at, started_at, finished_at, locked_by,
                lease_expires_at, unique_key, cancel_requested,
                -- Not read (not detoasted) unless asked for.
-               CASE WHEN $7 THEN payload ELSE 'null'::jsonb END AS "payload!",
-               CASE WHEN $7 THEN checkpoint END AS checkpoint,
-               CASE WHEN $7 THEN result END AS result,
+               -- As text, decoded per row (TaskInfo::unreadable).
+               CASE WHEN $7 THEN payload::text ELSE 'null' END AS "payload!",
+               CASE WHEN $7 THEN checkpoint::text END AS checkpoint,
+               CASE WHEN $7 THEN result::text END AS result,
                last_error
         FROM syncq.tasks
         WHERE ($1::text IS NULL OR dataset_id = $1) AND ($2::text IS NULL OR status::text = $2)
@@ -238,7 +314,8 @@ pub async fn tasks(db: impl PgExecutor<'_>, q: TaskQuery<'_>) -> sqlx::Result<Ve
         q.values,
     )
     .fetch_all(db)
-    .await
+    .await?;
+    Ok(rows.into_iter().map(TaskInfo::from).collect())
 }
 
 /// One dataset as the dashboard's overview shows it.
@@ -563,18 +640,20 @@ pub async fn errors(db: impl PgExecutor<'_>, id: TaskId) -> sqlx::Result<Vec<Att
 
 /// One task by id.
 pub async fn task(db: impl PgExecutor<'_>, id: TaskId) -> sqlx::Result<Option<TaskInfo>> {
-    sqlx::query_as!(
-        TaskInfo,
+    let row = sqlx::query_as!(
+        TaskRow,
         r#"
         SELECT id AS "id: TaskId", dataset_id, kind, status::text AS "status!: TaskStatus", priority, attempts, max_attempts,
                run_at, created_at, started_at, finished_at, locked_by, lease_expires_at,
-               unique_key, cancel_requested, payload, checkpoint, result, last_error
+               unique_key, cancel_requested, payload::text AS "payload!", checkpoint::text AS checkpoint,
+               result::text AS result, last_error
         FROM syncq.tasks WHERE id = $1
         "#,
         id.0
     )
     .fetch_optional(db)
-    .await
+    .await?;
+    Ok(row.map(TaskInfo::from))
 }
 
 /// `(id, payload, priority, unique_key)` of the queued tasks of `kind` in
