@@ -874,3 +874,40 @@ async fn a_nul_in_a_url_is_a_bad_request_without_the_databases_words(db: PgPool)
         );
     }
 }
+
+/// A task's page shows its errors a page at a time, newest first: one that
+/// kept answering "rate limited" had 300,000 rows and a 40 MB page
+/// refetched every 2 s.
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
+async fn a_task_page_pages_its_errors(db: PgPool) {
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO syncq.tasks (dataset_id, kind) VALUES ('alpha', 'noop') RETURNING id",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO syncq.task_errors (task_id, attempt, error)
+         SELECT $1, 1, 'rate limited #' || i FROM generate_series(1, 3000) i",
+    )
+    .bind(id)
+    .execute(&db)
+    .await
+    .unwrap();
+    let base = serve(&db, DashboardOptions::default()).await;
+    let (status, page) = get(&format!("{base}/tasks/{id}"), false).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("3000 in all"), "no total");
+    assert!(
+        page.contains("rate limited #3000<"),
+        "the newest is not first"
+    );
+    assert!(
+        !page.contains("rate limited #2950<"),
+        "more than a page shown"
+    );
+    assert!(page.len() < 100_000, "a page of {} bytes", page.len());
+    assert!(page.contains("?errors=1"), "no link to older errors");
+    let (_, older) = get(&format!("{base}/tasks/{id}?errors=1"), false).await;
+    assert!(older.contains("rate limited #2950<") && !older.contains("rate limited #3000<"));
+}

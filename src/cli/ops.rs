@@ -464,14 +464,27 @@ pub(super) async fn show(
     let Some(task) = manager.task(args.id).await.map_err(&failed)? else {
         return Err(CliError::Usage(format!("no task with id {}", args.id)));
     };
-    let errors = manager.task_errors(args.id).await.map_err(&failed)?;
     if args.json {
+        let errors = manager.task_errors(args.id).await.map_err(&failed)?;
         let mut doc = json!(task);
         doc["errors"] = json!(errors);
         return writeln!(out, "{doc:#}").map_err(io_error);
     }
+    // The latest SHOWN_ERRORS, oldest of them first; --json has them all.
+    let (mut errors, total) = manager
+        .task_errors_page(args.id, SHOWN_ERRORS, 0)
+        .await
+        .map_err(&failed)?;
+    errors.reverse();
     let mut text = describe_task(&task);
-    text.push_str(&format!("errors ({}):\n", errors.len()));
+    text.push_str(&format!("errors ({total}):\n"));
+    if total > errors.len() as i64 {
+        text.push_str(&format!(
+            "  … {} earlier not shown (syncq show {} --json has them all)\n",
+            total - errors.len() as i64,
+            args.id
+        ));
+    }
     for e in &errors {
         text.push_str(&format!(
             "  attempt {} at {} by {}: {}\n",
@@ -483,6 +496,9 @@ pub(super) async fn show(
     }
     write!(out, "{text}").map_err(io_error)
 }
+
+/// The most errors `syncq show` prints: the latest.
+const SHOWN_ERRORS: u32 = 100;
 
 /// The longest value `syncq show` prints (longer ones end in "…").
 const SHOWN_MAX: usize = 4000;

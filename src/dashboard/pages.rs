@@ -444,6 +444,8 @@ pub(super) async fn dataset(
 pub(super) struct TaskParams {
     done: Option<String>,
     n: Option<String>,
+    /// The page of its errors (0: the newest).
+    errors: Option<u32>,
 }
 
 pub(super) async fn task(
@@ -461,7 +463,17 @@ pub(super) async fn task(
     let Some(t) = app.manager.task(id).await? else {
         return Err(Failure::NotFound(format!("no task {id}")));
     };
-    let errors = app.manager.task_errors(id).await?;
+    // A page of its errors, newest first: a task that kept answering
+    // "rate limited" can have thousands.
+    let errors_page = params.errors.unwrap_or(0);
+    let (errors, errors_total) = app
+        .manager
+        .task_errors_page(id, PAGE, u64::from(errors_page) * u64::from(PAGE))
+        .await?;
+    let errors_pages = (errors_total.max(0) as u64)
+        .div_ceil(u64::from(PAGE))
+        .max(1);
+    let errors_link = |p: u32| ctx.link(&format!("/tasks/{id}?errors={p}"));
     let time = |t| when(t, MILLIS);
     let body = html! {
         section #live {
@@ -486,6 +498,7 @@ pub(super) async fn task(
             h2 { "Checkpoint" } pre { (pretty(t.checkpoint.as_ref())) }
             h2 { "Result" } pre { (pretty(t.result.as_ref())) }
             h2 { "Attempts' errors" }
+            @if errors_total > 0 { p.muted { (errors_total) " in all, newest first." } }
             @if errors.is_empty() { p.muted { "None." } }
             @else {
                 table.errors {
@@ -494,6 +507,13 @@ pub(super) async fn task(
                         td.n { (e.attempt) } td { (e.worker_id.as_deref().unwrap_or("-")) }
                         td { (e.at.format("%Y-%m-%d %H:%M:%S%.3f")) } td.error { (e.error) }
                     } } }
+                }
+                @if errors_pages > 1 {
+                    nav.pager {
+                        @if errors_page > 0 { a href=(errors_link(errors_page - 1)) { "← newer" } }
+                        span { "page " (errors_page + 1) " of " (errors_pages) }
+                        @if u64::from(errors_page) + 1 < errors_pages { a href=(errors_link(errors_page + 1)) { "older →" } }
+                    }
                 }
             }
         }

@@ -132,6 +132,19 @@ impl TaskQueueManager {
         Ok(store::reports::errors(&self.db, id).await?)
     }
 
+    /// One page of a task's recorded errors, newest first (`limit` of
+    /// them after skipping `offset`), and how many it has in all: a task
+    /// with a long history is read a page at a time.
+    pub async fn task_errors_page(
+        &self,
+        id: TaskId,
+        limit: u32,
+        offset: u64,
+    ) -> Result<(Vec<AttemptError>, i64)> {
+        let offset = i64::try_from(offset).unwrap_or(i64::MAX);
+        Ok(store::reports::errors_page(&self.db, id, i64::from(limit), offset).await?)
+    }
+
     /// One page of datasets with their counts, limits and state, and how
     /// many datasets match in all.
     pub async fn overview(&self, query: &OverviewQuery) -> Result<(Vec<OverviewRow>, i64)> {

@@ -638,6 +638,33 @@ pub async fn errors(db: impl PgExecutor<'_>, id: TaskId) -> sqlx::Result<Vec<Att
     .await
 }
 
+/// One page of a task's error history, newest first, and how many errors
+/// it has in all (one range of task_errors_task_idx each).
+pub async fn errors_page(
+    db: &crate::db::Db,
+    id: TaskId,
+    limit: i64,
+    offset: i64,
+) -> sqlx::Result<(Vec<AttemptError>, i64)> {
+    let page = sqlx::query_as!(
+        AttemptError,
+        "SELECT attempt, worker_id, error, at FROM syncq.task_errors WHERE task_id = $1
+         ORDER BY id DESC LIMIT $2 OFFSET $3",
+        id.0,
+        limit,
+        offset
+    )
+    .fetch_all(db)
+    .await?;
+    let total = sqlx::query_scalar!(
+        r#"SELECT count(*) AS "n!" FROM syncq.task_errors WHERE task_id = $1"#,
+        id.0
+    )
+    .fetch_one(db)
+    .await?;
+    Ok((page, total))
+}
+
 /// One task by id.
 pub async fn task(db: impl PgExecutor<'_>, id: TaskId) -> sqlx::Result<Option<TaskInfo>> {
     let row = sqlx::query_as!(
