@@ -284,8 +284,61 @@ pub struct TaskQuery<'a> {
     pub values: bool,
 }
 
-/// Tasks, newest first, by `q`.
+/// How many of a dataset's newest tasks (per status) a filter by kind or
+/// error text looks through: such a filter has no index, so its search
+/// is bounded instead (a page past it shows nothing more).
+pub const FILTER_WINDOW: i64 = 10_000;
+
+/// Tasks, newest first, by `q`. Of one dataset, bounded by the page: per
+/// status a backward range of tasks_dataset_status_idx, merged; a kind or
+/// error filter looks through the newest [`FILTER_WINDOW`] (or the page's
+/// depth, if deeper) of each status.
 pub async fn tasks(db: impl PgExecutor<'_>, q: TaskQuery<'_>) -> sqlx::Result<Vec<TaskInfo>> {
+    if let Some(dataset_id) = q.dataset_id {
+        let rows = sqlx::query_as!(
+            TaskRow,
+            r#"
+            WITH picked AS (
+                SELECT w.id
+                FROM unnest(CASE WHEN $2::text IS NULL THEN enum_range(NULL::syncq.task_status)
+                                 ELSE ARRAY[$2::text::syncq.task_status] END) AS s(status)
+                CROSS JOIN LATERAL (
+                    SELECT t.id, t.kind, t.last_error FROM syncq.tasks t
+                    WHERE t.dataset_id = $1 AND t.status = s.status
+                    ORDER BY t.id DESC
+                    LIMIT CASE WHEN $3::text IS NULL AND $4::text IS NULL THEN $5::int8 + $6::int8
+                               ELSE greatest($8::int8, $5::int8 + $6::int8) END
+                ) w
+                WHERE ($3::text IS NULL OR w.kind = $3)
+                  AND ($4::text IS NULL OR strpos(coalesce(w.last_error, ''), $4) > 0)
+                ORDER BY w.id DESC
+                LIMIT $5::int8 OFFSET $6::int8
+            )
+            SELECT t.id AS "id: TaskId", t.dataset_id, t.kind, t.status::text AS "status!: TaskStatus",
+                   t.priority, t.attempts, t.max_attempts, t.run_at, t.created_at, t.started_at,
+                   t.finished_at, t.locked_by, t.lease_expires_at, t.unique_key, t.cancel_requested,
+                   CASE WHEN $7::bool THEN t.payload::text ELSE 'null' END AS "payload!",
+                   CASE WHEN $7::bool THEN t.checkpoint::text END AS checkpoint,
+                   CASE WHEN $7::bool THEN t.result::text END AS result,
+                   t.last_error
+            FROM picked p
+            -- By primary key, one probe per task shown.
+            CROSS JOIN LATERAL (SELECT * FROM syncq.tasks t1 WHERE t1.id = p.id) t
+            ORDER BY t.id DESC
+            "#,
+            dataset_id,
+            q.status,
+            q.kind,
+            q.error_contains,
+            q.limit,
+            q.offset,
+            q.values,
+            FILTER_WINDOW,
+        )
+        .fetch_all(db)
+        .await?;
+        return Ok(rows.into_iter().map(TaskInfo::from).collect());
+    }
     let rows = sqlx::query_as!(
         TaskRow,
         r#"
@@ -590,7 +643,13 @@ pub struct ErrorGroup {
     pub example: TaskId,
 }
 
-/// The errors of a dataset's attempts in the last day, most frequent first.
+/// How many of a dataset's newest tasks per status [`failures_by_error`]
+/// looks at.
+pub const FAILURES_WINDOW: i64 = 1_000;
+
+/// The errors of a dataset's attempts in the last day, most frequent
+/// first: of its newest [`FAILURES_WINDOW`] tasks of each status that
+/// have an error (bounded: a dataset's whole history is not read).
 pub async fn failures_by_error(
     db: impl PgExecutor<'_>,
     dataset_id: &str,
@@ -598,17 +657,31 @@ pub async fn failures_by_error(
     sqlx::query_as!(
         ErrorGroup,
         r#"
+        WITH recent AS MATERIALIZED (
+            SELECT w.id
+            FROM unnest(enum_range(NULL::syncq.task_status)) AS s(status)
+            CROSS JOIN LATERAL (
+                SELECT t.id, t.last_error FROM syncq.tasks t
+                WHERE t.dataset_id = $1 AND t.status = s.status
+                ORDER BY t.id DESC LIMIT $2
+            ) w
+            WHERE w.last_error IS NOT NULL
+        )
         SELECT left(e.error, 300) AS "error!", count(*) AS "attempts!",
                count(DISTINCT e.task_id) AS "tasks!", max(e.at) AS "last_at!",
                max(e.task_id) AS "example!: TaskId"
-        FROM syncq.task_errors e
-        JOIN syncq.tasks t ON t.id = e.task_id
-        WHERE t.dataset_id = $1 AND e.at > now() - interval '1 day'
+        FROM recent r
+        -- One range of task_errors_task_idx per task, its latest 100 (the
+        -- LIMIT also keeps this a probe per task, not a hash of the table).
+        CROSS JOIN LATERAL (SELECT * FROM syncq.task_errors e1
+                            WHERE e1.task_id = r.id AND e1.at > now() - interval '1 day'
+                            ORDER BY e1.id DESC LIMIT 100) e
         GROUP BY 1
         ORDER BY 2 DESC, 4 DESC
         LIMIT 20
         "#,
-        dataset_id
+        dataset_id,
+        FAILURES_WINDOW,
     )
     .fetch_all(db)
     .await
