@@ -280,6 +280,71 @@ async fn missed_ticks_become_one_catch_up_task_and_pause_stops_ticking(
     .await;
 }
 
+/// Issue 25, finding 5: an operator's transaction holding a schedule's row
+/// for 6 s coalesces the ticks it held up into one catch-up task and
+/// counts the others in skipped_ticks (before: 0); every tick is on a
+/// whole second (cron ticks carried now's fraction: 23:00:00.255); and
+/// resuming by SQL does what `schedule resume` does — no catch-up for the
+/// pause (before, SQL's resume enqueued one).
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
+async fn a_held_row_counts_its_ticks_and_sql_resumes_as_the_cli(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let _turn = SERIAL.lock().await;
+    common::on_multi_thread(async move {
+        let db = common::observer(&opts, OBSERVER, 2).await;
+        add_every_second(&opts, "beat", &[]).await;
+        let _w = worker(&opts);
+        wait_ticks(&db, "beat", 2).await;
+        let mut held = db.begin().await.unwrap();
+        sqlx::query("SELECT 1 FROM syncq.schedules WHERE schedule_id = 'beat' FOR UPDATE")
+            .execute(&mut *held)
+            .await
+            .unwrap();
+        let before = ticks(&db, "beat").await.len();
+        // The scenario: an operator's open transaction, 6 s.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        held.commit().await.unwrap();
+        wait_ticks(&db, "beat", before + 2).await;
+        let skipped: i64 = sqlx::query_scalar(
+            "SELECT skipped_ticks FROM syncq.schedules WHERE schedule_id = 'beat'",
+        )
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        assert!(
+            skipped >= 3,
+            "coalesced ticks were not counted: skipped_ticks {skipped}"
+        );
+        let all = ticks(&db, "beat").await;
+        assert!(
+            all.iter().all(|t| t.timestamp_subsec_micros() == 0),
+            "a tick off a whole second: {all:?}"
+        );
+
+        sqlx::query("UPDATE syncq.schedules SET paused = true WHERE schedule_id = 'beat'")
+            .execute(&db)
+            .await
+            .unwrap();
+        // Paused 3 s.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let held = ticks(&db, "beat").await.len();
+        sqlx::query("UPDATE syncq.schedules SET paused = false WHERE schedule_id = 'beat'")
+            .execute(&db)
+            .await
+            .unwrap();
+        wait_ticks(&db, "beat", held + 2).await;
+        let resumed = ticks(&db, "beat").await;
+        assert!(
+            resumed[held] - resumed[held - 1] >= TimeDelta::seconds(3),
+            "SQL's resume caught up the pause: {resumed:?}"
+        );
+        assert_no_gap(&resumed[held..], TimeDelta::seconds(1));
+    })
+    .await;
+}
+
 /// Bad expressions and zones are refused, naming the field: exit 2 from
 /// the CLI, a constraint or the trigger from SQL; nothing is saved.
 #[sqlx::test(migrator = "syncq::MIGRATOR")]

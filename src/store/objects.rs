@@ -65,6 +65,7 @@ pub static OBJECTS: &[SqlObject] = objects![
     "triggers/tasks_cancel_requested",
     "triggers/schedules_check",
     "triggers/schedules_changed",
+    "triggers/schedules_resumed",
     "views/dataset_stats",
     "views/running_tasks",
     "views/recent_failures",

@@ -206,7 +206,9 @@ pub async fn remove(db: impl PgExecutor<'_>, schedule_id: &str) -> sqlx::Result<
 }
 
 /// Pauses or resumes a schedule; false if there is none. A resumed
-/// schedule's next tick is computed afresh (no catch-up for a pause).
+/// schedule's next tick is computed afresh (no catch-up for a pause) — by
+/// the schedules_resumed trigger, so a plain SQL `UPDATE … SET paused =
+/// false` does the same.
 pub async fn set_paused(
     db: impl PgExecutor<'_>,
     schedule_id: &str,
