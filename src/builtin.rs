@@ -1,5 +1,5 @@
 //! The built-in kinds of SPEC §5, for operators, demos, benchmarks and tests:
-//! `noop`, `sleep`, `fail`, `count`.
+//! `noop`, `sleep`, `fail`, `paged`, `count`.
 //!
 //! Each decodes its payload with `SyncTask::payload_as`, so a malformed one
 //! fails the task as invalid with a message naming the field.
@@ -22,8 +22,68 @@ pub fn all() -> Vec<(&'static str, Arc<dyn SyncWorker>)> {
         ("noop", Arc::new(Noop)),
         ("sleep", Arc::new(Sleep)),
         ("fail", Arc::new(Fail)),
+        ("paged", Arc::new(Paged)),
         ("count", Arc::new(Count)),
     ]
+}
+
+/// `paged` `{"pages": N, "step_ms": M}`: fetches N pretend pages of M ms
+/// each, the way a sync handler pages through an API: its start pays for
+/// the first page, and it takes a permit (SPEC §3) before each later one.
+/// Its result is `{"pages": N, "at": [T1, …, TN]}`, each page's start in
+/// Unix milliseconds (the handler's own record of its requests). On a
+/// checkpoint it saves the pages done and resumes after them.
+pub struct Paged;
+
+#[derive(Deserialize)]
+struct PagedPayload {
+    pages: u32,
+    #[serde(default)]
+    step_ms: u64,
+}
+
+#[derive(Deserialize, serde::Serialize, Default)]
+struct PagedCheckpoint {
+    at: Vec<i64>,
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+#[async_trait]
+impl SyncWorker for Paged {
+    async fn handle(&self, task: &mut SyncTask) -> TaskResult {
+        let payload: PagedPayload = task.payload_as()?;
+        let mut done = task.checkpoint_as::<PagedCheckpoint>()?.unwrap_or_default();
+        // This run's first page is paid for by its start.
+        let mut first = true;
+        while done.at.len() < payload.pages as usize {
+            if !first {
+                match task.permit().await {
+                    Ok(()) => {}
+                    Err(TaskError::Interrupted) => {
+                        task.save_checkpoint(&done).await?;
+                        return Err(TaskError::Interrupted);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            first = false;
+            done.at.push(unix_ms());
+            match task.sleep(Duration::from_millis(payload.step_ms)).await {
+                None => {}
+                Some(Stop::Checkpoint) => {
+                    task.save_checkpoint(&done).await?;
+                    return Err(TaskError::Interrupted);
+                }
+                Some(stop) => return Err(stop.into()),
+            }
+        }
+        Ok(json!({ "pages": payload.pages, "at": done.at }))
+    }
 }
 
 /// `noop`: succeeds at once, whatever the payload.

@@ -88,7 +88,7 @@ pub use queue::{LimitsUpdate, QueueCounts, QueueSettings, TaskMatch, TaskQueue};
 pub use rate_limit::{RateLimit, RateLimiter};
 pub use schedule::{Schedule, Timing};
 pub use schema::{MIGRATOR, migrate};
-pub use sync_task::SyncTask;
+pub use sync_task::{PermitRequest, SyncTask};
 pub use task::{NewTask, RunAt, TaskId, TaskStatus};
 pub use worker::SyncWorker;
 

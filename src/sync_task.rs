@@ -13,6 +13,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use std::fmt;
+use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::broadcast;
@@ -210,6 +211,94 @@ impl SyncTask {
             })
     }
 
+    /// Asks for budget before an upstream request after the first (SPEC
+    /// §3 Permits): the task's start paid for its first request; each
+    /// later one takes a permit from its dataset's rate limit, counted
+    /// with every process's starts and permits, exactly, in every window.
+    /// A task that never asks costs one unit, as its start.
+    ///
+    /// Waits while there is no room (the dataset throttled, or its window
+    /// full), sleeping until the rows say room may come — no polling
+    /// loop — and hears cancel and checkpoint meanwhile. Returns
+    /// `TaskError::Cancelled`, `Interrupted` or `LeaseLost` when the
+    /// handler must stop, `Retryable` when the deadline passes
+    /// ([`PermitRequest::within`]), `Invalid` for more permits at once than
+    /// the limit allows.
+    ///
+    /// ```no_run
+    /// # async fn example(task: &mut syncq::SyncTask) -> Result<(), syncq::TaskError> {
+    /// use std::time::Duration;
+    /// for page in 1..=50 {
+    ///     if page > 1 {
+    ///         task.permit().within(Duration::from_secs(60)).await?;
+    ///     }
+    ///     // fetch the page …
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn permit(&mut self) -> PermitRequest<'_> {
+        PermitRequest {
+            task: self,
+            n: 1,
+            within: None,
+        }
+    }
+
+    /// [`permit`](Self::permit) for `n` requests at once (a batch call the
+    /// upstream counts as `n`).
+    pub fn permits(&mut self, n: u32) -> PermitRequest<'_> {
+        PermitRequest {
+            task: self,
+            n,
+            within: None,
+        }
+    }
+
+    async fn take_permits(&mut self, n: u32, within: Option<Duration>) -> Result<(), TaskError> {
+        let n = i32::try_from(n)
+            .map_err(|_| TaskError::Invalid(format!("permits: {n} at once is too many")))?;
+        let deadline = within.map(|d| tokio::time::Instant::now() + d);
+        loop {
+            if let Some(stop) = self.stop_requested() {
+                return Err(stop.into());
+            }
+            let answer = store::tasks::take_permit(
+                &self.ctx.db,
+                &self.ctx.worker_id,
+                self.task.id,
+                self.task.runs,
+                n,
+            )
+            .await
+            .map_err(|e| match &e {
+                sqlx::Error::Database(d) if d.code().as_deref() == Some("22023") => {
+                    TaskError::Invalid(d.message().to_string())
+                }
+                _ => TaskError::Retryable(format!("taking a permit failed: {e}")),
+            })?;
+            let wait = match answer {
+                None => {
+                    self.stop = Some(Stop::LeaseLost);
+                    return Err(TaskError::LeaseLost);
+                }
+                Some(w) if w <= 0.0 => return Ok(()),
+                Some(w) => Duration::from_secs_f64(w.min(PERMIT_RECHECK.as_secs_f64())),
+            };
+            if let Some(deadline) = deadline
+                && tokio::time::Instant::now() + wait > deadline
+            {
+                return Err(TaskError::Retryable(format!(
+                    "no permit within {:?}: the dataset's limit has no room for {wait:?} more",
+                    within.unwrap_or_default()
+                )));
+            }
+            if let Some(stop) = self.sleep(wait).await {
+                return Err(stop.into());
+            }
+        }
+    }
+
     /// Whether the handler has been asked to stop, without waiting.
     pub fn stop_requested(&mut self) -> Option<Stop> {
         if self.stop.is_none() && self.ctx.checkpoint.is_cancelled() {
@@ -278,6 +367,36 @@ impl SyncTask {
             }
             _ => None,
         }
+    }
+}
+
+/// The longest a permit's wait sleeps before asking again: a limit an
+/// operator raises meanwhile is seen within it.
+const PERMIT_RECHECK: Duration = Duration::from_secs(5);
+
+/// A request for permits ([`SyncTask::permit`]); `.await` it.
+#[must_use = "a permit is only taken when awaited"]
+pub struct PermitRequest<'a> {
+    task: &'a mut SyncTask,
+    n: u32,
+    within: Option<Duration>,
+}
+
+impl PermitRequest<'_> {
+    /// Gives up (`TaskError::Retryable`) when no permit can be had within
+    /// `deadline`; by default the wait lasts as long as the task runs.
+    pub fn within(mut self, deadline: Duration) -> Self {
+        self.within = Some(deadline);
+        self
+    }
+}
+
+impl<'a> IntoFuture for PermitRequest<'a> {
+    type Output = Result<(), TaskError>;
+    type IntoFuture = std::pin::Pin<Box<dyn Future<Output = Self::Output> + Send + 'a>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.task.take_permits(self.n, self.within))
     }
 }
 

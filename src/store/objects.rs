@@ -50,6 +50,7 @@ pub static OBJECTS: &[SqlObject] = objects![
     "functions/rate_used",
     "functions/rate_room_at",
     "functions/claimable_datasets",
+    "functions/take_permit",
     "functions/claim",
     "functions/give_back",
     "functions/next_claim_in",

@@ -73,6 +73,7 @@ const ROLES: &[&str] = &[
     "GRANT EXECUTE ON FUNCTION
          syncq.claim(text, text[], text[], text[], int, float8, int),
          syncq.give_back(text, bigint[], int[]),
+         syncq.take_permit(text, bigint, int, int),
          syncq.claimable_datasets(text[], text[], text[]),
          syncq.running_count(text),
          syncq.rate_used(text, interval, timestamptz),

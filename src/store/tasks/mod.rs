@@ -14,7 +14,9 @@ pub use claim::{
 pub use leases::{Rescued, renew_leases, rescue_expired, still_held};
 pub use operations::{cancel, cancel_dataset, prune_batch, retry, retry_dataset};
 pub(crate) use outcomes::MAX_THROTTLE;
-pub use outcomes::{End, Ended, Fence, complete_many, complete_one, release, save_checkpoint};
+pub use outcomes::{
+    End, Ended, Fence, complete_many, complete_one, release, save_checkpoint, take_permit,
+};
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;

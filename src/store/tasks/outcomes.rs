@@ -36,6 +36,27 @@ pub async fn save_checkpoint(
     Ok(done.rows_affected() == 1)
 }
 
+/// Takes `n` permits for task `id` held by `worker_id` in run `runs`
+/// (syncq.take_permit): `Some(0.0)` granted, `Some(secs)` no room yet (ask
+/// again after that long), `None` the task is no longer this run's.
+pub async fn take_permit(
+    db: impl PgExecutor<'_>,
+    worker_id: &str,
+    id: TaskId,
+    runs: i32,
+    n: i32,
+) -> sqlx::Result<Option<f64>> {
+    sqlx::query_scalar!(
+        "SELECT syncq.take_permit($1, $2, $3, $4)",
+        worker_id,
+        id.0,
+        runs,
+        n
+    )
+    .fetch_one(db)
+    .await
+}
+
 /// The holder's identity for a fenced write.
 #[derive(Debug, Clone, Copy)]
 pub struct Fence<'a> {

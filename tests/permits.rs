@@ -1,0 +1,129 @@
+//! Permits (SPEC §3): a handler that pages through an upstream takes a
+//! permit before each request after its first, from its dataset's rate
+//! limit, shared exactly with every process's starts and permits. Counted
+//! where the upstream counts: the `paged` handlers' own record of when
+//! each page was fetched (their result), across real worker processes.
+
+mod common;
+
+use std::time::Duration;
+
+use common::WorkerProcess;
+use serde_json::Value;
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+/// Every page fetch the `paged` tasks of `dataset` recorded, in Unix ms.
+async fn pages(db: &PgPool, dataset: &str) -> Vec<i64> {
+    let results: Vec<Value> = sqlx::query_scalar(
+        "SELECT result FROM syncq.tasks WHERE dataset_id = $1 AND status = 'succeeded'",
+    )
+    .bind(dataset)
+    .fetch_all(db)
+    .await
+    .unwrap();
+    let mut at: Vec<i64> = results
+        .iter()
+        .flat_map(|r| r["at"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t.as_i64())
+        .collect();
+    at.sort_unstable();
+    at
+}
+
+/// The most fetches in any window of `window_ms` (each window starting
+/// at a fetch).
+fn most_in_window(at: &[i64], window_ms: i64) -> usize {
+    let mut most = 0;
+    let mut end = 0;
+    for start in 0..at.len() {
+        while end < at.len() && at[end] < at[start] + window_ms {
+            end += 1;
+        }
+        most = most.max(end - start);
+    }
+    most
+}
+
+/// Three worker processes, 12 `paged` tasks of 10 pages (a permit before
+/// each page after the first) on a dataset limited to 20/1s: 120 fetches,
+/// never more than 20 in any second as the handlers recorded them — the
+/// permits bind (the run lasts at least 5 s) — and every page fetched
+/// once.
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
+async fn permits_and_starts_share_one_exact_budget_across_three_processes(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    common::on_multi_thread(async move {
+        let db = common::connect(&opts).await;
+        sqlx::raw_sql(
+            "INSERT INTO syncq.datasets (dataset_id, rate_limit, rate_window) VALUES ('api', 20, '1 second');
+             INSERT INTO syncq.tasks (dataset_id, kind, payload)
+             SELECT 'api', 'paged', '{\"pages\": 10, \"step_ms\": 5}' FROM generate_series(1, 12);",
+        )
+        .execute(&db)
+        .await
+        .unwrap();
+        let url = common::url(&opts);
+        let args = ["--concurrency", "4", "--poll-interval", "100ms"];
+        let _workers: Vec<WorkerProcess> =
+            (0..3).map(|_| WorkerProcess::start(&url, &args, &[])).collect();
+        common::wait_for("the 12 paged tasks succeeded", WAIT, || async {
+            common::count(&db, "dataset_id = 'api' AND status = 'succeeded'").await == 12
+        })
+        .await;
+        let at = pages(&db, "api").await;
+        assert_eq!(at.len(), 120, "every page fetched once");
+        let most = most_in_window(&at, 1000);
+        assert!(most <= 20, "{most} fetches in one second, beyond the limit of 20");
+        let span = at[at.len() - 1] - at[0];
+        assert!(span >= 5000, "the permits did not bind: 120 fetches in {span} ms");
+        let attempts: i64 = sqlx::query_scalar(
+            "SELECT sum(attempts) FROM syncq.tasks WHERE dataset_id = 'api'",
+        )
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        assert_eq!(attempts, 12, "a permit's wait cost an attempt");
+        eprintln!("120 fetches over {span} ms, at most {most} in any second");
+    })
+    .await;
+}
+
+/// A handler waiting for a permit hears its task's cancel: with a limit
+/// of 1 per 30 s, the second page waits, and `syncq cancel` ends the task
+/// `cancelled` within seconds, its second page never fetched.
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
+async fn a_permit_wait_hears_cancel(_: PgPoolOptions, opts: PgConnectOptions) {
+    common::on_multi_thread(async move {
+        let db = common::connect(&opts).await;
+        sqlx::query(
+            "INSERT INTO syncq.datasets (dataset_id, rate_limit, rate_window) VALUES ('slow', 1, '30 seconds')",
+        )
+        .execute(&db)
+        .await
+        .unwrap();
+        let id = common::insert(&db, "slow", "paged", serde_json::json!({"pages": 2, "step_ms": 0})).await;
+        let url = common::url(&opts);
+        let _worker = WorkerProcess::start(&url, &["--poll-interval", "100ms"], &[]);
+        // Started (its first page), its permit then waits ~30 s.
+        common::wait_status(&db, id, "running").await;
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_syncq"))
+            .env("DATABASE_URL", &url)
+            .args(["cancel", &id.to_string()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let asked = tokio::time::Instant::now();
+        common::wait_status(&db, id, "cancelled").await;
+        assert!(
+            asked.elapsed() < Duration::from_secs(5),
+            "the permit's wait did not hear the cancel ({:?})",
+            asked.elapsed()
+        );
+    })
+    .await;
+}
