@@ -94,6 +94,16 @@ impl TaskQueue {
         Ok(store::datasets::set_limits(&self.db, &self.dataset_id, change).await?)
     }
 
+    /// The shared limits it uses (SPEC §2 Shared limits), replacing those
+    /// it used: each must exist ([`TaskQueueManager::set_limit`]); an empty
+    /// list uses none. Returns them as stored (sorted). Creates its row if
+    /// it has none yet.
+    ///
+    /// [`TaskQueueManager::set_limit`]: crate::TaskQueueManager::set_limit
+    pub async fn use_limits(&self, limits: &[String]) -> Result<Vec<String>> {
+        Ok(store::limits::set_uses(&self.db, &self.dataset_id, limits).await?)
+    }
+
     /// Its queued and running tasks and its starts in the current window.
     pub async fn counts(&self) -> Result<QueueCounts> {
         Ok(store::datasets::counts(&self.db, &self.dataset_id).await?)

@@ -127,3 +127,95 @@ async fn a_permit_wait_hears_cancel(_: PgPoolOptions, opts: PgConnectOptions) {
     })
     .await;
 }
+
+/// SPEC §2 Shared limits: four datasets use one API token's limits, 20/1s
+/// and 100/10s (set by the CLI); three worker processes run 16 `paged`
+/// tasks of 10 pages across them. Counted from the handlers' own records:
+/// no second over 20 and no ten seconds over 100 across all four
+/// datasets together, every page fetched once, and the 10-second window
+/// binds (the run outlasts it).
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
+async fn four_datasets_share_one_token_in_two_windows_across_three_processes(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    common::on_multi_thread(async move {
+        let db = common::connect(&opts).await;
+        let url = common::url(&opts);
+        let syncq = |args: &[&str]| {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_syncq"))
+                .env("DATABASE_URL", &url)
+                .args(args)
+                .output()
+                .unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        };
+        let (code, _, err) = syncq(&[
+            "limits", "set", "token", "--rate", "20/1s", "--rate", "100/10s",
+        ]);
+        assert_eq!(code, Some(0), "{err}");
+        let datasets = ["repo-a", "repo-b", "repo-c", "repo-d"];
+        for d in datasets {
+            let (code, out, err) = syncq(&["limit", d, "--uses", "token", "--create"]);
+            assert_eq!(code, Some(0), "{err}");
+            assert!(out.contains("shared limits token"), "{out}");
+        }
+        // An unknown limit is refused, naming it; nothing changes.
+        let (code, _, err) = syncq(&["limit", "repo-a", "--uses", "token,nope"]);
+        assert_eq!(code, Some(2), "{err}");
+        assert!(err.contains("nope") && err.lines().count() == 1, "{err}");
+        sqlx::raw_sql(
+            "INSERT INTO syncq.tasks (dataset_id, kind, payload)
+             SELECT d, 'paged', '{\"pages\": 10, \"step_ms\": 5}'
+             FROM unnest(ARRAY['repo-a', 'repo-b', 'repo-c', 'repo-d']) d, generate_series(1, 4);",
+        )
+        .execute(&db)
+        .await
+        .unwrap();
+        let args = ["--concurrency", "4", "--poll-interval", "100ms"];
+        let _workers: Vec<WorkerProcess> = (0..3)
+            .map(|_| WorkerProcess::start(&url, &args, &[]))
+            .collect();
+        common::wait_for("the 16 paged tasks succeeded", WAIT, || async {
+            common::count(&db, "dataset_id LIKE 'repo-%' AND status = 'succeeded'").await == 16
+        })
+        .await;
+        let mut at = Vec::new();
+        for d in datasets {
+            let mine = pages(&db, d).await;
+            assert_eq!(mine.len(), 40, "{d}: every page fetched once");
+            at.extend(mine);
+        }
+        at.sort_unstable();
+        let per_second = most_in_window(&at, 1000);
+        let per_ten = most_in_window(&at, 10_000);
+        assert!(
+            per_second <= 20,
+            "{per_second} fetches in one second, beyond 20/1s"
+        );
+        assert!(
+            per_ten <= 100,
+            "{per_ten} fetches in ten seconds, beyond 100/10s"
+        );
+        let span = at[at.len() - 1] - at[0];
+        assert!(
+            span >= 10_000,
+            "the 10 s window did not bind: 160 fetches in {span} ms"
+        );
+        let (code, list, _) = syncq(&["limits", "list"]);
+        assert_eq!(code, Some(0));
+        assert!(
+            list.contains("token: 20/1s") && list.contains("repo-d"),
+            "{list}"
+        );
+        // A limit in use is not removed.
+        let (code, _, err) = syncq(&["limits", "remove", "token"]);
+        assert_eq!(code, Some(2), "{err}");
+        eprintln!("160 fetches over {span} ms: at most {per_second} in a second, {per_ten} in ten");
+    })
+    .await;
+}

@@ -13,6 +13,7 @@ use sqlx::{ConnectOptions, Connection, PgPool};
 mod bench;
 mod dashboard;
 mod demo;
+mod limits;
 mod ops;
 mod schedule;
 
@@ -67,8 +68,12 @@ pub enum Command {
     Enqueue(EnqueueArgs),
     /// Run a worker process with the built-in kinds (noop, sleep, fail, count).
     Worker(WorkerArgs),
-    /// Change a dataset's rate limit and/or concurrency cap (only what is named).
+    /// Change a dataset's rate limit, concurrency cap, weight or shared
+    /// limits (only what is named).
     Limit(LimitArgs),
+    /// Limits shared by datasets (one API token's budget): set, list, remove.
+    #[command(subcommand)]
+    Limits(limits::LimitsCommand),
     /// Stop new starts of a dataset in every process; running tasks finish.
     Pause {
         /// The dataset.
@@ -117,7 +122,7 @@ pub enum Command {
 #[command(
     after_help = "An unknown dataset is refused unless --create is given (to configure a dataset before its first task)."
 )]
-#[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["rate", "concurrency", "weight"])))]
+#[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["rate", "concurrency", "weight", "uses"])))]
 pub struct LimitArgs {
     /// The dataset.
     pub dataset: String,
@@ -132,6 +137,10 @@ pub struct LimitArgs {
     /// default 1): weights 1, 2, 4 split starts 1:2:4.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub weight: Option<u32>,
+    /// The shared limits it uses (`syncq limits set`), comma-separated,
+    /// replacing those it used; `none` uses none.
+    #[arg(long, value_delimiter = ',')]
+    pub uses: Option<Vec<String>>,
     /// Create the dataset if it does not exist yet.
     #[arg(long)]
     pub create: bool,
@@ -426,6 +435,7 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<(), CliError>
         }
         Command::Worker(args) => worker(&options, pooler, args).await,
         Command::Limit(args) => limit(connect(&options, 1).await?, args, out).await,
+        Command::Limits(command) => limits::run(&connect(&options, 1).await?, command, out).await,
         Command::Pause { dataset, create } => {
             let db = connect(&options, 1).await?;
             ops::require_dataset(&db, &dataset, ops::Unknown::Create(create)).await?;
@@ -698,12 +708,37 @@ async fn limit(db: Db, args: LimitArgs, out: &mut (dyn Write + Send)) -> Result<
         weight: args.weight,
     };
     ops::require_dataset(&db, &args.dataset, ops::Unknown::Create(args.create)).await?;
-    let row = TaskQueueManager::new(db)
-        .queue(&args.dataset)
+    let queue = TaskQueueManager::new(db).queue(&args.dataset);
+    let row = queue
         .update_limits(update)
         .await
         .map_err(|e| lib_failure("cannot change the limits", e))?;
-    writeln!(out, "{}", describe_limits(&row)).map_err(io_error)
+    let mut line = describe_limits(&row);
+    if let Some(uses) = args.uses {
+        let uses: Vec<String> = uses
+            .into_iter()
+            .map(|u| u.trim().to_string())
+            .filter(|u| !u.is_empty() && u != "none")
+            .collect();
+        let stored = queue.use_limits(&uses).await.map_err(|e| match &e {
+            // An unknown limit (the trigger names the column): usage.
+            crate::Error::Database(sqlx::Error::Database(d))
+                if d.code().as_deref() == Some("23503") =>
+            {
+                CliError::Usage(format!("cannot change the limits: {}", d.message()))
+            }
+            _ => lib_failure("cannot change the limits", e),
+        })?;
+        line.push_str(&format!(
+            ", shared limits {}",
+            if stored.is_empty() {
+                "none".to_string()
+            } else {
+                stored.join(", ")
+            }
+        ));
+    }
+    writeln!(out, "{line}").map_err(io_error)
 }
 
 fn describe_limits(row: &DatasetRow) -> String {

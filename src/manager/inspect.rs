@@ -198,6 +198,47 @@ impl TaskQueueManager {
         Ok(store::reports::failures_by_error(&self.db, dataset_id).await?)
     }
 
+    /// Every shared limit with its windows' use now and the datasets that
+    /// use it (`syncq.limit_stats`).
+    pub async fn limits(&self) -> Result<Vec<store::limits::LimitInfo>> {
+        Ok(store::limits::list(&self.db).await?)
+    }
+
+    /// Creates the shared limit `name`, or replaces its rates (SPEC §2
+    /// Shared limits): a start or permit of any dataset using it needs room
+    /// in every one of `rates`. Exact from its commit for every process.
+    pub async fn set_limit(&self, name: &str, rates: &[crate::RateLimit]) -> Result<()> {
+        if name.is_empty() || name.len() > 1000 {
+            return Err(crate::Error::config(
+                "limit_id",
+                "a limit's name is 1 to 1000 bytes",
+            ));
+        }
+        let mut windows = std::collections::BTreeSet::new();
+        let mut pairs = Vec::with_capacity(rates.len());
+        for r in rates {
+            if !windows.insert(r.window) {
+                return Err(crate::Error::config(
+                    "rate_window",
+                    format!(
+                        "two rates for the window {}",
+                        humantime::format_duration(r.window)
+                    ),
+                ));
+            }
+            let limit = i32::try_from(r.limit)
+                .map_err(|_| crate::Error::config("rate_limit", "too large"))?;
+            pairs.push((limit, r.window.as_secs_f64()));
+        }
+        Ok(store::limits::set(&self.db, name, &pairs).await?)
+    }
+
+    /// Removes the shared limit `name`; false if there was none. Refused
+    /// while a dataset uses it.
+    pub async fn remove_limit(&self, name: &str) -> Result<bool> {
+        Ok(store::limits::remove(&self.db, name).await?)
+    }
+
     /// Whether a dataset exists: it has a row (a task was enqueued to it,
     /// or it was configured).
     pub async fn dataset_exists(&self, dataset_id: &str) -> Result<bool> {

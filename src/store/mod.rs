@@ -10,6 +10,7 @@ pub mod datasets;
 #[cfg(feature = "cli")]
 pub mod demo;
 pub(crate) mod ledger;
+pub mod limits;
 pub mod objects;
 pub mod rate_log;
 pub mod reports;

@@ -49,6 +49,7 @@ pub static OBJECTS: &[SqlObject] = objects![
     "functions/running_count",
     "functions/rate_used",
     "functions/rate_room_at",
+    "functions/limits_room",
     "functions/claimable_datasets",
     "functions/take_permit",
     "functions/claim",
@@ -59,6 +60,7 @@ pub static OBJECTS: &[SqlObject] = objects![
     "functions/complete_many",
     "functions/retry",
     "functions/prune_finished",
+    "triggers/shared_limits",
     "triggers/datasets_limits_set",
     "triggers/datasets_held",
     "triggers/tasks_after_insert",
@@ -71,6 +73,7 @@ pub static OBJECTS: &[SqlObject] = objects![
     "views/running_tasks",
     "views/recent_failures",
     "views/workers_live",
+    "views/limit_stats",
 ];
 
 /// The checksum `syncq.sql_objects` keeps of a file: SHA-256, in hex.

@@ -68,12 +68,19 @@ const ROLES: &[&str] = &[
     "GRANT SELECT ON syncq.ready_signals TO syncq_worker",
     // A turn a claim served but could not move (the claim writes it).
     "GRANT INSERT ON syncq.turn_debts TO syncq_worker",
+    // Shared limits: read, counted in their log, throttled by a 429.
+    "GRANT SELECT ON syncq.limits, syncq.limit_rates, syncq.limit_log, syncq.limit_stats
+         TO syncq_worker",
+    "GRANT INSERT, DELETE ON syncq.limit_log TO syncq_worker",
+    "GRANT UPDATE (throttled_until) ON syncq.limits TO syncq_worker",
     "GRANT INSERT, UPDATE, DELETE ON syncq.workers TO syncq_worker",
     "GRANT UPDATE (throttled_until, last_claimed_at, served_at, ready_at) ON syncq.datasets TO syncq_worker",
     "GRANT EXECUTE ON FUNCTION
          syncq.claim(text, text[], text[], text[], int, float8, int),
          syncq.give_back(text, bigint[], int[]),
          syncq.take_permit(text, bigint, int, int),
+         syncq.limits_room(text[], timestamptz),
+         syncq.limits_room_at(text[], int, timestamptz),
          syncq.claimable_datasets(text[], text[], text[]),
          syncq.running_count(text),
          syncq.rate_used(text, interval, timestamptz),

@@ -13,6 +13,9 @@
 -- task with one claimer, so processes claim from one busy dataset side by
 -- side instead of taking turns on its row lock. Their limit buckets are
 -- held shared instead (see triggers/datasets_limits_set.sql).
+-- A dataset using shared limits (syncq.limits) is limited: its limits'
+-- rows are locked as well, and its share bounded by their room
+-- (limits_room); its starts are logged in limit_log.
 -- Step 2 runs with a snapshot taken after those locks: every claim that
 -- served a locked dataset before has committed, so its running count and
 -- rate log are exact. Each dataset gets at most its share of the slots,
@@ -86,13 +89,21 @@ DECLARE
     -- The round's start: the earliest place among the turn's datasets.
     v_base timestamptz;
     v_start int := least(coalesce(p_start, p_limit), p_limit);
+    -- Shared limits: those of the locked datasets, those locked here, and
+    -- those a dataset of this turn already counts under.
+    v_shared text[];
+    v_shared_locked text[];
+    v_shared_taken text[] := '{}';
+    v_keep text[] := '{}';
 BEGIN
     -- Step 0: readiness that producers appended since the last claim, and
     -- turns earlier claims served but could not move.
     PERFORM syncq.absorb_signals();
     PERFORM syncq.absorb_turn_debts();
     FOR v_row IN
-        SELECT d.dataset_id, (d.max_concurrency IS NOT NULL OR d.rate_limit IS NOT NULL) AS limited,
+        SELECT d.dataset_id,
+               (d.max_concurrency IS NOT NULL OR d.rate_limit IS NOT NULL
+                OR cardinality(d.shared_limits) > 0) AS limited,
                d.last_claimed_at
         FROM syncq.claimable_datasets(p_kinds, p_datasets, p_skip) d
         ORDER BY d.last_claimed_at NULLS FIRST, d.served_at NULLS FIRST, d.dataset_id
@@ -139,6 +150,37 @@ BEGIN
                 WHERE NOT (u.turn_id = ANY (v_limited)) OR u.turn_id = ANY (v_locked)
                 ORDER BY u.n);
         END IF;
+        -- Shared limits (migrations/0008): the locked datasets' limits are
+        -- locked too, in name order, SKIP LOCKED (a limit another claim or
+        -- a permit is counting under is left, with its datasets, for the
+        -- next claim), so each limit's log is exact here as a dataset's
+        -- is. A dataset is served only if every limit it uses is locked
+        -- and no earlier dataset of this turn counts under one of them:
+        -- each limit's room is then read for one dataset per claim.
+        v_shared := ARRAY(SELECT DISTINCT u.l FROM syncq.datasets d, unnest(d.shared_limits) AS u(l)
+                          WHERE d.dataset_id = ANY (v_locked));
+        IF cardinality(v_shared) > 0 THEN
+            v_shared_locked := ARRAY(SELECT l.limit_id FROM syncq.limits l
+                                     WHERE l.limit_id = ANY (v_shared)
+                                     ORDER BY l.limit_id
+                                     FOR NO KEY UPDATE SKIP LOCKED);
+            FOR v_row IN
+                SELECT u.turn_id, d.shared_limits
+                FROM unnest(v_turns) WITH ORDINALITY AS u(turn_id, n)
+                JOIN syncq.datasets d ON d.dataset_id = u.turn_id
+                WHERE u.turn_id = ANY (v_locked)
+                ORDER BY u.n
+            LOOP
+                IF cardinality(v_row.shared_limits) = 0
+                   OR (v_row.shared_limits <@ v_shared_locked
+                       AND NOT (v_row.shared_limits && v_shared_taken)) THEN
+                    v_keep := v_keep || v_row.turn_id;
+                    v_shared_taken := v_shared_taken || v_row.shared_limits;
+                END IF;
+            END LOOP;
+            -- The others get no share (turns, below: limited, not locked).
+            v_locked := v_keep;
+        END IF;
     END IF;
     IF cardinality(v_turns) = 0 THEN
         RETURN;
@@ -150,21 +192,27 @@ BEGIN
     -- finished_at before every start this claim writes.
     WITH clock AS MATERIALIZED (SELECT clock_timestamp() AS now),
     turns AS (
-        SELECT d.dataset_id, u.turn, d.rate_limit, d.weight, d.last_claimed_at,
-               (d.max_concurrency IS NOT NULL OR d.rate_limit IS NOT NULL) AS limited,
+        SELECT d.dataset_id, u.turn, d.rate_limit, d.weight, d.last_claimed_at, d.shared_limits,
+               (d.max_concurrency IS NOT NULL OR d.rate_limit IS NOT NULL
+                OR cardinality(d.shared_limits) > 0) AS limited,
                -- CASE, not coalesce: no counting for a dataset without
                -- that setting.
                greatest(0, least(
                    -- A cap or limit set since step 1 on a dataset this claim
                    -- did not lock: skip it now; the next claim locks it.
-                   CASE WHEN (d.max_concurrency IS NOT NULL OR d.rate_limit IS NOT NULL)
+                   CASE WHEN (d.max_concurrency IS NOT NULL OR d.rate_limit IS NOT NULL
+                              OR cardinality(d.shared_limits) > 0)
                              AND NOT (d.dataset_id = ANY (coalesce(v_locked, '{}')))
                         THEN 0 END,
                    ceil(p_limit::float8 * d.weight / sum(d.weight) OVER ())::int,
                    -- A limited dataset's tasks are only started, never
                    -- leased ahead.
                    CASE WHEN d.max_concurrency IS NOT NULL OR d.rate_limit IS NOT NULL
+                             OR cardinality(d.shared_limits) > 0
                         THEN v_start END,
+                   -- The room its shared limits leave (NULL: none).
+                   CASE WHEN cardinality(d.shared_limits) > 0
+                        THEN syncq.limits_room(d.shared_limits, clk.now) END,
                    CASE WHEN d.max_concurrency IS NULL THEN p_limit
                         ELSE d.max_concurrency - r.running::int
                    END,
@@ -264,6 +312,14 @@ BEGIN
         SELECT p.dataset_id, (SELECT clk.now FROM clock clk)
         FROM picked p JOIN turns ON turns.dataset_id = p.dataset_id
         WHERE turns.rate_limit IS NOT NULL AND p.start_now
+    ),
+    limit_logged AS (
+        -- Each start under a shared limit, in its log.
+        INSERT INTO syncq.limit_log (limit_id, at)
+        SELECT u.l, (SELECT clk.now FROM clock clk)
+        FROM picked p JOIN turns ON turns.dataset_id = p.dataset_id
+        CROSS JOIN LATERAL unnest(turns.shared_limits) AS u(l)
+        WHERE p.start_now
     ),
     turned AS (
         -- A dataset locked by someone else is being claimed, paused or

@@ -5,7 +5,8 @@
 -- A dataset is claimable when it is marked ready (ready_at passed), not
 -- paused, not throttled, in the worker's dataset filter (p_datasets, NULL
 -- for all) and not set aside by it (p_skip), apparently under its cap and
--- its rate budget (step 2 counts again under the lock), and it has a ready
+-- its rate budget and the room of its shared limits (step 2 counts again
+-- under the locks), and it has a ready
 -- task of a kind the worker handles that no worker has leased ahead.
 --
 -- Written to be inlined: one SELECT, LANGUAGE sql, STABLE, not STRICT, no
@@ -30,6 +31,9 @@ AS $$
       AND (p_skip IS NULL OR NOT (d.dataset_id = ANY (p_skip)))
       AND (d.max_concurrency IS NULL OR d.max_concurrency > r.running)
       AND (d.rate_limit IS NULL OR d.rate_limit > u.used)
+      -- Room in every shared limit it uses (not throttled, every window).
+      AND (cardinality(d.shared_limits) = 0
+           OR coalesce(syncq.limits_room(d.shared_limits, now()), 1) > 0)
       -- A correlated scalar subquery, not EXISTS (which the planner turns
       -- into a hash semi-join over every queued task), ordered as
       -- tasks_claim_idx so it is one index probe.

@@ -1,7 +1,7 @@
 -- How long until this worker may be able to claim something, in seconds:
 -- 0 when a dataset is claimable now (a claim that came back empty lost a
--- race for its lock), the wait for the earliest throttle, rate budget or
--- delayed task otherwise. NULL when there is nothing to wait for but new
+-- race for its lock), the wait for the earliest throttle, rate budget
+-- (its own or a shared limit's) or delayed task otherwise. NULL when there is nothing to wait for but new
 -- work: nothing this worker handles is queued in a dataset that is not
 -- paused, at its concurrency cap or set aside (`p_skip`), and no readiness
 -- waits to be absorbed. (An answer of 0 there would make an idle worker
@@ -23,7 +23,10 @@ AS $$
         SELECT min(greatest(
                    d.ready_at,
                    coalesce(d.throttled_until, now()),
-                   CASE WHEN d.rate_limit IS NULL THEN now() ELSE room.at END)) - now() AS wait
+                   CASE WHEN d.rate_limit IS NULL THEN now() ELSE room.at END,
+                   -- Its shared limits' throttles and windows.
+                   CASE WHEN cardinality(d.shared_limits) = 0 THEN now()
+                        ELSE syncq.limits_room_at(d.shared_limits, 1, now()) END)) - now() AS wait
         FROM syncq.datasets d
         CROSS JOIN LATERAL syncq.running_count(d.dataset_id) AS r(running)
         CROSS JOIN LATERAL syncq.rate_room_at(d.dataset_id, d.rate_limit, d.rate_window, now()) AS room(at)

@@ -1,14 +1,25 @@
--- Drops rate-log rows that can no longer count (older than their window,
--- or of datasets without a limit). Bounded per call.
+-- Drops rate-log rows that can no longer count (older than their window
+-- as rate_used counts it, guard included, or of datasets without a
+-- limit), and the same of limit_log (past its limit's longest window).
+-- Bounded per call, per log.
 CREATE OR REPLACE FUNCTION syncq.prune_rate_log(p_batch int) RETURNS bigint
 LANGUAGE sql AS $$
     WITH old AS (
         SELECT l.ctid FROM syncq.rate_log l
         LEFT JOIN syncq.datasets d ON d.dataset_id = l.dataset_id
-        WHERE d.rate_limit IS NULL OR l.started_at <= now() - d.rate_window
+        WHERE d.rate_limit IS NULL
+           OR l.started_at <= now() - d.rate_window - least(d.rate_window / 20, interval '25 milliseconds')
         LIMIT p_batch
     ), gone AS (
         DELETE FROM syncq.rate_log l USING old WHERE l.ctid = old.ctid RETURNING 1
+    ), limit_old AS (
+        SELECT g.ctid FROM syncq.limit_log g
+        LEFT JOIN LATERAL (SELECT max(r.rate_window) AS w FROM syncq.limit_rates r
+                           WHERE r.limit_id = g.limit_id) m ON true
+        WHERE m.w IS NULL OR g.at <= now() - m.w - least(m.w / 20, interval '25 milliseconds')
+        LIMIT p_batch
+    ), limit_gone AS (
+        DELETE FROM syncq.limit_log g USING limit_old WHERE g.ctid = limit_old.ctid RETURNING 1
     )
-    SELECT count(*) FROM gone
+    SELECT (SELECT count(*) FROM gone) + (SELECT count(*) FROM limit_gone)
 $$;

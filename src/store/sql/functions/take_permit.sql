@@ -1,7 +1,8 @@
 -- A permit (SPEC §3): budget a running handler takes before an upstream
 -- request after its first (its start was the first). Counted as a start
--- is: `p_n` rows of rate_log at this statement's clock, under the
--- dataset's row lock — the lock the claim takes to count a limited
+-- is: `p_n` rows of rate_log (and of limit_log for each shared limit the
+-- dataset uses) at this statement's clock, under the dataset's and its
+-- limits' row locks — the locks the claim takes to count a limited
 -- dataset's starts — so starts and permits of every process share one
 -- exact budget, with no counter row and no NOTIFY.
 --
@@ -23,6 +24,7 @@ DECLARE
     v_d record;
     v_now timestamptz;
     v_room timestamptz;
+    v_small record;
 BEGIN
     IF p_n IS NULL OR p_n < 1 THEN
         RAISE EXCEPTION 'permits: asked for % permits; at least 1', p_n
@@ -34,35 +36,51 @@ BEGIN
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
-    SELECT d.rate_limit, d.rate_window, d.throttled_until INTO v_d
+    SELECT d.rate_limit, d.rate_window, d.throttled_until, d.shared_limits INTO v_d
     FROM syncq.datasets d WHERE d.dataset_id = v_dataset
     FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         -- No settings row yet: no limit.
         RETURN 0;
     END IF;
-    -- Read after the lock: every start or permit counted before it has
+    -- Its shared limits, locked in name order as the claim locks them.
+    IF cardinality(v_d.shared_limits) > 0 THEN
+        PERFORM 1 FROM syncq.limits l WHERE l.limit_id = ANY (v_d.shared_limits)
+        ORDER BY l.limit_id FOR NO KEY UPDATE;
+        SELECT r.limit_id, r.rate_limit INTO v_small FROM syncq.limit_rates r
+        WHERE r.limit_id = ANY (v_d.shared_limits) AND r.rate_limit < p_n LIMIT 1;
+        IF FOUND THEN
+            RAISE EXCEPTION 'permits: asked for % at once, beyond the rate_limit of limit % (%)',
+                p_n, v_small.limit_id, v_small.rate_limit
+                USING ERRCODE = '22023';
+        END IF;
+    END IF;
+    -- Read after the locks: every start or permit counted before them has
     -- committed.
     v_now := clock_timestamp();
-    IF v_d.throttled_until IS NOT NULL AND v_d.throttled_until > v_now THEN
-        RETURN extract(epoch FROM v_d.throttled_until - v_now);
-    END IF;
-    IF v_d.rate_limit IS NULL THEN
-        RETURN 0;
-    END IF;
     IF p_n > v_d.rate_limit THEN
         RAISE EXCEPTION 'permits: asked for % at once, beyond the rate_limit of dataset % (%)',
             p_n, v_dataset, v_d.rate_limit
             USING ERRCODE = '22023';
     END IF;
-    IF (SELECT u.used FROM syncq.rate_used(v_dataset, v_d.rate_window, v_now) AS u(used))
-       + p_n > v_d.rate_limit THEN
-        SELECT r.at INTO v_room
-        FROM syncq.rate_room_at(v_dataset, v_d.rate_limit - p_n + 1, v_d.rate_window, v_now) AS r(at);
+    -- From when there is room for p_n in everything it counts under.
+    v_room := greatest(
+        coalesce(v_d.throttled_until, v_now),
+        CASE WHEN v_d.rate_limit IS NULL THEN v_now
+             WHEN (SELECT u.used FROM syncq.rate_used(v_dataset, v_d.rate_window, v_now) AS u(used))
+                  + p_n <= v_d.rate_limit THEN v_now
+             ELSE (SELECT r.at FROM syncq.rate_room_at(v_dataset, v_d.rate_limit - p_n + 1,
+                                                       v_d.rate_window, v_now) AS r(at)) END,
+        syncq.limits_room_at(v_d.shared_limits, p_n, v_now));
+    IF v_room > v_now THEN
         RETURN greatest(extract(epoch FROM v_room - v_now), 0.001);
     END IF;
-    INSERT INTO syncq.rate_log (dataset_id, started_at)
-    SELECT v_dataset, v_now FROM generate_series(1, p_n);
+    IF v_d.rate_limit IS NOT NULL THEN
+        INSERT INTO syncq.rate_log (dataset_id, started_at)
+        SELECT v_dataset, v_now FROM generate_series(1, p_n);
+    END IF;
+    INSERT INTO syncq.limit_log (limit_id, at)
+    SELECT u.l, v_now FROM unnest(v_d.shared_limits) AS u(l), generate_series(1, p_n);
     RETURN 0;
 END;
 $$;

@@ -156,6 +156,19 @@ BEGIN
         FROM (SELECT d.dataset_id, max(v_secs[d.i]) AS secs FROM done d
               WHERE d.end_ = 'throttle' GROUP BY d.dataset_id) m
         WHERE s.dataset_id = m.dataset_id
+    ),
+    throttled_limits AS (
+        -- And every shared limit the dataset uses (SPEC §3): the
+        -- credential was refused, for all datasets using it.
+        UPDATE syncq.limits l
+        SET throttled_until = greatest(l.throttled_until, now() + make_interval(secs => m.secs))
+        FROM (SELECT u.l AS limit_id, max(v_secs[d.i]) AS secs
+              FROM done d
+              JOIN syncq.datasets s ON s.dataset_id = d.dataset_id
+              CROSS JOIN LATERAL unnest(s.shared_limits) AS u(l)
+              WHERE d.end_ = 'throttle'
+              GROUP BY u.l) m
+        WHERE l.limit_id = m.limit_id
     )
     SELECT d.id FROM done d;
 END;

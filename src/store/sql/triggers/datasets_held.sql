@@ -16,11 +16,12 @@ BEGIN
 END;
 $$;
 CREATE OR REPLACE TRIGGER datasets_held
-    AFTER UPDATE OF paused, throttled_until, max_concurrency, rate_limit ON syncq.datasets
+    AFTER UPDATE OF paused, throttled_until, max_concurrency, rate_limit, shared_limits ON syncq.datasets
     FOR EACH ROW
     WHEN ((NEW.paused AND NOT OLD.paused)
           OR (NEW.throttled_until IS NOT NULL
               AND NEW.throttled_until IS DISTINCT FROM OLD.throttled_until)
-          OR (OLD.max_concurrency IS NULL AND OLD.rate_limit IS NULL
-              AND (NEW.max_concurrency IS NOT NULL OR NEW.rate_limit IS NOT NULL)))
+          OR (OLD.max_concurrency IS NULL AND OLD.rate_limit IS NULL AND cardinality(OLD.shared_limits) = 0
+              AND (NEW.max_concurrency IS NOT NULL OR NEW.rate_limit IS NOT NULL
+                   OR cardinality(NEW.shared_limits) > 0)))
     EXECUTE FUNCTION syncq.datasets_held();

@@ -18,9 +18,12 @@ BEGIN
     RETURN NEW;
 END;
 $$;
+-- A first shared limit (shared_limits, migrations/0008) counts as a first
+-- limit too.
 CREATE OR REPLACE TRIGGER datasets_limits_set
-    BEFORE UPDATE OF max_concurrency, rate_limit ON syncq.datasets
+    BEFORE UPDATE OF max_concurrency, rate_limit, shared_limits ON syncq.datasets
     FOR EACH ROW
-    WHEN (OLD.max_concurrency IS NULL AND OLD.rate_limit IS NULL
-          AND (NEW.max_concurrency IS NOT NULL OR NEW.rate_limit IS NOT NULL))
+    WHEN (OLD.max_concurrency IS NULL AND OLD.rate_limit IS NULL AND cardinality(OLD.shared_limits) = 0
+          AND (NEW.max_concurrency IS NOT NULL OR NEW.rate_limit IS NOT NULL
+               OR cardinality(NEW.shared_limits) > 0))
     EXECUTE FUNCTION syncq.datasets_limits_set();

@@ -1,0 +1,115 @@
+//! `syncq limits`: limits shared by datasets (SPEC §2 Shared limits).
+
+use std::io::Write;
+
+use clap::Subcommand;
+use serde_json::json;
+
+use super::ops::printable;
+use super::{CliError, io_error, lib_failure};
+use crate::TaskQueueManager;
+use crate::db::Db;
+use crate::rate_limit::RateLimit;
+
+/// `syncq limits …`.
+#[derive(Debug, Subcommand)]
+pub enum LimitsCommand {
+    /// Create a shared limit, or replace its rates: e.g. `syncq limits set
+    /// github-token --rate 5000/1h --rate 10/1s`. Datasets use it with
+    /// `syncq limit D --uses github-token`.
+    Set {
+        /// The limit's name.
+        name: String,
+        /// Starts and permits per window, e.g. 10/1s; give one per window.
+        #[arg(long, required = true, value_parser = parse_rate)]
+        rate: Vec<RateLimit>,
+    },
+    /// Every shared limit: its windows' use now, throttle, datasets.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a shared limit (refused while a dataset uses it).
+    Remove {
+        /// The limit's name.
+        name: String,
+    },
+}
+
+fn parse_rate(s: &str) -> Result<RateLimit, String> {
+    s.parse::<RateLimit>().map_err(|e| e.to_string())
+}
+
+pub(super) async fn run(
+    db: &Db,
+    command: LimitsCommand,
+    out: &mut (dyn Write + Send),
+) -> Result<(), CliError> {
+    let manager = TaskQueueManager::new(db.clone());
+    match command {
+        LimitsCommand::Set { name, rate } => {
+            manager
+                .set_limit(&name, &rate)
+                .await
+                .map_err(|e| lib_failure("cannot set the limit", e))?;
+            let rates: Vec<String> = rate.iter().map(ToString::to_string).collect();
+            writeln!(out, "limit {:?}: {}", name, rates.join(" and ")).map_err(io_error)
+        }
+        LimitsCommand::Remove { name } => {
+            let removed = manager.remove_limit(&name).await.map_err(|e| match &e {
+                crate::Error::Database(sqlx::Error::Database(d))
+                    if d.code().as_deref() == Some("23503") =>
+                {
+                    CliError::Usage(format!("cannot remove the limit: {}", d.message()))
+                }
+                _ => lib_failure("cannot remove the limit", e),
+            })?;
+            if !removed {
+                return Err(CliError::Usage(format!("no limit {name:?}")));
+            }
+            writeln!(out, "removed limit {name:?}").map_err(io_error)
+        }
+        LimitsCommand::List { json } => {
+            let limits = manager
+                .limits()
+                .await
+                .map_err(|e| lib_failure("cannot read the limits", e))?;
+            if json {
+                return writeln!(out, "{:#}", json!(limits)).map_err(io_error);
+            }
+            if limits.is_empty() {
+                return writeln!(out, "no shared limit").map_err(io_error);
+            }
+            for l in &limits {
+                let rates: Vec<String> = l
+                    .rates
+                    .iter()
+                    .map(|r| format!("{}/{}s used {}", r.rate_limit, r.rate_window_secs, r.used))
+                    .collect();
+                let throttled = l
+                    .throttled_until
+                    .filter(|t| *t > chrono::Utc::now())
+                    .map_or(String::new(), |t| format!(", throttled until {t}"));
+                let datasets: Vec<String> = l.datasets.iter().map(|d| printable(d, 120)).collect();
+                writeln!(
+                    out,
+                    "{}: {}{throttled}; used by {}",
+                    printable(&l.limit_id, 120),
+                    if rates.is_empty() {
+                        "no rate".to_string()
+                    } else {
+                        rates.join(", ")
+                    },
+                    if datasets.is_empty() {
+                        "no dataset".to_string()
+                    } else {
+                        datasets.join(", ")
+                    }
+                )
+                .map_err(io_error)?;
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,49 @@
+-- Shared limits (migrations/0008): the room the limits `p_limits` leave
+-- at `p_at`, their one text for the claim, next_claim_in, take_permit and
+-- the reports. limits_room: how many more starts or permits fit in every
+-- window of every one of them (0 while one is throttled; NULL for no
+-- limit or only limits without rates). limits_room_at: from when `p_n`
+-- more fit in all of them (`p_at` if they fit now). Each window is
+-- counted as rate_used counts a dataset's: a little long (a twentieth,
+-- 25 ms at most), so the handlers' requests, not only the rows, keep
+-- within it. One range scan of limit_log_idx per window.
+--
+-- Written to be inlined (one SELECT, LANGUAGE sql, STABLE): a dataset
+-- without shared limits costs no probe (the CASE).
+CREATE OR REPLACE FUNCTION syncq.limits_room(p_limits text[], p_at timestamptz)
+RETURNS int
+LANGUAGE sql STABLE
+AS $$
+    SELECT CASE WHEN cardinality(p_limits) > 0 THEN (
+        SELECT greatest(0, min(CASE
+                   WHEN l.throttled_until > p_at THEN 0
+                   WHEN r.rate_limit IS NULL THEN NULL
+                   ELSE r.rate_limit - (SELECT count(*) FROM syncq.limit_log g
+                                        WHERE g.limit_id = r.limit_id
+                                          AND g.at > p_at - r.rate_window
+                                                    - least(r.rate_window / 20, interval '25 milliseconds'))::int
+               END))
+        FROM syncq.limits l
+        LEFT JOIN syncq.limit_rates r ON r.limit_id = l.limit_id
+        WHERE l.limit_id = ANY (p_limits)) END
+$$;
+
+CREATE OR REPLACE FUNCTION syncq.limits_room_at(p_limits text[], p_n int, p_at timestamptz)
+RETURNS timestamptz
+LANGUAGE sql STABLE
+AS $$
+    SELECT CASE WHEN cardinality(p_limits) = 0 THEN p_at ELSE coalesce((
+        SELECT max(greatest(
+                   coalesce(l.throttled_until, p_at),
+                   CASE WHEN r.rate_limit IS NULL THEN p_at ELSE coalesce(
+                       (SELECT g.at + r.rate_window + least(r.rate_window / 20, interval '25 milliseconds')
+                        FROM syncq.limit_log g
+                        WHERE g.limit_id = r.limit_id
+                          AND g.at > p_at - r.rate_window - least(r.rate_window / 20, interval '25 milliseconds')
+                        ORDER BY g.at DESC
+                        OFFSET greatest(r.rate_limit - p_n, 0) LIMIT 1),
+                       p_at) END))
+        FROM syncq.limits l
+        LEFT JOIN syncq.limit_rates r ON r.limit_id = l.limit_id
+        WHERE l.limit_id = ANY (p_limits)), p_at) END
+$$;
