@@ -911,3 +911,42 @@ async fn a_task_page_pages_its_errors(db: PgPool) {
     let (_, older) = get(&format!("{base}/tasks/{id}?errors=1"), false).await;
     assert!(older.contains("rate limited #2950<") && !older.contains("rate limited #3000<"));
 }
+
+/// Shared limits on the dashboard (issue 26): the overview lists each with
+/// its windows' use and its datasets; an operator sets the limits a
+/// dataset uses from its page; an unknown name is a 400 naming the column.
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
+async fn shared_limits_are_shown_and_set(db: PgPool) {
+    let manager = TaskQueueManager::new(db.clone());
+    manager
+        .enqueue(NewTask::new("alpha", "noop"))
+        .await
+        .unwrap();
+    manager
+        .set_limit(
+            "token",
+            &[
+                RateLimit::new(20, Duration::from_secs(1)).unwrap(),
+                RateLimit::new(100, Duration::from_secs(10)).unwrap(),
+            ],
+        )
+        .await
+        .unwrap();
+    let base = serve(&db, DashboardOptions::default().token(TOKEN)).await;
+    let url = format!("{base}/datasets/alpha/limits");
+    let set = post(&url, true, &[("uses", "token")]).await;
+    assert_eq!(set.status(), StatusCode::SEE_OTHER);
+    let uses: Vec<String> =
+        sqlx::query_scalar("SELECT shared_limits FROM syncq.datasets WHERE dataset_id = 'alpha'")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(uses, vec!["token".to_string()]);
+    let unknown = post(&url, true, &[("uses", "token,nope")]).await;
+    assert_eq!(unknown.status(), StatusCode::BAD_REQUEST);
+    assert!(unknown.text().await.unwrap().contains("shared_limits"));
+    let (_, page) = get(&format!("{base}/"), false).await;
+    assert!(page.contains("Shared limits"), "no limits section");
+    assert_eq!(live(&page, "limit:token"), "0 / 20 per 1s, 0 / 100 per 10s");
+    assert!(page.contains("/datasets/alpha\">alpha</a>"));
+}

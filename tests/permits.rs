@@ -219,3 +219,57 @@ async fn four_datasets_share_one_token_in_two_windows_across_three_processes(
     })
     .await;
 }
+
+/// SPEC §3: a 429 on one dataset throttles every shared limit it uses, so
+/// no other dataset using that limit starts before the throttle ends.
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
+async fn a_429_throttles_the_shared_limit_for_every_dataset_using_it(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    common::on_multi_thread(async move {
+        let db = common::connect(&opts).await;
+        sqlx::raw_sql(
+            "INSERT INTO syncq.limits (limit_id) VALUES ('token');
+             INSERT INTO syncq.limit_rates VALUES ('token', 1000, '1 second');
+             INSERT INTO syncq.datasets (dataset_id, shared_limits) VALUES ('a', '{token}'), ('b', '{token}');
+             INSERT INTO syncq.tasks (dataset_id, kind, payload)
+             VALUES ('a', 'fail', '{\"error\": \"rate_limited\", \"times\": 1, \"retry_after_ms\": 2000}');",
+        )
+        .execute(&db)
+        .await
+        .unwrap();
+        let url = common::url(&opts);
+        let _worker = WorkerProcess::start(&url, &["--poll-interval", "100ms"], &[]);
+        common::wait_for("the limit throttled", WAIT, || async {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT throttled_until IS NOT NULL FROM syncq.limits WHERE limit_id = 'token'",
+            )
+            .fetch_one(&db)
+            .await
+            .unwrap()
+        })
+        .await;
+        sqlx::query("INSERT INTO syncq.tasks (dataset_id, kind) SELECT 'b', 'noop' FROM generate_series(1, 5)")
+            .execute(&db)
+            .await
+            .unwrap();
+        common::wait_for("b's tasks ran", WAIT, || async {
+            common::count(&db, "dataset_id = 'b' AND status = 'succeeded'").await == 5
+        })
+        .await;
+        let early: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM syncq.tasks t, syncq.limits l
+             WHERE t.dataset_id = 'b' AND l.limit_id = 'token' AND t.started_at < l.throttled_until",
+        )
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        assert_eq!(early, 0, "a dataset sharing the throttled limit started before the throttle ended");
+        common::wait_for("a's task ran after its throttle", WAIT, || async {
+            common::count(&db, "dataset_id = 'a' AND status = 'succeeded'").await == 1
+        })
+        .await;
+    })
+    .await;
+}

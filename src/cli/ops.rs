@@ -234,6 +234,7 @@ pub(super) async fn status(
     let stale = manager.stale_workers().await.map_err(&failed)?;
     let unhandled = manager.unhandled_kinds().await.map_err(&failed)?;
     let schedules = manager.schedules().await.map_err(&failed)?;
+    let limits = manager.limits().await.map_err(&failed)?;
     if args.json {
         let stale: Vec<_> = stale
             .iter()
@@ -245,6 +246,7 @@ pub(super) async fn status(
             "stale_workers": stale,
             "unhandled_kinds": unhandled,
             "schedules": schedules,
+            "limits": limits,
         });
         return writeln!(out, "{doc:#}").map_err(io_error);
     }
@@ -305,6 +307,29 @@ pub(super) async fn status(
             ]
         })
         .collect();
+    if !limits.is_empty() {
+        let rows: Vec<Vec<String>> = limits
+            .iter()
+            .map(|l| {
+                let rates: Vec<String> = l
+                    .rates
+                    .iter()
+                    .map(|r| format!("{}/{}/{}s", r.used, r.rate_limit, r.rate_window_secs))
+                    .collect();
+                vec![
+                    l.limit_id.clone(),
+                    if rates.is_empty() {
+                        "-".into()
+                    } else {
+                        rates.join(" ")
+                    },
+                    l.datasets.join(","),
+                ]
+            })
+            .collect();
+        text.push_str("\nshared limits:\n");
+        text.push_str(&table(&["LIMIT", "USED/RATE/WINDOW", "DATASETS"], &rows));
+    }
     text.push_str(&format!("\nlive workers: {}\n", workers.len()));
     if !workers.is_empty() {
         text.push_str(&table(

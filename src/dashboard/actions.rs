@@ -26,6 +26,7 @@ pub(super) struct ActionForm {
     kind: Option<String>,
     error: Option<String>,
     token: Option<String>,
+    uses: Option<String>,
 }
 
 /// Refuses unless this dashboard allows actions, the request comes from a
@@ -237,7 +238,24 @@ pub(super) async fn limits(
         max_concurrency: concurrency,
         weight,
     };
-    app.manager.queue(&id).update_limits(update).await?;
+    let queue = app.manager.queue(&id);
+    queue.update_limits(update).await?;
+    // The shared limits it uses, comma-separated; `none` for none.
+    if let Some(uses) = text(&form.uses) {
+        let uses: Vec<String> = uses
+            .split(',')
+            .map(|u| u.trim().to_string())
+            .filter(|u| !u.is_empty() && u != "none")
+            .collect();
+        queue.use_limits(&uses).await.map_err(|e| match &e {
+            crate::Error::Database(sqlx::Error::Database(d))
+                if d.code().as_deref() == Some("23503") =>
+            {
+                Failure::BadRequest("shared_limits: no limit of that name".into())
+            }
+            _ => Failure::from(e),
+        })?;
+    }
     Ok(action.back(&dataset_page(&id), Done::Limits))
 }
 

@@ -227,6 +227,7 @@ pub(super) async fn overview(
             urlencode(&sort_name)
         )
     };
+    let limits = app.manager.limits().await?;
     let body = html! {
         section #live {
             div.totals {
@@ -264,6 +265,27 @@ pub(super) async fn overview(
                                  @else { span.state { "active" } } }
                         }
                     }
+                }
+            }
+            @if !limits.is_empty() {
+                h2 { "Shared limits" }
+                table.limits {
+                    thead { tr { th { "Limit" } th { "Windows (used / rate)" } th { "Throttled until" } th { "Datasets" } } }
+                    tbody { @for l in &limits { tr {
+                        td { (l.limit_id) }
+                        td data-live=(format!("limit:{}", l.limit_id)) {
+                            @for (i, r) in l.rates.iter().enumerate() {
+                                @if i > 0 { ", " }
+                                (r.used) " / " (r.rate_limit) " per " (window(r.rate_window_secs))
+                            }
+                            @if l.rates.is_empty() { "-" }
+                        }
+                        td { (when(l.throttled_until, SECONDS)) }
+                        td { @for (i, d) in l.datasets.iter().enumerate() {
+                            @if i > 0 { ", " }
+                            a href=(ctx.link(&format!("/datasets/{}", urlencode(d)))) { (d) }
+                        } }
+                    } } }
                 }
             }
         }
@@ -412,6 +434,7 @@ pub(super) async fn dataset(
                     label { "Rate " input type="text" name="rate" placeholder="100/1s or none"; }
                     label { "Cap " input type="text" name="concurrency" placeholder="N or none"; }
                     label { "Weight " input type="number" name="weight" min="1" max="1000"; }
+                    label { "Shared limits " input type="text" name="uses" placeholder="token-a,token-b or none"; }
                     button type="submit" { "Change limits" }
                 }
                 form method="post" action=(path("/retry")) {
