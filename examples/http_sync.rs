@@ -12,12 +12,15 @@
 //! | other 4xx | `Invalid` | failed at once |
 //! | 5xx, timeout, connection error | `Retryable` | retried with backoff |
 //!
-//! Requests are paced inside a task (`max_per_second` in the payload), and
-//! the dataset's `max_concurrency` of 1 keeps one pager per upstream across
-//! the fleet, so the upstream's limit holds however many workers run. Pace
-//! below the upstream's limit: the next task's first request (or a retry)
-//! can follow the previous request at once. If the upstream still says
-//! 429, the whole dataset waits out its `Retry-After`.
+//! The upstream counts requests, so the handler takes a permit (SPEC §3)
+//! before each request after its first: its start paid for the first.
+//! Every dataset synced with the same credential uses one shared limit
+//! (`syncq limits set api-token --rate 5/1s`, `syncq limit D --uses
+//! api-token`), so the credential's budget holds across every dataset and
+//! every process — set it a little under the upstream's own limit, which
+//! counts arrivals a few milliseconds after syncq grants them. If the
+//! upstream still says 429, every dataset using the limit waits out its
+//! `Retry-After`.
 //!
 //! Run it against your API:
 //!
@@ -46,13 +49,6 @@ pub struct HttpSync {
 pub struct SyncRequest {
     /// The resource to page through: `GET {base}/resources/{resource}?cursor=N`.
     pub resource: String,
-    /// Requests per second this task allows itself.
-    #[serde(default = "default_pace")]
-    pub max_per_second: f64,
-}
-
-fn default_pace() -> f64 {
-    5.0
 }
 
 /// The progress saved after every page.
@@ -123,8 +119,15 @@ impl SyncWorker for HttpSync {
             pages: 0,
             items: 0,
         });
-        let pace = Duration::from_secs_f64(1.0 / request.max_per_second.clamp(0.01, 1000.0));
+        // This run's first request is paid for by its start.
+        let mut first = true;
         loop {
+            if !first {
+                // Budget for the next request, from every limit the
+                // dataset uses; hears checkpoint and cancel meanwhile.
+                task.permit().await?;
+            }
+            first = false;
             let page = self.fetch(&request.resource, progress.cursor).await?;
             progress.pages += 1;
             progress.items += page.items.len() as u64;
@@ -141,8 +144,7 @@ impl SyncWorker for HttpSync {
                     );
                 }
             }
-            // Pacing; also where a checkpoint or cancel command is heard.
-            if let Some(stop) = task.sleep(pace).await {
+            if let Some(stop) = task.stop_requested() {
                 return Err(stop.into());
             }
         }
@@ -160,15 +162,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let db = sqlx::PgPool::connect(&url).await?;
     syncq::migrate(&db).await?;
     let manager = syncq::TaskQueueManager::new(db.clone());
+    // One credential, one budget: 5 requests a second for every dataset
+    // synced with it, in every process.
+    manager
+        .set_limit(
+            "api-token",
+            &[syncq::RateLimit::new(5, Duration::from_secs(1))?],
+        )
+        .await?;
     manager
         .queue("http-demo")
-        .set_max_concurrency(Some(1))
+        .use_limits(&["api-token".to_string()])
         .await?;
     for resource in ["issues", "comments"] {
         manager
             .enqueue(
                 syncq::NewTask::new("http-demo", "http_sync")
-                    .payload(json!({ "resource": resource, "max_per_second": 5 }))
+                    .payload(json!({ "resource": resource }))
                     .unique_key(resource),
             )
             .await?;

@@ -103,21 +103,25 @@ async fn every_page_once_within_the_limit_and_each_answer_mapped(
 
     let db = common::connect(&opts).await;
     let manager = TaskQueueManager::new(db.clone());
+    // The API token's budget, a little under the API's own limit (which
+    // counts arrivals, milliseconds after the grants), shared by every
+    // request of every task in both pools: starts and permits.
     manager
-        .queue("api")
-        .set_max_concurrency(Some(1))
+        .set_limit(
+            "api-token",
+            &[syncq::RateLimit::new(LIMIT as u32 - 2, Duration::from_secs(1)).unwrap()],
+        )
         .await
         .unwrap();
-    // Paced at half the API's limit: a task's first request can follow the
-    // previous task's last one (or a retry its failure) at once, so the
-    // pace leaves room for those.
+    manager
+        .queue("api")
+        .use_limits(&["api-token".to_string()])
+        .await
+        .unwrap();
     let mut ids = HashMap::new();
     for resource in ["issues", "comments", "labels", "missing"] {
         let id = manager
-            .enqueue(
-                NewTask::new("api", "http_sync")
-                    .payload(json!({ "resource": resource, "max_per_second": 4 })),
-            )
+            .enqueue(NewTask::new("api", "http_sync").payload(json!({ "resource": resource })))
             .await
             .unwrap();
         ids.insert(resource, id);
