@@ -4,8 +4,9 @@
 -- once: waiting would serialise claims on a busy dataset, and could
 -- deadlock with a limit being set (the row, then the bucket's advisory
 -- lock, against the claim's bucket, then the row). A turn it cannot move
--- is written here instead, and the next claim that can lock the row adds
--- it (syncq.absorb_turn_debts): no dataset is served for free.
+-- is written here instead, and the next claim that moves the dataset adds
+-- it and deletes it (the claim's turned and paid steps): no dataset is
+-- served for free.
 CREATE TABLE syncq.turn_debts (
     id         bigint GENERATED ALWAYS AS IDENTITY,
     dataset_id text   NOT NULL,
@@ -15,5 +16,5 @@ CREATE TABLE syncq.turn_debts (
     autovacuum_vacuum_scale_factor = 0.0,
     autovacuum_vacuum_threshold = 1000
 );
--- Read through this index, never by a sequential scan, as ready_signals.
-CREATE INDEX turn_debts_id_idx ON syncq.turn_debts (id);
+-- A dataset's debts, read and deleted by the claim that moves it.
+CREATE INDEX turn_debts_dataset_idx ON syncq.turn_debts (dataset_id);

@@ -43,7 +43,6 @@ pub static OBJECTS: &[SqlObject] = objects![
     "functions/limit_lock_key",
     "functions/limit_bucket",
     "functions/absorb_signals",
-    "functions/absorb_turn_debts",
     "functions/mark_idle",
     "functions/refresh_ready",
     "functions/running_count",

@@ -66,8 +66,9 @@ const ROLES: &[&str] = &[
     "GRANT INSERT ON syncq.task_errors TO syncq_worker",
     "GRANT INSERT, DELETE ON syncq.rate_log TO syncq_worker",
     "GRANT SELECT ON syncq.ready_signals TO syncq_worker",
-    // A turn a claim served but could not move (the claim writes it).
-    "GRANT INSERT ON syncq.turn_debts TO syncq_worker",
+    // A turn a claim served but could not move: owed, then paid by the
+    // claim that next moves the dataset.
+    "GRANT SELECT, INSERT, DELETE ON syncq.turn_debts TO syncq_worker",
     // Shared limits: read, counted in their log, throttled by a 429.
     "GRANT SELECT ON syncq.limits, syncq.limit_rates, syncq.limit_log, syncq.limit_stats
          TO syncq_worker",
@@ -86,7 +87,6 @@ const ROLES: &[&str] = &[
          syncq.rate_used(text, interval, timestamptz),
          syncq.rate_room_at(text, int, interval, timestamptz),
          syncq.absorb_signals(),
-         syncq.absorb_turn_debts(),
          syncq.next_claim_in(text[], text[], text[]),
          syncq.mark_idle(text[], timestamptz),
          syncq.refresh_ready(text[]),

@@ -22,6 +22,7 @@ use super::{CliError, describe, io_error};
 mod drain;
 mod enqueue;
 mod latency;
+mod permits;
 
 /// `syncq bench`.
 #[derive(Debug, Args)]
@@ -142,6 +143,7 @@ async fn measure(scratch: &PgConnectOptions, args: &BenchArgs) -> Result<Figures
     let baseline = drain::baseline(&db, args, &mut figures).await?;
     drain::measure(&db, scratch, args, &mut figures, baseline).await?;
     latency::measure(&db, scratch, &mut figures).await?;
+    permits::measure(&db, &mut figures).await?;
     db.close().await;
     Ok(figures)
 }
@@ -165,8 +167,9 @@ fn rate(n: u32, took: Duration) -> f64 {
 
 async fn reset(db: &PgPool) -> Result<(), CliError> {
     db.execute(
-        "TRUNCATE syncq.tasks, syncq.task_errors, syncq.rate_log, syncq.ready_signals, syncq.turn_debts, bench_raw, bench_same;
-         DELETE FROM syncq.datasets; DELETE FROM syncq.workers;",
+        "TRUNCATE syncq.tasks, syncq.task_errors, syncq.rate_log, syncq.ready_signals, syncq.turn_debts,
+                  syncq.limit_log, bench_raw, bench_same;
+         DELETE FROM syncq.datasets; DELETE FROM syncq.limits; DELETE FROM syncq.workers;",
     )
     .await
     .map_err(bench_error("cannot reset the scratch database"))?;

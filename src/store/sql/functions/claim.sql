@@ -44,7 +44,7 @@
 -- round's start (the earliest place of any ready dataset, so a dataset
 -- back from idle starts at the round, not ahead with an old place, nor
 -- behind by its idle time); a claim that cannot lock the row at once owes
--- the move (syncq.turn_debts), added by the next claim that can; at equal places the one served longest ago
+-- the move (syncq.turn_debts), added by the next claim that moves it; at equal places the one served longest ago
 -- (served_at) goes first. Within one claim each dataset's share is
 -- ceil(limit × weight / the weights of the claim's turn), its tasks picked
 -- weight at a time. Over claims a dataset of weight w is served w times as
@@ -96,10 +96,8 @@ DECLARE
     v_shared_taken text[] := '{}';
     v_keep text[] := '{}';
 BEGIN
-    -- Step 0: readiness that producers appended since the last claim, and
-    -- turns earlier claims served but could not move.
+    -- Step 0: readiness that producers appended since the last claim.
     PERFORM syncq.absorb_signals();
-    PERFORM syncq.absorb_turn_debts();
     FOR v_row IN
         SELECT d.dataset_id,
                (d.max_concurrency IS NOT NULL OR d.rate_limit IS NOT NULL
@@ -326,7 +324,10 @@ BEGIN
         -- filled right now: its turn is owed instead (below).
         UPDATE syncq.datasets d
         SET last_claimed_at = greatest(coalesce(d.last_claimed_at, b.base), b.base)
-                              + make_interval(secs => n.picked * 0.001 / d.weight),
+                              + make_interval(secs => n.picked * 0.001 / d.weight
+                                  -- and the moves earlier claims owed it
+                                  + coalesce((SELECT sum(o.secs) FROM syncq.turn_debts o
+                                              WHERE o.dataset_id = d.dataset_id), 0)),
             served_at = (SELECT clk.now FROM clock clk)
         -- The round's start: the earliest place in this turn; if the turn
         -- holds only new datasets, the earliest place of a ready dataset
@@ -346,9 +347,15 @@ BEGIN
             FOR NO KEY UPDATE SKIP LOCKED))
         RETURNING d.dataset_id
     ),
+    paid AS (
+        -- The debts just added (the same snapshot's rows): only the claim
+        -- holding a dataset's row moves it, so no other deletes them.
+        DELETE FROM syncq.turn_debts o
+        WHERE o.dataset_id IN (SELECT t.dataset_id FROM turned t)
+    ),
     owed AS (
-        -- The turns not moved, for a later claim to add
-        -- (syncq.absorb_turn_debts): no dataset is served for free.
+        -- The turns not moved, for the next claim that moves the dataset
+        -- to add (turned, above): no dataset is served for free.
         INSERT INTO syncq.turn_debts (dataset_id, secs)
         SELECT n.dataset_id, n.picked * 0.001 / turns.weight
         FROM (SELECT p.dataset_id, count(*) AS picked FROM picked p GROUP BY p.dataset_id) n
