@@ -234,7 +234,7 @@ async fn metrics_are_served_and_move_and_logs_are_json(_: PgPoolOptions, opts: P
         .find(|l| l["fields"]["message"] == "worker pool started")
         .unwrap_or_else(|| panic!("no start line in:\n{log}"));
     assert_eq!(
-        started_line["fields"]["kinds"], "count,fail,noop,sleep",
+        started_line["fields"]["kinds"], "count,fail,noop,paged,sleep",
         "{started_line}"
     );
 }

@@ -15,6 +15,12 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 const WAIT: Duration = Duration::from_secs(90);
 
+/// One test of this file at a time: each runs three worker processes and
+/// counts the handlers' own clocks, which a machine loaded by the others
+/// delays by more than the window's guard (25 ms) between a permit's
+/// grant and the request it pays for.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Every page fetch the `paged` tasks of `dataset` recorded, in Unix ms.
 async fn pages(db: &PgPool, dataset: &str) -> Vec<i64> {
     let results: Vec<Value> = sqlx::query_scalar(
@@ -57,6 +63,7 @@ async fn permits_and_starts_share_one_exact_budget_across_three_processes(
     _: PgPoolOptions,
     opts: PgConnectOptions,
 ) {
+    let _turn = SERIAL.lock().await;
     common::on_multi_thread(async move {
         let db = common::connect(&opts).await;
         sqlx::raw_sql(
@@ -98,6 +105,7 @@ async fn permits_and_starts_share_one_exact_budget_across_three_processes(
 /// `cancelled` within seconds, its second page never fetched.
 #[sqlx::test(migrator = "syncq::MIGRATOR")]
 async fn a_permit_wait_hears_cancel(_: PgPoolOptions, opts: PgConnectOptions) {
+    let _turn = SERIAL.lock().await;
     common::on_multi_thread(async move {
         let db = common::connect(&opts).await;
         sqlx::query(
@@ -139,6 +147,7 @@ async fn four_datasets_share_one_token_in_two_windows_across_three_processes(
     _: PgPoolOptions,
     opts: PgConnectOptions,
 ) {
+    let _turn = SERIAL.lock().await;
     common::on_multi_thread(async move {
         let db = common::connect(&opts).await;
         let url = common::url(&opts);
@@ -227,6 +236,7 @@ async fn a_429_throttles_the_shared_limit_for_every_dataset_using_it(
     _: PgPoolOptions,
     opts: PgConnectOptions,
 ) {
+    let _turn = SERIAL.lock().await;
     common::on_multi_thread(async move {
         let db = common::connect(&opts).await;
         sqlx::raw_sql(

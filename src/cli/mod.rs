@@ -66,7 +66,7 @@ pub enum Command {
     Migrate,
     /// Enqueue one task; prints its id (the existing task's for a duplicate unique key).
     Enqueue(EnqueueArgs),
-    /// Run a worker process with the built-in kinds (noop, sleep, fail, count).
+    /// Run a worker process with the built-in kinds (noop, sleep, fail, paged, count).
     Worker(WorkerArgs),
     /// Change a dataset's rate limit, concurrency cap, weight or shared
     /// limits (only what is named).
