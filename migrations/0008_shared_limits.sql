@@ -12,6 +12,13 @@ CREATE TABLE syncq.limits (
     limit_id        text        PRIMARY KEY
                     CONSTRAINT limits_limit_id_not_empty CHECK (limit_id <> '')
                     CONSTRAINT limits_limit_id_at_most_1000_bytes CHECK (octet_length(limit_id) <= 1000),
+    -- At most this many running tasks across every dataset using it.
+    max_concurrency int
+                    CONSTRAINT limits_max_concurrency_between_1_and_100000
+                    CHECK (max_concurrency BETWEEN 1 AND 100000),
+    -- The datasets that use it (kept by the datasets_shared_limits_check
+    -- trigger): whose running tasks its cap counts.
+    datasets        text[]      NOT NULL DEFAULT '{}',
     -- Set by a handler's RateLimited on any dataset using the limit: no
     -- start or permit under it before then.
     throttled_until timestamptz

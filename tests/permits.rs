@@ -283,3 +283,54 @@ async fn a_429_throttles_the_shared_limit_for_every_dataset_using_it(
     })
     .await;
 }
+
+/// A shared limit's cap counts the running tasks of every dataset using
+/// it: two datasets on a limit of 2 running, one worker process with 8
+/// slots, 16 tasks of 300 ms — never more than 2 handlers at once across
+/// both (from the rows' handler start and end times), and 2 reached.
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
+async fn a_shared_cap_holds_across_the_datasets_using_it(_: PgPoolOptions, opts: PgConnectOptions) {
+    let _turn = SERIAL.lock().await;
+    common::on_multi_thread(async move {
+        let db = common::connect(&opts).await;
+        let url = common::url(&opts);
+        let syncq = |args: &[&str]| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_syncq"))
+                .env("DATABASE_URL", &url)
+                .args(args)
+                .output()
+                .unwrap()
+        };
+        let out = syncq(&["limits", "set", "pool", "--concurrency", "2"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        for d in ["x", "y"] {
+            let out = syncq(&["limit", d, "--uses", "pool", "--create"]);
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+        sqlx::raw_sql(
+            "INSERT INTO syncq.tasks (dataset_id, kind, payload)
+             SELECT d, 'sleep', '{\"ms\": 300}' FROM unnest(ARRAY['x', 'y']) d, generate_series(1, 8);",
+        )
+        .execute(&db)
+        .await
+        .unwrap();
+        let _worker = WorkerProcess::start(&url, &["--concurrency", "8", "--poll-interval", "100ms"], &[]);
+        common::wait_for("the 16 tasks succeeded", WAIT, || async {
+            common::count(&db, "status = 'succeeded'").await == 16
+        })
+        .await;
+        let most_running: i64 = sqlx::query_scalar(
+            "SELECT max(s) FROM (SELECT sum(delta) OVER (ORDER BY at, delta ROWS UNBOUNDED PRECEDING) AS s FROM (
+                 SELECT started_at AS at, 1 AS delta FROM syncq.tasks
+                 UNION ALL SELECT finished_at, -1 FROM syncq.tasks) e) c",
+        )
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        assert!(most_running <= 2, "{most_running} handlers at once under a cap of 2");
+        assert_eq!(most_running, 2, "the cap never filled");
+        let list = syncq(&["limits", "list"]);
+        assert!(String::from_utf8_lossy(&list.stdout).contains("running 0/2"));
+    })
+    .await;
+}

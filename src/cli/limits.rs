@@ -21,8 +21,11 @@ pub enum LimitsCommand {
         /// The limit's name.
         name: String,
         /// Starts and permits per window, e.g. 10/1s; give one per window.
-        #[arg(long, required = true, value_parser = parse_rate)]
+        #[arg(long, value_parser = parse_rate, required_unless_present = "concurrency")]
         rate: Vec<RateLimit>,
+        /// Running tasks at once across every dataset using it (1 to 100000).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        concurrency: Option<u32>,
     },
     /// Every shared limit: its windows' use now, throttle, datasets.
     List {
@@ -48,13 +51,20 @@ pub(super) async fn run(
 ) -> Result<(), CliError> {
     let manager = TaskQueueManager::new(db.clone());
     match command {
-        LimitsCommand::Set { name, rate } => {
+        LimitsCommand::Set {
+            name,
+            rate,
+            concurrency,
+        } => {
             manager
-                .set_limit(&name, &rate)
+                .set_limit_capped(&name, &rate, concurrency)
                 .await
                 .map_err(|e| lib_failure("cannot set the limit", e))?;
-            let rates: Vec<String> = rate.iter().map(ToString::to_string).collect();
-            writeln!(out, "limit {:?}: {}", name, rates.join(" and ")).map_err(io_error)
+            let mut parts: Vec<String> = rate.iter().map(ToString::to_string).collect();
+            if let Some(n) = concurrency {
+                parts.push(format!("at most {n} running"));
+            }
+            writeln!(out, "limit {:?}: {}", name, parts.join(" and ")).map_err(io_error)
         }
         LimitsCommand::Remove { name } => {
             let removed = manager.remove_limit(&name).await.map_err(|e| match &e {
@@ -92,9 +102,12 @@ pub(super) async fn run(
                     .filter(|t| *t > chrono::Utc::now())
                     .map_or(String::new(), |t| format!(", throttled until {t}"));
                 let datasets: Vec<String> = l.datasets.iter().map(|d| printable(d, 120)).collect();
+                let cap = l
+                    .max_concurrency
+                    .map_or(String::new(), |c| format!(", running {}/{c}", l.running));
                 writeln!(
                     out,
-                    "{}: {}{throttled}; used by {}",
+                    "{}: {}{cap}{throttled}; used by {}",
                     printable(&l.limit_id, 120),
                     if rates.is_empty() {
                         "no rate".to_string()

@@ -323,12 +323,17 @@ pub(super) async fn status(
                     } else {
                         rates.join(" ")
                     },
+                    l.max_concurrency
+                        .map_or("-".into(), |c| format!("{}/{c}", l.running)),
                     l.datasets.join(","),
                 ]
             })
             .collect();
         text.push_str("\nshared limits:\n");
-        text.push_str(&table(&["LIMIT", "USED/RATE/WINDOW", "DATASETS"], &rows));
+        text.push_str(&table(
+            &["LIMIT", "USED/RATE/WINDOW", "RUNNING/CAP", "DATASETS"],
+            &rows,
+        ));
     }
     text.push_str(&format!("\nlive workers: {}\n", workers.len()));
     if !workers.is_empty() {

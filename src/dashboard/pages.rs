@@ -270,7 +270,7 @@ pub(super) async fn overview(
             @if !limits.is_empty() {
                 h2 { "Shared limits" }
                 table.limits {
-                    thead { tr { th { "Limit" } th { "Windows (used / rate)" } th { "Throttled until" } th { "Datasets" } } }
+                    thead { tr { th { "Limit" } th { "Windows (used / rate)" } th { "Running / cap" } th { "Throttled until" } th { "Datasets" } } }
                     tbody { @for l in &limits { tr {
                         td { (l.limit_id) }
                         td data-live=(format!("limit:{}", l.limit_id)) {
@@ -280,6 +280,7 @@ pub(super) async fn overview(
                             }
                             @if l.rates.is_empty() { "-" }
                         }
+                        td { @match l.max_concurrency { Some(c) => { (l.running) " / " (c) }, None => "-" } }
                         td { (when(l.throttled_until, SECONDS)) }
                         td { @for (i, d) in l.datasets.iter().enumerate() {
                             @if i > 0 { ", " }

@@ -208,6 +208,27 @@ impl TaskQueueManager {
     /// Shared limits): a start or permit of any dataset using it needs room
     /// in every one of `rates`. Exact from its commit for every process.
     pub async fn set_limit(&self, name: &str, rates: &[crate::RateLimit]) -> Result<()> {
+        self.set_limit_capped(name, rates, None).await
+    }
+
+    /// [`set_limit`](Self::set_limit), with a cap on the running tasks of
+    /// every dataset using it together (1–100,000; `None`: no cap).
+    pub async fn set_limit_capped(
+        &self,
+        name: &str,
+        rates: &[crate::RateLimit],
+        max_concurrency: Option<u32>,
+    ) -> Result<()> {
+        let cap = match max_concurrency {
+            None => None,
+            Some(n @ 1..=100_000) => Some(n as i32),
+            Some(n) => {
+                return Err(crate::Error::config(
+                    "max_concurrency",
+                    format!("{n} is out of range: 1 to 100000"),
+                ));
+            }
+        };
         if name.is_empty() || name.len() > 1000 {
             return Err(crate::Error::config(
                 "limit_id",
@@ -230,7 +251,7 @@ impl TaskQueueManager {
                 .map_err(|_| crate::Error::config("rate_limit", "too large"))?;
             pairs.push((limit, r.window.as_secs_f64()));
         }
-        Ok(store::limits::set(&self.db, name, &pairs).await?)
+        Ok(store::limits::set(&self.db, name, &pairs, cap).await?)
     }
 
     /// Removes the shared limit `name`; false if there was none. Refused

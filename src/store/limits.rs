@@ -16,6 +16,10 @@ pub struct LimitInfo {
     pub rates: Vec<LimitRate>,
     /// No start or permit under it before this (a 429 set it).
     pub throttled_until: Option<DateTime<Utc>>,
+    /// At most this many running tasks across its datasets, if capped.
+    pub max_concurrency: Option<i32>,
+    /// Running tasks of its datasets now.
+    pub running: i64,
     /// The datasets that use it.
     pub datasets: Vec<String>,
 }
@@ -32,12 +36,20 @@ pub struct LimitRate {
 }
 
 /// Creates limit `limit_id` or replaces its rates with `rates` (`(rate,
-/// window in seconds)`), in one transaction.
-pub async fn set(db: &Db, limit_id: &str, rates: &[(i32, f64)]) -> sqlx::Result<()> {
+/// window in seconds)`) and its cap with `max_concurrency`, in one
+/// transaction.
+pub async fn set(
+    db: &Db,
+    limit_id: &str,
+    rates: &[(i32, f64)],
+    max_concurrency: Option<i32>,
+) -> sqlx::Result<()> {
     let mut tx = db.begin().await?;
     sqlx::query!(
-        "INSERT INTO syncq.limits (limit_id) VALUES ($1) ON CONFLICT (limit_id) DO NOTHING",
-        limit_id
+        "INSERT INTO syncq.limits AS l (limit_id, max_concurrency) VALUES ($1, $2)
+         ON CONFLICT (limit_id) DO UPDATE SET max_concurrency = EXCLUDED.max_concurrency",
+        limit_id,
+        max_concurrency
     )
     .execute(tx.ex())
     .await?;
@@ -90,7 +102,8 @@ pub async fn list(db: &Db) -> sqlx::Result<Vec<LimitInfo>> {
     let rows = sqlx::query!(
         r#"
         SELECT limit_id AS "limit_id!", rate_limit, extract(epoch FROM rate_window)::float8 AS rate_window_secs,
-               used AS "used!", throttled_until, datasets AS "datasets!"
+               used AS "used!", throttled_until, datasets AS "datasets!", max_concurrency,
+               running AS "running!"
         FROM syncq.limit_stats ORDER BY limit_id, rate_window
         "#
     )
@@ -104,6 +117,8 @@ pub async fn list(db: &Db) -> sqlx::Result<Vec<LimitInfo>> {
                 rates: Vec::new(),
                 throttled_until: r.throttled_until,
                 datasets: r.datasets.clone(),
+                max_concurrency: r.max_concurrency,
+                running: r.running,
             });
         }
         if let (Some(rate), Some(window), Some(last)) =

@@ -81,6 +81,8 @@ const ROLES: &[&str] = &[
          syncq.give_back(text, bigint[], int[]),
          syncq.take_permit(text, bigint, int, int),
          syncq.limits_room(text[], timestamptz),
+         syncq.limit_running(text[]),
+         syncq.limits_capped(text[]),
          syncq.limits_room_at(text[], int, timestamptz),
          syncq.claimable_datasets(text[], text[], text[]),
          syncq.running_count(text),

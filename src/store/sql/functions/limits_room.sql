@@ -1,8 +1,8 @@
 -- Shared limits (migrations/0008): the room the limits `p_limits` leave
 -- at `p_at`, their one text for the claim, next_claim_in, take_permit and
 -- the reports. limits_room: how many more starts or permits fit in every
--- window of every one of them (0 while one is throttled; NULL for no
--- limit or only limits without rates). limits_room_at: from when `p_n`
+-- window of every one of them and under every cap (0 while one is
+-- throttled; NULL for no limit or only limits without rates or cap). limits_room_at: from when `p_n`
 -- more fit in all of them (`p_at` if they fit now). Each window is
 -- counted as rate_used counts a dataset's: a little long (a twentieth,
 -- 25 ms at most), so the handlers' requests, not only the rows, keep
@@ -10,22 +10,50 @@
 --
 -- Written to be inlined (one SELECT, LANGUAGE sql, STABLE): a dataset
 -- without shared limits costs no probe (the CASE).
+-- The running tasks of datasets `p_datasets` (a limit's, for its cap): one
+-- probe of tasks_running_idx each.
+CREATE OR REPLACE FUNCTION syncq.limit_running(p_datasets text[])
+RETURNS bigint
+LANGUAGE sql STABLE
+AS $$
+    SELECT coalesce(sum(r.running), 0)::bigint
+    FROM unnest(p_datasets) AS u(dataset_id)
+    CROSS JOIN LATERAL syncq.running_count(u.dataset_id) AS r(running)
+$$;
+
 CREATE OR REPLACE FUNCTION syncq.limits_room(p_limits text[], p_at timestamptz)
 RETURNS int
 LANGUAGE sql STABLE
 AS $$
     SELECT CASE WHEN cardinality(p_limits) > 0 THEN (
-        SELECT greatest(0, min(CASE
-                   WHEN l.throttled_until > p_at THEN 0
-                   WHEN r.rate_limit IS NULL THEN NULL
-                   ELSE r.rate_limit - (SELECT count(*) FROM syncq.limit_log g
-                                        WHERE g.limit_id = r.limit_id
-                                          AND g.at > p_at - r.rate_window
-                                                    - least(r.rate_window / 20, interval '25 milliseconds'))::int
-               END))
+        SELECT greatest(0, min(least(
+                   CASE
+                       WHEN l.throttled_until > p_at THEN 0
+                       WHEN r.rate_limit IS NULL THEN NULL
+                       ELSE r.rate_limit - (SELECT count(*) FROM syncq.limit_log g
+                                            WHERE g.limit_id = r.limit_id
+                                              AND g.at > p_at - r.rate_window
+                                                        - least(r.rate_window / 20, interval '25 milliseconds'))::int
+                   END,
+                   -- Its cap: running tasks of every dataset using it.
+                   CASE WHEN l.max_concurrency IS NOT NULL THEN
+                       l.max_concurrency - syncq.limit_running(l.datasets)::int
+                   END)))
         FROM syncq.limits l
         LEFT JOIN syncq.limit_rates r ON r.limit_id = l.limit_id
         WHERE l.limit_id = ANY (p_limits)) END
+$$;
+
+-- Whether one of `p_limits` is at its cap (next_claim_in: a dataset
+-- waiting for a running task to end waits for its NOTIFY, not a time).
+CREATE OR REPLACE FUNCTION syncq.limits_capped(p_limits text[])
+RETURNS boolean
+LANGUAGE sql STABLE
+AS $$
+    SELECT cardinality(p_limits) > 0 AND EXISTS (
+        SELECT 1 FROM syncq.limits l
+        WHERE l.limit_id = ANY (p_limits) AND l.max_concurrency IS NOT NULL
+          AND syncq.limit_running(l.datasets) >= l.max_concurrency)
 $$;
 
 CREATE OR REPLACE FUNCTION syncq.limits_room_at(p_limits text[], p_n int, p_at timestamptz)

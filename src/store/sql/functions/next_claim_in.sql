@@ -35,6 +35,7 @@ AS $$
           AND (p_datasets IS NULL OR d.dataset_id = ANY (p_datasets))
           AND (p_skip IS NULL OR NOT (d.dataset_id = ANY (p_skip)))
           AND (d.max_concurrency IS NULL OR d.max_concurrency > r.running)
+          AND NOT syncq.limits_capped(d.shared_limits)
           AND (SELECT true FROM syncq.tasks t
                WHERE t.dataset_id = d.dataset_id AND t.status = 'queued'
                  AND t.locked_by IS NULL

@@ -26,6 +26,36 @@ BEGIN
     RETURN NEW;
 END;
 $$;
+
+-- Each limit's list of the datasets using it, kept as they change (its
+-- cap counts their running tasks). Locks the limits' rows, so it waits for
+-- the claims counting under them.
+CREATE OR REPLACE FUNCTION syncq.datasets_shared_limits_listed() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_id text := CASE WHEN TG_OP = 'DELETE' THEN OLD.dataset_id ELSE NEW.dataset_id END;
+    v_old text[] := CASE WHEN TG_OP = 'INSERT' THEN '{}'::text[] ELSE OLD.shared_limits END;
+    v_new text[] := CASE WHEN TG_OP = 'DELETE' THEN '{}'::text[] ELSE NEW.shared_limits END;
+BEGIN
+    UPDATE syncq.limits l SET datasets = array_remove(l.datasets, v_id)
+    WHERE l.limit_id = ANY (v_old) AND NOT (l.limit_id = ANY (v_new));
+    UPDATE syncq.limits l SET datasets = array_append(array_remove(l.datasets, v_id), v_id)
+    WHERE l.limit_id = ANY (v_new) AND NOT (l.limit_id = ANY (v_old));
+    RETURN NULL;
+END;
+$$;
+CREATE OR REPLACE TRIGGER datasets_shared_limits_listed_insert
+    AFTER INSERT ON syncq.datasets
+    FOR EACH ROW WHEN (cardinality(NEW.shared_limits) > 0)
+    EXECUTE FUNCTION syncq.datasets_shared_limits_listed();
+CREATE OR REPLACE TRIGGER datasets_shared_limits_listed_update
+    AFTER UPDATE OF shared_limits ON syncq.datasets
+    FOR EACH ROW WHEN (OLD.shared_limits IS DISTINCT FROM NEW.shared_limits)
+    EXECUTE FUNCTION syncq.datasets_shared_limits_listed();
+CREATE OR REPLACE TRIGGER datasets_shared_limits_listed_delete
+    AFTER DELETE ON syncq.datasets
+    FOR EACH ROW WHEN (cardinality(OLD.shared_limits) > 0)
+    EXECUTE FUNCTION syncq.datasets_shared_limits_listed();
 CREATE OR REPLACE TRIGGER datasets_shared_limits_check
     BEFORE INSERT OR UPDATE OF shared_limits ON syncq.datasets
     FOR EACH ROW EXECUTE FUNCTION syncq.datasets_shared_limits_check();
