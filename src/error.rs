@@ -59,6 +59,19 @@ impl Error {
             message: message.into(),
         }
     }
+
+    /// The database's message when it refused a name that refers to
+    /// nothing, or a removal of something still referred to (SQLSTATE
+    /// 23503: an unknown shared limit, a limit in use): the caller's
+    /// mistake, not a failure.
+    pub(crate) fn refused_reference(&self) -> Option<&str> {
+        match self {
+            Error::Database(sqlx::Error::Database(d)) if d.code().as_deref() == Some("23503") => {
+                Some(d.message())
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Shorthand for results of syncq's infrastructure calls.

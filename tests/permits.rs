@@ -21,6 +21,20 @@ const WAIT: Duration = Duration::from_secs(90);
 /// grant and the request it pays for.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// `syncq ARGS` against the test's database: (exit code, stdout, stderr).
+fn syncq(url: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_syncq"))
+        .env("DATABASE_URL", url)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Every page fetch the `paged` tasks of `dataset` recorded, in Unix ms.
 async fn pages(db: &PgPool, dataset: &str) -> Vec<i64> {
     let results: Vec<Value> = sqlx::query_scalar(
@@ -119,12 +133,8 @@ async fn a_permit_wait_hears_cancel(_: PgPoolOptions, opts: PgConnectOptions) {
         let _worker = WorkerProcess::start(&url, &["--poll-interval", "100ms"], &[]);
         // Started (its first page), its permit then waits ~30 s.
         common::wait_status(&db, id, "running").await;
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_syncq"))
-            .env("DATABASE_URL", &url)
-            .args(["cancel", &id.to_string()])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let (code, _, err) = syncq(&url, &["cancel", &id.to_string()]);
+        assert_eq!(code, Some(0), "{err}");
         let asked = tokio::time::Instant::now();
         common::wait_status(&db, id, "cancelled").await;
         assert!(
@@ -151,18 +161,7 @@ async fn four_datasets_share_one_token_in_two_windows_across_three_processes(
     common::on_multi_thread(async move {
         let db = common::connect(&opts).await;
         let url = common::url(&opts);
-        let syncq = |args: &[&str]| {
-            let out = std::process::Command::new(env!("CARGO_BIN_EXE_syncq"))
-                .env("DATABASE_URL", &url)
-                .args(args)
-                .output()
-                .unwrap();
-            (
-                out.status.code(),
-                String::from_utf8_lossy(&out.stdout).into_owned(),
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            )
-        };
+        let syncq = |args: &[&str]| syncq(&url, args);
         let (code, _, err) = syncq(&[
             "limits", "set", "token", "--rate", "20/1s", "--rate", "100/10s",
         ]);
@@ -294,18 +293,12 @@ async fn a_shared_cap_holds_across_the_datasets_using_it(_: PgPoolOptions, opts:
     common::on_multi_thread(async move {
         let db = common::connect(&opts).await;
         let url = common::url(&opts);
-        let syncq = |args: &[&str]| {
-            std::process::Command::new(env!("CARGO_BIN_EXE_syncq"))
-                .env("DATABASE_URL", &url)
-                .args(args)
-                .output()
-                .unwrap()
-        };
-        let out = syncq(&["limits", "set", "pool", "--concurrency", "2"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let syncq = |args: &[&str]| syncq(&url, args);
+        let (code, _, err) = syncq(&["limits", "set", "pool", "--concurrency", "2"]);
+        assert_eq!(code, Some(0), "{err}");
         for d in ["x", "y"] {
-            let out = syncq(&["limit", d, "--uses", "pool", "--create"]);
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let (code, _, err) = syncq(&["limit", d, "--uses", "pool", "--create"]);
+            assert_eq!(code, Some(0), "{err}");
         }
         sqlx::raw_sql(
             "INSERT INTO syncq.tasks (dataset_id, kind, payload)
@@ -329,8 +322,8 @@ async fn a_shared_cap_holds_across_the_datasets_using_it(_: PgPoolOptions, opts:
         .unwrap();
         assert!(most_running <= 2, "{most_running} handlers at once under a cap of 2");
         assert_eq!(most_running, 2, "the cap never filled");
-        let list = syncq(&["limits", "list"]);
-        assert!(String::from_utf8_lossy(&list.stdout).contains("running 0/2"));
+        let (_, list, _) = syncq(&["limits", "list"]);
+        assert!(list.contains("running 0/2"), "{list}");
     })
     .await;
 }

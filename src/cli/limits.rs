@@ -67,14 +67,14 @@ pub(super) async fn run(
             writeln!(out, "limit {:?}: {}", name, parts.join(" and ")).map_err(io_error)
         }
         LimitsCommand::Remove { name } => {
-            let removed = manager.remove_limit(&name).await.map_err(|e| match &e {
-                crate::Error::Database(sqlx::Error::Database(d))
-                    if d.code().as_deref() == Some("23503") =>
-                {
-                    CliError::Usage(format!("cannot remove the limit: {}", d.message()))
-                }
-                _ => lib_failure("cannot remove the limit", e),
-            })?;
+            let removed =
+                manager
+                    .remove_limit(&name)
+                    .await
+                    .map_err(|e| match e.refused_reference() {
+                        Some(why) => CliError::Usage(format!("cannot remove the limit: {why}")),
+                        None => lib_failure("cannot remove the limit", e),
+                    })?;
             if !removed {
                 return Err(CliError::Usage(format!("no limit {name:?}")));
             }

@@ -720,14 +720,12 @@ async fn limit(db: Db, args: LimitArgs, out: &mut (dyn Write + Send)) -> Result<
             .map(|u| u.trim().to_string())
             .filter(|u| !u.is_empty() && u != "none")
             .collect();
-        let stored = queue.use_limits(&uses).await.map_err(|e| match &e {
+        let stored = queue.use_limits(&uses).await.map_err(|e| {
             // An unknown limit (the trigger names the column): usage.
-            crate::Error::Database(sqlx::Error::Database(d))
-                if d.code().as_deref() == Some("23503") =>
-            {
-                CliError::Usage(format!("cannot change the limits: {}", d.message()))
+            match e.refused_reference() {
+                Some(why) => CliError::Usage(format!("cannot change the limits: {why}")),
+                None => lib_failure("cannot change the limits", e),
             }
-            _ => lib_failure("cannot change the limits", e),
         })?;
         line.push_str(&format!(
             ", shared limits {}",

@@ -247,14 +247,13 @@ pub(super) async fn limits(
             .map(|u| u.trim().to_string())
             .filter(|u| !u.is_empty() && u != "none")
             .collect();
-        queue.use_limits(&uses).await.map_err(|e| match &e {
-            crate::Error::Database(sqlx::Error::Database(d))
-                if d.code().as_deref() == Some("23503") =>
-            {
-                Failure::BadRequest("shared_limits: no limit of that name".into())
-            }
-            _ => Failure::from(e),
-        })?;
+        queue
+            .use_limits(&uses)
+            .await
+            .map_err(|e| match e.refused_reference() {
+                Some(_) => Failure::BadRequest("shared_limits: no limit of that name".into()),
+                None => Failure::from(e),
+            })?;
     }
     Ok(action.back(&dataset_page(&id), Done::Limits))
 }
