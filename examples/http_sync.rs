@@ -8,7 +8,8 @@
 //!
 //! | upstream | `TaskError` | the task |
 //! |---|---|---|
-//! | 429 + `Retry-After` | `RateLimited` | the whole dataset pauses that long, in every process; not counted |
+//! | 429 + `Retry-After` | `RateLimited` | the whole dataset (and its shared limits) pause that long, in every process; not counted |
+//! | 429 without it | `RateLimited` | an adaptive limit lowers its rate (else the pool's default pause); not counted |
 //! | other 4xx | `Invalid` | failed at once |
 //! | 5xx, timeout, connection error | `Retryable` | retried with backoff |
 //!
@@ -89,13 +90,14 @@ impl HttpSync {
             .map_err(|e| TaskError::Retryable(format!("GET {url}: {e}")))?;
         let status = response.status();
         if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
-            let retry_after = response
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok())
-                .map(Duration::from_secs);
-            return Err(TaskError::RateLimited { retry_after });
+            // Seconds or an HTTP date; without one, an adaptive limit
+            // slows down instead.
+            return Err(TaskError::too_many_requests(
+                response
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok()),
+            ));
         }
         if status.is_client_error() {
             return Err(TaskError::Invalid(format!("GET {url}: {status}")));

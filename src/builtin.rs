@@ -131,10 +131,12 @@ impl SyncWorker for Sleep {
     }
 }
 
-/// `fail` `{"error": "retryable"|"invalid"|"fatal"|"rate_limited", "times": N,
-/// "retry_after_ms": M}`: returns that error the first N runs (every run
-/// without `times`), then succeeds. Runs are counted in its checkpoint, so
-/// errors that do not count an attempt stop after N too.
+/// `fail` `{"error": "retryable"|"invalid"|"fatal"|"rate_limited"|"snooze",
+/// "times": N, "retry_after_ms": M}`: returns that error the first N runs
+/// (every run without `times`), then succeeds. Runs are counted in its
+/// checkpoint, so errors that do not count an attempt stop after N too.
+/// `rate_limited` without `retry_after_ms` is a 429 without Retry-After;
+/// `snooze` snoozes for `retry_after_ms` (0 without it).
 pub struct Fail;
 
 #[derive(Deserialize, Clone, Copy)]
@@ -144,6 +146,7 @@ enum FailWith {
     Invalid,
     Fatal,
     RateLimited,
+    Snooze,
 }
 
 #[derive(Deserialize)]
@@ -185,6 +188,9 @@ impl SyncWorker for Fail {
             FailWith::RateLimited => TaskError::RateLimited {
                 retry_after: payload.retry_after_ms.map(Duration::from_millis),
             },
+            FailWith::Snooze => {
+                TaskError::Snooze(Duration::from_millis(payload.retry_after_ms.unwrap_or(0)))
+            }
         })
     }
 }

@@ -82,7 +82,7 @@ pub use db::{Db, Pooler};
 pub use error::{Error, Result};
 pub use manager::{TaskQueueManager, inspect};
 pub use outcome::OutcomeKind;
-pub use outcome::{TaskError, TaskResult};
+pub use outcome::{TaskError, TaskResult, parse_retry_after};
 pub use pool::{Event, PoolHandle, WorkerPool, WorkerPoolBuilder};
 pub use queue::{LimitsUpdate, QueueCounts, QueueSettings, TaskMatch, TaskQueue};
 pub use rate_limit::{RateLimit, RateLimiter};

@@ -85,11 +85,10 @@ pub(crate) fn task_finished(task: &ClaimedTask, outcome: OutcomeKind, took: Dura
     histogram!("syncq_task_duration_seconds", &labels).record(took.as_secs_f64());
     let name = match outcome {
         OutcomeKind::Succeeded => "syncq_tasks_succeeded_total",
-        // A counted failure with no attempt left ends the task failed.
-        OutcomeKind::Retried if task.attempts >= task.max_attempts => "syncq_tasks_failed_total",
         OutcomeKind::Retried => "syncq_tasks_retried_total",
         OutcomeKind::Failed => "syncq_tasks_failed_total",
         OutcomeKind::Throttled => "syncq_throttles_total",
+        OutcomeKind::Snoozed => "syncq_tasks_snoozed_total",
         OutcomeKind::Cancelled => "syncq_tasks_cancelled_total",
         OutcomeKind::Released => "syncq_tasks_released_total",
         OutcomeKind::LeaseLost => return,
@@ -104,6 +103,16 @@ pub(crate) fn claim_round_trip(took: Duration) {
 /// Sets the sampled gauges of one dataset (its own, or the sums of the
 /// datasets past [`DATASET_SERIES`] under [`OTHER_DATASETS`]: the caller
 /// adds those up).
+/// An adaptive limit's effective rate now (SPEC §6): of a dataset's own
+/// rate limit, or of a shared limit.
+pub(crate) fn effective_rate_sample(shared: bool, name: &str, rate: f64) {
+    if shared {
+        gauge!("syncq_limit_effective_rate", "limit" => name.to_string()).set(rate);
+    } else {
+        gauge!("syncq_effective_rate", "dataset" => dataset_label(name)).set(rate);
+    }
+}
+
 pub(crate) fn queue_sample(dataset: &str, queued: i64, running: i64, oldest_ready_age: f64) {
     let dataset = dataset.to_string();
     gauge!("syncq_queue_depth", "dataset" => dataset.clone()).set(queued as f64);

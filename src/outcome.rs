@@ -12,7 +12,9 @@
 //! | `Ok(value)` | `succeeded`, `result` stored |
 //! | `Retryable` (or any `?`-propagated error, or a panic) | `queued` with backoff until `max_attempts`, then `failed` |
 //! | `Invalid` | `failed` at once |
-//! | `RateLimited { retry_after }` | `queued`, attempt not counted, dataset throttled |
+//! | `RateLimited { retry_after: Some(d) }` | `queued`, attempt not counted, dataset and its shared limits throttled for `d` |
+//! | `RateLimited { retry_after: None }` | the same, but adaptive limits lower their rate instead of a throttle |
+//! | `Snooze(d)` | `queued` at now + d, attempt not counted, nothing throttled (at most [`TaskError::MAX_SNOOZES`] times) |
 //! | `Cancelled` | `cancelled` |
 //! | `Fatal` | `queued` with its checkpoint, attempt not counted; the pool checkpoints and stops |
 //! | `Interrupted` | `queued` with its checkpoint, attempt not counted |
@@ -44,13 +46,25 @@ pub enum TaskError {
     Retryable(String),
     /// The request itself is wrong; retrying cannot help.
     Invalid(String),
-    /// The upstream said "rate limit exceeded": throttle the whole dataset
-    /// until `retry_after` (the pool's default when `None`); the attempt is
-    /// not counted.
+    /// The upstream said "rate limit exceeded": throttle the whole dataset,
+    /// and every shared limit it uses, until `retry_after`; the attempt is
+    /// not counted. Without a `retry_after`, an adaptive limit lowers its
+    /// rate instead, and one that is not adaptive waits the pool's
+    /// default. [`TaskError::too_many_requests`] builds it from an HTTP
+    /// `Retry-After` header.
     RateLimited {
         /// How long the upstream asked to wait.
         retry_after: Option<Duration>,
     },
+    /// "Not yet": run this task again after this long — its item is not
+    /// ready upstream, a lock is held elsewhere. Back to `queued` then, the
+    /// attempt not counted, nothing throttled, the checkpoint kept (as
+    /// River's `JobSnooze`, Oban's `{:snooze, n}`). A task snoozes at most
+    /// [`TaskError::MAX_SNOOZES`] times; past that every snooze counts as
+    /// a failed attempt, so a handler that snoozes in a loop ends as
+    /// `max_attempts` says. Longer than [`TaskError::MAX_RETRY_AFTER`] is
+    /// taken as that.
+    Snooze(Duration),
     /// The task was cancelled (the handler heard `Stop::Cancel`).
     Cancelled,
     /// Unrecoverable for this process: release the task with its checkpoint
@@ -75,6 +89,10 @@ impl TaskError {
     /// pause the dataset).
     pub const MAX_RETRY_AFTER: Duration = store::tasks::MAX_THROTTLE;
 
+    /// How many times one task may snooze (`syncq.max_snoozes()`); see
+    /// [`TaskError::Snooze`]. `syncq retry` starts the count again.
+    pub const MAX_SNOOZES: i32 = 100;
+
     /// A retryable error with this message.
     pub fn retryable(message: impl fmt::Display) -> Self {
         TaskError::Retryable(message.to_string())
@@ -89,6 +107,51 @@ impl TaskError {
     pub fn fatal(message: impl fmt::Display) -> Self {
         TaskError::Fatal(message.to_string())
     }
+
+    /// The answer to an HTTP 429 (or 503) from the value of its
+    /// `Retry-After` header, if any: seconds (`120`) or an HTTP date
+    /// (`Wed, 21 Oct 2026 07:28:00 GMT`, counted from this host's clock).
+    /// A header that is missing or cannot be read is a 429 without
+    /// Retry-After: adaptive limits slow down (SPEC §6).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use syncq::TaskError;
+    ///
+    /// // In a handler: `if status == 429 { return Err(TaskError::too_many_requests(
+    /// //     response.headers().get("retry-after").and_then(|v| v.to_str().ok()))); }`
+    /// assert!(matches!(
+    ///     TaskError::too_many_requests(Some("30")),
+    ///     TaskError::RateLimited { retry_after: Some(d) } if d == Duration::from_secs(30)
+    /// ));
+    /// assert!(matches!(
+    ///     TaskError::too_many_requests(None),
+    ///     TaskError::RateLimited { retry_after: None }
+    /// ));
+    /// ```
+    pub fn too_many_requests(retry_after: Option<&str>) -> Self {
+        TaskError::RateLimited {
+            retry_after: retry_after.and_then(parse_retry_after),
+        }
+    }
+}
+
+/// Reads an HTTP `Retry-After` value: delay-seconds (a decimal fraction is
+/// taken too) or an HTTP date, as a wait from now (zero for a date past).
+/// `None` when it is neither.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    if let Ok(secs) = value.parse::<f64>() {
+        return Duration::try_from_secs_f64(secs).ok();
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(
+        when.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 impl fmt::Display for TaskError {
@@ -100,6 +163,7 @@ impl fmt::Display for TaskError {
                 retry_after: Some(d),
             } => write!(f, "rate limited: retry after {} ms", d.as_millis()),
             TaskError::RateLimited { retry_after: None } => write!(f, "rate limited"),
+            TaskError::Snooze(d) => write!(f, "snoozed for {} ms", d.as_millis()),
             TaskError::Cancelled => write!(f, "cancelled"),
             TaskError::Fatal(m) => write!(f, "fatal: {m}"),
             TaskError::Interrupted => write!(f, "interrupted by a checkpoint"),
@@ -143,8 +207,11 @@ pub enum OutcomeKind {
     Retried,
     /// `failed` at once (invalid request).
     Failed,
-    /// Back to `queued`, not counted; dataset throttled.
+    /// Back to `queued`, not counted; dataset throttled (or, without a
+    /// Retry-After, its adaptive limits slowed down).
     Throttled,
+    /// Back to `queued` later, not counted, nothing throttled.
+    Snoozed,
     /// `cancelled`.
     Cancelled,
     /// Back to `queued`, not counted, checkpoint kept (checkpoint, abort, fatal).
@@ -160,6 +227,7 @@ pub(crate) enum Outcome {
     Retry(String),
     Fail(String),
     Throttle(String, Option<Duration>),
+    Snooze(Duration),
     Cancel,
     Release(Option<String>),
     Fatal(String),
@@ -179,6 +247,7 @@ impl Outcome {
                 e @ TaskError::RateLimited { retry_after } => {
                     Outcome::Throttle(e.to_string(), retry_after)
                 }
+                TaskError::Snooze(d) => Outcome::Snooze(d),
                 TaskError::Cancelled => Outcome::Cancel,
                 TaskError::Fatal(m) => Outcome::Fatal(m),
                 TaskError::Interrupted => Outcome::Release(None),
@@ -193,12 +262,17 @@ impl Outcome {
         }
     }
 
-    pub(crate) fn kind(&self) -> OutcomeKind {
+    /// What it does to a task whose counted attempts (this one included)
+    /// are `attempts` of `max_attempts`: a counted failure with none left
+    /// is `Failed`, as the row ends.
+    pub(crate) fn kind(&self, attempts: i32, max_attempts: i32) -> OutcomeKind {
         match self {
             Outcome::Succeed(_) => OutcomeKind::Succeeded,
+            Outcome::Retry(_) if attempts >= max_attempts => OutcomeKind::Failed,
             Outcome::Retry(_) => OutcomeKind::Retried,
             Outcome::Fail(_) => OutcomeKind::Failed,
             Outcome::Throttle(..) => OutcomeKind::Throttled,
+            Outcome::Snooze(_) => OutcomeKind::Snoozed,
             Outcome::Cancel => OutcomeKind::Cancelled,
             Outcome::Release(_) | Outcome::Fatal(_) => OutcomeKind::Released,
             Outcome::Abandon => OutcomeKind::LeaseLost,
@@ -228,9 +302,20 @@ impl Outcome {
                 backoff: config.backoff.delay(u32::try_from(attempts).unwrap_or(0)),
             },
             Outcome::Fail(m) => End::Fail(m.clone()),
-            Outcome::Throttle(m, retry_after) => End::Throttle {
+            Outcome::Throttle(m, Some(wait)) => End::Throttle {
                 error: m.clone(),
-                wait: retry_after.unwrap_or(config.default_retry_after),
+                wait: *wait,
+            },
+            Outcome::Throttle(m, None) => End::Slowdown {
+                error: m.clone(),
+                wait: config.default_retry_after,
+            },
+            Outcome::Snooze(wait) => End::Snooze {
+                wait: *wait,
+                error: format!(
+                    "snoozed more than {} times: counted as a failed attempt",
+                    TaskError::MAX_SNOOZES
+                ),
             },
             Outcome::Cancel => End::Cancel,
             Outcome::Release(error) => End::Release(error.clone()),

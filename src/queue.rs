@@ -10,6 +10,7 @@ use crate::store;
 pub use crate::store::datasets::DatasetCounts as QueueCounts;
 pub use crate::store::datasets::DatasetRow as QueueSettings;
 use crate::store::datasets::LimitsChange;
+pub use crate::store::datasets::Unthrottled;
 use crate::task::{NewTask, TaskId, TaskStatus};
 
 /// One dataset's queue.
@@ -52,6 +53,17 @@ impl TaskQueue {
     /// Lets the dataset's tasks start again.
     pub async fn resume(&self) -> Result<()> {
         Ok(store::datasets::set_paused(&self.db, &self.dataset_id, false).await?)
+    }
+
+    /// Lifts an upstream throttle at once (as `syncq unthrottle D` and
+    /// `UPDATE syncq.datasets SET throttled_until = NULL` do), and forgets
+    /// what its adaptive rate limit learned: it starts again from the
+    /// configured rate. Running processes see it within a second. The
+    /// shared limits it uses keep their throttles (they hold other
+    /// datasets too); the answer lists those still in force. `None`: the
+    /// dataset has no settings row (nothing to lift).
+    pub async fn unthrottle(&self) -> Result<Option<Unthrottled>> {
+        Ok(store::datasets::unthrottle(&self.db, &self.dataset_id).await?)
     }
 
     /// The dataset's `RateLimiter`.
@@ -172,6 +184,11 @@ pub struct LimitsUpdate {
     pub max_concurrency: Option<Option<u32>>,
     /// `Some(n)` sets the weight (1–1000).
     pub weight: Option<u32>,
+    /// `Some(true)` makes the rate limit adaptive (SPEC §6): it lowers its
+    /// rate on a 429 without Retry-After and raises it back after clean
+    /// windows, pacing starts evenly; `Some(false)` ends that. It needs a
+    /// rate limit.
+    pub adaptive: Option<bool>,
 }
 
 impl LimitsUpdate {
@@ -191,12 +208,19 @@ impl LimitsUpdate {
             }
             other => other.map(|w| w as i32),
         };
+        if self.adaptive == Some(true) && self.rate_limit == Some(None) {
+            return Err(Error::config(
+                "adaptive",
+                "an adaptive limit needs a rate limit",
+            ));
+        }
         Ok(LimitsChange {
             rate: self
                 .rate_limit
                 .map(|limit| limit.map(|r| (i32::try_from(r.limit).unwrap_or(i32::MAX), r.window))),
             max_concurrency,
             weight,
+            adaptive: self.adaptive,
         })
     }
 }

@@ -647,6 +647,40 @@ async fn each_action_leaves_the_rows_the_cli_would(db: PgPool) {
     act(format!("{base}/datasets/alpha/resume"), vec![]).await;
     assert!(!common::paused(&db, "alpha").await);
 
+    // Adaptive on; a throttle shown with its end, and lifted.
+    act(
+        format!("{base}/datasets/alpha/limits"),
+        vec![("rate", "10/1s".into()), ("adaptive", "on".into())],
+    )
+    .await;
+    sqlx::query(
+        "UPDATE syncq.datasets SET throttled_until = now() + interval '1 hour',
+                adapted_from = 4, adapted_at = now() WHERE dataset_id = 'alpha'",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    let (_, page) = get(&format!("{base}/datasets/alpha"), true).await;
+    assert!(page.contains("(upstream)"), "the throttle is shown");
+    assert!(
+        page.contains("adaptive, now 3.00"),
+        "the learned rate is shown"
+    );
+    act(format!("{base}/datasets/alpha/unthrottle"), vec![]).await;
+    let (until, adaptive, from): (Option<chrono::DateTime<chrono::Utc>>, bool, Option<f64>) =
+        sqlx::query_as(
+            "SELECT throttled_until, adaptive, adapted_from FROM syncq.datasets WHERE dataset_id = 'alpha'",
+        )
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!((until, adaptive, from), (None, true, None));
+    act(
+        format!("{base}/datasets/alpha/limits"),
+        vec![("adaptive", "off".into())],
+    )
+    .await;
+
     act(
         format!("{base}/datasets/alpha/cancel"),
         vec![("kind", "noop".into())],

@@ -75,11 +75,13 @@ async fn every_statement_of_the_sql_guide_runs(db: PgPool) {
     .await
     .unwrap();
     assert_eq!(retried, ("queued".to_string(), 5, 6));
-    let settings: (bool, Option<i32>, Option<i32>) = sqlx::query_as(
-        "SELECT paused, rate_limit, max_concurrency FROM syncq.datasets WHERE dataset_id = 'github'",
+    // Limits removed, then an adaptive rate limit set; no throttle left.
+    let settings: (bool, Option<i32>, Option<i32>, bool, bool) = sqlx::query_as(
+        "SELECT paused, rate_limit, max_concurrency, adaptive, throttled_until IS NULL
+         FROM syncq.datasets WHERE dataset_id = 'github'",
     )
     .fetch_one(&db)
     .await
     .unwrap();
-    assert_eq!(settings, (false, None, None));
+    assert_eq!(settings, (false, Some(10), None, true, true));
 }

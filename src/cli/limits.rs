@@ -26,6 +26,11 @@ pub enum LimitsCommand {
         /// Running tasks at once across every dataset using it (1 to 100000).
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         concurrency: Option<u32>,
+        /// `on`: its shortest window's rate learns the upstream's from 429s
+        /// without Retry-After (lowered, then raised back; starts paced
+        /// evenly); `off`: the configured rates only. Kept when not given.
+        #[arg(long, value_parser = super::parse_on_off)]
+        adaptive: Option<bool>,
     },
     /// Every shared limit: its windows' use now, throttle, datasets.
     List {
@@ -55,14 +60,29 @@ pub(super) async fn run(
             name,
             rate,
             concurrency,
+            adaptive,
         } => {
+            if adaptive == Some(true) && rate.is_empty() {
+                return Err(CliError::Usage(
+                    "--adaptive on needs a --rate to adapt".into(),
+                ));
+            }
             manager
                 .set_limit_capped(&name, &rate, concurrency)
                 .await
                 .map_err(|e| lib_failure("cannot set the limit", e))?;
+            if let Some(on) = adaptive {
+                manager
+                    .set_limit_adaptive(&name, on)
+                    .await
+                    .map_err(|e| lib_failure("cannot set the limit", e))?;
+            }
             let mut parts: Vec<String> = rate.iter().map(ToString::to_string).collect();
             if let Some(n) = concurrency {
                 parts.push(format!("at most {n} running"));
+            }
+            if adaptive == Some(true) {
+                parts.push("adaptive".into());
             }
             writeln!(out, "limit {:?}: {}", name, parts.join(" and ")).map_err(io_error)
         }
@@ -97,10 +117,15 @@ pub(super) async fn run(
                     .iter()
                     .map(|r| format!("{}/{}s used {}", r.rate_limit, r.rate_window_secs, r.used))
                     .collect();
-                let throttled = l
+                let mut throttled = l
                     .throttled_until
                     .filter(|t| *t > chrono::Utc::now())
-                    .map_or(String::new(), |t| format!(", throttled until {t}"));
+                    .map_or(String::new(), |t| {
+                        format!(", throttled until {} (upstream)", super::ops::until(t))
+                    });
+                if let Some(e) = l.effective_rate {
+                    throttled.push_str(&format!(", adaptive, now {}", super::ops::rate_figure(e)));
+                }
                 let datasets: Vec<String> = l.datasets.iter().map(|d| printable(d, 120)).collect();
                 let cap = l
                     .max_concurrency

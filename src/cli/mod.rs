@@ -87,6 +87,13 @@ pub enum Command {
         /// The dataset.
         dataset: String,
     },
+    /// Lift an upstream throttle at once: a dataset's (and forget what
+    /// its adaptive rate learned), or a shared limit's, by name (with the
+    /// throttles of the datasets using it).
+    Unthrottle {
+        /// A dataset or a shared limit.
+        name: String,
+    },
     /// Cancel a task (a queued one never starts; a running one is told), or
     /// every queued and running task of a dataset.
     Cancel(ops::CancelArgs),
@@ -122,7 +129,7 @@ pub enum Command {
 #[command(
     after_help = "An unknown dataset is refused unless --create is given (to configure a dataset before its first task)."
 )]
-#[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["rate", "concurrency", "weight", "uses"])))]
+#[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["rate", "concurrency", "weight", "uses", "adaptive"])))]
 pub struct LimitArgs {
     /// The dataset.
     pub dataset: String,
@@ -141,6 +148,11 @@ pub struct LimitArgs {
     /// replacing those it used; `none` uses none.
     #[arg(long, value_delimiter = ',')]
     pub uses: Option<Vec<String>>,
+    /// `on`: its rate limit learns the upstream's rate from 429s without
+    /// Retry-After (lowers it, then raises it back, pacing its starts
+    /// evenly); `off`: the configured rate only.
+    #[arg(long, value_parser = parse_on_off)]
+    pub adaptive: Option<bool>,
     /// Create the dataset if it does not exist yet.
     #[arg(long)]
     pub create: bool,
@@ -161,6 +173,15 @@ impl<T> Cleared<T> {
             Cleared::Set(v) => Some(v),
             Cleared::None => None,
         }
+    }
+}
+
+/// `on` or `off`.
+pub(super) fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("{s:?}: expected on or off")),
     }
 }
 
@@ -448,11 +469,26 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<(), CliError>
         Command::Resume { dataset } => {
             let db = connect(&options, 1).await?;
             ops::require_dataset(&db, &dataset, ops::Unknown::Refuse).await?;
-            TaskQueueManager::new(db)
-                .queue(dataset.as_str())
-                .resume()
-                .await?;
-            writeln!(out, "resumed {dataset:?}").map_err(io_error)
+            let manager = TaskQueueManager::new(db);
+            manager.queue(dataset.as_str()).resume().await?;
+            // Resumed is not running: say what still holds it back.
+            let held = ops::throttle_left(&manager, &dataset).await?;
+            match held {
+                None => writeln!(out, "resumed {dataset:?}"),
+                Some((until, by)) => writeln!(
+                    out,
+                    "resumed {dataset:?}; still throttled by {by} until {} (`syncq unthrottle {}` lifts it)",
+                    ops::until(until),
+                    match &by {
+                        ops::HeldBy::Upstream => dataset.clone(),
+                        ops::HeldBy::Limit(l) => l.clone(),
+                    }
+                ),
+            }
+            .map_err(io_error)
+        }
+        Command::Unthrottle { name } => {
+            ops::unthrottle(&connect(&options, 1).await?, &name, out).await
         }
         Command::Cancel(args) => ops::cancel(&connect(&options, 1).await?, args, out).await,
         Command::Retry(args) => ops::retry(&connect(&options, 1).await?, args, out).await,
@@ -706,6 +742,7 @@ async fn limit(db: Db, args: LimitArgs, out: &mut (dyn Write + Send)) -> Result<
         rate_limit: args.rate.map(Cleared::into_option),
         max_concurrency: args.concurrency.map(Cleared::into_option),
         weight: args.weight,
+        adaptive: args.adaptive,
     };
     ops::require_dataset(&db, &args.dataset, ops::Unknown::Create(args.create)).await?;
     let queue = TaskQueueManager::new(db).queue(&args.dataset);
@@ -754,8 +791,13 @@ fn describe_limits(row: &DatasetRow) -> String {
     let concurrency = row
         .max_concurrency
         .map_or_else(|| "none".to_string(), |n| n.to_string());
+    let adaptive = match (row.adaptive, row.effective_rate) {
+        (true, Some(e)) => format!(" adaptive (now {})", ops::rate_figure(e)),
+        (true, None) => " adaptive".to_string(),
+        (false, _) => String::new(),
+    };
     format!(
-        "{:?}: rate {rate}, concurrency {concurrency}, weight {}{}",
+        "{:?}: rate {rate}{adaptive}, concurrency {concurrency}, weight {}{}",
         row.dataset_id,
         row.weight,
         if row.paused { ", paused" } else { "" }

@@ -250,16 +250,37 @@ pub(super) async fn status(
         });
         return writeln!(out, "{doc:#}").map_err(io_error);
     }
+    let now = chrono::Utc::now();
     let rows: Vec<Vec<String>> = datasets
         .iter()
         .map(|d| {
-            let rate = match d.rate_limit {
-                Some(n) => format!("{n}/{}s", d.rate_window_secs),
-                None => "-".into(),
+            let rate = match (d.rate_limit, d.adaptive, d.effective_rate) {
+                (Some(n), true, Some(e)) => {
+                    format!(
+                        "{n}/{}s adaptive, now {}",
+                        d.rate_window_secs,
+                        rate_figure(e)
+                    )
+                }
+                (Some(n), _, _) => format!("{n}/{}s", d.rate_window_secs),
+                (None, _, _) => "-".into(),
             };
-            let state = match (d.paused, d.throttled) {
-                (true, _) => "paused".to_string(),
-                (false, true) => "throttled".to_string(),
+            // Held by the upstream: its own throttle, or a shared limit's.
+            let held_by = limits
+                .iter()
+                .filter(|l| l.datasets.contains(&d.dataset_id))
+                .filter_map(|l| Some((l.throttled_until.filter(|t| *t > now)?, &l.limit_id)))
+                .max();
+            let state = match (d.paused, d.throttled_until.filter(|t| *t > now), held_by) {
+                (true, _, _) => "paused".to_string(),
+                (false, Some(t), _) => format!("throttled until {} (upstream)", until(t)),
+                (false, None, Some((t, l))) => {
+                    format!(
+                        "throttled until {} (limit {})",
+                        until(t),
+                        printable(l, CELL_MAX)
+                    )
+                }
                 _ => "active".to_string(),
             };
             vec![
@@ -325,13 +346,24 @@ pub(super) async fn status(
                     },
                     l.max_concurrency
                         .map_or("-".into(), |c| format!("{}/{c}", l.running)),
+                    match (l.throttled_until.filter(|t| *t > now), l.effective_rate) {
+                        (Some(t), _) => format!("throttled until {} (upstream)", until(t)),
+                        (None, Some(e)) => format!("adaptive, now {}", rate_figure(e)),
+                        (None, None) => "active".into(),
+                    },
                     l.datasets.join(","),
                 ]
             })
             .collect();
         text.push_str("\nshared limits:\n");
         text.push_str(&table(
-            &["LIMIT", "USED/RATE/WINDOW", "RUNNING/CAP", "DATASETS"],
+            &[
+                "LIMIT",
+                "USED/RATE/WINDOW",
+                "RUNNING/CAP",
+                "STATE",
+                "DATASETS",
+            ],
             &rows,
         ));
     }
@@ -545,7 +577,7 @@ fn describe_task(t: &TaskInfo) -> String {
     };
     let text = |v: &str| printable(v, SHOWN_MAX);
     format!(
-        "task {}\n  dataset:    {}\n  kind:       {}\n  status:     {}{}\n  priority:   {}\n  attempts:   {}/{}\n  \
+        "task {}\n  dataset:    {}\n  kind:       {}\n  status:     {}{}\n  priority:   {}\n  attempts:   {}/{}{}\n  \
          unique key: {}\n  created:    {}\n  run at:     {}\n  started:    {}\n  finished:   {}\n  \
          locked by:  {}\n  lease till: {}\n  payload:    {}\n  checkpoint: {}\n  result:     {}\n  last error: {}\n{}",
         t.id,
@@ -560,6 +592,12 @@ fn describe_task(t: &TaskInfo) -> String {
         t.priority,
         t.attempts,
         t.max_attempts,
+        // Snoozes are not attempts: said apart.
+        match t.snoozes {
+            0 => String::new(),
+            1 => " (and 1 snooze)".to_string(),
+            n => format!(" (and {n} snoozes)"),
+        },
         text(t.unique_key.as_deref().unwrap_or("-")),
         time(Some(t.created_at)),
         time(Some(t.run_at)),
@@ -653,4 +691,128 @@ pub(super) fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
         out.push_str(&line(row.iter().map(String::as_str).collect()));
     }
     out
+}
+
+/// A throttle's end as `syncq status` and `resume` print it (UTC, to the
+/// second).
+pub(super) fn until(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%SZ").to_string()
+}
+
+/// An effective rate, to two decimals without trailing zeros.
+pub(super) fn rate_figure(rate: f64) -> String {
+    let s = format!("{rate:.2}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+/// What holds a dataset back for the upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum HeldBy {
+    /// Its own throttle.
+    Upstream,
+    /// A shared limit's throttle, by name.
+    Limit(String),
+}
+
+impl std::fmt::Display for HeldBy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HeldBy::Upstream => write!(f, "the upstream"),
+            HeldBy::Limit(l) => write!(f, "shared limit {:?}", printable(l, CELL_MAX)),
+        }
+    }
+}
+
+/// The throttle in force on a dataset that ends last, and whose it is:
+/// its own, or one of its shared limits'.
+pub(super) async fn throttle_left(
+    manager: &TaskQueueManager,
+    dataset: &str,
+) -> Result<Option<(chrono::DateTime<chrono::Utc>, HeldBy)>, CliError> {
+    let failed = db_error("cannot read the dataset's throttle");
+    let now = chrono::Utc::now();
+    let own = manager
+        .queue(dataset)
+        .settings()
+        .await
+        .map_err(&failed)?
+        .and_then(|s| s.throttled_until)
+        .filter(|t| *t > now)
+        .map(|t| (t, HeldBy::Upstream));
+    let shared = manager
+        .limits()
+        .await
+        .map_err(&failed)?
+        .into_iter()
+        .filter(|l| l.datasets.iter().any(|d| d == dataset))
+        .filter_map(|l| {
+            Some((
+                l.throttled_until.filter(|t| *t > now)?,
+                HeldBy::Limit(l.limit_id),
+            ))
+        })
+        .max_by_key(|(t, _)| *t);
+    Ok(match (own, shared) {
+        (Some(a), Some(b)) => Some(if b.0 > a.0 { b } else { a }),
+        (a, b) => a.or(b),
+    })
+}
+
+/// `syncq unthrottle NAME`: a dataset's throttle, a shared limit's, or
+/// both when both are so named.
+pub(super) async fn unthrottle(
+    db: &Db,
+    name: &str,
+    out: &mut (dyn Write + Send),
+) -> Result<(), CliError> {
+    let failed = db_error("cannot lift the throttle");
+    let manager = manager(db);
+    let dataset = manager.queue(name).unthrottle().await.map_err(&failed)?;
+    let limit = manager.unthrottle_limit(name).await.map_err(&failed)?;
+    if dataset.is_none() && limit.is_none() {
+        let known = manager.dataset_exists(name).await.map_err(&failed)?;
+        if !known {
+            return Err(CliError::Usage(format!(
+                "no dataset or shared limit {:?}",
+                printable(name, CELL_MAX)
+            )));
+        }
+        // Tasks but no settings row yet: nothing can hold it.
+        return writeln!(out, "{name:?} was not throttled").map_err(io_error);
+    }
+    if let Some(n) = limit {
+        writeln!(
+            out,
+            "unthrottled shared limit {name:?} and the {n} dataset{} using it",
+            if n == 1 { "" } else { "s" }
+        )
+        .map_err(io_error)?;
+    }
+    if let Some(d) = dataset {
+        let mut line = if d.was_throttled || limit.is_some() {
+            format!("unthrottled {name:?}")
+        } else {
+            format!("{name:?} was not throttled")
+        };
+        let still: Vec<String> = d
+            .still_by
+            .iter()
+            .filter(|(l, _)| l != name)
+            .map(|(l, t)| {
+                format!(
+                    "shared limit {:?} until {}",
+                    printable(l, CELL_MAX),
+                    until(*t)
+                )
+            })
+            .collect();
+        if !still.is_empty() {
+            line.push_str(&format!(
+                "; still throttled by {} (`syncq unthrottle LIMIT` lifts it)",
+                still.join(", ")
+            ));
+        }
+        writeln!(out, "{line}").map_err(io_error)?;
+    }
+    Ok(())
 }

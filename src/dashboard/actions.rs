@@ -27,6 +27,7 @@ pub(super) struct ActionForm {
     error: Option<String>,
     token: Option<String>,
     uses: Option<String>,
+    adaptive: Option<String>,
 }
 
 /// Refuses unless this dashboard allows actions, the request comes from a
@@ -202,6 +203,28 @@ pub(super) async fn resume(
     Ok(action.back(&dataset_page(&id), Done::Resumed))
 }
 
+pub(super) async fn unthrottle(
+    State(app): State<Shared>,
+    Path(id): Path<String>,
+    action: Allowed,
+) -> Result<Response, Failure> {
+    known_dataset(&app, &id).await?;
+    app.manager.queue(&id).unthrottle().await?;
+    Ok(action.back(&dataset_page(&id), Done::Unthrottled))
+}
+
+/// A shared limit's throttle, with its datasets'.
+pub(super) async fn unthrottle_limit(
+    State(app): State<Shared>,
+    Path(name): Path<String>,
+    action: Allowed,
+) -> Result<Response, Failure> {
+    match app.manager.unthrottle_limit(&name).await? {
+        Some(_) => Ok(action.back("/", Done::Unthrottled)),
+        None => Err(Failure::NotFound(format!("no shared limit {name:?}"))),
+    }
+}
+
 /// `none` clears; empty leaves alone; anything else is parsed.
 fn setting<T>(
     field: &str,
@@ -233,10 +256,21 @@ pub(super) async fn limits(
                 .map_err(|_| Failure::BadRequest(format!("weight: cannot read {w:?}")))?,
         ),
     };
+    let adaptive = match text(&form.adaptive).as_deref() {
+        None => None,
+        Some("on") => Some(true),
+        Some("off") => Some(false),
+        Some(other) => {
+            return Err(Failure::BadRequest(format!(
+                "adaptive: on or off, not {other:?}"
+            )));
+        }
+    };
     let update = LimitsUpdate {
         rate_limit: rate,
         max_concurrency: concurrency,
         weight,
+        adaptive,
     };
     let queue = app.manager.queue(&id);
     queue.update_limits(update).await?;

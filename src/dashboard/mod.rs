@@ -284,6 +284,8 @@ pub fn router(db: impl Into<Db>, options: DashboardOptions) -> Router {
         .route("/datasets/{id}/pause", post(actions::pause))
         .route("/datasets/{id}/resume", post(actions::resume))
         .route("/datasets/{id}/limits", post(actions::limits))
+        .route("/datasets/{id}/unthrottle", post(actions::unthrottle))
+        .route("/limits/{name}/unthrottle", post(actions::unthrottle_limit))
         .route("/datasets/{id}/retry", post(actions::retry_matching))
         .route("/datasets/{id}/cancel", post(actions::cancel_matching))
         .route("/tasks/{id}/cancel", post(actions::cancel_task))

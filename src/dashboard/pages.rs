@@ -281,7 +281,11 @@ pub(super) async fn overview(
                             @if l.rates.is_empty() { "-" }
                         }
                         td { @match l.max_concurrency { Some(c) => { (l.running) " / " (c) }, None => "-" } }
-                        td { (when(l.throttled_until, SECONDS)) }
+                        td { (when(l.throttled_until, SECONDS))
+                             @if let Some(e) = l.effective_rate { " · adaptive, now " (format!("{e:.2}")) }
+                             @if l.throttled_until.is_some_and(|t| t > chrono::Utc::now()) {
+                                 " " (ctx.action(&format!("/limits/{}/unthrottle", urlencode(&l.limit_id)), "Unthrottle", "primary"))
+                             } }
                         td { @for (i, d) in l.datasets.iter().enumerate() {
                             @if i > 0 { ", " }
                             a href=(ctx.link(&format!("/datasets/{}", urlencode(d)))) { (d) }
@@ -341,10 +345,24 @@ pub(super) async fn dataset(
             paused: false,
             throttled_until: None,
             weight: 1,
+            adaptive: false,
+            effective_rate: None,
         },
         None => return Err(Failure::NotFound(format!("no dataset {id:?}"))),
     };
     let counts = queue.counts().await?;
+    // What holds it back for the upstream: its own throttle, or the
+    // latest of its shared limits'.
+    let now = chrono::Utc::now();
+    let own_throttle = settings.throttled_until.filter(|t| *t > now);
+    let limit_throttle = app
+        .manager
+        .limits()
+        .await?
+        .into_iter()
+        .filter(|l| l.datasets.contains(&id))
+        .filter_map(|l| Some((l.throttled_until.filter(|t| *t > now)?, l.limit_id)))
+        .max();
     let status: Option<TaskStatus> = non_empty(&params.status).and_then(|s| s.parse().ok());
     let page = params.page.unwrap_or(0);
     let filter = TaskFilter {
@@ -373,11 +391,14 @@ pub(super) async fn dataset(
             }
             dl.settings {
                 dt { "Rate limit" } dd { @match settings.rate_limit {
-                    Some(n) => { (n) " per " (window(settings.rate_window_secs)) }, None => "none" } }
+                    Some(n) => { (n) " per " (window(settings.rate_window_secs))
+                        @if let Some(e) = settings.effective_rate { " · adaptive, now " (format!("{e:.2}")) } },
+                    None => "none" } }
                 dt { "Concurrency cap" } dd { @match settings.max_concurrency { Some(n) => (n), None => "none" } }
                 dt { "Weight" } dd { (settings.weight) }
                 dt { "State" } dd { @if settings.paused { "paused" } @else { "active" }
-                    @if let Some(until) = settings.throttled_until { " · throttled until " (until.format("%H:%M:%S")) } }
+                    @if let Some(until) = own_throttle { " · throttled until " (until.format("%Y-%m-%d %H:%M:%S UTC")) " (upstream)" }
+                    @if let Some((until, limit)) = &limit_throttle { " · throttled until " (until.format("%Y-%m-%d %H:%M:%S UTC")) " (shared limit " (limit) ")" } }
             }
             (chart::throughput(&minutes))
             h2 { "Tasks" }
@@ -430,12 +451,20 @@ pub(super) async fn dataset(
                 h2 { "Actions" }
                 @if settings.paused { (ctx.action(&format!("/datasets/{}/resume", urlencode(&id)), "Resume", "primary")) }
                 @else { (ctx.action(&format!("/datasets/{}/pause", urlencode(&id)), "Pause", "danger")) }
+                @if own_throttle.is_some() || settings.effective_rate.is_some_and(|e| settings.rate_limit.is_some_and(|n| e < f64::from(n))) {
+                    (ctx.action(&format!("/datasets/{}/unthrottle", urlencode(&id)), "Unthrottle", "primary"))
+                }
+                @if let Some((_, limit)) = &limit_throttle {
+                    (ctx.action(&format!("/limits/{}/unthrottle", urlencode(limit)), &format!("Unthrottle shared limit {limit}"), "primary"))
+                }
                 form method="post" action=(path("/limits")) {
                     input type="hidden" name="csrf" value=(ctx.csrf);
                     label { "Rate " input type="text" name="rate" placeholder="100/1s or none"; }
                     label { "Cap " input type="text" name="concurrency" placeholder="N or none"; }
                     label { "Weight " input type="number" name="weight" min="1" max="1000"; }
                     label { "Shared limits " input type="text" name="uses" placeholder="token-a,token-b or none"; }
+                    label { "Adaptive " select name="adaptive" {
+                        option value="" selected { "unchanged" } option value="on" { "on" } option value="off" { "off" } } }
                     button type="submit" { "Change limits" }
                 }
                 form method="post" action=(path("/retry")) {
@@ -506,7 +535,8 @@ pub(super) async fn task(
                 dt { "Kind" } dd { (t.kind) }
                 dt { "Status" } dd { span.status.(t.status.as_str()) data-live="status" { (t.status) }
                     @if t.cancel_requested { " (cancel requested)" } }
-                dt { "Attempts" } dd { (t.attempts) " of " (t.max_attempts) }
+                dt { "Attempts" } dd { (t.attempts) " of " (t.max_attempts)
+                    @if t.snoozes > 0 { " · snoozed " (t.snoozes) " time(s)" } }
                 dt { "Priority" } dd { (t.priority) }
                 dt { "Run at" } dd { (t.run_at.format("%Y-%m-%d %H:%M:%S%.3f")) }
                 dt { "Created" } dd { (t.created_at.format("%Y-%m-%d %H:%M:%S%.3f")) }
@@ -694,10 +724,11 @@ pub(super) enum Done {
     NothingToCancel,
     Requeued,
     NothingToRetry,
+    Unthrottled,
 }
 
 impl Done {
-    const ALL: [Done; 12] = [
+    const ALL: [Done; 13] = [
         Done::SignedIn,
         Done::SignedOut,
         Done::Paused,
@@ -710,6 +741,7 @@ impl Done {
         Done::NothingToCancel,
         Done::Requeued,
         Done::NothingToRetry,
+        Done::Unthrottled,
     ];
 
     pub(super) fn code(self) -> &'static str {
@@ -726,6 +758,7 @@ impl Done {
             Done::NothingToCancel => "nothing-to-cancel",
             Done::Requeued => "requeued",
             Done::NothingToRetry => "nothing-to-retry",
+            Done::Unthrottled => "unthrottled",
         }
     }
 
@@ -752,6 +785,7 @@ impl Done {
             Done::NothingToRetry => {
                 "Nothing to retry: only failed or cancelled tasks can be retried.".into()
             }
+            Done::Unthrottled => "Throttle lifted.".into(),
         }
     }
 

@@ -251,7 +251,23 @@ impl TaskQueueManager {
                 .map_err(|_| crate::Error::config("rate_limit", "too large"))?;
             pairs.push((limit, r.window.as_secs_f64()));
         }
-        Ok(store::limits::set(&self.db, name, &pairs, cap).await?)
+        Ok(store::limits::set(&self.db, name, &pairs, cap, None).await?)
+    }
+
+    /// Makes the shared limit `name` adaptive or not (SPEC §6): it lowers
+    /// the rate of its shortest window on a 429 without Retry-After and
+    /// raises it back after clean windows, pacing starts evenly. False if
+    /// there is no such limit.
+    pub async fn set_limit_adaptive(&self, name: &str, adaptive: bool) -> Result<bool> {
+        Ok(store::limits::set_adaptive(&self.db, name, adaptive).await?)
+    }
+
+    /// Lifts the shared limit `name`'s upstream throttle at once and
+    /// forgets what it learned if adaptive, with the throttles of the
+    /// datasets using it (set by the same 429s): `syncq unthrottle NAME`.
+    /// `None` if there is no such limit, else how many datasets use it.
+    pub async fn unthrottle_limit(&self, name: &str) -> Result<Option<i64>> {
+        Ok(store::limits::unthrottle(&self.db, name).await?)
     }
 
     /// Removes the shared limit `name`; false if there was none. Refused

@@ -45,6 +45,14 @@ pub(super) async fn sample_loop(shared: Arc<Shared>, every: Duration, stop: Canc
             }
             Err(e) => warn!(error = %e, "sampling queue depths failed"),
         }
+        match store::reports::adaptive_rates(&shared.db).await {
+            Ok(rows) => {
+                for (is_shared, name, rate) in &rows {
+                    crate::metrics::effective_rate_sample(*is_shared, name, *rate);
+                }
+            }
+            Err(e) => warn!(error = %e, "sampling adaptive rates failed"),
+        }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = stop.cancelled() => return,

@@ -20,6 +20,11 @@ pub struct DatasetRow {
     pub throttled_until: Option<DateTime<Utc>>,
     /// Its share of starts when datasets compete (1–1000).
     pub weight: i32,
+    /// Its rate limit learns from 429s without Retry-After (SPEC §6).
+    pub adaptive: bool,
+    /// An adaptive rate limit's effective rate now, in starts per
+    /// `rate_window` (paced evenly); `None` when not adaptive.
+    pub effective_rate: Option<f64>,
 }
 
 /// Reads one dataset's row.
@@ -27,7 +32,9 @@ pub async fn get(db: impl PgExecutor<'_>, dataset_id: &str) -> sqlx::Result<Opti
     let row = sqlx::query!(
         r#"
         SELECT dataset_id, rate_limit, extract(epoch FROM rate_window)::float8 AS "rate_window_secs!",
-               max_concurrency, paused, throttled_until, weight
+               max_concurrency, paused, throttled_until, weight, adaptive,
+               CASE WHEN adaptive THEN syncq.effective_rate(rate_limit, rate_window, adapted_from,
+                                                            adapted_at, now()) END AS effective_rate
         FROM syncq.datasets WHERE dataset_id = $1
         "#,
         dataset_id
@@ -42,6 +49,8 @@ pub async fn get(db: impl PgExecutor<'_>, dataset_id: &str) -> sqlx::Result<Opti
         paused: r.paused,
         throttled_until: r.throttled_until,
         weight: r.weight,
+        adaptive: r.adaptive,
+        effective_rate: r.effective_rate,
     }))
 }
 
@@ -85,6 +94,8 @@ pub struct LimitsChange {
     pub max_concurrency: Option<Option<i32>>,
     /// `Some(n)` sets the weight.
     pub weight: Option<i32>,
+    /// `Some(on)` makes the rate limit adaptive, or not.
+    pub adaptive: Option<bool>,
 }
 
 /// Changes a dataset's limits in one statement, creating its row if needed;
@@ -100,17 +111,23 @@ pub async fn set_limits(
     let set_concurrency = change.max_concurrency.is_some();
     let r = sqlx::query!(
         r#"
-        INSERT INTO syncq.datasets AS d (dataset_id, rate_limit, rate_window, max_concurrency, weight)
+        INSERT INTO syncq.datasets AS d (dataset_id, rate_limit, rate_window, max_concurrency, weight,
+                                         adaptive)
         VALUES ($1, $3, coalesce(make_interval(secs => $4), interval '1 second'), $6,
-                coalesce($7, 1))
+                coalesce($7, 1), coalesce($8, false))
         ON CONFLICT (dataset_id) DO UPDATE SET
             rate_limit = CASE WHEN $2 THEN EXCLUDED.rate_limit ELSE d.rate_limit END,
             rate_window = CASE WHEN $2 AND $4::float8 IS NOT NULL THEN EXCLUDED.rate_window
                                ELSE d.rate_window END,
             max_concurrency = CASE WHEN $5 THEN EXCLUDED.max_concurrency ELSE d.max_concurrency END,
-            weight = coalesce($7, d.weight)
+            weight = coalesce($7, d.weight),
+            -- Clearing the rate limit ends its adapting, unless asked for
+            -- (then refused: adaptive needs a rate limit).
+            adaptive = coalesce($8, CASE WHEN $2 AND $3::int IS NULL THEN false ELSE d.adaptive END)
         RETURNING dataset_id, rate_limit, extract(epoch FROM rate_window)::float8 AS "rate_window_secs!",
-                  max_concurrency, paused, throttled_until, weight
+                  max_concurrency, paused, throttled_until, weight, adaptive,
+                  CASE WHEN adaptive THEN syncq.effective_rate(rate_limit, rate_window, adapted_from,
+                                                               adapted_at, now()) END AS effective_rate
         "#,
         dataset_id,
         set_rate,
@@ -119,6 +136,7 @@ pub async fn set_limits(
         set_concurrency,
         change.max_concurrency.flatten(),
         change.weight,
+        change.adaptive,
     )
     .fetch_one(db)
     .await?;
@@ -130,6 +148,8 @@ pub async fn set_limits(
         paused: r.paused,
         throttled_until: r.throttled_until,
         weight: r.weight,
+        adaptive: r.adaptive,
+        effective_rate: r.effective_rate,
     })
 }
 
@@ -164,4 +184,55 @@ pub async fn counts(db: impl PgExecutor<'_>, dataset_id: &str) -> sqlx::Result<D
         running: r.running,
         starts_in_window: r.starts,
     })
+}
+
+/// What lifting a dataset's throttle left: the shared limits it uses that
+/// are still throttled, each with until when.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unthrottled {
+    /// Whether the dataset had a throttle in force (or a learned rate).
+    pub was_throttled: bool,
+    /// Shared limits of it still throttled: `(name, until)`.
+    pub still_by: Vec<(String, DateTime<Utc>)>,
+}
+
+/// Lifts a dataset's upstream throttle and forgets what its adaptive rate
+/// limit learned; `None` if it has no row. Its shared limits keep theirs
+/// (they hold other datasets too): they are returned.
+pub async fn unthrottle(
+    db: impl PgExecutor<'_>,
+    dataset_id: &str,
+) -> sqlx::Result<Option<Unthrottled>> {
+    let row = sqlx::query!(
+        r#"
+        WITH before AS (
+            SELECT d.dataset_id,
+                   (d.throttled_until > now() OR d.adapted_at IS NOT NULL) AS was
+            FROM syncq.datasets d WHERE d.dataset_id = $1 FOR NO KEY UPDATE
+        ),
+        lifted AS (
+            UPDATE syncq.datasets d SET throttled_until = NULL, adapted_from = NULL, adapted_at = NULL
+            FROM before b WHERE d.dataset_id = b.dataset_id
+            RETURNING d.shared_limits
+        )
+        SELECT coalesce((SELECT b.was FROM before b), false) AS "was!",
+               EXISTS (SELECT 1 FROM lifted) AS "found!",
+               coalesce((SELECT array_agg(l.limit_id ORDER BY l.limit_id) FROM syncq.limits l, lifted u
+                         WHERE l.limit_id = ANY (u.shared_limits) AND l.throttled_until > now()),
+                        '{}') AS "limits!: Vec<String>",
+               coalesce((SELECT array_agg(l.throttled_until ORDER BY l.limit_id) FROM syncq.limits l, lifted u
+                         WHERE l.limit_id = ANY (u.shared_limits) AND l.throttled_until > now()),
+                        '{}') AS "until!: Vec<DateTime<Utc>>"
+        "#,
+        dataset_id
+    )
+    .fetch_one(db)
+    .await?;
+    if !row.found {
+        return Ok(None);
+    }
+    Ok(Some(Unthrottled {
+        was_throttled: row.was,
+        still_by: row.limits.into_iter().zip(row.until).collect(),
+    }))
 }

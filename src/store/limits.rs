@@ -16,6 +16,11 @@ pub struct LimitInfo {
     pub rates: Vec<LimitRate>,
     /// No start or permit under it before this (a 429 set it).
     pub throttled_until: Option<DateTime<Utc>>,
+    /// It learns from 429s without Retry-After (SPEC §6).
+    pub adaptive: bool,
+    /// An adaptive limit's effective rate now, per the window of its
+    /// shortest rate (paced evenly); `None` when not adaptive.
+    pub effective_rate: Option<f64>,
     /// At most this many running tasks across its datasets, if capped.
     pub max_concurrency: Option<i32>,
     /// Running tasks of its datasets now.
@@ -37,19 +42,25 @@ pub struct LimitRate {
 
 /// Creates limit `limit_id` or replaces its rates with `rates` (`(rate,
 /// window in seconds)`) and its cap with `max_concurrency`, in one
-/// transaction.
+/// transaction; `adaptive` `Some` sets whether it adapts (kept when
+/// `None`). New rates start again from the configured ones: what an
+/// adaptive limit learned is forgotten.
 pub async fn set(
     db: &Db,
     limit_id: &str,
     rates: &[(i32, f64)],
     max_concurrency: Option<i32>,
+    adaptive: Option<bool>,
 ) -> sqlx::Result<()> {
     let mut tx = db.begin().await?;
     sqlx::query!(
-        "INSERT INTO syncq.limits AS l (limit_id, max_concurrency) VALUES ($1, $2)
-         ON CONFLICT (limit_id) DO UPDATE SET max_concurrency = EXCLUDED.max_concurrency",
+        "INSERT INTO syncq.limits AS l (limit_id, max_concurrency, adaptive)
+         VALUES ($1, $2, coalesce($3, false))
+         ON CONFLICT (limit_id) DO UPDATE SET max_concurrency = EXCLUDED.max_concurrency,
+             adaptive = coalesce($3, l.adaptive), adapted_from = NULL, adapted_at = NULL",
         limit_id,
-        max_concurrency
+        max_concurrency,
+        adaptive
     )
     .execute(tx.ex())
     .await?;
@@ -103,7 +114,7 @@ pub async fn list(db: &Db) -> sqlx::Result<Vec<LimitInfo>> {
         r#"
         SELECT limit_id AS "limit_id!", rate_limit, extract(epoch FROM rate_window)::float8 AS rate_window_secs,
                used AS "used!", throttled_until, datasets AS "datasets!", max_concurrency,
-               running AS "running!"
+               running AS "running!", adaptive AS "adaptive!", effective_rate
         FROM syncq.limit_stats ORDER BY limit_id, rate_window
         "#
     )
@@ -116,6 +127,8 @@ pub async fn list(db: &Db) -> sqlx::Result<Vec<LimitInfo>> {
                 limit_id: r.limit_id.clone(),
                 rates: Vec::new(),
                 throttled_until: r.throttled_until,
+                adaptive: r.adaptive,
+                effective_rate: r.effective_rate,
                 datasets: r.datasets.clone(),
                 max_concurrency: r.max_concurrency,
                 running: r.running,
@@ -132,4 +145,42 @@ pub async fn list(db: &Db) -> sqlx::Result<Vec<LimitInfo>> {
         }
     }
     Ok(out)
+}
+
+/// Lifts limit `limit_id`'s throttle and forgets what it learned, and
+/// lifts the throttles of the datasets using it (set by the same 429s);
+/// `None` if there is no such limit, else how many datasets use it.
+pub async fn unthrottle(db: &Db, limit_id: &str) -> sqlx::Result<Option<i64>> {
+    sqlx::query_scalar!(
+        r#"
+        WITH lifted AS (
+            UPDATE syncq.limits l SET throttled_until = NULL, adapted_from = NULL, adapted_at = NULL
+            WHERE l.limit_id = $1
+            RETURNING l.datasets
+        ),
+        datasets AS (
+            UPDATE syncq.datasets d SET throttled_until = NULL
+            FROM lifted u
+            WHERE d.dataset_id = ANY (u.datasets) AND d.throttled_until IS NOT NULL
+        )
+        SELECT cardinality(u.datasets)::bigint AS "n!" FROM lifted u
+        "#,
+        limit_id
+    )
+    .fetch_optional(db)
+    .await
+}
+
+/// Makes limit `limit_id` adaptive or not, forgetting what it learned;
+/// false if there is no such limit.
+pub async fn set_adaptive(db: &Db, limit_id: &str, adaptive: bool) -> sqlx::Result<bool> {
+    let done = sqlx::query!(
+        "UPDATE syncq.limits SET adaptive = $2, adapted_from = NULL, adapted_at = NULL
+         WHERE limit_id = $1",
+        limit_id,
+        adaptive
+    )
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected() > 0)
 }

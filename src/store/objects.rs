@@ -42,6 +42,7 @@ macro_rules! objects {
 pub static OBJECTS: &[SqlObject] = objects![
     "functions/limit_lock_key",
     "functions/limit_bucket",
+    "functions/effective_rate",
     "functions/absorb_signals",
     "functions/mark_idle",
     "functions/refresh_ready",
@@ -62,6 +63,7 @@ pub static OBJECTS: &[SqlObject] = objects![
     "triggers/shared_limits",
     "triggers/datasets_limits_set",
     "triggers/datasets_held",
+    "triggers/adaptive_reset",
     "triggers/tasks_after_insert",
     "triggers/tasks_requeued",
     "triggers/tasks_cancel_requested",

@@ -36,6 +36,11 @@ pub struct DatasetStats {
     pub throttled_until: Option<DateTime<Utc>>,
     /// Held back now by a throttle.
     pub throttled: bool,
+    /// Its rate limit learns from 429s without Retry-After (SPEC §6).
+    pub adaptive: bool,
+    /// Its effective rate now, in starts per `rate_window_secs`: the
+    /// configured rate unless adaptive (then lower after a 429).
+    pub effective_rate: Option<f64>,
 }
 
 /// Every dataset's stats, by id.
@@ -47,7 +52,8 @@ pub async fn dataset_stats(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<DatasetS
                extract(epoch FROM oldest_ready_age)::float8 AS oldest_ready_age_secs,
                rate_limit, extract(epoch FROM rate_window)::float8 AS "rate_window_secs!",
                max_concurrency, paused AS "paused!", throttled_until,
-               coalesce(throttled_until > now(), false) AS "throttled!"
+               coalesce(throttled_until > now(), false) AS "throttled!",
+               adaptive AS "adaptive!", effective_rate
         FROM syncq.dataset_stats ORDER BY dataset_id
         "#
     )
@@ -69,6 +75,8 @@ pub async fn dataset_stats(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<DatasetS
             paused: r.paused,
             throttled_until: r.throttled_until,
             throttled: r.throttled,
+            adaptive: r.adaptive,
+            effective_rate: r.effective_rate,
         })
         .collect())
 }
@@ -164,6 +172,9 @@ pub struct TaskInfo {
     pub attempts: i32,
     /// `max_attempts` of its tasks.
     pub max_attempts: i32,
+    /// Times its handler snoozed it (not attempts; see
+    /// [`crate::TaskError::Snooze`]).
+    pub snoozes: i32,
     /// When it may run (next).
     pub run_at: DateTime<Utc>,
     /// When it was enqueued.
@@ -204,6 +215,7 @@ struct TaskRow {
     priority: i16,
     attempts: i32,
     max_attempts: i32,
+    snoozes: i32,
     run_at: DateTime<Utc>,
     created_at: DateTime<Utc>,
     started_at: Option<DateTime<Utc>>,
@@ -248,6 +260,7 @@ impl From<TaskRow> for TaskInfo {
             priority: r.priority,
             attempts: r.attempts,
             max_attempts: r.max_attempts,
+            snoozes: r.snoozes,
             run_at: r.run_at,
             created_at: r.created_at,
             started_at: r.started_at,
@@ -315,7 +328,7 @@ pub async fn tasks(db: impl PgExecutor<'_>, q: TaskQuery<'_>) -> sqlx::Result<Ve
                 LIMIT $5::int8 OFFSET $6::int8
             )
             SELECT t.id AS "id: TaskId", t.dataset_id, t.kind, t.status::text AS "status!: TaskStatus",
-                   t.priority, t.attempts, t.max_attempts, t.run_at, t.created_at, t.started_at,
+                   t.priority, t.attempts, t.max_attempts, t.snoozes, t.run_at, t.created_at, t.started_at,
                    t.finished_at, t.locked_by, t.lease_expires_at, t.unique_key, t.cancel_requested,
                    CASE WHEN $7::bool THEN t.payload::text ELSE 'null' END AS "payload!",
                    CASE WHEN $7::bool THEN t.checkpoint::text END AS checkpoint,
@@ -343,7 +356,7 @@ pub async fn tasks(db: impl PgExecutor<'_>, q: TaskQuery<'_>) -> sqlx::Result<Ve
         TaskRow,
         r#"
         SELECT id AS "id: TaskId", dataset_id, kind, status::text AS "status!: TaskStatus", priority, attempts,
-               max_attempts, run_at, created_at, started_at, finished_at, locked_by,
+               max_attempts, snoozes, run_at, created_at, started_at, finished_at, locked_by,
                lease_expires_at, unique_key, cancel_requested,
                -- Not read (not detoasted) unless asked for.
                -- As text, decoded per row (TaskInfo::unreadable).
@@ -744,7 +757,7 @@ pub async fn task(db: impl PgExecutor<'_>, id: TaskId) -> sqlx::Result<Option<Ta
         TaskRow,
         r#"
         SELECT id AS "id: TaskId", dataset_id, kind, status::text AS "status!: TaskStatus", priority, attempts, max_attempts,
-               run_at, created_at, started_at, finished_at, locked_by, lease_expires_at,
+               snoozes, run_at, created_at, started_at, finished_at, locked_by, lease_expires_at,
                unique_key, cancel_requested, payload::text AS "payload!", checkpoint::text AS checkpoint,
                result::text AS result, last_error
         FROM syncq.tasks WHERE id = $1
@@ -800,6 +813,29 @@ pub async fn queue_depths(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<(String, 
     Ok(rows
         .into_iter()
         .map(|r| (r.dataset_id, r.queued, r.running, r.oldest_ready_age))
+        .collect())
+}
+
+/// The effective rates of adaptive limits now: `(true for a shared
+/// limit, name, effective rate)`, for the metrics sampler. Few rows: only
+/// adaptive ones.
+pub async fn adaptive_rates(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<(bool, String, f64)>> {
+    let rows = sqlx::query!(
+        r#"
+        SELECT false AS "shared!", d.dataset_id AS "name!",
+               syncq.effective_rate(d.rate_limit, d.rate_window, d.adapted_from, d.adapted_at, now())
+                   AS "rate!"
+        FROM syncq.datasets d WHERE d.adaptive AND d.rate_limit IS NOT NULL
+        UNION ALL
+        SELECT DISTINCT true, s.limit_id, s.effective_rate
+        FROM syncq.limit_stats s WHERE s.adaptive AND s.effective_rate IS NOT NULL
+        "#
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.shared, r.name, r.rate))
         .collect())
 }
 

@@ -49,6 +49,10 @@ const ROLES: &[&str] = &[
          ON syncq.tasks TO syncq_producer",
     "GRANT SELECT ON syncq.dataset_stats, syncq.running_tasks, syncq.recent_failures
          TO syncq_producer",
+    // A pure function the dataset_stats view calls (an adaptive limit's
+    // effective rate): the caller needs to be allowed to run it.
+    "GRANT EXECUTE ON FUNCTION syncq.effective_rate(int, interval, float8, timestamptz, timestamptz)
+         TO syncq_producer",
     // Workers.
     "GRANT SELECT ON syncq.tasks, syncq.datasets, syncq.task_errors, syncq.rate_log,
                      syncq.workers, syncq.workers_live, syncq.dataset_stats, syncq.running_tasks,
@@ -57,7 +61,7 @@ const ROLES: &[&str] = &[
     "GRANT INSERT (dataset_id, kind, payload, priority, run_at, max_attempts, unique_key)
          ON syncq.tasks TO syncq_worker",
     "GRANT UPDATE (status, attempts, runs, locked_by, lease_expires_at, started_at,
-                   finished_at, run_at, result, checkpoint, last_error)
+                   finished_at, run_at, result, checkpoint, last_error, snoozes)
          ON syncq.tasks TO syncq_worker",
     "GRANT INSERT (schedule_id, scheduled_for) ON syncq.tasks TO syncq_worker",
     "GRANT SELECT ON syncq.schedules TO syncq_worker",
@@ -73,14 +77,20 @@ const ROLES: &[&str] = &[
     "GRANT SELECT ON syncq.limits, syncq.limit_rates, syncq.limit_log, syncq.limit_stats
          TO syncq_worker",
     "GRANT INSERT, DELETE ON syncq.limit_log TO syncq_worker",
-    "GRANT UPDATE (throttled_until) ON syncq.limits TO syncq_worker",
+    "GRANT UPDATE (throttled_until, adapted_from, adapted_at) ON syncq.limits TO syncq_worker",
     "GRANT INSERT, UPDATE, DELETE ON syncq.workers TO syncq_worker",
-    "GRANT UPDATE (throttled_until, last_claimed_at, served_at, ready_at) ON syncq.datasets TO syncq_worker",
+    // A 429 throttles a dataset, or lowers an adaptive one's rate.
+    "GRANT UPDATE (throttled_until, adapted_from, adapted_at, last_claimed_at, served_at, ready_at)
+         ON syncq.datasets TO syncq_worker",
     "GRANT EXECUTE ON FUNCTION
          syncq.claim(text, text[], text[], text[], int, float8, int),
          syncq.give_back(text, bigint[], int[]),
          syncq.take_permit(text, bigint, int, int),
          syncq.limits_room(text[], timestamptz),
+         syncq.limit_windows(text, boolean, float8, timestamptz, timestamptz),
+         syncq.effective_rate(int, interval, float8, timestamptz, timestamptz),
+         syncq.paced_window(int, interval, float8, timestamptz, timestamptz),
+         syncq.max_snoozes(),
          syncq.limit_running(text[]),
          syncq.limits_capped(text[]),
          syncq.limits_room_at(text[], int, timestamptz),

@@ -84,13 +84,32 @@ pub enum End {
     },
     /// `failed` at once.
     Fail(String),
-    /// The upstream's rate limit: `queued` now, uncounted, the dataset
-    /// throttled for `wait` (at most [`MAX_THROTTLE`]).
+    /// The upstream's rate limit, with its Retry-After: `queued` now,
+    /// uncounted, the dataset and its shared limits throttled for `wait`
+    /// (at most [`MAX_THROTTLE`]).
     Throttle {
         /// The attempt's error.
         error: String,
         /// How long the dataset is held back.
         wait: Duration,
+    },
+    /// The upstream's rate limit without a Retry-After: as `Throttle`,
+    /// except that adaptive limits lower their rate instead of waiting
+    /// `wait` (the pool's default).
+    Slowdown {
+        /// The attempt's error.
+        error: String,
+        /// How long a limit that is not adaptive is held back.
+        wait: Duration,
+    },
+    /// The handler asked to run again after `wait`: `queued` then,
+    /// uncounted, nothing throttled; past the bound of snoozes a counted
+    /// failure with `error`.
+    Snooze {
+        /// How long until the task runs again.
+        wait: Duration,
+        /// The failure recorded when the task is past its bound of snoozes.
+        error: String,
     },
     /// `queued` now, uncounted, the checkpoint kept; the error recorded if
     /// given.
@@ -110,6 +129,8 @@ impl End {
             End::Retry { .. } => "retry",
             End::Fail(_) => "fail",
             End::Throttle { .. } => "throttle",
+            End::Slowdown { .. } => "slowdown",
+            End::Snooze { .. } => "snooze",
             End::Release(_) => "release",
             End::Cancel => "cancel",
             End::Start => "start",
@@ -161,9 +182,11 @@ pub async fn complete_many(
     let errors: Vec<Option<String>> = sorted
         .iter()
         .map(|e| match &e.end {
-            End::Retry { error, .. } | End::Fail(error) | End::Throttle { error, .. } => {
-                Some(storable_message(error).into_owned())
-            }
+            End::Retry { error, .. }
+            | End::Fail(error)
+            | End::Throttle { error, .. }
+            | End::Slowdown { error, .. }
+            | End::Snooze { error, .. } => Some(storable_message(error).into_owned()),
             End::Release(error) => error.as_deref().map(|m| storable_message(m).into_owned()),
             End::Succeed(_) | End::Cancel | End::Start => None,
         })
@@ -172,7 +195,9 @@ pub async fn complete_many(
         .iter()
         .map(|e| match &e.end {
             End::Retry { backoff, .. } => secs(*backoff),
-            End::Throttle { wait, .. } => secs((*wait).min(MAX_THROTTLE)),
+            End::Throttle { wait, .. } | End::Slowdown { wait, .. } | End::Snooze { wait, .. } => {
+                secs((*wait).min(MAX_THROTTLE))
+            }
             _ => 0.0,
         })
         .collect();

@@ -214,7 +214,9 @@ BEGIN
                    CASE WHEN d.max_concurrency IS NULL THEN p_limit
                         ELSE d.max_concurrency - r.running::int
                    END,
+                   -- An adaptive one: 1 per its spacing.
                    CASE WHEN d.rate_limit IS NULL THEN p_limit
+                        WHEN d.adaptive THEN 1 - w.used::int
                         ELSE d.rate_limit - w.used::int
                    END
                )) AS share
@@ -227,7 +229,12 @@ BEGIN
         -- sub-select would keep rate_used from being inlined.
         CROSS JOIN clock clk
         CROSS JOIN LATERAL syncq.running_count(d.dataset_id) AS r(running)
-        CROSS JOIN LATERAL syncq.rate_used(d.dataset_id, d.rate_window, clk.now) AS w(used)
+        CROSS JOIN LATERAL syncq.rate_used(d.dataset_id,
+                                           CASE WHEN d.adaptive
+                                                THEN syncq.paced_window(d.rate_limit, d.rate_window,
+                                                                        d.adapted_from, d.adapted_at, clk.now)
+                                                ELSE d.rate_window END,
+                                           clk.now) AS w(used)
         -- Re-read here: an unlocked dataset may have been paused or
         -- throttled since step 1.
         WHERE NOT d.paused AND (d.throttled_until IS NULL OR d.throttled_until <= (SELECT clk.now FROM clock clk))

@@ -21,6 +21,22 @@ AS $$
     CROSS JOIN LATERAL syncq.running_count(u.dataset_id) AS r(running)
 $$;
 
+-- The windows a limit counts in: its rates, and for an adaptive limit
+-- one more, its pacing — 1 start per spacing of its shortest window at
+-- its effective rate (see effective_rate.sql). Inlined where it is read.
+CREATE OR REPLACE FUNCTION syncq.limit_windows(p_limit text, p_adaptive boolean, p_from float8,
+                                               p_at timestamptz, p_now timestamptz)
+RETURNS TABLE (rate_limit int, rate_window interval)
+LANGUAGE sql STABLE
+AS $$
+    SELECT r.rate_limit, r.rate_window FROM syncq.limit_rates r WHERE r.limit_id = p_limit
+    UNION ALL
+    SELECT 1, b.rate_window / syncq.effective_rate(b.rate_limit, b.rate_window, p_from, p_at, p_now)
+    FROM (SELECT r.rate_limit, r.rate_window FROM syncq.limit_rates r
+          WHERE r.limit_id = p_limit ORDER BY r.rate_window LIMIT 1) b
+    WHERE p_adaptive
+$$;
+
 CREATE OR REPLACE FUNCTION syncq.limits_room(p_limits text[], p_at timestamptz)
 RETURNS int
 LANGUAGE sql STABLE
@@ -31,7 +47,7 @@ AS $$
                        WHEN l.throttled_until > p_at THEN 0
                        WHEN r.rate_limit IS NULL THEN NULL
                        ELSE r.rate_limit - (SELECT count(*) FROM syncq.limit_log g
-                                            WHERE g.limit_id = r.limit_id
+                                            WHERE g.limit_id = l.limit_id
                                               AND g.at > p_at - r.rate_window
                                                         - least(r.rate_window / 20, interval '25 milliseconds'))::int
                    END,
@@ -40,7 +56,8 @@ AS $$
                        l.max_concurrency - syncq.limit_running(l.datasets)::int
                    END)))
         FROM syncq.limits l
-        LEFT JOIN syncq.limit_rates r ON r.limit_id = l.limit_id
+        LEFT JOIN LATERAL syncq.limit_windows(l.limit_id, l.adaptive, l.adapted_from, l.adapted_at, p_at)
+                          AS r(rate_limit, rate_window) ON true
         WHERE l.limit_id = ANY (p_limits)) END
 $$;
 
@@ -66,12 +83,13 @@ AS $$
                    CASE WHEN r.rate_limit IS NULL THEN p_at ELSE coalesce(
                        (SELECT g.at + r.rate_window + least(r.rate_window / 20, interval '25 milliseconds')
                         FROM syncq.limit_log g
-                        WHERE g.limit_id = r.limit_id
+                        WHERE g.limit_id = l.limit_id
                           AND g.at > p_at - r.rate_window - least(r.rate_window / 20, interval '25 milliseconds')
                         ORDER BY g.at DESC
                         OFFSET greatest(r.rate_limit - p_n, 0) LIMIT 1),
                        p_at) END))
         FROM syncq.limits l
-        LEFT JOIN syncq.limit_rates r ON r.limit_id = l.limit_id
+        LEFT JOIN LATERAL syncq.limit_windows(l.limit_id, l.adaptive, l.adapted_from, l.adapted_at, p_at)
+                          AS r(rate_limit, rate_window) ON true
         WHERE l.limit_id = ANY (p_limits)), p_at) END
 $$;

@@ -8,7 +8,7 @@
 CREATE OR REPLACE FUNCTION syncq.retry(p_ids bigint[]) RETURNS SETOF bigint
 LANGUAGE sql AS $$
     UPDATE syncq.tasks
-    SET status = 'queued', run_at = now(), finished_at = NULL, cancel_requested = false,
+    SET status = 'queued', run_at = now(), finished_at = NULL, cancel_requested = false, snoozes = 0,
         -- At the bound (10,000) one attempt is given back instead.
         attempts = least(attempts, 9999),
         max_attempts = least(greatest(max_attempts, attempts + 1), 10000)

@@ -25,6 +25,8 @@ DECLARE
     v_now timestamptz;
     v_room timestamptz;
     v_small record;
+    v_rate int;
+    v_window interval;
 BEGIN
     IF p_n IS NULL OR p_n < 1 THEN
         RAISE EXCEPTION 'permits: asked for % permits; at least 1', p_n
@@ -36,7 +38,8 @@ BEGIN
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
-    SELECT d.rate_limit, d.rate_window, d.throttled_until, d.shared_limits INTO v_d
+    SELECT d.rate_limit, d.rate_window, d.throttled_until, d.shared_limits, d.adaptive,
+           d.adapted_from, d.adapted_at INTO v_d
     FROM syncq.datasets d WHERE d.dataset_id = v_dataset
     FOR NO KEY UPDATE;
     IF NOT FOUND THEN
@@ -63,14 +66,24 @@ BEGIN
             p_n, v_dataset, v_d.rate_limit
             USING ERRCODE = '22023';
     END IF;
+    -- An adaptive rate limit paces: p_n permits fit once none was logged
+    -- in the last p_n spacings (see effective_rate.sql).
+    IF v_d.adaptive THEN
+        v_rate := p_n;
+        v_window := p_n * syncq.paced_window(v_d.rate_limit, v_d.rate_window, v_d.adapted_from,
+                                             v_d.adapted_at, v_now);
+    ELSE
+        v_rate := v_d.rate_limit;
+        v_window := v_d.rate_window;
+    END IF;
     -- From when there is room for p_n in everything it counts under.
     v_room := greatest(
         coalesce(v_d.throttled_until, v_now),
         CASE WHEN v_d.rate_limit IS NULL THEN v_now
-             WHEN (SELECT u.used FROM syncq.rate_used(v_dataset, v_d.rate_window, v_now) AS u(used))
-                  + p_n <= v_d.rate_limit THEN v_now
-             ELSE (SELECT r.at FROM syncq.rate_room_at(v_dataset, v_d.rate_limit - p_n + 1,
-                                                       v_d.rate_window, v_now) AS r(at)) END,
+             WHEN (SELECT u.used FROM syncq.rate_used(v_dataset, v_window, v_now) AS u(used))
+                  + p_n <= v_rate THEN v_now
+             ELSE (SELECT r.at FROM syncq.rate_room_at(v_dataset, v_rate - p_n + 1,
+                                                       v_window, v_now) AS r(at)) END,
         syncq.limits_room_at(v_d.shared_limits, p_n, v_now));
     IF v_room > v_now THEN
         RETURN greatest(extract(epoch FROM v_room - v_now), 0.001);

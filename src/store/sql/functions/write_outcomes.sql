@@ -22,9 +22,20 @@
 --   retry     a counted failure: queued again after `p_secs[i]` (the
 --             backoff) while attempts are left, else failed;
 --   fail      failed at once (an invalid request);
---   throttle  queued again now, the attempt not counted, and the dataset
+--   throttle  a 429 with Retry-After: queued again now, the attempt not
+--             counted, and the dataset and every shared limit it uses
 --             throttled for `p_secs[i]` (a later throttle already set is
 --             kept);
+--   slowdown  a 429 without one: as throttle for `p_secs[i]` (the pool's
+--             default wait) — unless the dataset counts under an adaptive
+--             limit (its own, a shared one): then its adaptive limits
+--             lower their effective rate (effective_rate.sql), at most
+--             once per window, and nothing is throttled;
+--   snooze    queued again at now + `p_secs[i]`, the attempt not counted,
+--             nothing throttled, the checkpoint and last_error kept, the
+--             task's `snoozes` counted; past syncq.max_snoozes() it is a
+--             retry instead (`p_errors[i]` says why), so a handler that
+--             snoozes in a loop ends as max_attempts says;
 --   release   queued again now, the attempt not counted, the checkpoint
 --             kept (a checkpoint command, a fatal error, an aborted
 --             handler, a task given back);
@@ -42,6 +53,11 @@
 -- with width_bucket — a binary search — not array_position, a linear one
 -- (20 ms for 500 outcomes against 8). Planned once per connection, as the
 -- claim (re-planning every call was most of a small call's cost).
+-- The bound of snoozes per task (SPEC §3): past it, a snooze counts as a
+-- failed attempt.
+CREATE OR REPLACE FUNCTION syncq.max_snoozes() RETURNS int
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT 100 $$;
+
 CREATE OR REPLACE FUNCTION syncq.write_outcomes(p_worker text, p_take bigint[], p_ids bigint[],
                                                 p_runs int[], p_ends text[], p_results jsonb[],
                                                 p_errors text[], p_secs float8[], p_ago float8[])
@@ -78,25 +94,26 @@ BEGIN
     WITH done AS (
         UPDATE syncq.tasks t
         SET (status, result, run_at, attempts, started_at, finished_at, last_error,
-             locked_by, lease_expires_at) = (
+             locked_by, lease_expires_at, snoozes) = (
             SELECT
                 (CASE
                     WHEN e.end_ = 'start' THEN 'running'
                     WHEN e.end_ = 'succeed' THEN 'succeeded'
                     WHEN e.end_ = 'cancel' OR t.cancel_requested THEN 'cancelled'
-                    WHEN e.end_ IN ('throttle', 'release') THEN 'queued'
+                    WHEN e.end_ IN ('throttle', 'slowdown', 'release', 'snooze') THEN 'queued'
                     WHEN e.end_ = 'retry' AND e.a < t.max_attempts THEN 'queued'
                     ELSE 'failed' END)::syncq.task_status,
                 CASE WHEN e.end_ = 'succeed' THEN v_results[e.i] ELSE t.result END,
                 CASE
                     WHEN e.end_ IN ('start', 'succeed', 'cancel') OR t.cancel_requested THEN t.run_at
-                    WHEN e.end_ IN ('throttle', 'release') THEN now()
+                    WHEN e.end_ IN ('throttle', 'slowdown', 'release') THEN now()
+                    WHEN e.end_ = 'snooze' THEN now() + make_interval(secs => v_secs[e.i])
                     WHEN e.end_ = 'retry' AND e.a < t.max_attempts
                         THEN now() + make_interval(secs => v_secs[e.i])
                     ELSE t.run_at END,
                 -- An end that does not count gives its attempt back (one
                 -- whose handler never began has none to give).
-                CASE WHEN e.end_ IN ('throttle', 'release') AND e.began
+                CASE WHEN e.end_ IN ('throttle', 'slowdown', 'release', 'snooze') AND e.began
                      THEN greatest(e.a - 1, 0) ELSE e.a END,
                 -- When the handler began: this statement's clock less how
                 -- long ago that was by the worker's monotonic clock (never
@@ -109,16 +126,21 @@ BEGIN
                     WHEN e.end_ IN ('succeed', 'cancel', 'fail') OR t.cancel_requested THEN now()
                     WHEN e.end_ = 'retry' AND e.a >= t.max_attempts THEN now()
                     END,
-                CASE WHEN e.end_ IN ('succeed', 'start') THEN t.last_error
+                CASE WHEN e.end_ IN ('succeed', 'start', 'snooze') THEN t.last_error
                      ELSE coalesce(v_errors[e.i], t.last_error) END,
                 CASE WHEN e.end_ = 'start' THEN t.locked_by END,
-                CASE WHEN e.end_ = 'start' THEN t.lease_expires_at END
+                CASE WHEN e.end_ = 'start' THEN t.lease_expires_at END,
+                -- Every snooze counts, also one past the bound (a retry).
+                t.snoozes + (v_ends[e.i] = 'snooze')::int
             -- The row's position in the arrays, looked up once; whether
             -- its start is written now (leased ahead, its handler begun),
             -- whether its handler began at all, its attempts with it.
             FROM (SELECT x.i, x.end_, x.starts, x.starts OR t.status = 'running' AS began,
                          t.attempts + x.starts::int AS a
-                  FROM (SELECT w.i, v_ends[w.i] AS end_,
+                  FROM (SELECT w.i,
+                               -- Past the bound, a snooze is a retry.
+                               CASE WHEN v_ends[w.i] = 'snooze' AND t.snoozes >= syncq.max_snoozes()
+                                    THEN 'retry' ELSE v_ends[w.i] END AS end_,
                                (t.status = 'queued' AND v_ago[w.i] IS NOT NULL) AS starts
                         FROM (SELECT width_bucket(t.id, v_ids) AS i) w) x) e)
         WHERE t.id = ANY (v_ids)
@@ -129,45 +151,104 @@ BEGIN
           AND (t.status = 'running' OR (t.status = 'queued' AND NOT t.cancel_requested))
           AND (t.status = 'queued' OR v_ends[width_bucket(t.id, v_ids)] <> 'start')
         RETURNING t.id, t.dataset_id, t.attempts, width_bucket(t.id, v_ids) AS i,
-                  v_ends[width_bucket(t.id, v_ids)] AS end_
+                  -- The end as written: a snooze past the bound was a retry.
+                  CASE WHEN v_ends[width_bucket(t.id, v_ids)] = 'snooze'
+                            AND t.snoozes > syncq.max_snoozes()
+                       THEN 'retry' ELSE v_ends[width_bucket(t.id, v_ids)] END AS end_
     ),
     logged AS (
         -- The attempt an error belongs to: the one that just ended (an end
         -- that does not count gave it back above).
         INSERT INTO syncq.task_errors (task_id, attempt, worker_id, error)
-        SELECT d.id, CASE WHEN d.end_ IN ('throttle', 'release') THEN d.attempts + 1 ELSE d.attempts END,
+        SELECT d.id, CASE WHEN d.end_ IN ('throttle', 'slowdown', 'release') THEN d.attempts + 1
+                          ELSE d.attempts END,
                p_worker, v_errors[d.i]
         FROM done d
-        WHERE d.end_ NOT IN ('succeed', 'start') AND v_errors[d.i] IS NOT NULL
+        WHERE d.end_ NOT IN ('succeed', 'start', 'snooze') AND v_errors[d.i] IS NOT NULL
           -- An end that does not count keeps its attempt's number: at most
           -- 20 of its errors are kept per attempt, so a handler that is
           -- throttled or released in a loop (a 429 with a Retry-After of
           -- 1 ms) cannot grow the history without bound; last_error still
           -- says the latest.
-          AND (d.end_ NOT IN ('throttle', 'release')
+          AND (d.end_ NOT IN ('throttle', 'slowdown', 'release')
                OR (SELECT count(*) FROM (SELECT 1 FROM syncq.task_errors e
                                          WHERE e.task_id = d.id AND e.attempt = d.attempts + 1
                                          LIMIT 20) k) < 20)
         ORDER BY d.id
     ),
+    refusals AS (
+        -- The 429s, per dataset: the longest Retry-After told, the
+        -- default wait of those without one, and whether the dataset
+        -- counts under an adaptive limit (its own or a shared one) —
+        -- then a 429 without Retry-After lowers that limit's rate and
+        -- throttles nothing: the operator named the limit that mirrors
+        -- the upstream.
+        SELECT s.dataset_id, s.adaptive, s.rate_window, s.shared_limits,
+               max(v_secs[d.i]) FILTER (WHERE d.end_ = 'throttle') AS told,
+               max(v_secs[d.i]) FILTER (WHERE d.end_ = 'slowdown') AS untold,
+               s.adaptive OR EXISTS (SELECT 1 FROM syncq.limits l
+                                     WHERE l.limit_id = ANY (s.shared_limits) AND l.adaptive) AS adapts
+        FROM done d
+        JOIN syncq.datasets s ON s.dataset_id = d.dataset_id
+        WHERE d.end_ IN ('throttle', 'slowdown')
+        GROUP BY s.dataset_id
+    ),
     throttled AS (
+        -- One update per dataset (two updating one row would keep only
+        -- one): throttled for the longest wait told, or the default when
+        -- nothing of it adapts; an adaptive rate limit lowers its
+        -- effective rate instead, at most once per window.
         UPDATE syncq.datasets s
-        SET throttled_until = greatest(s.throttled_until, now() + make_interval(secs => m.secs))
-        FROM (SELECT d.dataset_id, max(v_secs[d.i]) AS secs FROM done d
-              WHERE d.end_ = 'throttle' GROUP BY d.dataset_id) m
-        WHERE s.dataset_id = m.dataset_id
+        SET throttled_until = CASE
+                WHEN greatest(r.told, CASE WHEN NOT r.adapts THEN r.untold END) IS NULL
+                    THEN s.throttled_until
+                ELSE greatest(s.throttled_until,
+                              now() + make_interval(secs => greatest(
+                                  r.told, CASE WHEN NOT r.adapts THEN r.untold END)))
+                END,
+            adapted_from = CASE WHEN s.adaptive AND r.untold IS NOT NULL
+                                     AND (s.adapted_at IS NULL OR s.adapted_at <= now() - s.rate_window)
+                                THEN syncq.effective_rate(s.rate_limit, s.rate_window, s.adapted_from,
+                                                          s.adapted_at, now())
+                                ELSE s.adapted_from END,
+            adapted_at = CASE WHEN s.adaptive AND r.untold IS NOT NULL
+                                   AND (s.adapted_at IS NULL OR s.adapted_at <= now() - s.rate_window)
+                              THEN now() ELSE s.adapted_at END
+        FROM refusals r
+        WHERE s.dataset_id = r.dataset_id
     ),
     throttled_limits AS (
         -- And every shared limit the dataset uses (SPEC §3): the
-        -- credential was refused, for all datasets using it.
+        -- credential was refused, for all datasets using it. An adaptive
+        -- one adapts as a dataset does, on its shortest window.
         UPDATE syncq.limits l
-        SET throttled_until = greatest(l.throttled_until, now() + make_interval(secs => m.secs))
-        FROM (SELECT u.l AS limit_id, max(v_secs[d.i]) AS secs
-              FROM done d
-              JOIN syncq.datasets s ON s.dataset_id = d.dataset_id
-              CROSS JOIN LATERAL unnest(s.shared_limits) AS u(l)
-              WHERE d.end_ = 'throttle'
+        SET throttled_until = CASE
+                WHEN greatest(m.told, m.untold) IS NULL THEN l.throttled_until
+                ELSE greatest(l.throttled_until,
+                              now() + make_interval(secs => greatest(m.told, m.untold)))
+                END,
+            adapted_from = CASE WHEN b.adapt
+                                THEN syncq.effective_rate(b.rate_limit, b.rate_window, l.adapted_from,
+                                                          l.adapted_at, now())
+                                ELSE l.adapted_from END,
+            adapted_at = CASE WHEN b.adapt THEN now() ELSE l.adapted_at END
+        FROM (SELECT u.l AS limit_id, max(r.told) AS told,
+                     -- The default wait, from datasets nothing of which adapts.
+                     max(r.untold) FILTER (WHERE NOT r.adapts) AS untold,
+                     bool_or(r.untold IS NOT NULL) AS slowdown
+              FROM refusals r
+              CROSS JOIN LATERAL unnest(r.shared_limits) AS u(l)
               GROUP BY u.l) m
+        -- Its shortest window, and whether it adapts now.
+        CROSS JOIN LATERAL (
+            SELECT r.rate_limit, r.rate_window,
+                   l0.adaptive AND m.slowdown
+                   AND (l0.adapted_at IS NULL OR l0.adapted_at <= now() - r.rate_window) AS adapt
+            FROM syncq.limits l0
+            LEFT JOIN LATERAL (SELECT r1.rate_limit, r1.rate_window FROM syncq.limit_rates r1
+                               WHERE r1.limit_id = l0.limit_id
+                               ORDER BY r1.rate_window LIMIT 1) r ON true
+            WHERE l0.limit_id = m.limit_id) b
         WHERE l.limit_id = m.limit_id
     )
     SELECT d.id FROM done d;

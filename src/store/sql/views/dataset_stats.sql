@@ -12,7 +12,13 @@ SELECT k.dataset_id,
                                                           AS oldest_ready_age,
        d.rate_limit, coalesce(d.rate_window, interval '1 second') AS rate_window,
        d.max_concurrency, coalesce(d.paused, false) AS paused, d.throttled_until,
-       coalesce(d.weight, 1) AS weight
+       coalesce(d.weight, 1) AS weight,
+       -- An adaptive rate limit (migrations/0009) and its effective rate
+       -- now, in starts per rate_window (see effective_rate.sql); without
+       -- one, the configured rate.
+       coalesce(d.adaptive, false) AS adaptive,
+       round(syncq.effective_rate(d.rate_limit, d.rate_window, d.adapted_from, d.adapted_at,
+                                  now())::numeric, 2)::float8 AS effective_rate
 FROM (SELECT s.dataset_id FROM syncq.datasets s
       UNION SELECT DISTINCT q.dataset_id FROM syncq.tasks q) k
 LEFT JOIN syncq.datasets d ON d.dataset_id = k.dataset_id

@@ -1,0 +1,24 @@
+-- What an adaptive limit learned (adapted_from, adapted_at; migrations/
+-- 0009) is about the rate it was configured with: a new rate, window or
+-- adaptive setting starts again from the configured rate, however it is
+-- set (the CLI, the dashboard, a plain UPDATE).
+CREATE OR REPLACE FUNCTION syncq.adaptive_reset() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    NEW.adapted_from := NULL;
+    NEW.adapted_at := NULL;
+    RETURN NEW;
+END;
+$$;
+CREATE OR REPLACE TRIGGER datasets_adaptive_reset
+    BEFORE UPDATE OF rate_limit, rate_window, adaptive ON syncq.datasets
+    FOR EACH ROW
+    WHEN (OLD.rate_limit IS DISTINCT FROM NEW.rate_limit
+          OR OLD.rate_window IS DISTINCT FROM NEW.rate_window
+          OR OLD.adaptive IS DISTINCT FROM NEW.adaptive)
+    EXECUTE FUNCTION syncq.adaptive_reset();
+CREATE OR REPLACE TRIGGER limits_adaptive_reset
+    BEFORE UPDATE OF adaptive ON syncq.limits
+    FOR EACH ROW
+    WHEN (OLD.adaptive IS DISTINCT FROM NEW.adaptive)
+    EXECUTE FUNCTION syncq.adaptive_reset();
