@@ -4,6 +4,11 @@
 -- attempt. `snoozes` counts them, so a handler that snoozes in a loop is
 -- bounded (past syncq.max_snoozes() every further snooze counts as a
 -- failed attempt, and max_attempts ends it); `syncq retry` resets it.
+-- The claim hands each task's snoozes to its worker (so it logs a snooze
+-- past the bound as the failed attempt it is): a new result type, so the
+-- old function goes; functions/claim.sql creates the new one.
+DROP FUNCTION IF EXISTS syncq.claim(text, text[], text[], text[], int, float8, int);
+
 ALTER TABLE syncq.tasks
     ADD COLUMN snoozes int NOT NULL DEFAULT 0
         CONSTRAINT tasks_snoozes_not_negative CHECK (snoozes >= 0);

@@ -262,14 +262,19 @@ impl Outcome {
         }
     }
 
-    /// What it does to a task whose counted attempts (this one included)
-    /// are `attempts` of `max_attempts`: a counted failure with none left
-    /// is `Failed`, as the row ends.
-    pub(crate) fn kind(&self, attempts: i32, max_attempts: i32) -> OutcomeKind {
+    /// What it does to `task` (its counted attempts include this one), as
+    /// the row ends: a counted failure with no attempt left is `Failed`; a
+    /// snooze past the bound is a counted failure.
+    pub(crate) fn kind(&self, task: &crate::task::ClaimedTask) -> OutcomeKind {
+        let last = task.attempts >= task.max_attempts;
         match self {
             Outcome::Succeed(_) => OutcomeKind::Succeeded,
-            Outcome::Retry(_) if attempts >= max_attempts => OutcomeKind::Failed,
+            Outcome::Retry(_) if last => OutcomeKind::Failed,
             Outcome::Retry(_) => OutcomeKind::Retried,
+            Outcome::Snooze(_) if task.snoozes >= TaskError::MAX_SNOOZES && last => {
+                OutcomeKind::Failed
+            }
+            Outcome::Snooze(_) if task.snoozes >= TaskError::MAX_SNOOZES => OutcomeKind::Retried,
             Outcome::Fail(_) => OutcomeKind::Failed,
             Outcome::Throttle(..) => OutcomeKind::Throttled,
             Outcome::Snooze(_) => OutcomeKind::Snoozed,

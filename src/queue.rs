@@ -103,7 +103,18 @@ impl TaskQueue {
     /// row if it has none yet; returns its settings afterwards.
     pub async fn update_limits(&self, update: LimitsUpdate) -> Result<QueueSettings> {
         let change = update.validated()?;
-        Ok(store::datasets::set_limits(&self.db, &self.dataset_id, change).await?)
+        store::datasets::set_limits(&self.db, &self.dataset_id, change)
+            .await
+            .map_err(
+                |e| match e.as_database_error().and_then(|d| d.constraint()) {
+                    // Adaptive without a rate limit: the caller's mistake.
+                    Some("datasets_adaptive_needs_a_rate_limit") => Error::config(
+                        "adaptive",
+                        "an adaptive limit needs a rate limit: set one (--rate) with it",
+                    ),
+                    _ => Error::Database(e),
+                },
+            )
     }
 
     /// The shared limits it uses (SPEC §2 Shared limits), replacing those

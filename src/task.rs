@@ -269,4 +269,6 @@ pub struct ClaimedTask {
     pub created_at: DateTime<Utc>,
     /// `started_at` of this attempt.
     pub started_at: DateTime<Utc>,
+    /// `snoozes`: how many times it snoozed before this attempt.
+    pub snoozes: i32,
 }

@@ -114,7 +114,22 @@ async fn snoozes_are_bounded_then_count_as_failed_attempts(
         )
         .await
         .unwrap();
-    let (handle, run) = common::spawn(builtin_pool(&db, common::fast_config()));
+    let pool = builtin_pool(&db, common::fast_config());
+    let mut events = pool.handle().events();
+    let (handle, run) = common::spawn(pool);
+    // What the pool says of each attempt (its log and metrics say the same).
+    let said = tokio::spawn(async move {
+        let mut kinds = Vec::new();
+        while let Ok(e) = events.recv().await {
+            if let syncq::Event::Finished { outcome, .. } = e {
+                kinds.push(outcome);
+                if outcome == syncq::OutcomeKind::Failed {
+                    return kinds;
+                }
+            }
+        }
+        kinds
+    });
     common::wait_for("the snooze loop ends", Duration::from_secs(60), || {
         let db = db.clone();
         async move { common::status(&db, id).await == "failed" }
@@ -130,6 +145,11 @@ async fn snoozes_are_bounded_then_count_as_failed_attempts(
         .unwrap();
     assert_eq!(row.attempts, 2);
     assert_eq!(snoozes, syncq::TaskError::MAX_SNOOZES + 2);
+    let kinds = tokio::time::timeout(WAIT, said).await.unwrap().unwrap();
+    use syncq::OutcomeKind::{Failed, Retried, Snoozed};
+    let mut want = vec![Snoozed; 100];
+    want.extend([Retried, Failed]);
+    assert_eq!(kinds, want, "past the bound a snooze is said to be the failure it is");
     assert!(
         row.last_error
             .as_deref()
@@ -321,6 +341,10 @@ async fn an_adaptive_limit_slows_down_on_a_429_without_retry_after_and_paces_its
     );
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("rate 10/1s adaptive (now 10)"), "{out}");
+    // Adaptive needs a rate to adapt: a usage error, nothing written.
+    let (code, _, err) = syncq(&opts, &["limit", "bare", "--adaptive", "on", "--create"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("needs a rate limit"), "{err}");
     let manager = TaskQueueManager::new(db.clone());
     let refused = manager
         .enqueue(NewTask::new("api", "fail").payload(json!({"error": "rate_limited", "times": 1})))
@@ -404,4 +428,45 @@ async fn effective_rate_drops_to_three_quarters_and_climbs_back_along_a_cubic(
     .await
     .unwrap();
     assert_eq!(plain, 10.0);
+}
+
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
+async fn an_adaptive_limit_keeps_its_configured_window_as_well_as_its_pace(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let db = common::connect(&opts).await;
+    sqlx::raw_sql(
+        "INSERT INTO syncq.datasets (dataset_id, rate_limit, rate_window, adaptive)
+         VALUES ('api', 10, interval '1 second', true);
+         -- Ten starts in the last second, the newest 400 ms ago: paced
+         -- (100 ms apart at 10/s), and the window full.
+         INSERT INTO syncq.rate_log (dataset_id, started_at)
+         SELECT 'api', clock_timestamp() - make_interval(secs => 0.4 + 0.05 * k)
+         FROM generate_series(0, 9) AS k;",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    let id = TaskQueueManager::new(db.clone())
+        .enqueue(NewTask::new("api", "noop"))
+        .await
+        .unwrap();
+    let claim = || {
+        let db = db.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT id FROM syncq.claim('w', ARRAY['noop'], NULL, NULL, 10, 30, 10)",
+            )
+            .fetch_all(&db)
+            .await
+            .unwrap()
+        }
+    };
+    assert!(claim().await.is_empty(), "the window holds 10 starts already");
+    common::wait_for("the window frees", Duration::from_secs(5), || {
+        let claim = claim.clone();
+        async move { claim().await == vec![i64::from(id)] }
+    })
+    .await;
 }

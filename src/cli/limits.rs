@@ -119,7 +119,7 @@ pub(super) async fn run(
                     .collect();
                 let mut throttled = l
                     .throttled_until
-                    .filter(|t| *t > chrono::Utc::now())
+                    .filter(|_| l.throttled)
                     .map_or(String::new(), |t| {
                         format!(", throttled until {} (upstream)", super::ops::until(t))
                     });

@@ -471,21 +471,21 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<(), CliError>
             ops::require_dataset(&db, &dataset, ops::Unknown::Refuse).await?;
             let manager = TaskQueueManager::new(db);
             manager.queue(dataset.as_str()).resume().await?;
+            writeln!(out, "resumed {dataset:?}").map_err(io_error)?;
             // Resumed is not running: say what still holds it back.
-            let held = ops::throttle_left(&manager, &dataset).await?;
-            match held {
-                None => writeln!(out, "resumed {dataset:?}"),
+            match ops::throttle_left(&manager, &dataset).await? {
+                None => Ok(()),
                 Some((until, by)) => writeln!(
                     out,
-                    "resumed {dataset:?}; still throttled by {by} until {} (`syncq unthrottle {}` lifts it)",
+                    "still throttled by {by} until {} (`syncq unthrottle {}` lifts it)",
                     ops::until(until),
                     match &by {
                         ops::HeldBy::Upstream => dataset.clone(),
                         ops::HeldBy::Limit(l) => l.clone(),
                     }
-                ),
+                )
+                .map_err(io_error),
             }
-            .map_err(io_error)
         }
         Command::Unthrottle { name } => {
             ops::unthrottle(&connect(&options, 1).await?, &name, out).await

@@ -250,7 +250,6 @@ pub(super) async fn status(
         });
         return writeln!(out, "{doc:#}").map_err(io_error);
     }
-    let now = chrono::Utc::now();
     let rows: Vec<Vec<String>> = datasets
         .iter()
         .map(|d| {
@@ -269,9 +268,9 @@ pub(super) async fn status(
             let held_by = limits
                 .iter()
                 .filter(|l| l.datasets.contains(&d.dataset_id))
-                .filter_map(|l| Some((l.throttled_until.filter(|t| *t > now)?, &l.limit_id)))
+                .filter_map(|l| Some((l.throttled_until.filter(|_| l.throttled)?, &l.limit_id)))
                 .max();
-            let state = match (d.paused, d.throttled_until.filter(|t| *t > now), held_by) {
+            let state = match (d.paused, d.throttled_until.filter(|_| d.throttled), held_by) {
                 (true, _, _) => "paused".to_string(),
                 (false, Some(t), _) => format!("throttled until {} (upstream)", until(t)),
                 (false, None, Some((t, l))) => {
@@ -346,7 +345,7 @@ pub(super) async fn status(
                     },
                     l.max_concurrency
                         .map_or("-".into(), |c| format!("{}/{c}", l.running)),
-                    match (l.throttled_until.filter(|t| *t > now), l.effective_rate) {
+                    match (l.throttled_until.filter(|_| l.throttled), l.effective_rate) {
                         (Some(t), _) => format!("throttled until {} (upstream)", until(t)),
                         (None, Some(e)) => format!("adaptive, now {}", rate_figure(e)),
                         (None, None) => "active".into(),
@@ -730,14 +729,13 @@ pub(super) async fn throttle_left(
     dataset: &str,
 ) -> Result<Option<(chrono::DateTime<chrono::Utc>, HeldBy)>, CliError> {
     let failed = db_error("cannot read the dataset's throttle");
-    let now = chrono::Utc::now();
+    // "Still throttled" by the database's clock (the rows' `throttled`).
     let own = manager
         .queue(dataset)
         .settings()
         .await
         .map_err(&failed)?
-        .and_then(|s| s.throttled_until)
-        .filter(|t| *t > now)
+        .and_then(|s| s.throttled_until.filter(|_| s.throttled))
         .map(|t| (t, HeldBy::Upstream));
     let shared = manager
         .limits()
@@ -747,7 +745,7 @@ pub(super) async fn throttle_left(
         .filter(|l| l.datasets.iter().any(|d| d == dataset))
         .filter_map(|l| {
             Some((
-                l.throttled_until.filter(|t| *t > now)?,
+                l.throttled_until.filter(|_| l.throttled)?,
                 HeldBy::Limit(l.limit_id),
             ))
         })

@@ -283,7 +283,7 @@ pub(super) async fn overview(
                         td { @match l.max_concurrency { Some(c) => { (l.running) " / " (c) }, None => "-" } }
                         td { (when(l.throttled_until, SECONDS))
                              @if let Some(e) = l.effective_rate { " · adaptive, now " (format!("{e:.2}")) }
-                             @if l.throttled_until.is_some_and(|t| t > chrono::Utc::now()) {
+                             @if l.throttled {
                                  " " (ctx.action(&format!("/limits/{}/unthrottle", urlencode(&l.limit_id)), "Unthrottle", "primary"))
                              } }
                         td { @for (i, d) in l.datasets.iter().enumerate() {
@@ -344,6 +344,7 @@ pub(super) async fn dataset(
             max_concurrency: None,
             paused: false,
             throttled_until: None,
+            throttled: false,
             weight: 1,
             adaptive: false,
             effective_rate: None,
@@ -353,15 +354,15 @@ pub(super) async fn dataset(
     let counts = queue.counts().await?;
     // What holds it back for the upstream: its own throttle, or the
     // latest of its shared limits'.
-    let now = chrono::Utc::now();
-    let own_throttle = settings.throttled_until.filter(|t| *t > now);
+    // By the database's clock (the rows' `throttled`).
+    let own_throttle = settings.throttled_until.filter(|_| settings.throttled);
     let limit_throttle = app
         .manager
         .limits()
         .await?
         .into_iter()
         .filter(|l| l.datasets.contains(&id))
-        .filter_map(|l| Some((l.throttled_until.filter(|t| *t > now)?, l.limit_id)))
+        .filter_map(|l| Some((l.throttled_until.filter(|_| l.throttled)?, l.limit_id)))
         .max();
     let status: Option<TaskStatus> = non_empty(&params.status).and_then(|s| s.parse().ok());
     let page = params.page.unwrap_or(0);

@@ -147,7 +147,7 @@ pub(super) async fn run_task(
             )))),
         };
         let outcome = Outcome::of(joined, shared.shutdown.is_cancelled());
-        let kind = outcome.kind(task.attempts, task.max_attempts);
+        let kind = outcome.kind(&task);
         crate::metrics::task_finished(&task, kind, began.elapsed());
         if let Some(held) = shared.held().get_mut(&key) {
             held.finishing = true;
@@ -241,17 +241,17 @@ pub(super) async fn record(
     match written {
         Ok(true) => {
             shared.outage.ok();
-            debug!(outcome = ?outcome.kind(task.attempts, task.max_attempts), "attempt recorded");
+            debug!(outcome = ?outcome.kind(task), "attempt recorded");
             true
         }
         Ok(false) => {
-            warn!(outcome = ?outcome.kind(task.attempts, task.max_attempts), "outcome not recorded: this worker no longer holds the task");
+            warn!(outcome = ?outcome.kind(task), "outcome not recorded: this worker no longer holds the task");
             false
         }
         Err(e) => {
             error!(
                 error = %e,
-                outcome = ?outcome.kind(task.attempts, task.max_attempts),
+                outcome = ?outcome.kind(task),
                 "could not record the outcome before the lease ran out: giving it up; the rescuer takes the task back"
             );
             false

@@ -18,6 +18,8 @@ pub struct DatasetRow {
     pub paused: bool,
     /// No new starts before this instant.
     pub throttled_until: Option<DateTime<Utc>>,
+    /// `throttled_until` is still ahead, by the database's clock.
+    pub throttled: bool,
     /// Its share of starts when datasets compete (1–1000).
     pub weight: i32,
     /// Its rate limit learns from 429s without Retry-After (SPEC §6).
@@ -33,6 +35,7 @@ pub async fn get(db: impl PgExecutor<'_>, dataset_id: &str) -> sqlx::Result<Opti
         r#"
         SELECT dataset_id, rate_limit, extract(epoch FROM rate_window)::float8 AS "rate_window_secs!",
                max_concurrency, paused, throttled_until, weight, adaptive,
+               coalesce(throttled_until > now(), false) AS "throttled!",
                CASE WHEN adaptive THEN syncq.effective_rate(rate_limit, rate_window, adapted_from,
                                                             adapted_at, now()) END AS effective_rate
         FROM syncq.datasets WHERE dataset_id = $1
@@ -48,6 +51,7 @@ pub async fn get(db: impl PgExecutor<'_>, dataset_id: &str) -> sqlx::Result<Opti
         max_concurrency: r.max_concurrency,
         paused: r.paused,
         throttled_until: r.throttled_until,
+        throttled: r.throttled,
         weight: r.weight,
         adaptive: r.adaptive,
         effective_rate: r.effective_rate,
@@ -126,6 +130,7 @@ pub async fn set_limits(
             adaptive = coalesce($8, CASE WHEN $2 AND $3::int IS NULL THEN false ELSE d.adaptive END)
         RETURNING dataset_id, rate_limit, extract(epoch FROM rate_window)::float8 AS "rate_window_secs!",
                   max_concurrency, paused, throttled_until, weight, adaptive,
+                  coalesce(throttled_until > now(), false) AS "throttled!",
                   CASE WHEN adaptive THEN syncq.effective_rate(rate_limit, rate_window, adapted_from,
                                                                adapted_at, now()) END AS effective_rate
         "#,
@@ -147,6 +152,7 @@ pub async fn set_limits(
         max_concurrency: r.max_concurrency,
         paused: r.paused,
         throttled_until: r.throttled_until,
+        throttled: r.throttled,
         weight: r.weight,
         adaptive: r.adaptive,
         effective_rate: r.effective_rate,

@@ -16,6 +16,8 @@ pub struct LimitInfo {
     pub rates: Vec<LimitRate>,
     /// No start or permit under it before this (a 429 set it).
     pub throttled_until: Option<DateTime<Utc>>,
+    /// `throttled_until` is still ahead, by the database's clock.
+    pub throttled: bool,
     /// It learns from 429s without Retry-After (SPEC §6).
     pub adaptive: bool,
     /// An adaptive limit's effective rate now, per the window of its
@@ -114,7 +116,8 @@ pub async fn list(db: &Db) -> sqlx::Result<Vec<LimitInfo>> {
         r#"
         SELECT limit_id AS "limit_id!", rate_limit, extract(epoch FROM rate_window)::float8 AS rate_window_secs,
                used AS "used!", throttled_until, datasets AS "datasets!", max_concurrency,
-               running AS "running!", adaptive AS "adaptive!", effective_rate
+               running AS "running!", adaptive AS "adaptive!", effective_rate,
+               coalesce(throttled_until > now(), false) AS "throttled!"
         FROM syncq.limit_stats ORDER BY limit_id, rate_window
         "#
     )
@@ -127,6 +130,7 @@ pub async fn list(db: &Db) -> sqlx::Result<Vec<LimitInfo>> {
                 limit_id: r.limit_id.clone(),
                 rates: Vec::new(),
                 throttled_until: r.throttled_until,
+                throttled: r.throttled,
                 adaptive: r.adaptive,
                 effective_rate: r.effective_rate,
                 datasets: r.datasets.clone(),
@@ -149,26 +153,29 @@ pub async fn list(db: &Db) -> sqlx::Result<Vec<LimitInfo>> {
 
 /// Lifts limit `limit_id`'s throttle and forgets what it learned, and
 /// lifts the throttles of the datasets using it (set by the same 429s);
-/// `None` if there is no such limit, else how many datasets use it.
+/// `None` if there is no such limit, else how many datasets use it. The
+/// datasets' rows first, then the limit's: the order a 429's write locks
+/// them in, so the two cannot deadlock.
 pub async fn unthrottle(db: &Db, limit_id: &str) -> sqlx::Result<Option<i64>> {
-    sqlx::query_scalar!(
-        r#"
-        WITH lifted AS (
-            UPDATE syncq.limits l SET throttled_until = NULL, adapted_from = NULL, adapted_at = NULL
-            WHERE l.limit_id = $1
-            RETURNING l.datasets
-        ),
-        datasets AS (
-            UPDATE syncq.datasets d SET throttled_until = NULL
-            FROM lifted u
-            WHERE d.dataset_id = ANY (u.datasets) AND d.throttled_until IS NOT NULL
-        )
-        SELECT cardinality(u.datasets)::bigint AS "n!" FROM lifted u
-        "#,
+    let mut tx = db.begin().await?;
+    sqlx::query!(
+        "UPDATE syncq.datasets d SET throttled_until = NULL
+         WHERE d.dataset_id = ANY (SELECT unnest(l.datasets) FROM syncq.limits l WHERE l.limit_id = $1)
+           AND d.throttled_until IS NOT NULL",
         limit_id
     )
-    .fetch_optional(db)
-    .await
+    .execute(tx.ex())
+    .await?;
+    let used_by = sqlx::query_scalar!(
+        r#"UPDATE syncq.limits l SET throttled_until = NULL, adapted_from = NULL, adapted_at = NULL
+           WHERE l.limit_id = $1
+           RETURNING cardinality(l.datasets)::bigint AS "n!""#,
+        limit_id
+    )
+    .fetch_optional(tx.ex())
+    .await?;
+    tx.commit().await?;
+    Ok(used_by)
 }
 
 /// Makes limit `limit_id` adaptive or not, forgetting what it learned;

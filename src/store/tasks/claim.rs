@@ -31,7 +31,7 @@ pub async fn claim(
         SELECT id AS "id!: TaskId", dataset_id AS "dataset_id!", kind AS "kind!", payload AS "payload!",
                priority AS "priority!", attempts AS "attempts!", max_attempts AS "max_attempts!",
                runs AS "runs!", checkpoint, created_at AS "created_at!",
-               started_at AS "started_at!"
+               started_at AS "started_at!", snoozes AS "snoozes!"
         FROM syncq.claim($1, $2, $3, $4, $5, $6)
         "#,
         worker_id,
@@ -84,7 +84,7 @@ pub async fn claim_ahead(
         SELECT id AS "id!: TaskId", dataset_id AS "dataset_id!", kind AS "kind!", payload::text AS "payload!",
                priority AS "priority!", attempts AS "attempts!", max_attempts AS "max_attempts!",
                runs AS "runs!", checkpoint::text AS checkpoint, created_at AS "created_at!",
-               started_at, started AS "started!"
+               started_at, started AS "started!", snoozes AS "snoozes!"
         FROM syncq.claim($1, $2, $3, $4, $5, $6, $7)
         "#,
         worker_id,
@@ -119,6 +119,7 @@ pub async fn claim_ahead(
                     // A task leased ahead that never ran has no start yet; its
                     // start replaces this.
                     started_at: r.started_at.unwrap_or(r.created_at),
+                    snoozes: r.snoozes,
                 },
                 started: r.started,
                 unreadable,
@@ -189,7 +190,7 @@ pub async fn claim_by_id(
             started_at = clock_timestamp(), finished_at = NULL
         WHERE id = $1 AND status = 'queued'
         RETURNING id AS "id: TaskId", dataset_id, kind, payload, priority, attempts, max_attempts, runs,
-                  checkpoint, created_at, started_at AS "started_at!"
+                  checkpoint, created_at, started_at AS "started_at!", snoozes
         "#,
         id.0,
         worker_id,

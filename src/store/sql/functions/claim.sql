@@ -62,7 +62,7 @@ CREATE OR REPLACE FUNCTION syncq.claim(p_worker text, p_kinds text[], p_datasets
                             p_start int DEFAULT NULL)
 RETURNS TABLE (id bigint, dataset_id text, kind text, payload jsonb, priority smallint,
                attempts int, max_attempts int, runs int, checkpoint jsonb,
-               created_at timestamptz, started_at timestamptz, started boolean)
+               created_at timestamptz, started_at timestamptz, started boolean, snoozes int)
 LANGUAGE plpgsql
 -- Every statement here is built for index access. The datasets table is
 -- small but churns (a new row version per turn), so between vacuums the
@@ -214,11 +214,11 @@ BEGIN
                    CASE WHEN d.max_concurrency IS NULL THEN p_limit
                         ELSE d.max_concurrency - r.running::int
                    END,
-                   -- An adaptive one: 1 per its spacing.
                    CASE WHEN d.rate_limit IS NULL THEN p_limit
-                        WHEN d.adaptive THEN 1 - w.used::int
                         ELSE d.rate_limit - w.used::int
-                   END
+                   END,
+                   -- An adaptive one also paces: 1 per its spacing.
+                   CASE WHEN d.adaptive THEN 1 - p.paced::int END
                )) AS share
         FROM unnest(v_turns) WITH ORDINALITY AS u(dataset_id, turn)
         -- LATERAL: one primary-key probe per turn, not a hash of the table.
@@ -229,12 +229,9 @@ BEGIN
         -- sub-select would keep rate_used from being inlined.
         CROSS JOIN clock clk
         CROSS JOIN LATERAL syncq.running_count(d.dataset_id) AS r(running)
-        CROSS JOIN LATERAL syncq.rate_used(d.dataset_id,
-                                           CASE WHEN d.adaptive
-                                                THEN syncq.paced_window(d.rate_limit, d.rate_window,
-                                                                        d.adapted_from, d.adapted_at, clk.now)
-                                                ELSE d.rate_window END,
-                                           clk.now) AS w(used)
+        CROSS JOIN LATERAL syncq.rate_used(d.dataset_id, d.rate_window, clk.now) AS w(used)
+        CROSS JOIN LATERAL syncq.rate_used(d.dataset_id, syncq.paced_window(d.rate_limit, d.rate_window, d.adapted_from, d.adapted_at, clk.now),
+                                           clk.now) AS p(paced)
         -- Re-read here: an unlocked dataset may have been paused or
         -- throttled since step 1.
         WHERE NOT d.paused AND (d.throttled_until IS NULL OR d.throttled_until <= (SELECT clk.now FROM clock clk))
@@ -290,7 +287,7 @@ BEGIN
         -- By primary key: a join here was planned as a hash of the table.
         WHERE t.id = ANY (ARRAY(SELECT p.id FROM picked p WHERE p.start_now))
         RETURNING t.id, t.dataset_id, t.kind, t.payload, t.priority, t.attempts,
-                  t.max_attempts, t.runs, t.checkpoint, t.created_at, t.started_at
+                  t.max_attempts, t.runs, t.checkpoint, t.created_at, t.started_at, t.snoozes
     ),
     leased AS (
         -- Leased ahead: still queued and uncounted, its last attempt's
@@ -305,7 +302,7 @@ BEGIN
         -- the handler's start follows it by the wait in the local queue.
         RETURNING t.id, t.dataset_id, t.kind, t.payload, t.priority, t.attempts,
                   t.max_attempts, t.runs, t.checkpoint, t.created_at,
-                  (SELECT clk.now FROM clock clk) AS started_at
+                  (SELECT clk.now FROM clock clk) AS started_at, t.snoozes
     ),
     claimed AS (
         SELECT s.*, true AS started FROM started s
@@ -370,7 +367,7 @@ BEGIN
         WHERE NOT EXISTS (SELECT 1 FROM turned t WHERE t.dataset_id = n.dataset_id)
     )
     SELECT c.id, c.dataset_id, c.kind, c.payload, c.priority, c.attempts,
-           c.max_attempts, c.runs, c.checkpoint, c.created_at, c.started_at, c.started
+           c.max_attempts, c.runs, c.checkpoint, c.created_at, c.started_at, c.started, c.snoozes
     FROM claimed c JOIN picked p ON p.id = c.id
     -- In the order picked: the pool starts them in this order (its local
     -- queue), so within a dataset by priority, run_at, id, and across

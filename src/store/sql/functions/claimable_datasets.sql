@@ -23,20 +23,19 @@ AS $$
     -- The cap's and the rate limit's counts (running_count, rate_used),
     -- each computed only for a dataset with that setting.
     CROSS JOIN LATERAL syncq.running_count(d.dataset_id) AS r(running)
-    -- An adaptive rate limit counts as 1 per its spacing (paced_window).
-    CROSS JOIN LATERAL syncq.rate_used(d.dataset_id,
-                                       CASE WHEN d.adaptive
-                                            THEN syncq.paced_window(d.rate_limit, d.rate_window, d.adapted_from,
-                                                                    d.adapted_at, now())
-                                            ELSE d.rate_window END,
-                                       now()) AS u(used)
+    CROSS JOIN LATERAL syncq.rate_used(d.dataset_id, d.rate_window, now()) AS u(used)
+    -- An adaptive rate limit also paces (effective_rate.sql): no start
+    -- logged in its last spacing.
+    CROSS JOIN LATERAL syncq.rate_used(d.dataset_id, syncq.paced_window(d.rate_limit, d.rate_window, d.adapted_from, d.adapted_at, now()),
+                                       now()) AS p(paced)
     WHERE d.ready_at IS NOT NULL AND d.ready_at <= now()
       AND NOT d.paused
       AND (d.throttled_until IS NULL OR d.throttled_until <= now())
       AND (p_datasets IS NULL OR d.dataset_id = ANY (p_datasets))
       AND (p_skip IS NULL OR NOT (d.dataset_id = ANY (p_skip)))
       AND (d.max_concurrency IS NULL OR d.max_concurrency > r.running)
-      AND (d.rate_limit IS NULL OR CASE WHEN d.adaptive THEN 1 ELSE d.rate_limit END > u.used)
+      AND (d.rate_limit IS NULL OR d.rate_limit > u.used)
+      AND CASE WHEN d.adaptive THEN p.paced = 0 ELSE true END
       -- Room in every shared limit it uses (not throttled, every window).
       AND (cardinality(d.shared_limits) = 0
            OR coalesce(syncq.limits_room(d.shared_limits, now()), 1) > 0)

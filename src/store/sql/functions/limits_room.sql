@@ -22,16 +22,18 @@ AS $$
 $$;
 
 -- The windows a limit counts in: its rates, and for an adaptive limit
--- one more, its pacing — 1 start per spacing of its shortest window at
--- its effective rate (see effective_rate.sql). Inlined where it is read.
+-- one more, its pacing (`paced`) — 1 start per spacing of its shortest
+-- window at its effective rate (see effective_rate.sql); `p_n` at once
+-- need `p_n` quiet spacings. Inlined where it is read.
 CREATE OR REPLACE FUNCTION syncq.limit_windows(p_limit text, p_adaptive boolean, p_from float8,
                                                p_at timestamptz, p_now timestamptz)
-RETURNS TABLE (rate_limit int, rate_window interval)
+RETURNS TABLE (rate_limit int, rate_window interval, paced boolean)
 LANGUAGE sql STABLE
 AS $$
-    SELECT r.rate_limit, r.rate_window FROM syncq.limit_rates r WHERE r.limit_id = p_limit
+    SELECT r.rate_limit, r.rate_window, false FROM syncq.limit_rates r WHERE r.limit_id = p_limit
     UNION ALL
-    SELECT 1, b.rate_window / syncq.effective_rate(b.rate_limit, b.rate_window, p_from, p_at, p_now)
+    SELECT 1, b.rate_window / syncq.effective_rate(b.rate_limit, b.rate_window, p_from, p_at, p_now),
+           true
     FROM (SELECT r.rate_limit, r.rate_window FROM syncq.limit_rates r
           WHERE r.limit_id = p_limit ORDER BY r.rate_window LIMIT 1) b
     WHERE p_adaptive
@@ -57,7 +59,7 @@ AS $$
                    END)))
         FROM syncq.limits l
         LEFT JOIN LATERAL syncq.limit_windows(l.limit_id, l.adaptive, l.adapted_from, l.adapted_at, p_at)
-                          AS r(rate_limit, rate_window) ON true
+                          AS r(rate_limit, rate_window, paced) ON true
         WHERE l.limit_id = ANY (p_limits)) END
 $$;
 
@@ -81,15 +83,20 @@ AS $$
         SELECT max(greatest(
                    coalesce(l.throttled_until, p_at),
                    CASE WHEN r.rate_limit IS NULL THEN p_at ELSE coalesce(
-                       (SELECT g.at + r.rate_window + least(r.rate_window / 20, interval '25 milliseconds')
+                       -- A pacing window holds p_n starts per p_n spacings.
+                       (SELECT g.at + r.rate_window * CASE WHEN r.paced THEN p_n ELSE 1 END
+                               + least(r.rate_window * CASE WHEN r.paced THEN p_n ELSE 1 END / 20,
+                                       interval '25 milliseconds')
                         FROM syncq.limit_log g
                         WHERE g.limit_id = l.limit_id
-                          AND g.at > p_at - r.rate_window - least(r.rate_window / 20, interval '25 milliseconds')
+                          AND g.at > p_at - r.rate_window * CASE WHEN r.paced THEN p_n ELSE 1 END
+                                     - least(r.rate_window * CASE WHEN r.paced THEN p_n ELSE 1 END / 20,
+                                             interval '25 milliseconds')
                         ORDER BY g.at DESC
-                        OFFSET greatest(r.rate_limit - p_n, 0) LIMIT 1),
+                        OFFSET greatest(CASE WHEN r.paced THEN p_n ELSE r.rate_limit END - p_n, 0) LIMIT 1),
                        p_at) END))
         FROM syncq.limits l
         LEFT JOIN LATERAL syncq.limit_windows(l.limit_id, l.adaptive, l.adapted_from, l.adapted_at, p_at)
-                          AS r(rate_limit, rate_window) ON true
+                          AS r(rate_limit, rate_window, paced) ON true
         WHERE l.limit_id = ANY (p_limits)), p_at) END
 $$;

@@ -24,18 +24,16 @@ AS $$
                    d.ready_at,
                    coalesce(d.throttled_until, now()),
                    CASE WHEN d.rate_limit IS NULL THEN now() ELSE room.at END,
+                   -- An adaptive one's pace: its last start plus a spacing.
+                   CASE WHEN d.adaptive THEN pace.at ELSE now() END,
                    -- Its shared limits' throttles and windows.
                    CASE WHEN cardinality(d.shared_limits) = 0 THEN now()
                         ELSE syncq.limits_room_at(d.shared_limits, 1, now()) END)) - now() AS wait
         FROM syncq.datasets d
         CROSS JOIN LATERAL syncq.running_count(d.dataset_id) AS r(running)
-        CROSS JOIN LATERAL syncq.rate_room_at(d.dataset_id,
-                                              CASE WHEN d.adaptive THEN 1 ELSE d.rate_limit END,
-                                              CASE WHEN d.adaptive
-                                                   THEN syncq.paced_window(d.rate_limit, d.rate_window,
-                                                                           d.adapted_from, d.adapted_at, now())
-                                                   ELSE d.rate_window END,
-                                              now()) AS room(at)
+        CROSS JOIN LATERAL syncq.rate_room_at(d.dataset_id, d.rate_limit, d.rate_window, now()) AS room(at)
+        CROSS JOIN LATERAL syncq.rate_room_at(d.dataset_id, 1, syncq.paced_window(d.rate_limit, d.rate_window, d.adapted_from, d.adapted_at, now()),
+                                              now()) AS pace(at)
         WHERE d.ready_at IS NOT NULL
           AND NOT d.paused
           AND (p_datasets IS NULL OR d.dataset_id = ANY (p_datasets))

@@ -25,7 +25,6 @@ DECLARE
     v_now timestamptz;
     v_room timestamptz;
     v_small record;
-    v_rate int;
     v_window interval;
 BEGIN
     IF p_n IS NULL OR p_n < 1 THEN
@@ -66,24 +65,22 @@ BEGIN
             p_n, v_dataset, v_d.rate_limit
             USING ERRCODE = '22023';
     END IF;
-    -- An adaptive rate limit paces: p_n permits fit once none was logged
-    -- in the last p_n spacings (see effective_rate.sql).
+    -- An adaptive rate limit also paces: p_n permits fit once none was
+    -- logged in the last p_n spacings (see effective_rate.sql).
     IF v_d.adaptive THEN
-        v_rate := p_n;
         v_window := p_n * syncq.paced_window(v_d.rate_limit, v_d.rate_window, v_d.adapted_from,
                                              v_d.adapted_at, v_now);
-    ELSE
-        v_rate := v_d.rate_limit;
-        v_window := v_d.rate_window;
     END IF;
     -- From when there is room for p_n in everything it counts under.
     v_room := greatest(
         coalesce(v_d.throttled_until, v_now),
         CASE WHEN v_d.rate_limit IS NULL THEN v_now
-             WHEN (SELECT u.used FROM syncq.rate_used(v_dataset, v_window, v_now) AS u(used))
-                  + p_n <= v_rate THEN v_now
-             ELSE (SELECT r.at FROM syncq.rate_room_at(v_dataset, v_rate - p_n + 1,
-                                                       v_window, v_now) AS r(at)) END,
+             WHEN (SELECT u.used FROM syncq.rate_used(v_dataset, v_d.rate_window, v_now) AS u(used))
+                  + p_n <= v_d.rate_limit THEN v_now
+             ELSE (SELECT r.at FROM syncq.rate_room_at(v_dataset, v_d.rate_limit - p_n + 1,
+                                                       v_d.rate_window, v_now) AS r(at)) END,
+        CASE WHEN v_window IS NULL THEN v_now
+             ELSE (SELECT r.at FROM syncq.rate_room_at(v_dataset, 1, v_window, v_now) AS r(at)) END,
         syncq.limits_room_at(v_d.shared_limits, p_n, v_now));
     IF v_room > v_now THEN
         RETURN greatest(extract(epoch FROM v_room - v_now), 0.001);

@@ -186,8 +186,11 @@ BEGIN
         SELECT s.dataset_id, s.adaptive, s.rate_window, s.shared_limits,
                max(v_secs[d.i]) FILTER (WHERE d.end_ = 'throttle') AS told,
                max(v_secs[d.i]) FILTER (WHERE d.end_ = 'slowdown') AS untold,
+               -- (A shared limit adapts only a rate it has.)
                s.adaptive OR EXISTS (SELECT 1 FROM syncq.limits l
-                                     WHERE l.limit_id = ANY (s.shared_limits) AND l.adaptive) AS adapts
+                                     WHERE l.limit_id = ANY (s.shared_limits) AND l.adaptive
+                                       AND EXISTS (SELECT 1 FROM syncq.limit_rates r
+                                                   WHERE r.limit_id = l.limit_id)) AS adapts
         FROM done d
         JOIN syncq.datasets s ON s.dataset_id = d.dataset_id
         WHERE d.end_ IN ('throttle', 'slowdown')
@@ -227,11 +230,17 @@ BEGIN
                 ELSE greatest(l.throttled_until,
                               now() + make_interval(secs => greatest(m.told, m.untold)))
                 END,
-            adapted_from = CASE WHEN b.adapt
+            -- Whether it adapts is read from the row being updated (`l`,
+            -- re-read after its lock when two workers race), so two 429s
+            -- in one window lower it once.
+            adapted_from = CASE WHEN l.adaptive AND m.slowdown AND b.rate_window IS NOT NULL
+                                     AND (l.adapted_at IS NULL OR l.adapted_at <= now() - b.rate_window)
                                 THEN syncq.effective_rate(b.rate_limit, b.rate_window, l.adapted_from,
                                                           l.adapted_at, now())
                                 ELSE l.adapted_from END,
-            adapted_at = CASE WHEN b.adapt THEN now() ELSE l.adapted_at END
+            adapted_at = CASE WHEN l.adaptive AND m.slowdown AND b.rate_window IS NOT NULL
+                                   AND (l.adapted_at IS NULL OR l.adapted_at <= now() - b.rate_window)
+                              THEN now() ELSE l.adapted_at END
         FROM (SELECT u.l AS limit_id, max(r.told) AS told,
                      -- The default wait, from datasets nothing of which adapts.
                      max(r.untold) FILTER (WHERE NOT r.adapts) AS untold,
@@ -239,16 +248,11 @@ BEGIN
               FROM refusals r
               CROSS JOIN LATERAL unnest(r.shared_limits) AS u(l)
               GROUP BY u.l) m
-        -- Its shortest window, and whether it adapts now.
-        CROSS JOIN LATERAL (
-            SELECT r.rate_limit, r.rate_window,
-                   l0.adaptive AND m.slowdown
-                   AND (l0.adapted_at IS NULL OR l0.adapted_at <= now() - r.rate_window) AS adapt
-            FROM syncq.limits l0
-            LEFT JOIN LATERAL (SELECT r1.rate_limit, r1.rate_window FROM syncq.limit_rates r1
-                               WHERE r1.limit_id = l0.limit_id
-                               ORDER BY r1.rate_window LIMIT 1) r ON true
-            WHERE l0.limit_id = m.limit_id) b
+        -- Its shortest window (none: a limit with only a cap).
+        LEFT JOIN LATERAL (
+            SELECT r1.rate_limit, r1.rate_window FROM syncq.limit_rates r1
+            WHERE r1.limit_id = m.limit_id
+            ORDER BY r1.rate_window LIMIT 1) b ON true
         WHERE l.limit_id = m.limit_id
     )
     SELECT d.id FROM done d;

@@ -22,3 +22,18 @@ CREATE OR REPLACE TRIGGER limits_adaptive_reset
     FOR EACH ROW
     WHEN (OLD.adaptive IS DISTINCT FROM NEW.adaptive)
     EXECUTE FUNCTION syncq.adaptive_reset();
+-- A shared limit's rates changed (plain SQL on limit_rates): what it
+-- learned is forgotten too.
+CREATE OR REPLACE FUNCTION syncq.limit_rates_adaptive_reset() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    UPDATE syncq.limits SET adapted_from = NULL, adapted_at = NULL
+    WHERE limit_id = CASE WHEN TG_OP = 'DELETE' THEN OLD.limit_id ELSE NEW.limit_id END
+      AND adapted_at IS NOT NULL;
+    RETURN NULL;
+END;
+$$;
+CREATE OR REPLACE TRIGGER limit_rates_adaptive_reset
+    AFTER INSERT OR UPDATE OR DELETE ON syncq.limit_rates
+    FOR EACH ROW
+    EXECUTE FUNCTION syncq.limit_rates_adaptive_reset();
