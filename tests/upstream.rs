@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use syncq::{NewTask, PoolConfig, RateLimit, TaskQueueManager, WorkerPool};
+use syncq::{NewTask, OutcomeKind, PoolConfig, RateLimit, TaskQueueManager, WorkerPool};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -123,7 +123,7 @@ async fn snoozes_are_bounded_then_count_as_failed_attempts(
         while let Ok(e) = events.recv().await {
             if let syncq::Event::Finished { outcome, .. } = e {
                 kinds.push(outcome);
-                if outcome == syncq::OutcomeKind::Failed {
+                if outcome == OutcomeKind::Failed {
                     return kinds;
                 }
             }
@@ -146,10 +146,12 @@ async fn snoozes_are_bounded_then_count_as_failed_attempts(
     assert_eq!(row.attempts, 2);
     assert_eq!(snoozes, syncq::TaskError::MAX_SNOOZES + 2);
     let kinds = tokio::time::timeout(WAIT, said).await.unwrap().unwrap();
-    use syncq::OutcomeKind::{Failed, Retried, Snoozed};
-    let mut want = vec![Snoozed; 100];
-    want.extend([Retried, Failed]);
-    assert_eq!(kinds, want, "past the bound a snooze is said to be the failure it is");
+    let mut want = vec![OutcomeKind::Snoozed; 100];
+    want.extend([OutcomeKind::Retried, OutcomeKind::Failed]);
+    assert_eq!(
+        kinds, want,
+        "past the bound a snooze is said to be the failure it is"
+    );
     assert!(
         row.last_error
             .as_deref()
@@ -463,10 +465,12 @@ async fn an_adaptive_limit_keeps_its_configured_window_as_well_as_its_pace(
             .unwrap()
         }
     };
-    assert!(claim().await.is_empty(), "the window holds 10 starts already");
-    common::wait_for("the window frees", Duration::from_secs(5), || {
-        let claim = claim.clone();
-        async move { claim().await == vec![i64::from(id)] }
+    assert!(
+        claim().await.is_empty(),
+        "the window holds 10 starts already"
+    );
+    common::wait_for("the window frees", Duration::from_secs(5), || async move {
+        claim().await == vec![i64::from(id)]
     })
     .await;
 }

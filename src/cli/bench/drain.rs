@@ -28,6 +28,7 @@ pub(super) async fn baseline(
         .map_err(bench_error("vacuum"))?;
     let workers = (args.processes * 2).clamp(2, 16);
     let k = i64::from(args.concurrency.clamp(1, 1000));
+    let before = writes(db).await?;
     let baseline = rate(
         args.tasks,
         timed(async {
@@ -69,6 +70,9 @@ pub(super) async fn baseline(
         "rows/s",
         None,
     );
+    writes(db)
+        .await?
+        .since(&before, args.tasks, "baseline", figures);
     Ok(baseline)
 }
 
@@ -82,9 +86,14 @@ pub(super) async fn measure(
 ) -> Result<(), CliError> {
     let base = Some(("raw claim+complete", baseline));
     reset(db).await?;
+    let before = writes(db).await?;
     let plain = drain(db, scratch, args, args.tasks, 1, false).await?;
     figures.add("drain: noop, 1 dataset", plain, "tasks/s", base);
+    writes(db)
+        .await?
+        .since(&before, args.tasks, "drain", figures);
     reset(db).await?;
+    let before = writes(db).await?;
     let fair = drain(db, scratch, args, args.tasks, 1000, true).await?;
     figures.add(
         "fair drain: 1,000 datasets, half rate-limited",
@@ -92,6 +101,9 @@ pub(super) async fn measure(
         "tasks/s",
         base,
     );
+    writes(db)
+        .await?
+        .since(&before, args.tasks, "fair drain", figures);
     figures.add("fair drain / drain", fair / plain.max(1.0), "ratio", None);
     reset(db).await?;
     let retried = drain_of(db, scratch, args, Work::FailTwice).await?;
@@ -120,6 +132,44 @@ pub(super) async fn measure(
         );
     }
     Ok(())
+}
+
+/// Where the server's write-ahead log is and the next transaction id: two
+/// readings around a drain give its WAL bytes and write transactions (as
+/// the peers' bench counts them: xids assigned).
+struct Writes {
+    wal: i64,
+    xid: i64,
+}
+
+async fn writes(db: &PgPool) -> Result<Writes, CliError> {
+    let (wal, xid): (i64, i64) =
+        sqlx::query_as("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8, txid_current()::int8")
+            .fetch_one(db)
+            .await
+            .map_err(bench_error("cannot read the WAL position"))?;
+    Ok(Writes { wal, xid })
+}
+
+impl Writes {
+    /// Adds what was written since `before`, per task of `tasks`. Every
+    /// process on the server counts (the bench runs alone on a quiet
+    /// one); the reading's own transaction is left out.
+    fn since(&self, before: &Writes, tasks: u32, what: &str, figures: &mut Figures) {
+        let n = f64::from(tasks.max(1));
+        figures.add(
+            &format!("{what}: WAL per task"),
+            (self.wal - before.wal) as f64 / n,
+            "bytes",
+            None,
+        );
+        figures.add(
+            &format!("{what}: write transactions per task"),
+            (self.xid - before.xid - 1) as f64 / n,
+            "xacts",
+            None,
+        );
+    }
 }
 
 pub(super) fn worker_command(
