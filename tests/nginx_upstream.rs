@@ -27,6 +27,11 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use syncq::{NewTask, PoolConfig, RateLimit, TaskQueueManager, WorkerPool};
 
 const PAGES: u64 = 5;
+
+/// The tests here run one at a time: each counts nginx's refusals, and the
+/// other's worker processes beside it delay requests by more than the
+/// margins a limit leaves (a 429 under CI once, with both running).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const RESOURCES: [&str; 4] = ["issues", "comments", "labels", "commits"];
 
 /// nginx on a free loopback port, serving `{dir}/data/{resource}/{cursor}.json`
@@ -186,6 +191,7 @@ async fn nginx_limit_req_answers_no_429_to_four_datasets_sharing_a_token(
     _: PgPoolOptions,
     opts: PgConnectOptions,
 ) {
+    let _turn = SERIAL.lock().await;
     let dir = std::env::temp_dir().join(format!("syncq-nginx-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -335,6 +341,7 @@ async fn an_adaptive_limit_learns_the_upstreams_rate_and_climbs_back(
     _: PgPoolOptions,
     opts: PgConnectOptions,
 ) {
+    let _turn = SERIAL.lock().await;
     const RESOURCES: [&str; 8] = ["r0", "r1", "r2", "r3", "r4", "r5", "r6", "r7"];
     const PAGES: u64 = 85;
     let dir = std::env::temp_dir().join(format!("syncq-nginx-adaptive-{}", std::process::id()));
