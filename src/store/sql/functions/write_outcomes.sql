@@ -75,6 +75,7 @@ DECLARE
     v_errors text[];
     v_secs float8[];
     v_ago float8[];
+    v_rest bigint[];
     -- Read first: `p_ago` was measured just before this call was sent.
     v_now timestamptz := clock_timestamp();
 BEGIN
@@ -88,6 +89,36 @@ BEGIN
          AS e(id, runs, end_, result, error, secs, ago)
     WHERE p_take IS NULL OR e.id = ANY (p_take);
     IF v_ids IS NULL THEN
+        RETURN;
+    END IF;
+    -- Successes first, by a statement of their own: the one end of a
+    -- drain, and its values need no per-row sub-select (the general
+    -- statement below evaluates one per row, which was half of a
+    -- completion's database time: 16-26 µs a task against 9-13 in psql,
+    -- 200 a batch). The same fence and the same values as the general
+    -- statement gives a succeed.
+    RETURN QUERY
+    UPDATE syncq.tasks t
+    SET status = 'succeeded',
+        result = v_results[width_bucket(t.id, v_ids)],
+        attempts = t.attempts
+                   + (t.status = 'queued' AND v_ago[width_bucket(t.id, v_ids)] IS NOT NULL)::int,
+        started_at = CASE WHEN t.status = 'queued' AND v_ago[width_bucket(t.id, v_ids)] IS NOT NULL
+                          THEN least(v_now - make_interval(
+                                         secs => greatest(v_ago[width_bucket(t.id, v_ids)], 0)),
+                                     now())
+                          ELSE t.started_at END,
+        finished_at = now(),
+        locked_by = NULL,
+        lease_expires_at = NULL
+    WHERE t.id = ANY (v_ids)
+      AND v_ends[width_bucket(t.id, v_ids)] = 'succeed'
+      AND t.runs = v_runs[width_bucket(t.id, v_ids)]
+      AND t.locked_by = p_worker
+      AND (t.status = 'running' OR (t.status = 'queued' AND NOT t.cancel_requested))
+    RETURNING t.id;
+    v_rest := ARRAY(SELECT e.id FROM unnest(v_ids, v_ends) AS e(id, end_) WHERE e.end_ <> 'succeed');
+    IF cardinality(v_rest) = 0 THEN
         RETURN;
     END IF;
     RETURN QUERY
@@ -143,7 +174,7 @@ BEGIN
                                     THEN 'retry' ELSE v_ends[w.i] END AS end_,
                                (t.status = 'queued' AND v_ago[w.i] IS NOT NULL) AS starts
                         FROM (SELECT width_bucket(t.id, v_ids) AS i) w) x) e)
-        WHERE t.id = ANY (v_ids)
+        WHERE t.id = ANY (v_rest)
           AND t.runs = v_runs[width_bucket(t.id, v_ids)]
           AND t.locked_by = p_worker
           -- Held: running, or leased ahead (queued in this worker's name;
