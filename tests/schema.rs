@@ -396,7 +396,7 @@ async fn the_cap_and_rate_counts_are_inlined_and_counted_only_where_read(db: PgP
         "{plan}"
     );
     assert!(
-        plan.contains("tasks_running_idx") && plan.contains("rate_log_idx"),
+        plan.contains("tasks_held_idx") && plan.contains("rate_log_idx"),
         "{plan}"
     );
 }

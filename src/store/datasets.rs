@@ -175,7 +175,7 @@ pub async fn counts(db: impl PgExecutor<'_>, dataset_id: &str) -> sqlx::Result<D
     let r = sqlx::query!(
         r#"
         SELECT
-          (SELECT count(*) FROM syncq.tasks WHERE dataset_id = $1 AND status = 'queued') AS "queued!",
+          (SELECT q.queued FROM syncq.queued_count($1) AS q(queued)) AS "queued!",
           (SELECT r.running FROM syncq.running_count($1) AS r(running)) AS "running!",
           coalesce((SELECT u.used FROM syncq.datasets d
                     CROSS JOIN LATERAL syncq.rate_used(d.dataset_id, d.rate_window, now()) AS u(used)

@@ -78,7 +78,9 @@ pub async fn progress(db: impl PgExecutor<'_>, prefix: &str) -> sqlx::Result<Vec
                d.max_concurrency,
                coalesce(d.throttled_until > now(), false) AS "throttled!"
         FROM syncq.datasets d
+        -- Both halves (held or not), each a range of its index.
         LEFT JOIN syncq.tasks t ON t.dataset_id = d.dataset_id
+                               AND (t.locked_by IS NULL OR t.locked_by IS NOT NULL)
         WHERE d.dataset_id LIKE $1
         GROUP BY d.dataset_id
         ORDER BY d.dataset_id
@@ -139,7 +141,8 @@ pub async fn summary(
                coalesce(sum(t.runs), 0)::int8 AS "runs!",
                coalesce(sum(greatest(t.attempts - 1, 0)), 0)::int8 AS "retries!",
                (SELECT count(*) FROM syncq.task_errors e JOIN syncq.tasks t2 ON t2.id = e.task_id
-                WHERE t2.dataset_id = d.dataset_id AND e.error LIKE 'rate limited%') AS "throttles!",
+                WHERE t2.dataset_id = d.dataset_id AND (t2.locked_by IS NULL OR t2.locked_by IS NOT NULL)
+                  AND e.error LIKE 'rate limited%') AS "throttles!",
                count(t.id) FILTER (WHERE (t.result ->> 'resumed_from')::int8 > 0) AS "resumed!",
                coalesce(extract(epoch FROM max(t.finished_at) - $2)::float8, 0) AS "elapsed_secs!",
                coalesce(extract(epoch FROM max(t.started_at) - $2)::float8, 0) AS "last_start_secs!",
@@ -147,7 +150,9 @@ pub async fn summary(
                     ELSE extract(epoch FROM d.rate_window)::float8 END AS "window_secs!",
                d.rate_limit / extract(epoch FROM d.rate_window)::float8 AS limit_per_second
         FROM syncq.datasets d
+        -- Both halves (held or not), each a range of its index.
         LEFT JOIN syncq.tasks t ON t.dataset_id = d.dataset_id
+                               AND (t.locked_by IS NULL OR t.locked_by IS NOT NULL)
         WHERE d.dataset_id LIKE $1
         GROUP BY d.dataset_id
         ORDER BY d.dataset_id
@@ -165,7 +170,7 @@ pub async fn holder_of_running(
     dataset: &str,
 ) -> sqlx::Result<Option<String>> {
     Ok(sqlx::query_scalar!(
-        "SELECT locked_by FROM syncq.tasks WHERE dataset_id = $1 AND status = 'running' ORDER BY id LIMIT 1",
+        "SELECT locked_by FROM syncq.tasks WHERE dataset_id = $1 AND status = 'running' AND locked_by IS NOT NULL ORDER BY id LIMIT 1",
         dataset
     )
     .fetch_optional(db)

@@ -44,6 +44,7 @@ pub static OBJECTS: &[SqlObject] = objects![
     "functions/limit_bucket",
     "functions/effective_rate",
     "functions/absorb_signals",
+    "functions/queued_count",
     "functions/mark_idle",
     "functions/refresh_ready",
     "functions/running_count",

@@ -146,7 +146,9 @@ pub async fn unhandled_kinds(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<String
     sqlx::query_scalar!(
         r#"
         SELECT DISTINCT t.kind AS "kind!" FROM syncq.tasks t
-        WHERE t.status = 'queued'
+        -- No holder: a task leased ahead is held by a worker of its kind
+        -- (and this is a range of tasks_claim_idx, not the table).
+        WHERE t.status = 'queued' AND t.locked_by IS NULL
           AND NOT EXISTS (SELECT 1 FROM syncq.workers_live w WHERE t.kind = ANY (w.kinds))
         ORDER BY 1
         "#
@@ -303,7 +305,8 @@ pub struct TaskQuery<'a> {
 pub const FILTER_WINDOW: i64 = 10_000;
 
 /// Tasks, newest first, by `q`. Of one dataset, bounded by the page: per
-/// status a backward range of tasks_dataset_status_idx, merged; a kind or
+/// status a backward range of tasks_unheld_idx and one of tasks_held_idx
+/// (migrations/0010), merged; a kind or
 /// error filter looks through the newest [`FILTER_WINDOW`] (or the page's
 /// depth, if deeper) of each status.
 pub async fn tasks(db: impl PgExecutor<'_>, q: TaskQuery<'_>) -> sqlx::Result<Vec<TaskInfo>> {
@@ -316,11 +319,17 @@ pub async fn tasks(db: impl PgExecutor<'_>, q: TaskQuery<'_>) -> sqlx::Result<Ve
                 FROM unnest(CASE WHEN $2::text IS NULL THEN enum_range(NULL::syncq.task_status)
                                  ELSE ARRAY[$2::text::syncq.task_status] END) AS s(status)
                 CROSS JOIN LATERAL (
-                    SELECT t.id, t.kind, t.last_error FROM syncq.tasks t
-                    WHERE t.dataset_id = $1 AND t.status = s.status
-                    ORDER BY t.id DESC
-                    LIMIT CASE WHEN $3::text IS NULL AND $4::text IS NULL THEN $5::int8 + $6::int8
-                               ELSE greatest($8::int8, $5::int8 + $6::int8) END
+                    (SELECT t.id, t.kind, t.last_error FROM syncq.tasks t
+                     WHERE t.dataset_id = $1 AND t.status = s.status AND t.locked_by IS NULL
+                     ORDER BY t.id DESC
+                     LIMIT CASE WHEN $3::text IS NULL AND $4::text IS NULL THEN $5::int8 + $6::int8
+                                ELSE greatest($8::int8, $5::int8 + $6::int8) END)
+                    UNION ALL
+                    (SELECT t.id, t.kind, t.last_error FROM syncq.tasks t
+                     WHERE t.dataset_id = $1 AND t.status = s.status AND t.locked_by IS NOT NULL
+                     ORDER BY t.id DESC
+                     LIMIT CASE WHEN $3::text IS NULL AND $4::text IS NULL THEN $5::int8 + $6::int8
+                                ELSE greatest($8::int8, $5::int8 + $6::int8) END)
                 ) w
                 WHERE ($3::text IS NULL OR w.kind = $3)
                   AND ($4::text IS NULL OR strpos(coalesce(w.last_error, ''), $4) > 0)
@@ -456,8 +465,8 @@ pub async fn overview(
         page AS (
             SELECT k.dataset_id,
                    CASE $2::text
-                       WHEN 'queued' THEN (SELECT count(*) FROM syncq.tasks t
-                                           WHERE t.dataset_id = k.dataset_id AND t.status = 'queued')
+                       WHEN 'queued' THEN (SELECT q.queued
+                                           FROM syncq.queued_count(k.dataset_id) AS q(queued))
                        WHEN 'running' THEN (SELECT r.running
                                             FROM syncq.running_count(k.dataset_id) AS r(running))
                        ELSE 0 END AS rank
@@ -467,12 +476,10 @@ pub async fn overview(
             LIMIT $3 OFFSET $4
         )
         SELECT p.dataset_id AS "dataset_id!",
-               (SELECT count(*) FROM syncq.tasks t
-                WHERE t.dataset_id = p.dataset_id AND t.status = 'queued') AS "queued!",
+               (SELECT q.queued FROM syncq.queued_count(p.dataset_id) AS q(queued)) AS "queued!",
                (SELECT r.running FROM syncq.running_count(p.dataset_id) AS r(running)) AS "running!",
                d.max_concurrency,
-               (SELECT extract(epoch FROM now() - min(t.run_at))::float8 FROM syncq.tasks t
-                WHERE t.dataset_id = p.dataset_id AND t.status = 'queued' AND t.run_at <= now())
+               extract(epoch FROM now() - syncq.oldest_ready_at(p.dataset_id))::float8
                    AS oldest_ready_age_secs,
                d.rate_limit,
                coalesce(extract(epoch FROM d.rate_window)::float8, 1.0) AS "rate_window_secs!",
@@ -511,12 +518,16 @@ pub async fn dataset_count(db: impl PgExecutor<'_>, filter: Option<&str>) -> sql
     .await
 }
 
-/// Tasks queued and running across the fleet (their partial indexes).
+/// Tasks queued and running across the fleet: ranges of tasks_claim_idx
+/// (queued, no holder) and tasks_held_idx (leased ahead, running).
 pub async fn queued_running(db: impl PgExecutor<'_>) -> sqlx::Result<(i64, i64)> {
     let r = sqlx::query!(
         r#"
-        SELECT (SELECT count(*) FROM syncq.tasks WHERE status = 'queued') AS "queued!",
-               (SELECT count(*) FROM syncq.tasks WHERE status = 'running') AS "running!"
+        SELECT (SELECT count(*) FROM syncq.tasks WHERE status = 'queued' AND locked_by IS NULL)
+               + (SELECT count(*) FROM syncq.tasks WHERE status = 'queued' AND locked_by IS NOT NULL)
+                   AS "queued!",
+               (SELECT count(*) FROM syncq.tasks WHERE status = 'running' AND locked_by IS NOT NULL)
+                   AS "running!"
         "#
     )
     .fetch_one(db)
@@ -548,7 +559,8 @@ pub async fn throughput(
             SELECT t.started_at, t.finished_at FROM syncq.tasks t
             WHERE ((t.status IN ('succeeded', 'failed', 'cancelled')
                     AND t.finished_at > now() - interval '1 hour')
-                   OR t.status = 'running')
+                   -- Running tasks have a holder: tasks_held_idx.
+                   OR (t.status = 'running' AND t.locked_by IS NOT NULL))
               AND ($1::text IS NULL OR t.dataset_id = $1)
         ),
         starts AS (
@@ -601,7 +613,7 @@ pub async fn activity(db: impl PgExecutor<'_>) -> sqlx::Result<Activity> {
               AND t.finished_at > now() - interval '1 hour'
             UNION ALL
             SELECT t.dataset_id, t.status, t.started_at, NULL FROM syncq.tasks t
-            WHERE t.status = 'running'
+            WHERE t.status = 'running' AND t.locked_by IS NOT NULL
         ),
         starts AS (
             SELECT date_trunc('minute', started_at) AS m, count(*) AS n FROM recent
@@ -674,9 +686,13 @@ pub async fn failures_by_error(
             SELECT w.id
             FROM unnest(enum_range(NULL::syncq.task_status)) AS s(status)
             CROSS JOIN LATERAL (
-                SELECT t.id, t.last_error FROM syncq.tasks t
-                WHERE t.dataset_id = $1 AND t.status = s.status
-                ORDER BY t.id DESC LIMIT $2
+                (SELECT t.id, t.last_error FROM syncq.tasks t
+                 WHERE t.dataset_id = $1 AND t.status = s.status AND t.locked_by IS NULL
+                 ORDER BY t.id DESC LIMIT $2)
+                UNION ALL
+                (SELECT t.id, t.last_error FROM syncq.tasks t
+                 WHERE t.dataset_id = $1 AND t.status = s.status AND t.locked_by IS NOT NULL
+                 ORDER BY t.id DESC LIMIT $2)
             ) w
             WHERE w.last_error IS NOT NULL
         )
@@ -780,6 +796,8 @@ pub async fn queued_of_kind(
         r#"
         SELECT id, payload, priority, unique_key FROM syncq.tasks
         WHERE dataset_id = $1 AND kind = $2 AND status = 'queued'
+          -- Both halves (held or not), each a range of its index.
+          AND (locked_by IS NULL OR locked_by IS NOT NULL)
         ORDER BY id
         "#,
         dataset,
@@ -803,8 +821,11 @@ pub async fn queue_depths(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<(String, 
                count(*) FILTER (WHERE status = 'running') AS "running!",
                coalesce(extract(epoch FROM now() - min(run_at) FILTER (
                    WHERE status = 'queued' AND run_at <= now())), 0)::float8 AS "oldest_ready_age!"
+        -- The live tasks: queued without a holder (tasks_claim_idx) and
+        -- held (tasks_held_idx), never the finished rows.
         FROM syncq.tasks
-        WHERE status IN ('queued', 'running')
+        WHERE (status = 'queued' AND locked_by IS NULL)
+           OR (locked_by IS NOT NULL AND status IN ('queued', 'running'))
         GROUP BY dataset_id
         "#
     )

@@ -303,7 +303,11 @@ pub async fn leftover(
             SELECT t.status, t.dataset_id, coalesce(d.paused, false) AS paused,
                    greatest(t.run_at, coalesce(d.throttled_until, t.run_at)) AS due
             FROM syncq.tasks t LEFT JOIN syncq.datasets d ON d.dataset_id = t.dataset_id
-            WHERE t.status IN ('queued', 'running') AND t.kind = ANY ($1)
+            -- The live tasks: queued without a holder (tasks_claim_idx)
+            -- and held (tasks_held_idx), never the finished rows.
+            WHERE ((t.status = 'queued' AND t.locked_by IS NULL)
+                   OR (t.locked_by IS NOT NULL AND t.status IN ('queued', 'running')))
+              AND t.kind = ANY ($1)
               AND ($2::text[] IS NULL OR t.dataset_id = ANY ($2))
               AND NOT (t.status = 'queued' AND t.cancel_requested)
         )

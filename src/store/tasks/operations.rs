@@ -36,6 +36,8 @@ pub async fn cancel_dataset(
         r#"
         UPDATE syncq.tasks SET cancel_requested = true
         WHERE dataset_id = $1 AND status IN ('queued', 'running') AND NOT cancel_requested
+          -- Both halves (held or not), each a range of its index.
+          AND (locked_by IS NULL OR locked_by IS NOT NULL)
           AND ($2::text IS NULL OR kind = $2)
           AND ($3::text IS NULL OR strpos(coalesce(last_error, ''), $3) > 0)
         "#,
@@ -75,6 +77,8 @@ pub async fn retry_dataset(
         SELECT count(*) AS "n!" FROM syncq.retry(ARRAY(
             SELECT id FROM syncq.tasks
             WHERE dataset_id = $1 AND status IN ('failed', 'cancelled') AND status::text = $2
+              -- Both halves (held or not), each a range of its index.
+              AND (locked_by IS NULL OR locked_by IS NOT NULL)
               AND ($3::text IS NULL OR kind = $3)
               AND ($4::text IS NULL OR strpos(coalesce(last_error, ''), $4) > 0)))
         "#,

@@ -11,7 +11,7 @@
 -- Written to be inlined (one SELECT, LANGUAGE sql, STABLE): a dataset
 -- without shared limits costs no probe (the CASE).
 -- The running tasks of datasets `p_datasets` (a limit's, for its cap): one
--- probe of tasks_running_idx each.
+-- range of tasks_held_idx each.
 CREATE OR REPLACE FUNCTION syncq.limit_running(p_datasets text[])
 RETURNS bigint
 LANGUAGE sql STABLE

@@ -31,9 +31,7 @@ BEGIN
         RETURN 0;
     END IF;
     UPDATE syncq.datasets d
-    SET ready_at = (SELECT min(t.run_at) FROM syncq.tasks t
-                    WHERE t.dataset_id = d.dataset_id AND t.status = 'queued'
-                      AND t.locked_by IS NULL)
+    SET ready_at = syncq.first_run_at(d.dataset_id)
     WHERE d.dataset_id = ANY (v_idle)
       AND (SELECT true FROM syncq.tasks t
            WHERE t.dataset_id = d.dataset_id AND t.status = 'queued' AND t.run_at <= p_now

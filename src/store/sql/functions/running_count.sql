@@ -10,11 +10,12 @@
 -- expands it into the caller, and the count is a subplan that runs only
 -- where the caller reads it: `d.max_concurrency IS NULL OR
 -- d.max_concurrency > r.running` counts nothing for an uncapped dataset.
--- One probe of tasks_running_idx.
+-- One range of tasks_held_idx (running tasks always have a holder).
 CREATE OR REPLACE FUNCTION syncq.running_count(p_dataset text)
 RETURNS SETOF bigint
 LANGUAGE sql STABLE
 AS $$
     SELECT (SELECT count(*) FROM syncq.tasks r
-            WHERE r.dataset_id = p_dataset AND r.status = 'running')
+            WHERE r.dataset_id = p_dataset AND r.status = 'running'
+              AND r.locked_by IS NOT NULL)
 $$;

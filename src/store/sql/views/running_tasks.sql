@@ -5,4 +5,5 @@ SELECT t.id, t.dataset_id, t.kind, t.attempts, t.max_attempts, t.locked_by,
        t.lease_expires_at - now() AS lease_left, t.cancel_requested
 FROM syncq.tasks t
 LEFT JOIN syncq.workers w ON w.worker_id = t.locked_by
-WHERE t.status = 'running';
+-- Running tasks always have a holder: one range of tasks_held_idx.
+WHERE t.status = 'running' AND t.locked_by IS NOT NULL;
