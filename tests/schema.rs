@@ -293,6 +293,84 @@ async fn migrate_applies_again_only_the_files_whose_text_changed(
     );
 }
 
+/// A database at version 9 (before tasks were indexed by holder), with
+/// tasks queued, leased ahead, running and finished, moves to the current
+/// layout: every row stays, once, and each of them is found through the
+/// index of its half.
+#[sqlx::test(migrations = false)]
+async fn a_database_at_version_9_moves_to_the_holder_indexes_with_its_rows(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let db = common::connect(&opts).await;
+    let tmp = tempfile_dir();
+    let dir = format!("{}/migrations", env!("CARGO_MANIFEST_DIR"));
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    for file in files.iter().take(9) {
+        std::fs::copy(file, tmp.join(file.file_name().unwrap())).unwrap();
+    }
+    let nine = sqlx::migrate::Migrator::new(tmp.as_path()).await.unwrap();
+    std::fs::remove_dir_all(&tmp).unwrap();
+    nine.run(&db).await.unwrap();
+    let before = seed(&db).await;
+    sqlx::raw_sql(
+        "INSERT INTO syncq.tasks (dataset_id, kind, status, attempts, locked_by, lease_expires_at, started_at)
+         VALUES ('gh', 'noop', 'running', 1, 'w1', now() + interval '30 seconds', now());
+         INSERT INTO syncq.tasks (dataset_id, kind, locked_by, lease_expires_at)
+         VALUES ('gh', 'noop', 'w1', now() + interval '30 seconds');",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    let with_held = rows(&db).await;
+    assert_ne!(with_held, before);
+
+    let out = migrate_command(&opts);
+    assert!(
+        out.starts_with("applied migration")
+            && out.contains(&format!("syncq schema is now at version {}", latest())),
+        "{out}"
+    );
+    assert_same_schema(&snapshot(&opts));
+    assert_eq!(rows(&db).await, with_held, "rows changed");
+
+    // Each half through its own index, and both together.
+    let counts: (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT q FROM syncq.queued_count('gh') q),
+                (SELECT r FROM syncq.running_count('gh') r),
+                (SELECT count(*) FROM syncq.tasks
+                  WHERE dataset_id = 'gh' AND status = 'succeeded' AND locked_by IS NULL),
+                (SELECT count(*) FROM syncq.tasks
+                  WHERE dataset_id = 'gh' AND (locked_by IS NULL OR locked_by IS NOT NULL))",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(counts, (2, 1, 1, 4));
+    // Five rows: without enable_seqscan = off any plan would read the table.
+    let mut conn = db.acquire().await.unwrap();
+    sqlx::query("SET enable_seqscan = off")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let plan: Vec<String> = sqlx::query_scalar(
+        "EXPLAIN SELECT count(*) FROM syncq.tasks
+         WHERE dataset_id = 'gh' AND (locked_by IS NULL OR locked_by IS NOT NULL)",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    let plan = plan.join("\n");
+    assert!(
+        plan.contains("tasks_held_idx") && plan.contains("tasks_unheld_idx"),
+        "{plan}"
+    );
+}
+
 /// `syncq migrate` on the test's database; its standard output.
 fn migrate_command(opts: &PgConnectOptions) -> String {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_syncq"));
