@@ -77,9 +77,17 @@ fn latest() -> i64 {
 /// The first `only_first` migrations of an earlier build
 /// (`tests/fixtures/DIR`), as that build applied them.
 async fn earlier(dir: &str, only_first: usize) -> sqlx::migrate::Migrator {
+    first_of(
+        &format!("{}/tests/fixtures/{dir}", env!("CARGO_MANIFEST_DIR")),
+        only_first,
+    )
+    .await
+}
+
+/// The first `only_first` migration files of the folder `path`.
+async fn first_of(path: &str, only_first: usize) -> sqlx::migrate::Migrator {
     let tmp = tempfile_dir();
-    let fixtures = format!("{}/tests/fixtures/{dir}", env!("CARGO_MANIFEST_DIR"));
-    let mut files: Vec<_> = std::fs::read_dir(fixtures)
+    let mut files: Vec<_> = std::fs::read_dir(path)
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
@@ -303,19 +311,11 @@ async fn a_database_at_version_9_moves_to_the_holder_indexes_with_its_rows(
     opts: PgConnectOptions,
 ) {
     let db = common::connect(&opts).await;
-    let tmp = tempfile_dir();
-    let dir = format!("{}/migrations", env!("CARGO_MANIFEST_DIR"));
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    files.sort();
-    for file in files.iter().take(9) {
-        std::fs::copy(file, tmp.join(file.file_name().unwrap())).unwrap();
-    }
-    let nine = sqlx::migrate::Migrator::new(tmp.as_path()).await.unwrap();
-    std::fs::remove_dir_all(&tmp).unwrap();
-    nine.run(&db).await.unwrap();
+    first_of(&format!("{}/migrations", env!("CARGO_MANIFEST_DIR")), 9)
+        .await
+        .run(&db)
+        .await
+        .unwrap();
     let before = seed(&db).await;
     sqlx::raw_sql(
         "INSERT INTO syncq.tasks (dataset_id, kind, status, attempts, locked_by, lease_expires_at, started_at)
