@@ -343,12 +343,19 @@ BEGIN
                    ORDER BY r.last_claimed_at NULLS FIRST, r.served_at NULLS FIRST, r.dataset_id
                    LIMIT 1),
                   timestamptz 'epoch') AS base) b,
-             (SELECT p.dataset_id, count(*) AS picked FROM picked p GROUP BY p.dataset_id) n
+             -- The datasets served whose rows this claim could lock. The
+             -- lock is applied here, to the picks, so that the join below
+             -- is one primary-key probe per dataset: with `d.dataset_id =
+             -- ANY (locked)` beside it the planner probed the whole
+             -- locked set once per dataset (125 datasets served: 15,000
+             -- rows read, 9 of a 15 ms claim).
+             (SELECT p.dataset_id, count(*) AS picked FROM picked p
+              WHERE p.dataset_id = ANY (ARRAY(
+                  SELECT s.dataset_id FROM syncq.datasets s
+                  WHERE s.dataset_id = ANY (ARRAY(SELECT DISTINCT p1.dataset_id FROM picked p1))
+                  FOR NO KEY UPDATE SKIP LOCKED))
+              GROUP BY p.dataset_id) n
         WHERE d.dataset_id = n.dataset_id
-          AND d.dataset_id = ANY (ARRAY(
-            SELECT s.dataset_id FROM syncq.datasets s
-            WHERE s.dataset_id = ANY (ARRAY(SELECT DISTINCT p.dataset_id FROM picked p))
-            FOR NO KEY UPDATE SKIP LOCKED))
         RETURNING d.dataset_id
     ),
     paid AS (
