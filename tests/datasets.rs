@@ -889,3 +889,36 @@ async fn next_claim_in_says_nothing_to_wait_for_when_nothing_is_queued(
     common::insert(&db, "d", "noop", json!({})).await;
     assert_eq!(next_claim_in().await, Some(0.0));
 }
+
+/// Two claimers walk the round in the same order. While one holds (in an
+/// open claim) every task of the first datasets of the round, another
+/// claim does not come back empty: it moves on to the next datasets.
+#[sqlx::test(migrator = "syncq::MIGRATOR")]
+async fn a_claim_whose_turn_another_claimer_holds_serves_the_next_datasets(db: PgPool) {
+    // Eight datasets of one task each, known (their rows made) before
+    // either claim: a claim of 8 visits two datasets per pass.
+    sqlx::raw_sql(
+        "INSERT INTO syncq.tasks (dataset_id, kind)
+         SELECT 'd' || i, 'noop' FROM generate_series(1, 8) i;
+         SELECT syncq.absorb_signals();",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    let claim = "SELECT dataset_id FROM syncq.claim('w', '{noop}', NULL, '{}', 8, 30, 0)";
+    let mut first = db.begin().await.unwrap();
+    let held: Vec<String> = sqlx::query_scalar(claim)
+        .fetch_all(&mut *first)
+        .await
+        .unwrap();
+    assert_eq!(held.len(), 2, "{held:?}");
+
+    // The first claim is still open: its tasks and turns are locked.
+    let next: Vec<String> = sqlx::query_scalar(claim).fetch_all(&db).await.unwrap();
+    assert_eq!(next.len(), 2, "the second claim took {next:?}");
+    assert!(
+        next.iter().all(|d| !held.contains(d)),
+        "{next:?} beside {held:?}"
+    );
+    first.commit().await.unwrap();
+}
